@@ -1,0 +1,56 @@
+"""Name -> constructor table of the model families, with example inputs for tracing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphmerge.errors import ConfigError
+from graphmerge.zoo.mlp import mlp
+from graphmerge.zoo.resnet import resnet
+from graphmerge.zoo.vgg import vgg
+from graphmerge.zoo.vit import vit
+
+__all__ = ["FAMILIES", "build", "example_input"]
+
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "resnet": resnet,
+    "vgg": vgg,
+    "vit": vit,
+}
+
+
+def _check_name(name: str) -> None:
+    """Raise ConfigError listing the valid names if ``name`` is not a known family."""
+    if name not in FAMILIES:
+        raise ConfigError(
+            f"unknown model family {name!r}; valid names: {', '.join(sorted(FAMILIES))}"
+        )
+
+
+def build(name: str, **kwargs: Any) -> nn.Module:
+    """Build the model family ``name`` with constructor keyword arguments ``kwargs``."""
+    _check_name(name)
+    return FAMILIES[name](**kwargs)
+
+
+def example_input(name: str, batch: int = 2, **kwargs: Any) -> torch.Tensor:
+    """A random input for family ``name``: images [batch, C, S, S] (default [batch, 1, 28, 28]).
+
+    ``kwargs`` may be the same keyword arguments given to :func:`build`; ``in_channels``
+    and ``image_size`` are honoured (for ``mlp``, ``in_features`` != 784 gives [batch, in_features]).
+    """
+    _check_name(name)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise ConfigError(f"example_input: batch must be a positive int, got {batch!r}")
+    if name == "mlp":
+        in_features = kwargs.get("in_features", 784)
+        if in_features != 784:
+            return torch.randn(batch, in_features)
+    channels = kwargs.get("in_channels", 1)
+    size = kwargs.get("image_size", 28)
+    return torch.randn(batch, channels, size, size)
