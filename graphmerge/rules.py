@@ -7,8 +7,8 @@ A rule receives an `Op` (the fx node, its module if any, concrete shapes) and yi
 - `Cat(whole, parts)` / `Kron(whole, parts)`: the whole axis is derived from its parts, by
   concatenation (cat, split, slicing) or by a row-major product (flatten C×H×W → C·H·W, D → heads×dim);
 - `Freeze(axis, why)`: the op is not equivariant along this axis; its space keeps the identity;
-- `Keep(axis)`: the op reads the axis in a way that any permutation of it leaves correct (a
-  reduction over it, a shape query); nothing is linked.
+- `Keep(axis)`: the op's result does not change under any permutation of this axis (a sum over
+  it, a shape query), or the axis is linked elsewhere; nothing is linked here.
 
 Every node axis of size > 1 that a rule does not mention is frozen, so a forgotten axis can never
 produce a silently wrong merge. Ops without a rule freeze every axis they touch, with one warning.
@@ -114,6 +114,9 @@ class Keep:
 Link = Union[Same, Cat, Kron, Freeze, Keep]
 
 
+_SELF = object()
+
+
 class Op:
     """What a rule sees of one fx node: the node, its module, and concrete shapes."""
 
@@ -143,9 +146,9 @@ class Op:
             return self.value(self.node.kwargs[name])
         return default
 
-    def shape(self, x: Any = None) -> tuple[int, ...] | None:
-        """Concrete shape of node `x` (the op's own output when None); None if not a tensor."""
-        x = self.node if x is None else x
+    def shape(self, x: Any = _SELF) -> tuple[int, ...] | None:
+        """Concrete shape of node `x` (the op's own output if omitted); None if not a tensor."""
+        x = self.node if x is _SELF else x
         if isinstance(x, fx.Node):
             s = self._shapes.get(x.name)
             if isinstance(s, tuple) and all(isinstance(d, int) for d in s):
@@ -434,9 +437,11 @@ def _f_conv(op: Op) -> Iterator[Link]:
     x, w, b = op.arg(0, "input"), op.arg(1, "weight"), op.arg(2, "bias")
     transposed = "transpose" in op.name
     groups = op.arg(6, "groups", 1)
-    for t in (w, b):
-        if isinstance(t, fx.Node):
-            yield from _keep_all(op, t)
+    for t in (w, b):  # channel axes link through the parameter; kernel positions must not move
+        for d in range(_ndim(op, t)):
+            a = op.x(t, d)
+            if a is not None:
+                yield Keep(a) if d < 2 else Freeze(a, "convolution kernel positions")
     yield from _conv_links(op, x, w, b, groups, transposed,
                            lambda d, r: _functional_param(op, w, d, r),
                            lambda d, r: _functional_param(op, b, d, r))
@@ -451,22 +456,22 @@ def _matmul_links(op: Op, a: Any, b: Any) -> Iterator[Link]:
                 if op.x(t, d) is not None:
                     yield Freeze(op.x(t, d), "matmul with a 1-D operand has no rule")
         return
-    yield Same(_operand(op, a, na - 1, "in"), _operand(op, b, nb - 2, "in"))
-    yield Same(_operand(op, a, na - 2, "out"), op.out(n - 2))
-    yield Same(_operand(op, b, nb - 1, "out"), op.out(n - 1))
+    yield Same(*_operand(op, a, na - 1, "in"), *_operand(op, b, nb - 2, "in"))
+    yield Same(*_operand(op, a, na - 2, "out"), op.out(n - 2))
+    yield Same(*_operand(op, b, nb - 1, "out"), op.out(n - 1))
     for d in range(n - 2):  # batch axes, right-aligned
         axes = [op.out(d)]
         for t, k in ((a, na), (b, nb)):
             if d - (n - k) >= 0:
-                axes.append(_operand(op, t, d - (n - k), "out"))
+                axes.extend(_operand(op, t, d - (n - k), "out"))
         yield Same(*axes)
 
 
-def _operand(op: Op, t: Any, d: int, role: Role) -> AxisRef | None:
+def _operand(op: Op, t: Any, d: int, role: Role) -> tuple[AxisRef | None, ...]:
     """A matmul operand's axis; a parameter operand contracted over reads (`in`) its space."""
     if isinstance(t, fx.Node) and t.op == "get_attr":
-        return _functional_param(op, t, d, role)
-    return op.x(t, d)
+        return (_functional_param(op, t, d, role), op.x(t, d))
+    return (op.x(t, d),)
 
 
 @register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm", "__matmul__")
@@ -567,8 +572,8 @@ def _f_embedding(op: Op) -> Iterator[Link]:
     idx, w = op.arg(0, "input"), op.arg(1, "weight")
     yield from _pass_through(op, idx)
     yield Same(op.out(-1), _functional_param(op, w, 1, "out"), op.x(w, 1))
-    if isinstance(w, fx.Node):
-        yield from _keep_all(op, w)
+    if op.x(w, 0) is not None:
+        yield Freeze(op.x(w, 0), "embedding rows are looked up by index")
 
 
 # ---- pooling and reductions ----------------------------------------------------------------

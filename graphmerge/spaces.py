@@ -341,6 +341,16 @@ class _Builder:
                     frozen_roots[find(p)] = frozen_roots[r] + " (through a derived space)"
                     stack.append(find(p))
 
+        # a derived space all of whose parts keep the identity keeps it too
+        changed = True
+        while changed:
+            changed = False
+            for r, (_, parts) in derived.items():
+                if r not in frozen_roots and all(
+                        isinstance(p, int) or find(p) in frozen_roots for p in parts):
+                    frozen_roots[r] = "all its parts are frozen"
+                    changed = True
+
         has_param = {r for r, ms in groups.items() if any(m[0] == "p" for m in ms)}
         # a part is realisable if it has parameters or belongs to a derived space that has
         realisable = set(has_param)
@@ -361,8 +371,13 @@ class _Builder:
             nodes = [order.get(m[1].partition("#")[0], 1 << 30) for m in ms if m[0] == "n"]
             return (min(nodes) if nodes else 1 << 30, str(ms[0]))
 
+        # kept: spaces that can be realised (they have parameters, or are parts of a derived
+        # space that has), except base spaces that are frozen
+        # ones without parameters of their own (e.g. the H and W parts of a flatten)
         keep = [r for r in groups
-                if (r in derived and r in has_param) or (r not in derived and r in realisable)]
+                if (r in derived and r in realisable)
+                or (r not in derived and r in realisable
+                    and (r in has_param or r not in frozen_roots))]
         keep.sort(key=first_seen)
         ids = {r: i for i, r in enumerate(keep)}
         spaces: list[Space] = []

@@ -41,7 +41,7 @@ class UnionFind:
 
     def union(self, *items: Hashable) -> Hashable:
         """Join the sets of all `items`; returns the new representative."""
-        roots = [self.find(x) for x in items]
+        roots = list(dict.fromkeys(self.find(x) for x in items))
         if not roots:
             raise ValueError("union() needs at least one item")
         best = max(roots, key=lambda r: self._size[r])
