@@ -22,10 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/graphmerge demo
+	$(BIN)/graphmerge inspect resnet --check
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV)

@@ -12,7 +12,7 @@ from graphmerge.zoo.bert import (
     tiny_bert_classifier,
 )
 from graphmerge.zoo.mlp import MLP, mlp
-from graphmerge.zoo.registry import FAMILIES, build, example_input
+from graphmerge.zoo.registry import FAMILIES, PRETRAINED, build, builtin, example_input
 from graphmerge.zoo.resnet import BasicBlock, ResNet, resnet
 from graphmerge.zoo.vgg import VGG, vgg
 from graphmerge.zoo.vit import Attention, ViT, ViTBlock, vit
@@ -30,7 +30,9 @@ __all__ = [
     "ViT",
     "vit",
     "FAMILIES",
+    "PRETRAINED",
     "build",
+    "builtin",
     "example_input",
     "BertConfig",
     "BertEncoder",

@@ -14,7 +14,7 @@ from graphmerge.zoo.resnet import resnet
 from graphmerge.zoo.vgg import vgg
 from graphmerge.zoo.vit import vit
 
-__all__ = ["FAMILIES", "build", "example_input"]
+__all__ = ["FAMILIES", "PRETRAINED", "build", "example_input", "builtin"]
 
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
@@ -22,6 +22,44 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "vgg": vgg,
     "vit": vit,
 }
+
+
+def _bert_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from graphmerge.zoo.bert import encode_texts, load_tokenizer
+
+    texts = ["Merging models without training.", "A second, somewhat longer example sentence."]
+    return encode_texts(load_tokenizer(), (texts * batch)[:batch])
+
+
+def _minilm(loader_name: str) -> Callable[..., nn.Module]:
+    def make(num_classes: int = 5) -> nn.Module:
+        from graphmerge.zoo import bert
+
+        return bert.BertClassifier(getattr(bert, loader_name)(), num_classes)
+
+    return make
+
+
+# Pretrained or text models: name -> (constructor, example-input maker)
+PRETRAINED: dict[str, tuple[Callable[..., nn.Module], Callable[[int], Any]]] = {
+    "minilm-l6": (_minilm("load_minilm_l6"), _bert_inputs),
+    "minilm-l3": (_minilm("load_minilm_l3"), _bert_inputs),
+}
+
+
+def builtin(name: str, batch: int = 2, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """A built-in model in eval mode and example inputs for it.
+
+    `name` is a family of `FAMILIES` (random init, `kwargs` passed to its constructor) or a
+    pretrained classifier of `PRETRAINED` (MiniLM encoders from their wheels with a new head).
+    """
+    if name in PRETRAINED:
+        make, inputs = PRETRAINED[name]
+        return make(**kwargs).eval(), inputs(batch)
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model {name!r}; valid names: "
+                          f"{', '.join(sorted([*FAMILIES, *PRETRAINED]))}")
+    return build(name, **kwargs).eval(), example_input(name, batch, **kwargs)
 
 
 def _check_name(name: str) -> None:

@@ -1,0 +1,77 @@
+"""Command line: `graphmerge inspect` (space table) and `graphmerge demo` (the main job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+from .errors import ConfigError, GraphmergeError
+
+
+def _config(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config must be a JSON object, e.g. '{{\"depths\": [1, 1, 1]}}': {e}")
+    if not isinstance(value, dict):
+        raise ConfigError("--config must be a JSON object of constructor arguments")
+    return value
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import check_spaces, trace
+    from .zoo import builtin
+
+    model, inputs = builtin(args.model, **_config(args.config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unsupported ops are listed below instead
+        traced = trace(model, inputs)
+        table = traced.space_table
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{len(traced.graph.nodes)} graph nodes")
+    print(table.format())
+    for op, nodes in table.unsupported.items():
+        print(f"no axis rule for `{op}` at {', '.join(nodes)}: its axes were frozen")
+    if args.check:
+        report = check_spaces(model, inputs, trials=args.trials)
+        print(f"permutation oracle: {report.trials} trials passed, max output error "
+              f"{report.max_output_error:.1e}, {report.changed_tensors} tensors changed")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .zoo import FAMILIES, PRETRAINED
+
+    parser = argparse.ArgumentParser(prog="graphmerge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    names = sorted([*FAMILIES, *PRETRAINED])
+    p = sub.add_parser("inspect", help="print the space table of a built-in model")
+    p.add_argument("model", nargs="?", default="resnet", choices=names,
+                   help="built-in model (default: resnet)")
+    p.add_argument("--config", help="JSON constructor arguments, e.g. '{\"depths\": [1,1,1]}'")
+    p.add_argument("--check", action="store_true", help="also run the permutation oracle")
+    p.add_argument("--trials", type=int, default=3, help="oracle trials (default 3)")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s")
+    try:
+        return args.func(args)
+    except GraphmergeError as e:
+        print(f"graphmerge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
