@@ -7,13 +7,14 @@ Models are traced to torch.fx graphs; an analysis finds which tensor axes share 
 from .errors import (
     ConfigError, DataError, GraphmergeError, MismatchError, SpaceCheckError, TracingError,
 )
+from .merge import MergeResult, merge
 from .oracle import OracleReport, check_spaces, permute
 from .spaces import Derivation, Space, SpaceTable, UnsupportedOpWarning, find_spaces
 from .trace import Traced, Tracer, trace
 
 __all__ = [
     "trace", "Traced", "Tracer", "find_spaces", "Space", "SpaceTable", "Derivation",
-    "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning",
+    "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning", "merge", "MergeResult",
     "GraphmergeError", "TracingError", "SpaceCheckError", "MismatchError", "ConfigError",
     "DataError",
 ]

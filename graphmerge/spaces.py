@@ -328,6 +328,15 @@ class _Builder:
         frozen_roots: dict[Hashable, str] = {}
         for k, why in self.frozen.items():
             frozen_roots.setdefault(find(k), why)
+        # attention heads: a row-major product of several transformable parts (heads × dim);
+        # a valid transform permutes whole heads and acts within each head, which needs a
+        # head-aware matcher: until then such parts keep the identity
+        for r, (kind, parts) in derived.items():
+            axes = [find(p) for p in parts if not isinstance(p, int)]
+            if kind == "kron" and len(axes) > 1:
+                for p in axes:
+                    frozen_roots.setdefault(p, "attention heads (heads × head dim); head-aware "
+                                               "matching is not implemented yet")
         for k, roles in self.roles.items():
             if len(roles) > 1:
                 frozen_roots.setdefault(find(k), f"parameter axis {k[1]}[{k[2]}] is both read "

@@ -1,0 +1,38 @@
+"""Recompute BatchNorm running statistics of the merged module on the calibration data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..stats import split_batch
+
+
+def reset_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
+                progress: bool = True) -> int:
+    """Cumulative-average BatchNorm statistics over `batches`; returns the number of norms reset.
+
+    Only the norms run in train mode; everything else (dropout) stays in eval mode.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return 0
+    module.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="reset norms", unit="batch", disable=not progress,
+                          leave=False):
+            module(*split_batch(batch, n_inputs))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    module.eval()
+    return len(norms)
