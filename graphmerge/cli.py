@@ -45,6 +45,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .experiment import TaskPairConfig, run_demo
+
+    cfg = TaskPairConfig(epochs=args.epochs)
+    cfg.model["width"] = args.width
+    print(run_demo(Path(args.out), cfg, Path(args.cache) if args.cache else None,
+                   onnx=not args.no_onnx))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .zoo import FAMILIES, PRETRAINED
 
@@ -59,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="also run the permutation oracle")
     p.add_argument("--trials", type=int, default=3, help="oracle trials (default 3)")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("demo", help="train (or load) two ResNets on the Fashion-MNIST 5+5 tasks, "
+                                    "merge them, print the accuracy table, write the outputs")
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs per model (default 3)")
+    p.add_argument("--width", type=int, default=2, help="ResNet width multiplier (default 2)")
+    p.add_argument("--cache", help="trained-model cache (default $GRAPHMERGE_CACHE or "
+                                   "~/.cache/graphmerge)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

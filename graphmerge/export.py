@@ -311,6 +311,7 @@ def _export_checked(
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+                warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
                 torch.onnx.export(
                     module,
                     trace_inputs,
@@ -385,7 +386,9 @@ def _read_onnx_header(path: Path) -> tuple[int, tuple[str, ...], tuple[str, ...]
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise GraphmergeError(f"the exported file {path} is not a readable ONNX model: {exc}") from exc
+        raise GraphmergeError(
+            f"the exported file {path} is not a readable ONNX model: {exc}"
+        ) from exc
     opset = next(
         (int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1
     )
@@ -526,7 +529,10 @@ def _rewrite_generated_code(module: torch.fx.GraphModule, folder: Path, build_di
     code = code.replace(
         state_load, f"_load_safetensors(_os.path.join(_HERE, '{WEIGHTS_FILE}'))"
     )
-    code = code.replace(prefix, "_os.path.join(_HERE, r'").replace(".pt', weights_only", ".pt'), weights_only")
+    # torch.load(r'<build>/stem.pt', weights_only=False)
+    #   -> torch.load(_os.path.join(_HERE, r'stem.pt'), weights_only=False)
+    code = code.replace(prefix, "_os.path.join(_HERE, r'")
+    code = code.replace(".pt', weights_only", ".pt'), weights_only")
     # fx emits `torch.fx._symbolic_trace.wrap("fn")` for wrapped functions; to_folder indents
     # it into the class body, where it raises. It only matters for re-tracing: drop it.
     code = re.sub(r"(?m)^[ \t]*torch\.fx\._symbolic_trace\.wrap\([^\n]*\)[ \t]*\n", "", code)

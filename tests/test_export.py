@@ -76,7 +76,8 @@ def test_export_matches_torch_and_batch_is_dynamic(name: str, tmp_path: Path) ->
     assert report.opset >= 18
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # single file, no leftovers
     proto = onnx.load(str(path))
-    assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
+    external = onnx.TensorProto.EXTERNAL
+    assert not any(init.data_location == external for init in proto.graph.initializer)
     for graph_input in proto.graph.input:
         assert graph_input.type.tensor_type.shape.dim[0].dim_param  # symbolic batch dimension
 
@@ -292,7 +293,7 @@ def test_load_state_reads_pt_and_refuses_arbitrary_pickles(tmp_path: Path) -> No
         load_state(evil)
 
     raw = tmp_path / "raw.pth"
-    raw.write_bytes(pickle.dumps(_Payload()))
+    raw.write_bytes(pickle.dumps(_Payload(), protocol=2))
     with pytest.raises(ConfigError, match="safetensors"):
         load_state(raw)
 

@@ -220,7 +220,8 @@ def test_joint_accuracy_exact() -> None:
 
 
 def test_task_accuracies_exact() -> None:
-    # task 0: samples 0, 1 -> predict 3 (right), 1 (right); task 1: samples 2, 3 -> 2 (wrong), 4 (right)
+    # task 0: samples 0, 1 -> predict 3 (right), 1 (right)
+    # task 1: samples 2, 3 -> predict 2 (wrong), 4 (right)
     assert task_accuracies(LOGITS, Y, TASKS) == [1.0, 0.5]
 
 
