@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/graphmerge inspect resnet --check
+	$(BIN)/graphmerge demo
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
