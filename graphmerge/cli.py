@@ -1,4 +1,4 @@
-"""Command line: `graphmerge inspect` (space table) and `graphmerge demo` (the main job)."""
+"""Command line: `graphmerge inspect` (space table, match graph) and `graphmerge demo` (the main job)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _config(text: str | None) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.match_graph:
+        return _inspect_match_graph(args)
     from . import check_spaces, trace
     from .zoo import builtin
 
@@ -42,6 +44,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = check_spaces(model, inputs, trials=args.trials)
         print(f"permutation oracle: {report.trials} trials passed, max output error "
               f"{report.max_output_error:.1e}, {report.changed_tensors} tensors changed")
+    return 0
+
+
+def _inspect_match_graph(args: argparse.Namespace) -> int:
+    from .match import describe_match_graph, read_match_graph, write_match_graph
+
+    graph = read_match_graph(args.match_graph)
+    print(describe_match_graph(graph))
+    for path in args.write or ():
+        print(f"wrote {write_match_graph(graph, path)}")
     return 0
 
 
@@ -70,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON constructor arguments, e.g. '{\"depths\": [1,1,1]}'")
     p.add_argument("--check", action="store_true", help="also run the permutation oracle")
     p.add_argument("--trials", type=int, default=3, help="oracle trials (default 3)")
+    p.add_argument("--match-graph", metavar="FILE",
+                   help="instead of a model: print a saved match graph (.json or .graphml, "
+                        "e.g. out/demo/match_graph.json)")
+    p.add_argument("--write", metavar="OUT", action="append",
+                   help="with --match-graph: also write it as .graphml, .json or .dot "
+                        "(repeatable)")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("demo", help="train (or load) two ResNets on the Fashion-MNIST 5+5 tasks, "
                                     "merge them, print the accuracy table, write the outputs")
