@@ -84,6 +84,7 @@ def merge(
     alpha: float = 0.5,
     beta: float = 1.0,
     heads: str = "auto",
+    width: Any = None,
     reset_norms: bool = True,
     check: bool = True,
     leaf_modules: Sequence[Any] = (),
@@ -98,6 +99,9 @@ def merge(
         example_inputs: inputs for tracing; default: the first calibration batch.
         method: "zip" (ZipIt, default), "permute" (Hungarian activation matching) or "average".
         alpha, beta: zip's correlation decay and within-model merge budget.
+        width: merged width per space: None (the widest model's), a float ratio of it (0.5
+            compresses the merged model), or {space id: units or ratio} per space (ids from
+            `graphmerge inspect`); zip only, the other methods need equal widths.
         heads: "average" (same label space), "concat" (disjoint tasks: every model keeps its
             head, the logits are concatenated in model order) or "auto" (decided from how often
             the models' predictions agree on the calibration data).
@@ -142,7 +146,7 @@ def merge(
         pair_models(traced)
         seconds["trace"] = time.perf_counter() - t0
         ctx = MergeContext(models, traced, batches, len(inputs), method=method, alpha=alpha,
-                           beta=beta, heads=heads, progress=progress)
+                           beta=beta, heads=heads, width=width, progress=progress)
         t1 = time.perf_counter()
         select_spaces(ctx)
         collect_statistics(ctx)

@@ -41,6 +41,7 @@ class MergeContext:
     alpha: float = 0.5
     beta: float = 1.0
     heads: str = "auto"
+    width: Any = None  # float ratio of the widest model, or {space id: width or ratio}
     progress: bool = True
     # filled by the passes
     reads: dict[int, list[list[NodeAxis]]] | None = None   # select_spaces

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..matchers import get_matcher
 from ..spaces import Space, SpaceTable
 from ..stats import collect_stats
@@ -53,12 +56,41 @@ def collect_statistics(ctx: MergeContext) -> MergeContext:
     return ctx
 
 
+def target_width(width: Any, sid: int, widths: list[int]) -> int | None:
+    """The merged width r of space `sid`: `width` is None (the widest model's width), a ratio
+    of it (float), or a mapping {space id: int width or float ratio} (others default)."""
+    if isinstance(width, Mapping):
+        unknown = [k for k in width if not isinstance(k, int)]
+        if unknown:
+            raise ConfigError(f"width= keys must be space ids (ints), got {unknown}")
+        width = width.get(sid)
+    if width is None:
+        return None
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+        raise ConfigError(f"width for space {sid} must be a positive int (units) or float "
+                          f"(ratio of the widest model's {max(widths)}), got {width!r}")
+    r = width if isinstance(width, int) else max(1, round(width * max(widths)))
+    if not 1 <= r <= sum(widths):
+        raise ConfigError(f"width {r} for space {sid} is out of range: 1 <= r <= "
+                          f"{sum(widths)} (the sum of the models' widths {widths})")
+    return r
+
+
 def match_spaces(ctx: MergeContext) -> MergeContext:
-    """Run the matcher on every selected space's correlation matrix."""
+    """Run the matcher on every selected space's correlation matrix (zip_widths)."""
     ctx.require("match_spaces", stats="collect_statistics")
     matcher = get_matcher(ctx.method)
+    if isinstance(ctx.width, int) and not isinstance(ctx.width, bool):
+        raise ConfigError(f"width={ctx.width}: a single width must be a ratio of the widest "
+                          f"model (e.g. 0.5 or 1.5); give units per space as {{space id: units}}")
+    if isinstance(ctx.width, Mapping):
+        unknown = sorted(set(ctx.width) - set(ctx.stats))
+        if unknown:
+            raise ConfigError(f"width= names spaces {unknown} that are not merged; mergeable "
+                              f"spaces: {sorted(ctx.stats)} (see graphmerge inspect)")
     for sid, st in ctx.stats.items():
-        match = matcher(st.correlation(), st.widths, alpha=ctx.alpha, beta=ctx.beta)
+        r = target_width(ctx.width, sid, st.widths)
+        match = matcher(st.correlation(), st.widths, r=r, alpha=ctx.alpha, beta=ctx.beta)
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, ctx.method, match.merge,
                                    match.unmerge, match.mean_correlation)
     log.info("matched %d spaces with %s", len(ctx.plans), ctx.method)
