@@ -87,3 +87,17 @@ def test_average_refuses_unequal_widths():
     with pytest.raises(gm.MismatchError, match="zip"):
         gm.merge([m, widen(m, calib[0])], calib, method="average", heads="average",
                  progress=False)
+
+
+def test_three_models_of_different_widths_merge_and_are_finite():
+    calib = [torch.randn(48, 1, 28, 28) for _ in range(2)]
+    models = [_trained_like(zoo.resnet(depths=(1, 1, 1), width=w, stem_stride=2), calib[0])
+              for w in (1, 2, 1)]
+    result = gm.merge(models, calib, heads="average", progress=False)
+    assert all(len(s["widths"]) == 3 for s in result.spaces)
+    assert [s["width"] for s in result.spaces][:2] == [32, 32]
+    with torch.no_grad():
+        out = result.module(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    assert all(torch.isfinite(p).all() for p in result.module.state_dict().values()
+               if p.is_floating_point())
