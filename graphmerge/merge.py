@@ -13,7 +13,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .align import ALIGN_METHODS
 from .compile import compile_merged
+from .depth import StageAlignment, align_depths
 from .errors import ConfigError, DataError, GraphmergeError
 from .match import build_match_graph, pair_models
 from .matchers import MATCHERS
@@ -40,6 +42,7 @@ class MergeResult:
     head_mode: str
     method: str
     seconds: dict[str, float] = field(default_factory=dict)
+    alignments: list[StageAlignment] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -50,6 +53,10 @@ class MergeResult:
         for s in self.spaces:
             rows.append(f"{s['space']:>5}  {str(s['widths']):<16} {s['width']:>6}  "
                         f"{s['matcher']:<8} {s['mean_correlation']:.3f}")
+        for a in self.alignments:
+            if len(set(a.depths)) > 1:
+                rows.append(f"stage {a.stage} ({a.container}): depths {a.depths}, positions in "
+                            f"model {a.reference}: {a.positions}")
         return "\n".join(rows)
 
 
@@ -85,6 +92,7 @@ def merge(
     beta: float = 1.0,
     heads: str = "auto",
     width: Any = None,
+    align: str = "lma",
     reset_norms: bool = True,
     check: bool = True,
     leaf_modules: Sequence[Any] = (),
@@ -105,6 +113,8 @@ def merge(
         heads: "average" (same label space), "concat" (disjoint tasks: every model keeps its
             head, the logits are concatenated in model order) or "auto" (decided from how often
             the models' predictions agree on the calibration data).
+        align: depth alignment when the models' stages differ in depth: "lma" (default),
+            "sma" or "uniform"; shallower models are expanded with identity units.
         reset_norms: recompute BatchNorm statistics on the calibration data.
         check: run the permutation oracle on model 0 first (refuses models whose spaces break).
 
@@ -122,6 +132,8 @@ def merge(
     """
     if method not in MATCHERS:
         raise ConfigError(f"unknown method {method!r}; valid: {', '.join(sorted(MATCHERS))}")
+    if align not in ALIGN_METHODS:
+        raise ConfigError(f"unknown align {align!r}; valid: {', '.join(ALIGN_METHODS)}")
     models = list(models)
     _check_models(models)
     batches = _batches(calibration)
@@ -139,13 +151,17 @@ def merge(
         for m in models:
             m.eval()
         traced: list[Traced] = [trace(m, inputs, leaf_modules=leaf_modules) for m in models]
+        expanded, alignments = align_depths(models, traced, batches, len(inputs), inputs,
+                                            method=align, progress=progress)
+        traced = [t if e is m else trace(e, inputs, leaf_modules=leaf_modules)
+                  for t, e, m in zip(traced, expanded, models)]
         for t in traced:
             _ = t.space_table
         if check:
-            check_spaces(models[0], inputs, trials=1, leaf_modules=leaf_modules)
+            check_spaces(expanded[0], inputs, trials=1, leaf_modules=leaf_modules)
         pair_models(traced)
         seconds["trace"] = time.perf_counter() - t0
-        ctx = MergeContext(models, traced, batches, len(inputs), method=method, alpha=alpha,
+        ctx = MergeContext(expanded, traced, batches, len(inputs), method=method, alpha=alpha,
                            beta=beta, heads=heads, width=width, progress=progress)
         t1 = time.perf_counter()
         select_spaces(ctx)
@@ -168,7 +184,7 @@ def merge(
     spaces = [{"space": sid, "widths": p.widths, "width": p.width, "matcher": p.matcher,
                "mean_correlation": float(p.mean_correlation)} for sid, p in sorted(ctx.plans.items())]
     seconds["total"] = time.perf_counter() - t0
-    return MergeResult(ctx.module, graph, spaces, ctx.head_mode, method, seconds)
+    return MergeResult(ctx.module, graph, spaces, ctx.head_mode, method, seconds, alignments)
 
 
 

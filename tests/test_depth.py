@@ -1,0 +1,104 @@
+"""Depth: stages and units, exact identity expansion, alignment, merging across depths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphmerge as gm
+from graphmerge import zoo
+from graphmerge.blocks import find_stages
+from graphmerge.depth import deepen
+from graphmerge.expand import widen
+
+X = torch.randn(32, 1, 28, 28)
+
+PAIRS = {
+    "resnet": (lambda: zoo.resnet(depths=(1, 1, 1), stem_stride=2),
+               lambda: zoo.resnet(depths=(2, 3, 2), stem_stride=2)),
+    "mlp": (lambda: zoo.mlp(hidden=(24, 16)), lambda: zoo.mlp(hidden=(24, 24, 24, 16, 16))),
+    "vgg": (lambda: zoo.vgg(channels=(8, "M", 12), hidden=16),
+            lambda: zoo.vgg(channels=(8, 8, "M", 12, 12, 12), hidden=16)),
+    "vit": (lambda: zoo.vit(dim=32, depth=1, heads=4, mlp_dim=40),
+            lambda: zoo.vit(dim=32, depth=3, heads=4, mlp_dim=40)),
+}
+
+
+def _trained_like(model: nn.Module) -> nn.Module:
+    gm.passes.reset_norms(model, [X], 1, progress=False)
+    return model.eval()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / a.norm())
+
+
+def test_stages_of_the_zoo():
+    def depths(model):
+        return [s.depth for s in find_stages(gm.trace(model, X[:2]))]
+
+    assert depths(zoo.resnet(depths=(1, 2, 3))) == [1, 1, 2, 3]  # stem, then the 3 stages
+    assert depths(zoo.mlp(hidden=(32, 32, 16))) == [2, 1]
+    assert depths(zoo.vgg(channels=(8, 8, "M", 16, 16, 16))) == [2, 3, 1]
+    assert depths(zoo.vit(dim=32, depth=3, heads=4, mlp_dim=40)) == [3]
+
+
+@pytest.mark.parametrize("family", sorted(PAIRS))
+def test_identity_expansion_is_exact(family):
+    shallow_fn, deep_fn = PAIRS[family]
+    shallow = _trained_like(shallow_fn())
+    deep = deepen(shallow, X[:4], deep_fn().eval())
+    assert [s.depth for s in find_stages(gm.trace(deep, X[:2]))] == \
+        [s.depth for s in find_stages(gm.trace(deep_fn(), X[:2]))]
+    y = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert _rel(shallow(y), deep(y)) < 1e-6
+
+
+@pytest.mark.parametrize("align", ["lma", "sma", "uniform"])
+@pytest.mark.parametrize("family", ["resnet", "mlp", "vgg"])
+def test_shallow_merged_with_its_deepened_permuted_copy_recovers_it(family, align):
+    shallow_fn, deep_fn = PAIRS[family]
+    shallow = _trained_like(shallow_fn())
+    deep = gm.permute(deepen(shallow, X[:4], deep_fn().eval()), X[:4], seed=5)
+    calib = [X[:16], X[16:]]
+    result = gm.merge([shallow, deep], calib, heads="average", align=align, reset_norms=False,
+                      progress=False)
+    assert any(len(set(a.depths)) > 1 for a in result.alignments)
+    y = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert _rel(shallow(y), result.module(y)) < 1e-4
+
+
+def test_depth_and_width_differences_combine():
+    shallow_fn, deep_fn = PAIRS["resnet"]
+    shallow = _trained_like(shallow_fn())
+    deep_wide = widen(deepen(shallow, X[:4], deep_fn().eval()), X[:4], extra=0.5, seed=2)
+    result = gm.merge([deep_wide, shallow], [X[:16], X[16:]], heads="average",
+                      reset_norms=False, progress=False)
+    assert any(len(set(s["widths"])) > 1 for s in result.spaces)
+    y = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert _rel(shallow(y), result.module(y)) < 1e-4
+
+
+def test_three_models_of_different_depths():
+    models = [_trained_like(zoo.resnet(depths=d, stem_stride=2))
+              for d in ((1, 1, 1), (2, 2, 2), (1, 2, 1))]
+    result = gm.merge(models, [X[:16], X[16:]], heads="average", progress=False)
+    assert [a.depths for a in result.alignments][1:] == [[1, 2, 1], [1, 2, 2], [1, 2, 1]]
+    with torch.no_grad():
+        out = result.module(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_different_stage_counts_are_refused():
+    with pytest.raises(gm.MismatchError, match="stages"):
+        gm.merge([zoo.mlp(hidden=(24,)), zoo.mlp(hidden=(24, 16))], [X], progress=False)
+
+
+def test_unknown_alignment_lists_the_valid_ones():
+    m = zoo.mlp(hidden=(24,))
+    with pytest.raises(gm.ConfigError, match="lma"):
+        gm.merge([m, m], [X], align="best", progress=False)
