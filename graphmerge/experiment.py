@@ -22,8 +22,8 @@ from .merge import MergeResult, merge
 from .training import cached_model, predict_logits, train_classifier
 from .zoo import build
 
-__all__ = ["TaskPairConfig", "default_cache_dir", "train_task_models", "calibration_batches",
-           "score_methods", "format_table"]
+__all__ = ["TaskPairConfig", "default_cache_dir", "train_model", "train_task_models",
+           "calibration_batches", "score_methods", "format_table", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +53,28 @@ class TaskPairConfig:
                 "augment": self.augment, "dataset": "fashion-mnist"}
 
 
+def train_model(cfg: TaskPairConfig, task: Task, seed: int, cache_dir: Path,
+                progress: bool = True) -> nn.Module:
+    """One model of `cfg`'s architecture trained on `task` from `seed` (or loaded from cache)."""
+    def make() -> nn.Module:
+        torch.manual_seed(seed)
+        return build(cfg.family, num_classes=len(task.classes), **cfg.model)
+
+    def fit(model: nn.Module) -> nn.Module:
+        log.info("training %s %s on classes %s (seed %d, %d epochs)", cfg.family, cfg.model,
+                 list(task.classes), seed, cfg.epochs)
+        return train_classifier(model, task.train[0], task.train[1], epochs=cfg.epochs,
+                                batch_size=cfg.batch_size, seed=seed, augment=cfg.augment,
+                                progress=progress)
+
+    return cached_model(cfg.key(task, seed), make, fit, cache_dir)
+
+
 def train_task_models(cfg: TaskPairConfig, tasks: list[Task], cache_dir: Path,
                       progress: bool = True) -> list[nn.Module]:
     """Model i is trained on task i from seed cfg.seeds[i] (loaded from the cache if there)."""
-    models = []
-    for task, seed in zip(tasks, cfg.seeds):
-        def make(task=task, seed=seed) -> nn.Module:
-            torch.manual_seed(seed)
-            return build(cfg.family, num_classes=len(task.classes), **cfg.model)
-
-        def fit(model: nn.Module, task=task, seed=seed) -> nn.Module:
-            log.info("training %s on classes %s (seed %d, %d epochs)", cfg.family,
-                     list(task.classes), seed, cfg.epochs)
-            return train_classifier(model, task.train[0], task.train[1], epochs=cfg.epochs,
-                                    batch_size=cfg.batch_size, seed=seed, augment=cfg.augment,
-                                    progress=progress)
-
-        models.append(cached_model(cfg.key(task, seed), make, fit, cache_dir))
-    return models
+    return [train_model(cfg, task, seed, cache_dir, progress)
+            for task, seed in zip(tasks, cfg.seeds)]
 
 
 def calibration_batches(tasks: list[Task], per_class: int = 40, batch_size: int = 100,
@@ -83,10 +87,14 @@ def calibration_batches(tasks: list[Task], per_class: int = 40, batch_size: int 
 
 
 def score_methods(models: list[nn.Module], tasks: list[Task], calibration: list[torch.Tensor],
-                  methods: tuple[str, ...] = ("average", "permute", "zip"),
-                  progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, MergeResult]]:
+                  methods: tuple[str, ...] | dict[str, dict[str, Any]] = ("average", "permute",
+                                                                         "zip"),
+                  progress: bool = True, alone: bool = True
+                  ) -> tuple[list[dict[str, Any]], dict[str, MergeResult]]:
     """Rows of joint / per-task accuracy on the full test set for each model alone, the
-    ensemble and every merge method (heads concatenated)."""
+    ensemble and every merge (heads concatenated). `methods` names merge methods, or maps a
+    row name to `gm.merge` keyword arguments."""
+    variants = methods if isinstance(methods, dict) else {m: {"method": m} for m in methods}
     x_test, y_test = load_fashion_mnist("test")
     classes = [list(t.classes) for t in tasks]
     logits = [predict_logits(m, x_test) for m in models]
@@ -97,15 +105,16 @@ def score_methods(models: list[nn.Module], tasks: list[Task], calibration: list[
         rows.append({"method": name, "joint": r["joint"], "per_task": r["per_task"],
                      "task_mean": r["task_mean"], "seconds": seconds})
 
-    for i, lg in enumerate(logits):
-        row(f"model {'ABCDEFGH'[i]} alone", single_model_logits(lg, i, classes))
+    if alone:
+        for i, lg in enumerate(logits):
+            row(f"model {'ABCDEFGH'[i]} alone", single_model_logits(lg, i, classes))
     row("ensemble", ensemble_logits(logits))
     results = {}
-    for method in methods:
+    for name, kwargs in variants.items():
         t0 = time.perf_counter()
-        res = merge(models, calibration, method=method, heads="concat", progress=progress)
-        row(method, predict_logits(res.module, x_test), time.perf_counter() - t0)
-        results[method] = res
+        res = merge(models, calibration, heads="concat", progress=progress, **kwargs)
+        row(name, predict_logits(res.module, x_test), time.perf_counter() - t0)
+        results[name] = res
     return rows, results
 
 
