@@ -74,7 +74,7 @@ def main() -> None:
     ens = next(r for r in mean_rows if r["method"] == "ensemble")
     summary = (f"zip joint accuracy = {zip_row['joint'] / ens['joint']:.1%} of the ensemble's "
                f"(mean over {len(runs)} seed pairs)")
-    md = [f"# Fashion-MNIST 5+5: merging two ResNets trained on disjoint tasks", "",
+    md = ["# Fashion-MNIST 5+5: merging two ResNets trained on disjoint tasks", "",
           f"ResNet depths ({args.depths}), width ×{args.width}, stride-2 stem, {args.epochs} "
           f"epochs per model; calibration: {args.calib_per_class} training images per class of "
           f"both tasks; test: the full 10k test set. Heads of merged models are kept per task "

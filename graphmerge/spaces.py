@@ -14,7 +14,6 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 import torch.fx as fx
 
 from .errors import GraphmergeError

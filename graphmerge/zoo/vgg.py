@@ -8,15 +8,9 @@ import torch
 from torch import nn
 
 from graphmerge.errors import ConfigError
+from graphmerge.zoo._checks import positive_int
 
 __all__ = ["VGG", "vgg"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int (not a bool), else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"vgg: {name} must be a positive int, got {value!r}")
-    return value
 
 
 class VGG(nn.Module):
@@ -43,10 +37,10 @@ class VGG(nn.Module):
             raise ConfigError(
                 f"vgg: channels must be a sequence of positive ints and 'M', got {channels!r}"
             )
-        hidden = _positive_int("hidden", hidden)
-        num_classes = _positive_int("num_classes", num_classes)
-        in_channels = _positive_int("in_channels", in_channels)
-        image_size = _positive_int("image_size", image_size)
+        hidden = positive_int("vgg", "hidden", hidden)
+        num_classes = positive_int("vgg", "num_classes", num_classes)
+        in_channels = positive_int("vgg", "in_channels", in_channels)
+        image_size = positive_int("vgg", "image_size", image_size)
 
         layers: list[nn.Module] = []
         prev = in_channels
@@ -61,7 +55,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
             else:
-                c = _positive_int(f"channels[{i}] (an int or 'M')", item)
+                c = positive_int("vgg", f"channels[{i}] (an int or 'M')", item)
                 layers.append(nn.Conv2d(prev, c, kernel_size=3, padding=1, bias=False))
                 layers.append(nn.BatchNorm2d(c))
                 layers.append(nn.ReLU())

@@ -6,15 +6,9 @@ import torch
 from torch import nn
 
 from graphmerge.errors import ConfigError
+from graphmerge.zoo._checks import positive_int
 
 __all__ = ["Attention", "ViTBlock", "ViT", "vit"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int (not a bool), else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"vit: {name} must be a positive int, got {value!r}")
-    return value
 
 
 class Attention(nn.Module):
@@ -90,14 +84,14 @@ class ViT(nn.Module):
         in_channels: int = 1,
     ) -> None:
         super().__init__()
-        image_size = _positive_int("image_size", image_size)
-        patch_size = _positive_int("patch_size", patch_size)
-        dim = _positive_int("dim", dim)
-        depth = _positive_int("depth", depth)
-        heads = _positive_int("heads", heads)
-        mlp_dim = _positive_int("mlp_dim", mlp_dim)
-        num_classes = _positive_int("num_classes", num_classes)
-        in_channels = _positive_int("in_channels", in_channels)
+        image_size = positive_int("vit", "image_size", image_size)
+        patch_size = positive_int("vit", "patch_size", patch_size)
+        dim = positive_int("vit", "dim", dim)
+        depth = positive_int("vit", "depth", depth)
+        heads = positive_int("vit", "heads", heads)
+        mlp_dim = positive_int("vit", "mlp_dim", mlp_dim)
+        num_classes = positive_int("vit", "num_classes", num_classes)
+        in_channels = positive_int("vit", "in_channels", in_channels)
         if dim % heads != 0:
             raise ConfigError(f"vit: dim ({dim}) must be divisible by heads ({heads})")
         if image_size % patch_size != 0:
