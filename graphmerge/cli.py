@@ -38,6 +38,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(traced.graph.nodes)} graph nodes")
     print(table.format())
+    from .blocks import find_stages
+
+    stages = find_stages(traced)
+    if stages:
+        print("stages (units of depth): " + ", ".join(
+            f"{s.container} ×{s.depth} {s.units[0].kind}" for s in stages))
     for op, nodes in table.unsupported.items():
         print(f"no axis rule for `{op}` at {', '.join(nodes)}: its axes were frozen")
     if args.check:
