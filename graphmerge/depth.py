@@ -270,6 +270,8 @@ def align_depths(models: list[nn.Module], traced: list[Traced], batches: Sequenc
     with torch.no_grad():
         for batch in tqdm(batches, desc="unit CKA", disable=not progress, leave=False):
             inputs = split_batch(batch, n_inputs)
+            if len(inputs[0]) < 4:  # the unbiased HSIC estimator needs 4 samples
+                continue
             feats = {i: run(*inputs)[1] for i, run in runners.items()}
             for (s, i), cka in acc.items():
                 a = alignments[s]
