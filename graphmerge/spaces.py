@@ -330,8 +330,10 @@ class _Builder:
         # attention heads: a row-major product of several transformable parts (heads × dim);
         # a valid transform permutes whole heads and acts within each head, which needs a
         # head-aware matcher: until then such parts keep the identity
+        rule_frozen = set(frozen_roots)
         for r, (kind, parts) in derived.items():
-            axes = [find(p) for p in parts if not isinstance(p, int)]
+            axes = [find(p) for p in parts
+                    if not isinstance(p, int) and find(p) not in rule_frozen]
             if kind == "kron" and len(axes) > 1:
                 for p in axes:
                     frozen_roots.setdefault(p, "attention heads (heads × head dim); head-aware "

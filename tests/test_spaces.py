@@ -90,6 +90,10 @@ def test_transformer_stream_and_mlp_are_free():
         stream_dim = 1 if "embeddings" in stream_param else 0
         assert not space_with(table, stream_param, stream_dim).frozen
         assert not space_with(table, hidden_param, 0).frozen
+        # every head-structured space (queries, keys, values, attention output) stays frozen
+        heads = [s for s in table if s.derived is not None and s.derived.kind == "kron"]
+        assert len(heads) >= 8 and all(s.frozen for s in heads)
+        assert all(table[p].frozen for s in heads for p in s.derived.parts if p is not None)
 
 
 def test_vgg_flatten_is_a_kron_derived_space():
@@ -100,6 +104,7 @@ def test_vgg_flatten_is_a_kron_derived_space():
     assert consumer.derived is not None and consumer.derived.kind == "kron"
     assert consumer.derived.parts == (channel.id, None, None)
     assert consumer.width == 8 * 14 * 14
+    assert not channel.frozen and not consumer.frozen  # spatial parts frozen, channels free
 
 
 def test_cat_is_a_derived_space():
