@@ -372,3 +372,28 @@ def test_oracle_on_random_architectures(spec, seed):
     assert report.max_output_error < 1e-5
     if report.free_spaces:
         assert report.changed_tensors > 0
+
+
+def test_transposed_conv_embedding_and_axis_permutes():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.fc = nn.Linear(6, 8)
+            self.up = nn.ConvTranspose2d(8, 5, 2, stride=2)
+            self.dw = nn.Conv2d(5, 5, 3, padding=1, groups=5)
+            self.out = nn.Linear(5, 3)
+
+        def forward(self, ids):
+            h = self.fc(self.emb(ids))                      # [B, 4, 8]
+            img = h.transpose(1, 2).reshape(-1, 8, 2, 2)    # [B, 8, 2, 2]
+            y = torch.relu(self.dw(self.up(img)))           # [B, 5, 4, 4]
+            return self.out(y.permute(0, 2, 3, 1)).mean((1, 2))
+
+    model, ids = Mixed(), torch.randint(0, 20, (3, 4))
+    table = gm.trace(model, ids).space_table
+    assert not space_with(table, "emb.weight", 1).frozen
+    up = space_with(table, "up.weight", 1)
+    assert up is space_with(table, "dw.weight", 0) and not up.frozen
+    assert space_with(table, "up.weight", 0) is space_with(table, "fc.weight", 0)
+    assert gm.check_spaces(model, ids).changed_tensors >= 6
