@@ -1,11 +1,12 @@
 """Merging ResNets of different depths and widths on Fashion-MNIST disjoint tasks.
 
 Each heterogeneous zip is shown beside the homogeneous zip of the architectures involved: depth
-(depths 1-1-1 vs 2-2-2, width ×2) with LMA, SMA and uniform alignment; width (×1 vs ×2);
+(depths 1-1-1 vs 2-2-2 and 2-2-2 vs 4-4-4, width ×2) with LMA, SMA and uniform alignment (with one
+shallow unit per stage all three coincide); width (×1 vs ×2);
 depth + width; and three models on three tasks (classes 0-3, 4-6, 7-9). Models are trained once
 and cached. Also draws the unit CKA matrices with the chosen alignment of the depth merge.
 
-Rerun:  .venv/bin/python benchmarks/heterogeneous.py     (about 25 min cold, 3 min cached)
+Rerun:  .venv/bin/python benchmarks/heterogeneous.py     (about 40 min cold, 4 min cached)
 Writes: benchmarks/results/heterogeneous.md, heterogeneous.json, cka_alignment.png
 """
 
@@ -28,7 +29,7 @@ from graphmerge.experiment import (
 )
 
 HERE = Path(__file__).resolve().parent
-D1, D2 = [1, 1, 1], [2, 2, 2]
+D1, D2, D4 = [1, 1, 1], [2, 2, 2], [4, 4, 4]
 
 
 def arch(depths, width, epochs):
@@ -58,6 +59,9 @@ def main() -> None:
         ("homogeneous depth 1-1-1, ×2", pairs, [arch(D1, 2, e), arch(D1, 2, e)], {"zip": lma}),
         ("homogeneous depth 2-2-2, ×2", pairs, [arch(D2, 2, e), arch(D2, 2, e)], {"zip": lma}),
         ("depth: 1-1-1 ⊕ 2-2-2, ×2", pairs, [arch(D1, 2, e), arch(D2, 2, e)],
+         {"zip, LMA": lma, "zip, SMA": {"align": "sma"}, "zip, uniform": {"align": "uniform"}}),
+        ("homogeneous depth 4-4-4, ×2", pairs, [arch(D4, 2, e), arch(D4, 2, e)], {"zip": lma}),
+        ("depth: 2-2-2 ⊕ 4-4-4, ×2", pairs, [arch(D2, 2, e), arch(D4, 2, e)],
          {"zip, LMA": lma, "zip, SMA": {"align": "sma"}, "zip, uniform": {"align": "uniform"}}),
         ("homogeneous width ×1, 2-2-2", pairs, [arch(D2, 1, e), arch(D2, 1, e)], {"zip": lma}),
         ("width: ×1 ⊕ ×2, 2-2-2", pairs, [arch(D2, 1, e), arch(D2, 2, e)], {"zip": lma}),
