@@ -83,7 +83,7 @@ def main() -> None:
                 if len(set(a.depths)) > 1:
                     align_lines.append(f"- {name}: stage {a.stage} (`{a.container}`), depths "
                                        f"{a.depths}, unit positions {a.positions}")
-            if png is None and title.startswith("depth:") and name == "zip, LMA":
+            if png is None and title.startswith("depth: 2-2-2") and name == "zip, LMA":
                 stages = [(a.cka[i], a.positions[i]) for a in res.alignments
                           for i in range(len(a.depths)) if a.cka[i] is not None]
                 titles = [f"stage {a.stage} ({a.container}): model {i} in model {a.reference}"
