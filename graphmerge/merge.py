@@ -143,8 +143,8 @@ def merge(
         first = next(iter(batches), None)
         if first is None:
             raise DataError("the calibration data is empty: pass at least one batch")
-        n = 1 if isinstance(first, torch.Tensor) else None
-        example_inputs = first if n else _infer_inputs(models[0], first)
+        example_inputs = (first if isinstance(first, torch.Tensor)
+                          else _infer_inputs(models[0], first))
     inputs = as_inputs(example_inputs)
     was_training = [m.training for m in models]
     try:
@@ -185,7 +185,6 @@ def merge(
                "mean_correlation": float(p.mean_correlation)} for sid, p in sorted(ctx.plans.items())]
     seconds["total"] = time.perf_counter() - t0
     return MergeResult(ctx.module, graph, spaces, ctx.head_mode, method, seconds, alignments)
-
 
 
 def _infer_inputs(model: nn.Module, batch: Any) -> tuple[Any, ...]:
