@@ -609,8 +609,6 @@ def _reduce(op: Op) -> Iterator[Link]:
     x = op.node.args[0]
     n = _ndim(op, x)
     dim = op.arg(2 if op.name == "norm" else 1, "dim")
-    if op.name == "norm" and op.node.op == "call_method":
-        dim = op.arg(2, "dim")
     reduced = _dims(dim, n) if n else []
     if reduced is None:
         reduced = list(range(n))
