@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from graphmerge.data import fashion_mnist_tasks
-from graphmerge.experiment import (
+from graphmerge.lab.data import fashion_mnist_tasks
+from graphmerge.lab.experiment import (
     TaskPairConfig, calibration_batches, format_table, score_methods, train_task_models,
 )
 

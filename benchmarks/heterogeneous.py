@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from graphmerge.align import plot_alignment
-from graphmerge.data import fashion_mnist_tasks
-from graphmerge.experiment import (
+from graphmerge.io.plots import plot_alignment
+from graphmerge.lab.data import fashion_mnist_tasks
+from graphmerge.lab.experiment import (
     TaskPairConfig, calibration_batches, format_table, score_methods, train_model,
 )
 

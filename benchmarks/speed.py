@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphmerge.matchers import zip_groups, zip_groups_naive
+from graphmerge.match.matchers import zip_groups, zip_groups_naive
 
 HERE = Path(__file__).resolve().parent
 

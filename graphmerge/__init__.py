@@ -2,23 +2,40 @@
 
 Models are traced to torch.fx graphs; an analysis finds which tensor axes share one transform
 (spaces); passes align depths, match and zip widths, and compile one executable GraphModule.
+The pipeline, module by module: docs/architecture.md.
 """
 
-from .errors import (
-    ConfigError, DataError, GraphmergeError, MismatchError, SpaceCheckError, TracingError,
+from graphmerge.config import MergeConfig
+from graphmerge.errors import (
+    ConfigError,
+    DataError,
+    GraphmergeError,
+    MismatchError,
+    SpaceCheckError,
+    TracingError,
 )
-from .depth import deepen
-from .expand import widen
-from .export import export_onnx, load_state, save_module
-from .merge import MergeResult, merge
-from .oracle import OracleReport, check_spaces, permute
-from .spaces import Derivation, Space, SpaceTable, UnsupportedOpWarning, find_spaces
-from .trace import Traced, Tracer, trace
+from graphmerge.graph.analyse import trace
+from graphmerge.graph.capture import Traced, Tracer
+from graphmerge.graph.oracle import OracleReport, check_spaces, permute
+from graphmerge.graph.spaces import (
+    Derivation,
+    Frozen,
+    FrozenBy,
+    Space,
+    SpaceTable,
+    UnsupportedOpWarning,
+    find_spaces,
+)
+from graphmerge.io.folder import load_state, save_module
+from graphmerge.io.onnx import export_onnx
+from graphmerge.merge import MergeResult, merge
+from graphmerge.surgery.deepen import deepen
+from graphmerge.surgery.widen import widen
 
 __all__ = [
-    "trace", "Traced", "Tracer", "find_spaces", "Space", "SpaceTable", "Derivation",
-    "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning", "merge", "MergeResult",
-    "export_onnx", "save_module", "load_state", "widen", "deepen",
+    "trace", "Traced", "Tracer", "find_spaces", "Space", "SpaceTable", "Derivation", "Frozen",
+    "FrozenBy", "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning", "merge",
+    "MergeResult", "MergeConfig", "export_onnx", "save_module", "load_state", "widen", "deepen",
     "GraphmergeError", "TracingError", "SpaceCheckError", "MismatchError", "ConfigError",
     "DataError",
 ]

@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .errors import ConfigError, GraphmergeError
+from graphmerge.errors import ConfigError, GraphmergeError
 
 
 def _config(text: str | None) -> dict:
@@ -27,8 +27,8 @@ def _config(text: str | None) -> dict:
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.match_graph:
         return _inspect_match_graph(args)
-    from . import check_spaces, trace
-    from .zoo import builtin
+    from graphmerge import check_spaces, trace
+    from graphmerge.lab.zoo import builtin
 
     model, inputs = builtin(args.model, **_config(args.config))
     with warnings.catch_warnings():
@@ -38,7 +38,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(traced.graph.nodes)} graph nodes")
     print(table.format())
-    from .blocks import find_stages
+    from graphmerge.graph.stages import find_stages
 
     stages = find_stages(traced)
     if stages:
@@ -54,7 +54,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_match_graph(args: argparse.Namespace) -> int:
-    from .match import describe_match_graph, read_match_graph, write_match_graph
+    from graphmerge.io.match_graph import read_match_graph, write_match_graph
+    from graphmerge.match.match_graph import describe_match_graph
 
     graph = read_match_graph(args.match_graph)
     print(describe_match_graph(graph))
@@ -66,7 +67,7 @@ def _inspect_match_graph(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .experiment import TaskPairConfig, run_demo
+    from graphmerge.lab.experiment import TaskPairConfig, run_demo
 
     cfg = TaskPairConfig(epochs=args.epochs)
     cfg.model["width"] = args.width
@@ -76,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .zoo import FAMILIES, PRETRAINED
+    from graphmerge.lab.zoo import FAMILIES, PRETRAINED
 
     parser = argparse.ArgumentParser(prog="graphmerge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

@@ -1,4 +1,4 @@
-"""Tests of graphmerge.align: unbiased linear CKA, DP alignment (SMA/LMA/uniform), plot."""
+"""Tests of graphmerge.match.cka, graphmerge.match.align and graphmerge.io.plots: unbiased linear CKA, DP alignment (SMA/LMA/uniform), plot."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphmerge.align import (
-    ALIGN_METHODS,
-    CKAAccumulator,
-    align,
-    alignment_score,
-    hsic_unbiased,
-    linear_cka,
-    plot_alignment,
-    segments,
-)
+from graphmerge.io.plots import plot_alignment
+from graphmerge.match.align import ALIGN_METHODS, align, alignment_score, segments
+from graphmerge.match.cka import CKAAccumulator, hsic_unbiased, linear_cka
 from graphmerge.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +171,7 @@ def test_cka_constant_unit_is_zero(caplog):
     acc = CKAAccumulator(2, 1)
     x = torch.randn(10, 3)
     acc.update([x, torch.ones(10, 3)], [x])
-    with caplog.at_level("WARNING", logger="graphmerge.align"):
+    with caplog.at_level("WARNING", logger="graphmerge.match.cka"):
         r = acc.result()
     assert r[0, 0] == pytest.approx(1.0) and r[1, 0] == 0.0
     assert "constant" in caplog.text

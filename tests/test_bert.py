@@ -1,4 +1,4 @@
-"""Tests of graphmerge.zoo.bert: the fx-traceable BERT encoder and its pretrained loaders.
+"""Tests of graphmerge.lab.zoo.bert: the fx-traceable BERT encoder and its pretrained loaders.
 
 References used (none of them is this module's own forward pass):
 
@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from safetensors.torch import load_file
 
 from graphmerge.errors import ConfigError, DataError
-from graphmerge.zoo.bert import (
+from graphmerge.lab.zoo.bert import (
     BertClassifier,
     BertConfig,
     BertEmbedder,
@@ -347,7 +347,7 @@ def test_onnx_mapping_fails_on_unidentifiable_matmul(l3_proto):
 def test_missing_wheel_message(monkeypatch):
     import importlib.metadata
 
-    from graphmerge.zoo import bert as bert_mod
+    from graphmerge.lab.zoo import bert as bert_mod
 
     def not_found(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -34,7 +34,7 @@ def test_inspect_reads_and_converts_a_match_graph(tmp_path, capsys):
     import torch
 
     import graphmerge as gm
-    from graphmerge.match import write_match_graph
+    from graphmerge.io.match_graph import write_match_graph
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     x = torch.randn(32, 4)  # tanh: no dead units, so every unit has an exact partner

@@ -1,4 +1,4 @@
-"""Tests of graphmerge.data: Fashion-MNIST, task splits, BBC News, MNIST 5k, balanced subsets."""
+"""Tests of graphmerge.lab.data: Fashion-MNIST, task splits, BBC News, MNIST 5k, balanced subsets."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import graphmerge.data as gdata
-from graphmerge.data import (
+import graphmerge.lab.data as gdata
+from graphmerge.lab.data import (
     FASHION_MNIST_CLASSES,
     Task,
     class_balanced_subset,
@@ -23,8 +23,8 @@ from graphmerge.data import (
     load_mnist_5k,
     split_tasks,
 )
-from graphmerge.data import fashion_mnist as fm_mod
-from graphmerge.data import _wheel as wheel_mod
+from graphmerge.lab.data import fashion_mnist as fm_mod
+from graphmerge.lab.data import _wheel as wheel_mod
 from graphmerge.errors import ConfigError, DataError
 
 APT_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"

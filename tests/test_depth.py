@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 import graphmerge as gm
-from graphmerge import zoo
-from graphmerge.blocks import find_stages
-from graphmerge.depth import deepen
-from graphmerge.expand import widen
+from graphmerge.passes import reset_batch_norms
+from graphmerge.lab import zoo
+from graphmerge.graph.stages import find_stages
+from graphmerge.surgery.deepen import deepen
+from graphmerge.surgery.widen import widen
 
 X = torch.randn(32, 1, 28, 28)
 
@@ -26,7 +27,7 @@ PAIRS = {
 
 
 def _trained_like(model: nn.Module) -> nn.Module:
-    gm.passes.reset_norms(model, [X], 1, progress=False)
+    reset_batch_norms(model, [X], 1, progress=False)
     return model.eval()
 
 
@@ -63,7 +64,7 @@ def test_shallow_merged_with_its_deepened_permuted_copy_recovers_it(family, alig
     shallow = _trained_like(shallow_fn())
     deep = gm.permute(deepen(shallow, X[:4], deep_fn().eval()), X[:4], seed=5)
     calib = [X[:16], X[16:]]
-    result = gm.merge([shallow, deep], calib, heads="average", align=align, reset_norms=False,
+    result = gm.merge([shallow, deep], calib, heads="average", align=align, norms="none",
                       progress=False)
     assert any(len(set(a.depths)) > 1 for a in result.alignments)
     y = torch.randn(16, 1, 28, 28)
@@ -76,7 +77,7 @@ def test_depth_and_width_differences_combine():
     shallow = _trained_like(shallow_fn())
     deep_wide = widen(deepen(shallow, X[:4], deep_fn().eval()), X[:4], extra=0.5, seed=2)
     result = gm.merge([deep_wide, shallow], [X[:16], X[16:]], heads="average",
-                      reset_norms=False, progress=False)
+                      norms="none", progress=False)
     assert any(len(set(s["widths"])) > 1 for s in result.spaces)
     y = torch.randn(8, 1, 28, 28)
     with torch.no_grad():

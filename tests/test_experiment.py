@@ -2,7 +2,7 @@
 
 import json
 
-from graphmerge.experiment import TaskPairConfig, run_demo
+from graphmerge.lab.experiment import TaskPairConfig, run_demo
 
 
 def test_demo_smoke_run(tmp_path):

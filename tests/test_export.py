@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from graphmerge import zoo
+from graphmerge.lab import zoo
 from graphmerge.errors import ConfigError, GraphmergeError
-from graphmerge.export import ExportReport, export_onnx, load_state, save_module
+from graphmerge.io.folder import load_state, save_module
+from graphmerge.io.onnx import ExportReport, export_onnx
 
 
 def _resnet() -> nn.Module:

@@ -1,4 +1,4 @@
-"""Tests of graphmerge.matchers: average, permute, elastic ZipIt (fast == naive) and moments."""
+"""Tests of graphmerge.match.matchers: average, permute, elastic ZipIt (fast == naive) and moments."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphmerge.errors import ConfigError, DataError, MismatchError
-from graphmerge.matchers import (
+from graphmerge.match.matchers import (
     MATCHERS,
     Match,
-    average,
+    average_match,
     correlation_from_moments,
     get_matcher,
-    permute,
+    hungarian_match,
     zip_budgets,
     zip_groups,
     zip_groups_naive,
@@ -195,7 +195,7 @@ def test_budgets_formula():
 def test_beta_zero_keeps_models_apart_when_possible(caplog):
     rng = np.random.default_rng(4)
     c, _ = _dup_corr(rng, 24)
-    with caplog.at_level(logging.DEBUG, logger="graphmerge.matchers"):
+    with caplog.at_level(logging.DEBUG, logger="graphmerge.match.matchers"):
         groups = zip_groups(c, [24, 24], 24, 0.5, 0.0)
     assert "lifting" not in caplog.text
     for g in groups:
@@ -211,7 +211,7 @@ def test_beta_zero_budget_counts_group_heads_only(caplog):
         [0.9, -0.5, 1.0, 0.0],
         [0.8, -0.5, 0.0, 1.0],
     ])
-    with caplog.at_level(logging.DEBUG, logger="graphmerge.matchers"):
+    with caplog.at_level(logging.DEBUG, logger="graphmerge.match.matchers"):
         fast = zip_groups(c, [2, 2], 2, 1.0, 0.0)
     assert "lifting" not in caplog.text
     assert fast == zip_groups_naive(c, [2, 2], 2, 1.0, 0.0) == [[0, 2, 3], [1]]
@@ -220,7 +220,7 @@ def test_beta_zero_budget_counts_group_heads_only(caplog):
 def test_budgets_lifted_when_needed(caplog):
     rng = np.random.default_rng(5)
     c = _random_scores(rng, 10, "normal", 0.0)
-    with caplog.at_level(logging.DEBUG, logger="graphmerge.matchers"):
+    with caplog.at_level(logging.DEBUG, logger="graphmerge.match.matchers"):
         groups = zip_groups(c, [10], 4, 0.5, 0.0)  # one model, no budget: must lift
     assert "lifting" in caplog.text
     assert len(groups) == 4
@@ -256,12 +256,12 @@ def test_duplicated_units_zip_permute_average():
     assert mz.mean_correlation == pytest.approx(1.0)
     _check_structure(mz, [d0, d0])
 
-    mp = permute(c, [d0, d0])
+    mp = hungarian_match(c, [d0, d0])
     assert mp.groups == expected
     np.testing.assert_array_equal(mp.unmerge[0], np.eye(d0))
     _check_structure(mp, [d0, d0])
 
-    ma = average(c, [d0, d0])
+    ma = average_match(c, [d0, d0])
     for mi, ui in zip(ma.merge, ma.unmerge):
         np.testing.assert_array_equal(mi, np.eye(d0) / 2)
         np.testing.assert_array_equal(ui, np.eye(d0))
@@ -273,7 +273,7 @@ def test_permute_three_models():
     x = rng.normal(size=(300, 10))
     p1, p2 = rng.permutation(10), rng.permutation(10)
     c = np.corrcoef(np.concatenate([x, x[:, p1], x[:, p2]], axis=1), rowvar=False)
-    m = permute(c, [10, 10, 10])
+    m = hungarian_match(c, [10, 10, 10])
     _check_structure(m, [10, 10, 10])
     for k, g in enumerate(m.groups):
         assert g == [k, 10 + int(np.argsort(p1)[k]), 20 + int(np.argsort(p2)[k])]
@@ -318,16 +318,19 @@ def test_invalid_arguments():
     with pytest.raises(ConfigError, match="average, permute, zip"):
         get_matcher("zipit")
     assert set(MATCHERS) == {"average", "permute", "zip"}
-    assert get_matcher("permute") is permute
+    assert get_matcher("permute").fn is hungarian_match
     with pytest.raises(MismatchError, match='method="zip"'):
-        average(np.eye(5), [2, 3])
+        average_match(np.eye(5), [2, 3])
     with pytest.raises(MismatchError, match="equal widths"):
-        permute(np.eye(5), [2, 3])
+        hungarian_match(np.eye(5), [2, 3])
     with pytest.raises(ConfigError, match="r=None"):
-        average(c, [3, 3], r=2)
+        average_match(c, [3, 3], r=2)
     with pytest.raises(ConfigError, match="r=None"):
-        permute(c, [3, 3], r=4)
-    assert average(c, [3, 3], r=3, alpha=0.5).width == 3
+        hungarian_match(c, [3, 3], r=4)
+    assert average_match(c, [3, 3], r=3).width == 3
+    with pytest.raises(ConfigError, match="does not take alpha"):  # options are declared
+        get_matcher("average")(c, [3, 3], alpha=0.5)
+    assert get_matcher("zip")(c, [3, 3], alpha=0.3).width == 3
     with pytest.raises(ConfigError, match="alpha"):
         zip_match(c, [3, 3], alpha=1.5)
     with pytest.raises(ConfigError, match="beta"):

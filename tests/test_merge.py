@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import graphmerge as gm
-from graphmerge import zoo
-from graphmerge.match import read_match_graph, write_match_graph
+from graphmerge.passes import reset_batch_norms
+from graphmerge.lab import zoo
+from graphmerge.io.match_graph import read_match_graph, write_match_graph
 
 torch.set_num_threads(2)
 
@@ -23,7 +24,7 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.weight.data.normal_(1, 0.2)
             m.bias.data.normal_(0, 0.2)
-    gm.passes.reset_norms(model, [torch.randn(64, 1, 28, 28)], 1, progress=False)
+    reset_batch_norms(model, [torch.randn(64, 1, 28, 28)], 1, progress=False)
     return model.eval()
 
 
@@ -50,7 +51,7 @@ def test_merging_a_permuted_twin_recovers_the_model(family, method):
     model = _randomise_bn(IMG_FAMILIES[family]())
     calib = _calibration()
     twin = gm.permute(model, calib[0], seed=7)
-    result = gm.merge([model, twin], calib, method=method, heads="average", reset_norms=False,
+    result = gm.merge([model, twin], calib, method=method, heads="average", norms="none",
                       progress=False)
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
@@ -75,9 +76,9 @@ def test_merging_a_permuted_bert_twin_recovers_it(method):
 def test_reset_norms_recovers_the_model_when_its_statistics_match_the_calibration_data():
     model = _randomise_bn(IMG_FAMILIES["resnet"]())
     calib = _calibration()
-    gm.passes.reset_norms(model, calib, 1, progress=False)  # model's stats := calibration stats
+    reset_batch_norms(model, calib, 1, progress=False)  # model's stats := calibration stats
     twin = gm.permute(model, calib[0], seed=1)
-    result = gm.merge([model, twin], calib, heads="average", reset_norms=True, progress=False)
+    result = gm.merge([model, twin], calib, heads="average", norms="reset", progress=False)
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert _rel(model(x), result.module(x)) < 1e-4
@@ -89,7 +90,7 @@ def test_average_of_identical_models_is_the_model():
     model = _randomise_bn(IMG_FAMILIES["vgg"]())
     calib = _calibration(64)
     result = gm.merge([model, copy.deepcopy(model), copy.deepcopy(model)], calib,
-                      method="average", heads="average", reset_norms=False, progress=False)
+                      method="average", heads="average", norms="none", progress=False)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(result.module.state_dict()[name], value)
 

@@ -11,8 +11,9 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import graphmerge as gm
-from graphmerge import rules, zoo
-from graphmerge.unionfind import UnionFind
+from graphmerge.graph import axes, rules
+from graphmerge.lab import zoo
+from graphmerge.graph.unionfind import UnionFind
 
 IMG = torch.randn(3, 1, 28, 28)
 
@@ -233,9 +234,9 @@ def test_a_broken_rule_is_caught_by_the_oracle(monkeypatch):
 def test_a_rule_that_forgets_a_parameter_is_caught(monkeypatch):
     def linear_without_bias(op):
         x = op.node.args[0]
-        yield rules.Same(op.x(x, 0), op.out(0))
-        yield rules.Same(op.x(x, -1), op.p("weight", 1, "in"))
-        yield rules.Same(op.out(-1), op.p("weight", 0, "out"))
+        yield axes.Same(op.x(x, 0), op.out(0))
+        yield axes.Same(op.x(x, -1), op.p("weight", 1, "in"))
+        yield axes.Same(op.out(-1), op.p("weight", 0, "out"))
 
     monkeypatch.setitem(rules.RULES, nn.Linear, linear_without_bias)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))

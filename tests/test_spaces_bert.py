@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import graphmerge as gm
-from graphmerge.zoo import bert
+from graphmerge.lab.zoo import bert
 
 
 @pytest.fixture(scope="module")

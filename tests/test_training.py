@@ -1,4 +1,4 @@
-"""Tests of graphmerge.training (training loop, prediction, cache) and graphmerge.evaluation."""
+"""Tests of graphmerge.lab.training (training loop, prediction, cache) and graphmerge.lab.evaluation."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from graphmerge import zoo
+from graphmerge.lab import zoo
 from graphmerge.errors import ConfigError, DataError
-from graphmerge.evaluation import (
+from graphmerge.lab.evaluation import (
     ensemble_logits,
     evaluate_multitask,
     joint_accuracy,
     single_model_logits,
     task_accuracies,
 )
-from graphmerge.training import (
+from graphmerge.lab.training import (
     augment_batch,
     cached_model,
     config_hash,

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import graphmerge as gm
-from graphmerge import zoo
-from graphmerge.expand import widen
+from graphmerge.passes import reset_batch_norms
+from graphmerge.lab import zoo
+from graphmerge.surgery.widen import widen
 
 FAMILIES = {
     "mlp": lambda: zoo.mlp(hidden=(24, 16)),
@@ -20,7 +21,7 @@ FAMILIES = {
 
 def _trained_like(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """BatchNorm statistics of real inputs (as after training), so units are not constant."""
-    gm.passes.reset_norms(model, [x], 1, progress=False)
+    reset_batch_norms(model, [x], 1, progress=False)
     return model.eval()
 
 
@@ -46,7 +47,7 @@ def test_narrow_merged_with_its_widened_copy_recovers_the_function(family, narro
     model = _trained_like(FAMILIES[family](), calib[0])
     wide = widen(model, calib[0], extra=0.5, seed=3)
     pair = [model, wide] if narrow_first else [wide, model]
-    result = gm.merge(pair, calib, heads="average", reset_norms=False, progress=False)
+    result = gm.merge(pair, calib, heads="average", norms="none", progress=False)
     merged_widths = [s["width"] for s in result.spaces]
     assert merged_widths == [max(s["widths"]) for s in result.spaces]
     assert any(len(set(s["widths"])) > 1 for s in result.spaces)

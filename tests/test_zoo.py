@@ -8,11 +8,11 @@ import torch.fx
 from torch import nn
 
 from graphmerge.errors import ConfigError
-from graphmerge.zoo.mlp import MLP, mlp
-from graphmerge.zoo.registry import FAMILIES, build, example_input
-from graphmerge.zoo.resnet import BasicBlock, ResNet, resnet
-from graphmerge.zoo.vgg import VGG, vgg
-from graphmerge.zoo.vit import ViT, vit
+from graphmerge.lab.zoo.mlp import MLP, mlp
+from graphmerge.lab.zoo.registry import FAMILIES, build, example_input
+from graphmerge.lab.zoo.resnet import BasicBlock, ResNet, resnet
+from graphmerge.lab.zoo.vgg import VGG, vgg
+from graphmerge.lab.zoo.vit import ViT, vit
 
 
 def _num_params(model: nn.Module) -> int:

@@ -1,14 +1,30 @@
-"""Merge passes: small functions over a shared `MergeContext`, run in order by `graphmerge.merge`.
+"""The merge passes, each a small function over one `MergeContext`, and the order `merge` runs
+them in (`PIPELINE`):
 
-select_spaces → collect_statistics → match_spaces → attach_heads → merge_parameters
-→ compile_merged (graphmerge.compile) → reset_norms.
+trace_models → check_spaces → align_depths → pair_models → collect_statistics → match_spaces
+→ attach_heads → merge_parameters → compile_merged → correct_norms → build_match_graph
 """
 
-from .apply import merge_parameters
-from .context import MergeContext, SpacePlan
-from .heads import attach_heads
-from .norms import reset_norms
-from .plan import collect_statistics, match_spaces, select_spaces
+from graphmerge.passes.check import check_spaces
+from graphmerge.passes.compile import compile_merged
+from graphmerge.passes.context import MergeContext, SpacePlan
+from graphmerge.passes.depth import align_depths
+from graphmerge.passes.heads import attach_heads
+from graphmerge.passes.manager import Pass, PassOrderError, merge_pass, run_passes
+from graphmerge.passes.matching import match_spaces
+from graphmerge.passes.norms import correct_norms, reset_batch_norms
+from graphmerge.passes.pair import pair_models
+from graphmerge.passes.parameters import merge_parameters
+from graphmerge.passes.report import build_match_graph
+from graphmerge.passes.statistics import collect_statistics
+from graphmerge.passes.trace import trace_models
 
-__all__ = ["MergeContext", "SpacePlan", "select_spaces", "collect_statistics", "match_spaces",
-           "attach_heads", "merge_parameters", "reset_norms"]
+PIPELINE: tuple[Pass, ...] = (
+    trace_models, check_spaces, align_depths, pair_models, collect_statistics, match_spaces,
+    attach_heads, merge_parameters, compile_merged, correct_norms, build_match_graph,
+)
+
+__all__ = ["PIPELINE", "MergeContext", "SpacePlan", "Pass", "PassOrderError", "merge_pass",
+           "run_passes", "trace_models", "check_spaces", "align_depths", "pair_models",
+           "collect_statistics", "match_spaces", "attach_heads", "merge_parameters",
+           "compile_merged", "correct_norms", "build_match_graph", "reset_batch_norms"]

@@ -1,19 +1,23 @@
-"""The state the merge passes share: inputs, traces, statistics, the plan, the result."""
+"""The state the merge passes share: inputs, options, and what each pass provides."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import GraphmergeError
-from ..rules import NodeAxis
-from ..stats import SpaceStats
-from ..trace import Traced
+from graphmerge.config import MergeConfig
+from graphmerge.graph.axes import NodeAxis
+from graphmerge.graph.capture import Traced
+from graphmerge.match.align import StageAlignment
+from graphmerge.match.statistics import SpaceStats
+
+__all__ = ["SpacePlan", "MergeContext"]
 
 
 @dataclass
@@ -31,33 +35,33 @@ class SpacePlan:
 
 @dataclass
 class MergeContext:
-    """Everything the passes read and write. A pass states what it needs via `require`."""
+    """Everything the passes read and write. Fields left None are filled by the pass that
+    provides them (see `graphmerge.passes.manager`); a pass that needs one checks it first."""
 
     models: list[nn.Module]
-    traced: list[Traced]
     batches: list[Any]
-    n_inputs: int
-    method: str = "zip"
-    alpha: float = 0.5
-    beta: float = 1.0
-    heads: str = "auto"
-    width: Any = None  # float ratio of the widest model, or {space id: width or ratio}
-    progress: bool = True
-    # filled by the passes
-    reads: dict[int, list[list[NodeAxis]]] | None = None   # select_spaces
+    example_inputs: tuple[Any, ...]
+    config: MergeConfig = field(default_factory=MergeConfig)
+    seconds: dict[str, float] = field(default_factory=dict)
+    # provided by the passes
+    traced: list[Traced] | None = None                      # trace_models (align_depths)
+    checked: bool | None = None                             # check_spaces
+    alignments: list[StageAlignment] | None = None          # align_depths
+    paired: bool | None = None                              # pair_models
     stats: dict[int, SpaceStats] | None = None              # collect_statistics
     agreement: float | None = None                          # collect_statistics
-    plans: dict[int, SpacePlan] = field(default_factory=dict)  # match_spaces, attach_heads
+    reads: dict[int, list[list[NodeAxis]]] | None = None    # collect_statistics
+    plans: dict[int, SpacePlan] | None = None               # match_spaces, attach_heads
     head_mode: str | None = None                            # attach_heads
-    merged_state: dict[str, torch.Tensor] | None = None    # merge_parameters
-    module: fx.GraphModule | None = None                   # compile_merged
+    merged_state: dict[str, torch.Tensor] | None = None     # merge_parameters
+    module: fx.GraphModule | None = None                    # compile_merged
+    norms_done: str | None = None                           # correct_norms
+    match_graph: nx.Graph | None = None                     # build_match_graph
 
     @property
     def n_models(self) -> int:
         return len(self.models)
 
-    def require(self, pass_name: str, **needs: str) -> None:
-        """Raise if a field a pass needs is still empty: `needs` maps field -> producing pass."""
-        for name, producer in needs.items():
-            if getattr(self, name) is None:
-                raise GraphmergeError(f"{pass_name} needs `{name}`: run {producer} first")
+    @property
+    def n_inputs(self) -> int:
+        return len(self.example_inputs)

@@ -7,38 +7,38 @@ import logging
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..spaces import Space
-from .context import MergeContext, SpacePlan
+from graphmerge.errors import ConfigError
+from graphmerge.graph.spaces import FrozenBy, Space
+from graphmerge.passes.context import MergeContext, SpacePlan
+from graphmerge.passes.manager import merge_pass
 
 log = logging.getLogger(__name__)
 
-HEAD_MODES = ("auto", "average", "concat")
 AGREEMENT_THRESHOLD = 0.5
 
 
 def output_spaces(ctx: MergeContext) -> list[Space]:
+    """Spaces written by parameters that reach the graph output (the heads' logits)."""
     return [s for s in ctx.traced[0].space_table
-            if s.frozen and s.why and "graph output" in s.why and s.producers]
+            if s.frozen_by is not None and s.frozen_by.by is FrozenBy.GRAPH_OUTPUT
+            and s.producers]
 
 
-def attach_heads(ctx: MergeContext) -> MergeContext:
+@merge_pass(needs=("plans", "agreement"), provides=("head_mode",))
+def attach_heads(ctx: MergeContext) -> None:
     """Decide the head mode; for "concat", plan the output space as one block per model.
 
     "auto" averages when the models' argmax predictions on the calibration data agree on at
     least half of the samples (same label space) and concatenates otherwise (disjoint tasks).
     """
-    if ctx.heads not in HEAD_MODES:
-        raise ConfigError(f"heads={ctx.heads!r} is not one of {', '.join(HEAD_MODES)}")
-    mode = ctx.heads
+    mode = ctx.config.heads
     if mode == "auto":
-        ctx.require("attach_heads", agreement="collect_statistics")
         mode = "average" if ctx.agreement >= AGREEMENT_THRESHOLD else "concat"
         log.info("heads='auto': the models agree on %.0f%% of calibration predictions -> %s "
                  "(pass heads='average' or 'concat' to choose)", 100 * ctx.agreement, mode)
     ctx.head_mode = mode
     if mode == "average":
-        return ctx
+        return
     outs = output_spaces(ctx)
     owners = {p.param.rsplit(".", 1)[0] for s in outs for p in s.producers}
     if len(outs) != 1 or len(owners) != 1:
@@ -56,4 +56,3 @@ def attach_heads(ctx: MergeContext) -> MergeContext:
         unmerge.append(m.T.copy())
         offset += w
     ctx.plans[space.id] = SpacePlan(space.id, widths, total, "concat", merge, unmerge)
-    return ctx

@@ -1,4 +1,5 @@
-"""Recompute BatchNorm running statistics of the merged module on the calibration data."""
+"""Pass `correct_norms`: recompute BatchNorm running statistics of the merged module on the
+calibration data (`norms="reset"`, as ZipIt and HET do)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..stats import split_batch
+from graphmerge.inputs import split_batch
+from graphmerge.passes.context import MergeContext
+from graphmerge.passes.manager import merge_pass
 
 
-def reset_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
+def reset_batch_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
                 progress: bool = True) -> int:
     """Cumulative-average BatchNorm statistics over `batches`; returns the number of norms reset.
 
@@ -36,3 +39,11 @@ def reset_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
         m.momentum = momentum
     module.eval()
     return len(norms)
+
+
+@merge_pass(needs=("module",), provides=("norms_done",))
+def correct_norms(ctx: MergeContext) -> None:
+    """Apply the configured norm correction to the merged module."""
+    if ctx.config.norms == "reset":
+        reset_batch_norms(ctx.module, ctx.batches, ctx.n_inputs, progress=ctx.config.progress)
+    ctx.norms_done = ctx.config.norms

@@ -1,0 +1,123 @@
+"""`MergeConfig`: every merge option in one place, validated before any work is done.
+
+Unknown keys and out-of-range values raise `ConfigError` naming the key and what is allowed,
+before a model is traced or a batch is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphmerge.errors import ConfigError
+from graphmerge.match.align import ALIGN_METHODS
+from graphmerge.match.matchers import MATCHERS
+
+__all__ = ["MergeConfig", "HEAD_MODES", "NORM_MODES"]
+
+#: heads="average": one label space, outputs averaged; "concat": every model keeps its head and
+#: the logits are concatenated; "auto": decided from how often the models' predictions agree.
+HEAD_MODES = ("auto", "average", "concat")
+#: norms="reset": recompute BatchNorm statistics on the calibration data; "none": keep the
+#: merged statistics.
+NORM_MODES = ("reset", "none")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """The options of one merge (see `graphmerge.merge` for their meaning).
+
+    `alpha` and `beta` are options of the "zip" matcher; None means the matcher's default, and
+    giving them to a matcher that does not take them is an error.
+
+    Example:
+        >>> MergeConfig(method="zip", alpha=0.3).matcher_options()
+        {'alpha': 0.3, 'beta': 1.0}
+        >>> MergeConfig.from_dict({"metod": "zip"})
+        Traceback (most recent call last):
+        ...
+        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, leaf_modules, progress
+    """
+
+    method: str = "zip"
+    alpha: float | None = None
+    beta: float | None = None
+    width: Any = None
+    heads: str = "auto"
+    align: str = "lma"
+    norms: str = "reset"
+    check: bool = True
+    leaf_modules: Sequence[Any] = field(default_factory=tuple)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of("method", self.method, sorted(MATCHERS))
+        _one_of("heads", self.heads, HEAD_MODES)
+        _one_of("align", self.align, ALIGN_METHODS)
+        _one_of("norms", self.norms, NORM_MODES)
+        for key in ("check", "progress"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        options = {k: v for k, v in (("alpha", self.alpha), ("beta", self.beta))
+                   if v is not None}
+        for key, value in options.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                    value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        MATCHERS[self.method].check_options(options)
+        _check_width(self.width, self.method)
+        if isinstance(self.leaf_modules, (str, type)) or not all(
+                isinstance(m, (str, type)) for m in self.leaf_modules):
+            raise ConfigError("leaf_modules must be a list of module classes or qualified "
+                              f"module names, got {self.leaf_modules!r}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "MergeConfig":
+        """A config from a mapping; an unknown key raises ConfigError naming the valid keys."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise ConfigError(f"unknown merge option {key!r}; valid options: "
+                                  f"{', '.join(valid)}")
+        return cls(**options)
+
+    def matcher_options(self) -> dict[str, Any]:
+        """The options passed to the matcher: its defaults, overridden by the ones given."""
+        given = {"alpha": self.alpha, "beta": self.beta}
+        return {k: given[k] if given.get(k) is not None else default
+                for k, default in MATCHERS[self.method].options.items()}
+
+
+def _one_of(key: str, value: Any, valid: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in valid:
+        raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
+
+
+def _check_width(width: Any, method: str) -> None:
+    """None, a positive ratio (float), or {space id (int): units (int) or ratio (float)}."""
+    if width is None:
+        return
+    if not MATCHERS[method].elastic:
+        raise ConfigError(f"width={width!r} needs an elastic matcher (method='zip'); "
+                          f"method={method!r} keeps the models' common width")
+    if isinstance(width, Mapping):
+        for key, value in width.items():
+            if isinstance(key, bool) or not isinstance(key, int):
+                raise ConfigError(f"width= keys must be space ids (ints, see graphmerge "
+                                  f"inspect), got {key!r}")
+            _check_width_value(value, f"width[{key}]")
+        return
+    if isinstance(width, int) and not isinstance(width, bool):
+        raise ConfigError(f"width={width}: a single width must be a ratio of the widest model "
+                          f"(e.g. 0.5 or 1.5); give units per space as {{space id: units}}")
+    _check_width_value(width, "width")
+
+
+def _check_width_value(value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be a positive int (units) or float (ratio of the widest "
+                          f"model's width), got {value!r}")

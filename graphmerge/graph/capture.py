@@ -1,0 +1,187 @@
+"""Capture a model as a `torch.fx` graph and record the concrete shape of every node.
+
+`capture(model, example_inputs)` returns a `Traced` whose `.graph_module` is the fx graph and
+`.shapes` maps node name to its concrete shape. `graphmerge.graph.analyse.trace` adds the space
+table (`.space_table`, `.spaces`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphmerge.errors import GraphmergeError, TracingError
+from graphmerge.inputs import as_inputs
+
+if TYPE_CHECKING:
+    from graphmerge.graph.spaces import Space, SpaceTable
+
+__all__ = ["Tracer", "Traced", "capture", "run_nodes"]
+
+_HOW_TO_FIX = (
+    "To make the model traceable: remove Python control flow that depends on tensor values "
+    "(if/for/while on a tensor), mark the offending submodule as a leaf "
+    "(gm.trace(model, inputs, leaf_modules=[MyBlock]); its axes are then frozen), or fix "
+    "non-tensor arguments with concrete_args={'flag': False}."
+)
+
+
+class Tracer(fx.Tracer):
+    """An fx tracer whose leaf modules can be chosen by class or by qualified name."""
+
+    def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = ()) -> None:
+        super().__init__()
+        leaves = list(leaf_modules)
+        self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self.leaf_names = {x for x in leaves if isinstance(x, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _shape_of(value: Any) -> Any:
+    """torch.Size for a tensor, a tuple of shapes for a tuple/list of tensors, else None."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_shape_of(v) for v in value)
+    return None
+
+
+def run_nodes(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
+    """Run `gm` on `inputs` and return every node's value by node name (no_grad).
+
+    Memory: keeps every intermediate value alive; use on small batches.
+    """
+    values: dict[str, Any] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            try:
+                out = super().run_node(n)
+            except Exception as e:  # name the node that failed, keep the cause
+                raise TracingError(
+                    f"running node `{n.name}` ({n.op} {_target_name(n)}) on the example inputs "
+                    f"failed: {type(e).__name__}: {e}. Check that example_inputs have the shapes "
+                    f"and dtypes the model expects."
+                ) from e
+            values[n.name] = out
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*inputs)
+    return values
+
+
+def _target_name(n: fx.Node) -> str:
+    t = n.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
+
+
+@dataclass
+class Traced:
+    """A traced model: its fx graph, the example inputs, and every node's concrete shape.
+
+    `shapes[name]` is a tuple of ints for tensor-valued nodes, a tuple of such tuples for nodes
+    returning several tensors (split, chunk), and None for non-tensor values. `consts[name]` holds
+    the concrete non-tensor values (sizes, ints) seen on the example inputs.
+    """
+
+    graph_module: fx.GraphModule
+    example_inputs: tuple[Any, ...]
+    shapes: dict[str, Any] = field(default_factory=dict)
+    consts: dict[str, Any] = field(default_factory=dict)
+    table: "SpaceTable | None" = None  # set by graphmerge.graph.spaces.find_spaces
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.graph.nodes:
+            if n.name == name:
+                return n
+        raise GraphmergeError(f"no node named {name!r} in the traced graph")
+
+    @property
+    def space_table(self) -> "SpaceTable":
+        """The space table; computed by `find_spaces(traced)` (`graphmerge.trace` does it)."""
+        if self.table is None:
+            raise GraphmergeError("this graph's spaces were not analysed yet: call "
+                                  "graphmerge.find_spaces(traced) first (graphmerge.trace does)")
+        return self.table
+
+    @property
+    def spaces(self) -> list["Space"]:
+        """The spaces of the table; see `graphmerge.graph.spaces.Space`."""
+        return self.space_table.spaces
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> Traced:
+    """Trace `model` with torch.fx and propagate the example inputs' shapes through it.
+
+    Args:
+        model: any nn.Module; it is not modified (the graph module shares its parameters).
+        example_inputs: one tensor or a tuple of positional inputs (a small batch is enough).
+        leaf_modules: module classes or qualified names to keep opaque (their axes are frozen
+            unless a rule exists for them).
+        concrete_args: passed to `torch.fx.Tracer.trace` to fix non-tensor arguments.
+
+    Returns:
+        Traced with `.graph_module` and `.shapes` (no spaces yet).
+
+    Raises:
+        TracingError: naming what failed and how to make the model traceable.
+
+    """
+    if not isinstance(model, nn.Module):
+        raise TracingError(f"expected an nn.Module to trace, got {type(model).__name__}")
+    inputs = as_inputs(example_inputs)
+    tracer = Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:
+        raise TracingError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. {_HOW_TO_FIX}"
+        ) from e
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]  # placeholders without defaults
+    if not len(required) <= len(inputs) <= len(placeholders):
+        raise TracingError(
+            f"{type(model).__name__}.forward takes {len(required)}"
+            f"{'' if len(required) == len(placeholders) else f' to {len(placeholders)}'} "
+            f"inputs ({', '.join(n.target for n in placeholders)}) but {len(inputs)} example "
+            f"inputs were given; pass a tuple with one tensor per argument."
+        )
+    was_training = model.training
+    gm.eval()
+    try:
+        values = run_nodes(gm, inputs)
+    finally:
+        gm.train(was_training)
+    shapes = {name: _shape_of(v) for name, v in values.items()}
+    consts = {name: v for name, v in values.items() if _is_const(v)}
+    return Traced(graph_module=gm, example_inputs=inputs, shapes=shapes, consts=consts)
+
+
+def _is_const(v: Any) -> bool:
+    if isinstance(v, (bool, int, float, torch.Size)):
+        return True
+    return isinstance(v, (tuple, list)) and all(isinstance(x, (bool, int, float)) for x in v)

@@ -1,0 +1,95 @@
+"""Axis rules of elementwise ops: activations, casts, arithmetic with broadcasting, constants."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphmerge.graph.axes import Keep, Link, Same
+from graphmerge.graph.rules.registry import (
+    Op,
+    broadcast,
+    keep_all,
+    ndim,
+    pass_through,
+    register,
+)
+
+# ---- elementwise --------------------------------------------------------------------------
+
+_UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.Identity, nn.Softmax, nn.LogSoftmax,
+)
+_UNARY_FUNCTIONS = (
+    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.dropout, F.dropout1d, F.dropout2d,
+    F.softmax, F.log_softmax, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log,
+    torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.erf, torch.sin, torch.cos,
+    torch.square, torch.reciprocal, torch.clamp, torch.softmax, torch.log_softmax,
+    torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.functional.tanh, operator.neg,
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.pow,
+)
+_UNARY_METHODS = (
+    "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "erf", "square",
+    "reciprocal", "clamp", "clamp_min", "clamp_max", "pow", "softmax", "log_softmax",
+    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type",
+    "type_as", "new_zeros", "new_ones", "new_full", "new_empty", "requires_grad_", "cpu",
+)
+
+
+@register(*dict.fromkeys((*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)))
+def _unary(op: Op) -> Iterator[Link]:
+    """Position-wise (and softmax-like) ops: output axis d ~ input axis d.
+
+    Extra tensor arguments (`type_as(y)`, `to(y)`) are read for dtype only. A tensor exponent or
+    bound is treated as a broadcasting operand.
+    """
+    src = op.arg(0, "input")
+    if op.node.op == "call_module":
+        src = op.node.args[0]
+    if op.module is not None and isinstance(op.module, nn.PReLU) and op.module.weight.numel() > 1:
+        yield Same(op.x(src, 1), op.out(1), op.p("weight", 0, "out"))
+    if op.node.target in ("type_as", "to", "new_zeros", "new_ones", "new_full", "new_empty"):
+        yield from pass_through(op, src)
+        for t in op.tensor_args()[1:]:
+            yield from keep_all(op, t)
+        return
+    yield from broadcast(op, op.tensor_args())
+
+
+_BINARY = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+    torch.minimum, torch.where, torch.masked_fill, torch.lerp, torch.addcmul,
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "masked_fill", "masked_fill_",
+    "maximum", "minimum", "where", "lerp", "__add__", "__mul__", "__sub__", "__truediv__",
+)
+
+
+@register(*_BINARY)
+def _binary(op: Op) -> Iterator[Link]:
+    """add/sub/mul/div/where with broadcasting: ties residual branches into one space."""
+    yield from broadcast(op, op.tensor_args())
+
+
+@register("size", "dim", "numel", "nelement", getattr, "__len__", len)
+def _metadata(op: Op) -> Iterator[Link]:
+    """Shape/dtype queries: read nothing that a permutation changes."""
+    for t in op.tensor_args():
+        yield from keep_all(op, t)
+
+
+@register(torch.zeros, torch.ones, torch.full, torch.empty)
+def _constant(op: Op) -> Iterator[Link]:
+    """Constant-filled tensors are unchanged by any permutation of their axes."""
+    for d in range(ndim(op, op.node)):
+        a = op.out(d)
+        if a is not None:
+            yield Keep(a)

@@ -1,0 +1,303 @@
+"""Axis rules of pooling, reductions and shape ops (reshape, permute, cat, split, index)."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphmerge.graph.axes import (
+    Cat,
+    Freeze,
+    Keep,
+    Kron,
+    Link,
+    NodeAxis,
+    ParamAxis,
+    Same,
+)
+from graphmerge.graph.rules.registry import (
+    Op,
+    dims,
+    get_attr_tensor,
+    keep_all,
+    ndim,
+    register,
+)
+
+# ---- pooling and reductions ----------------------------------------------------------------
+
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_POOL_FUNCTIONS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+)
+
+
+@register(*_POOL_MODULES, *_POOL_FUNCTIONS)
+def _pool(op: Op) -> Iterator[Link]:
+    """Batch and channel axes pass through; spatial axes are unmentioned, hence frozen."""
+    x = op.arg(0, "input")
+    yield Same(op.x(x, 0), op.out(0))
+    yield Same(op.x(x, 1), op.out(1))
+
+
+_REDUCTIONS = (torch.sum, torch.mean, torch.amax, torch.amin, torch.std, torch.var,
+               torch.logsumexp, torch.norm, torch.prod,
+               "sum", "mean", "amax", "amin", "std", "var", "logsumexp", "norm", "prod")
+
+
+@register(*_REDUCTIONS)
+def _reduce(op: Op) -> Iterator[Link]:
+    """Reduced axes are read symmetrically (Keep); surviving axes pass through."""
+    x = op.node.args[0]
+    n = ndim(op, x)
+    dim = op.arg(2 if op.name == "norm" else 1, "dim")
+    reduced = dims(dim, n) if n else []
+    if reduced is None:
+        reduced = list(range(n))
+    keepdim = ndim(op, op.node) == n  # read off the shapes: robust to every signature
+    out_d = 0
+    for d in range(n):
+        if d in reduced:
+            a = op.x(x, d)
+            if a is not None:
+                yield Keep(a)
+            out_d += keepdim
+        else:
+            yield Same(op.x(x, d), op.out(out_d))
+            out_d += 1
+
+
+# ---- shape ops ------------------------------------------------------------------------------
+
+
+def _reshape_links(op: Op, src: Any) -> Iterator[Link]:
+    """Group the axes of `src` and of the output by equal running products (size-1 axes drop).
+
+    1 ↔ 1 groups link; k → 1 groups make the output axis a Kron of the inputs (flatten);
+    1 → k groups make the input axis a Kron of the outputs (heads × head_dim); k ↔ m is frozen.
+    """
+    si, so = op.shape(src), op.shape()
+    ins = [d for d, s in enumerate(si) if s != 1]
+    outs = [d for d, s in enumerate(so) if s != 1]
+    i = j = 0
+    while i < len(ins) and j < len(outs):
+        gi, gj = [ins[i]], [outs[j]]
+        pi, pj = si[ins[i]], so[outs[j]]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                gi.append(ins[i])
+                pi *= si[ins[i]]
+            else:
+                j += 1
+                gj.append(outs[j])
+                pj *= so[outs[j]]
+        i += 1
+        j += 1
+        if len(gi) == 1 and len(gj) == 1:
+            yield Same(NodeAxis(src.name, gi[0]), NodeAxis(op.node.name, gj[0]))
+        elif len(gj) == 1:
+            yield Kron(NodeAxis(op.node.name, gj[0]), tuple(NodeAxis(src.name, d) for d in gi))
+        elif len(gi) == 1:
+            yield Kron(NodeAxis(src.name, gi[0]), tuple(NodeAxis(op.node.name, d) for d in gj))
+        else:
+            why = f"reshape {si} -> {so} regroups axes {gi} -> {gj}"
+            for d in gi:
+                yield Freeze(NodeAxis(src.name, d), why)
+            for d in gj:
+                yield Freeze(NodeAxis(op.node.name, d), why)
+
+
+@register(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+          "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+          "reshape_as")
+def _reshape(op: Op) -> Iterator[Link]:
+    src = op.node.args[0]
+    if op.node.target in ("view_as", "reshape_as"):
+        yield from keep_all(op, op.node.args[1])
+    yield from _reshape_links(op, src)
+
+
+@register(torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.t,
+          "permute", "transpose", "swapaxes", "movedim", "t")
+def _permute(op: Op) -> Iterator[Link]:
+    """Relabel axes: output axis k is input axis order[k]."""
+    src = op.node.args[0]
+    n = ndim(op, src)
+    rest = list(op.node.args[1:])
+    name = op.name
+    if name == "permute":
+        order = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        order = [int(d) % n for d in (order or op.node.kwargs.get("dims", []))]
+    elif name in ("t",):
+        order = list(range(n))[::-1]
+    else:
+        a = rest[0] if rest else op.node.kwargs.get("dim0", op.node.kwargs.get("source"))
+        b = rest[1] if len(rest) > 1 else op.node.kwargs.get("dim1", op.node.kwargs.get(
+            "destination"))
+        if name == "movedim":
+            order = list(range(n))
+            order.pop(a % n)
+            order.insert(b % n, a % n)
+        else:
+            order = list(range(n))
+            order[a % n], order[b % n] = order[b % n], order[a % n]
+    for k, d in enumerate(order):
+        yield Same(op.x(src, d), op.out(k))
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+def _cat(op: Op) -> Iterator[Link]:
+    """Non-cat axes pass through; the cat axis is a concatenation of the inputs' axes."""
+    tensors = list(op.arg(0, "tensors"))
+    n = ndim(op, op.node)
+    dim = op.arg(1, "dim", 0) % n
+    for d in range(n):
+        if d != dim:
+            yield Same(op.out(d), *(op.x(t, d) for t in tensors))
+    yield Cat(NodeAxis(op.node.name, dim),
+              tuple(op.x(t, dim) or op.shape(t)[dim] for t in tensors))
+
+
+@register(torch.stack)
+def _stack(op: Op) -> Iterator[Link]:
+    """The new axis indexes the inputs (not a channel axis, so frozen); others pass through."""
+    tensors = list(op.arg(0, "tensors"))
+    n = ndim(op, op.node)
+    dim = op.arg(1, "dim", 0) % n
+    for d in range(n):
+        if d < dim:
+            yield Same(op.out(d), *(op.x(t, d) for t in tensors))
+        elif d > dim:
+            yield Same(op.out(d), *(op.x(t, d - 1) for t in tensors))
+
+
+@register(torch.split, torch.chunk, torch.tensor_split, torch.unbind,
+          "split", "chunk", "tensor_split", "unbind")
+def _split(op: Op) -> Iterator[Link]:
+    """Pieces `node#i`; the split axis of the input is the concatenation of the pieces' axes."""
+    src = op.node.args[0]
+    n = ndim(op, src)
+    name = op.name
+    default_dim = 0
+    dim = op.arg(2, "dim", default_dim) if name in ("split", "chunk", "tensor_split") else op.arg(
+        1, "dim", default_dim)
+    dim = dim % n
+    pieces = op._shapes.get(op.node.name) or ()
+    if name == "unbind":
+        for k in range(len(pieces)):
+            for d in range(n):
+                if d != dim:
+                    yield Same(op.x(src, d), _piece(op, k, d - (d > dim)))
+        return
+    for k in range(len(pieces)):
+        for d in range(n):
+            if d != dim:
+                yield Same(op.x(src, d), _piece(op, k, d))
+    yield Cat(NodeAxis(src.name, dim), tuple(_piece(op, k, dim) or pieces[k][dim]
+                                             for k in range(len(pieces))))
+
+
+def _piece(op: Op, k: int, d: int) -> NodeAxis | None:
+    s = op._shapes[op.node.name][k]
+    return None if s[d] == 1 else NodeAxis(f"{op.node.name}#{k}", d)
+
+
+@register(operator.getitem)
+def _getitem(op: Op) -> Iterator[Link]:
+    """Pick a piece of a tuple (split, chunk) or index a tensor with slices, ints, None, ..."""
+    src, idx = op.node.args[0], op.arg(1)
+    src_shape = op._shapes.get(src.name) if isinstance(src, fx.Node) else None
+    if src_shape is None:
+        return
+    if not all(isinstance(s, int) for s in src_shape):  # a tuple of tensors
+        piece = src_shape[idx]
+        if piece is not None:
+            for d in range(len(piece)):
+                if piece[d] != 1:
+                    yield Same(NodeAxis(f"{src.name}#{idx}", d), op.out(d))
+        return
+    yield from _index_links(op, src, idx if isinstance(idx, tuple) else (idx,))
+
+
+def _index_links(op: Op, src: fx.Node, idx: tuple[Any, ...]) -> Iterator[Link]:
+    shape = op.shape(src)
+    n = len(shape)
+    if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
+        return  # advanced indexing: leave everything unmentioned (frozen)
+    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in idx:
+        expanded.extend([slice(None)] * (n - consumed) if i is Ellipsis else [i])
+    if Ellipsis not in idx:
+        expanded.extend([slice(None)] * (n - consumed))
+    d_in = d_out = 0
+    for i in expanded:
+        if i is None:
+            d_out += 1
+            continue
+        if isinstance(i, int):
+            a = op.x(src, d_in)
+            if a is not None:
+                yield Freeze(a, f"indexing picks position {i} of axis {d_in}")
+            d_in += 1
+            continue
+        start, stop, step = i.indices(shape[d_in])
+        if step != 1:
+            d_in += 1
+            d_out += 1
+            continue  # strided slices: unmentioned, hence frozen
+        if (start, stop) == (0, shape[d_in]):
+            yield Same(op.x(src, d_in), op.out(d_out))
+        else:
+            parts = (start, op.out(d_out) or (stop - start), shape[d_in] - stop)
+            yield Cat(NodeAxis(src.name, d_in), tuple(p for p in parts if p != 0))
+        d_in += 1
+        d_out += 1
+
+
+@register(torch.narrow, "narrow")
+def _narrow(op: Op) -> Iterator[Link]:
+    """narrow(x, dim, start, length) is the slice x[..., start:start+length, ...]."""
+    src = op.node.args[0]
+    dim, start, length = op.arg(1, "dim"), op.arg(2, "start"), op.arg(3, "length")
+    n = ndim(op, src)
+    idx = [slice(None)] * n
+    idx[dim % n] = slice(start, start + length)
+    yield from _index_links(op, src, tuple(idx))
+
+
+@register("expand", "expand_as", "repeat", "broadcast_to", torch.broadcast_to)
+def _expand(op: Op) -> Iterator[Link]:
+    """Right-aligned axes whose size is unchanged pass through; grown or new axes are frozen."""
+    src = op.node.args[0]
+    if op.node.target == "expand_as":
+        yield from keep_all(op, op.node.args[1])
+    si, so = op.shape(src), op.shape()
+    for d in range(len(si)):
+        e = d + len(so) - len(si)
+        if e >= 0 and si[d] == so[e]:
+            yield Same(op.x(src, d), op.out(e))
+
+
+@register("get_attr")
+def _get_attr(op: Op) -> Iterator[Link]:
+    """A parameter read in the graph: node axis d ~ parameter axis d (role set by its users)."""
+    t = get_attr_tensor(op, op.node)
+    if t is None:
+        return
+    for d in range(t.dim()):
+        if t.shape[d] != 1:
+            yield Same(NodeAxis(op.node.name, d), ParamAxis(op.node.target, d, "auto"))

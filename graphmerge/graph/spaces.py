@@ -1,0 +1,482 @@
+"""Spaces: groups of tensor and parameter axes that must share one transform.
+
+`find_spaces(traced)` runs every op's axis rule (`graphmerge.graph.rules`), joins the linked axes in a
+union-find, resolves derived axes (cat/split → concatenation, flatten/heads → row-major product),
+freezes what touches the graph's inputs and outputs or an op without a rule, and returns a
+`SpaceTable`. Cost: O(number of node axes · α) plus one pass over the derivations.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch.fx as fx
+
+from graphmerge.errors import GraphmergeError
+from graphmerge.graph.axes import Cat, Freeze, Keep, Kron, NodeAxis, ParamAxis, Same
+from graphmerge.graph.capture import Traced
+from graphmerge.graph.rules import RULES, Op, rule_for
+from graphmerge.graph.unionfind import UnionFind
+from graphmerge.surgery.tensors import named_tensors
+
+__all__ = ["Space", "Derivation", "SpaceTable", "FrozenBy", "Frozen", "find_spaces",
+           "UnsupportedOpWarning"]
+
+log = logging.getLogger(__name__)
+
+Key = tuple  # ("n", node, dim) for node axes, ("p", param, dim) for parameter axes
+
+
+class UnsupportedOpWarning(UserWarning):
+    """An op had no axis rule; the axes it touches were frozen."""
+
+
+class FrozenBy(enum.Enum):
+    """What froze a space (its transform stays the identity)."""
+
+    GRAPH_INPUT = "touches a graph input"
+    GRAPH_OUTPUT = "touches the graph output"
+    NO_RULE = "an op without an axis rule"
+    NOT_PRESERVED = "an op that does not preserve the axis"
+    RULE = "an op's axis rule"
+    DERIVED_CONFLICT = "derived from its parts in two incompatible ways"
+    DERIVED_CYCLE = "derived from itself (cyclic cat/reshape)"
+    HEADS = "attention heads (heads × head dim); head-aware matching is not implemented yet"
+    TIED = "a tied parameter axis that is both read and written"
+    THROUGH_DERIVED = "a frozen derived space it is part of"
+    ALL_PARTS_FROZEN = "all its parts are frozen"
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """Why a space is frozen: the kind, and where (node, op, detail) when one op did it."""
+
+    by: FrozenBy
+    node: str | None = None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        text = self.detail or self.by.value
+        return f"{text} (node `{self.node}`)" if self.node else text
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How a derived space is built from others.
+
+    kind "cat": the axis is the concatenation of the parts (block-diagonal transform);
+    kind "kron": the axis is the row-major product of the parts (Kronecker transform), e.g.
+    flatten C×H×W → C·H·W is kron(channels, H, W) with H and W kept as identity.
+    `parts[k]` is a space id, or None for a part that always keeps the identity; `sizes[k]` its width.
+    """
+
+    kind: Literal["cat", "kron"]
+    parts: tuple[int | None, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass
+class Space:
+    """One shared transform. Widths are sizes of the axis; roles follow DESIGN.md.
+
+    Attributes:
+        id: index in the space table.
+        width: d, the size of every axis in the space.
+        frozen_by: why the space keeps the identity transform (None: the space is free);
+            `frozen` and `why` read it.
+        producers: parameter axes that write values in the space (`out`: weight rows, biases,
+            norm affine, running statistics), as ParamAxis(name, dim, "out").
+        consumers: parameter axes that read the space (`in`: weight columns).
+        members: node axes whose values live in the space.
+        reads: the node axes the consumers read (the features to collect statistics on).
+        derived: for a derived space, how it is built from other spaces; else None.
+    """
+
+    id: int
+    width: int
+    frozen_by: Frozen | None = None
+    producers: list[ParamAxis] = field(default_factory=list)
+    consumers: list[ParamAxis] = field(default_factory=list)
+    members: list[NodeAxis] = field(default_factory=list)
+    reads: list[NodeAxis] = field(default_factory=list)
+    derived: Derivation | None = None
+
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_by is not None
+
+    @property
+    def why(self) -> str | None:
+        """Why the space is frozen, as text (None if it is free)."""
+        return None if self.frozen_by is None else str(self.frozen_by)
+
+    @property
+    def params(self) -> list[ParamAxis]:
+        return self.producers + self.consumers
+
+    def __repr__(self) -> str:
+        state = f"frozen: {self.why}" if self.frozen else "free"
+        kind = f", {self.derived.kind} of {list(self.derived.parts)}" if self.derived else ""
+        return (f"Space({self.id}, width={self.width}, {state}{kind}, "
+                f"{len(self.producers)} out / {len(self.consumers)} in)")
+
+
+@dataclass
+class SpaceTable:
+    """All spaces of one traced model, with look-ups from axes to spaces."""
+
+    spaces: list[Space]
+    param_axes: dict[str, dict[int, int]]  # parameter name -> {dim: space id}
+    node_axes: dict[str, dict[int, int]]   # node name -> {dim: space id}
+    unsupported: dict[str, list[str]]      # op name -> nodes that had no rule
+
+    def __iter__(self) -> Iterator[Space]:
+        return iter(self.spaces)
+
+    def __len__(self) -> int:
+        return len(self.spaces)
+
+    def __getitem__(self, i: int) -> Space:
+        return self.spaces[i]
+
+    @property
+    def free(self) -> list[Space]:
+        return [s for s in self.spaces if not s.frozen]
+
+    def space_of(self, node: str, dim: int) -> Space | None:
+        i = self.node_axes.get(node, {}).get(dim)
+        return None if i is None else self.spaces[i]
+
+    def format(self, max_names: int = 3) -> str:
+        """A plain-text table: id, width, state, producers, consumers."""
+        def names(axes: list[ParamAxis]) -> str:
+            shown = [f"{a.param}[{a.dim}]" for a in axes[:max_names]]
+            more = len(axes) - len(shown)
+            return ", ".join(shown) + (f" (+{more})" if more > 0 else "") if axes else "-"
+
+        rows = [("id", "width", "state", "producers (out)", "consumers (in)")]
+        for s in self.spaces:
+            state = "free" if not s.frozen else f"frozen: {s.why}"
+            if s.derived:
+                parts = ",".join("·" if p is None else str(p) for p in s.derived.parts)
+                state += f" [{s.derived.kind}({parts})]"
+            rows.append((str(s.id), str(s.width), state, names(s.producers), names(s.consumers)))
+        widths = [min(max(len(r[c]) for r in rows), 60) for c in range(5)]
+        lines = ["  ".join(cell[:60].ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        n_free = len(self.free)
+        lines.append(f"{len(self.spaces)} spaces: {n_free} free, {len(self.spaces) - n_free} frozen")
+        return "\n".join(lines)
+
+
+def _key(a: NodeAxis | ParamAxis) -> Key:
+    return ("n", a.node, a.dim) if isinstance(a, NodeAxis) else ("p", a.param, a.dim)
+
+
+class _Builder:
+    """Collects the links of every op, then resolves them into spaces."""
+
+    def __init__(self, traced: Traced) -> None:
+        self.traced = traced
+        self.gm = traced.graph_module
+        self.uf = UnionFind()
+        self.size: dict[Key, int] = {}
+        self.frozen: dict[Key, Frozen] = {}
+        self.roles: dict[Key, set[str]] = {}
+        self.reads: list[tuple[Key, Key]] = []  # (node axis read, parameter axis reading it)
+        self.derivations: list[tuple[Key, str, tuple[Key | int, ...]]] = []
+        self.unsupported: dict[str, list[str]] = {}
+        self.params = named_tensors(self.gm)
+
+    # ---- sizes and elements ----------------------------------------------------------------
+    def node_shape(self, name: str) -> tuple[int, ...] | None:
+        base, _, piece = name.partition("#")
+        s = self.traced.shapes.get(base)
+        if piece and s is not None:
+            s = s[int(piece)]
+        return s if isinstance(s, tuple) and all(isinstance(d, int) for d in s) else None
+
+    def add(self, a: NodeAxis | ParamAxis) -> Key:
+        k = _key(a)
+        if k not in self.size:
+            if isinstance(a, NodeAxis):
+                self.size[k] = self.node_shape(a.node)[a.dim]
+            else:
+                self.size[k] = self.params[a.param].shape[a.dim]
+            self.uf.add(k)
+        if isinstance(a, ParamAxis) and a.role != "auto":
+            self.roles.setdefault(k, set()).add(a.role)
+        return k
+
+    def node_axes(self, n: fx.Node) -> list[NodeAxis]:
+        """All axes of size > 1 of a node's value (of each piece for tuple values)."""
+        s = self.traced.shapes.get(n.name)
+        if s is None:
+            return []
+        if all(isinstance(d, int) for d in s):
+            return [NodeAxis(n.name, d) for d, w in enumerate(s) if w != 1]
+        return [NodeAxis(f"{n.name}#{k}", d) for k, p in enumerate(s) if p is not None
+                for d, w in enumerate(p) if w != 1]
+
+    def freeze(self, a: NodeAxis, why: Frozen) -> None:
+        self.frozen.setdefault(self.add(a), why)
+
+    # ---- links -----------------------------------------------------------------------------
+    def run_rules(self) -> None:
+        modules = dict(self.gm.named_modules())
+        consts = {k: v for k, v in self.traced.consts.items()}
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                for a in self.node_axes(n):
+                    self.freeze(a, Frozen(FrozenBy.GRAPH_INPUT, n.name))
+                continue
+            if n.op == "output":
+                outs: list[fx.Node] = []
+                fx.node.map_arg(n.args, lambda x: outs.append(x) or x)
+                for o in outs:
+                    for a in self.node_axes(o):
+                        self.freeze(a, Frozen(FrozenBy.GRAPH_OUTPUT))
+                continue
+            module = modules.get(n.target) if n.op == "call_module" else None
+            op = Op(n, module, self.traced.shapes, consts)
+            rule = RULES["get_attr"] if n.op == "get_attr" else rule_for(n, module)
+            touched = self.node_axes(n) + [a for t in op.tensor_args() for a in self.node_axes(t)]
+            if rule is None:
+                self.unsupported.setdefault(op.name, []).append(n.name)
+                for a in touched:
+                    self.freeze(a, Frozen(FrozenBy.NO_RULE, n.name,
+                                          f"no axis rule for `{op.name}`"))
+                continue
+            mentioned: set[Key] = set()
+            try:
+                for link in rule(op):
+                    mentioned.update(self.apply(link, op))
+            except GraphmergeError:
+                raise
+            except Exception as e:
+                raise GraphmergeError(
+                    f"the axis rule for `{op.name}` failed at node `{n.name}`: "
+                    f"{type(e).__name__}: {e}. Trace that block as a leaf module to freeze it, "
+                    f"or fix the rule in graphmerge/graph/rules/."
+                ) from e
+            for a in touched:
+                if _key(a) not in mentioned:
+                    self.freeze(a, Frozen(FrozenBy.NOT_PRESERVED, n.name,
+                                          f"`{op.name}` does not preserve axis {a.dim} of "
+                                          f"`{a.node}`"))
+        for name, nodes in self.unsupported.items():
+            warnings.warn(
+                f"no axis rule for `{name}` (node{'s' if len(nodes) > 1 else ''} "
+                f"{', '.join(nodes[:5])}); the axes it touches were frozen. Register a rule with "
+                f"graphmerge.graph.rules.register or trace that block as a leaf module.",
+                UnsupportedOpWarning, stacklevel=3)
+
+    def apply(self, link: Any, op: Op) -> list[Key]:
+        if isinstance(link, Same):
+            keys = [self.add(a) for a in link.axes]
+            sizes = {self.size[k] for k in keys}
+            if len(sizes) > 1:
+                raise GraphmergeError(
+                    f"the axis rule for `{op.name}` at node `{op.node.name}` links axes of "
+                    f"different sizes: {', '.join(f'{a}={self.size[_key(a)]}' for a in link.axes)}"
+                )
+            if keys:
+                self.uf.union(*keys)
+            for a in link.axes:
+                if isinstance(a, ParamAxis) and a.role == "in":
+                    self.reads.extend((_key(b), _key(a)) for b in link.axes
+                                      if isinstance(b, NodeAxis))
+            return keys
+        if isinstance(link, (Cat, Kron)):
+            whole = self.add(link.whole)
+            parts = tuple(p if isinstance(p, int) else self.add(p) for p in link.parts)
+            widths = [p if isinstance(p, int) else self.size[p] for p in parts]
+            total = sum(widths) if isinstance(link, Cat) else _prod(widths)
+            if total != self.size[whole]:
+                raise GraphmergeError(
+                    f"the axis rule for `{op.name}` at node `{op.node.name}` derives an axis of "
+                    f"width {self.size[whole]} from parts {widths}")
+            self.derivations.append((whole, "cat" if isinstance(link, Cat) else "kron", parts))
+            return [whole, *(p for p in parts if not isinstance(p, int))]
+        if isinstance(link, Freeze):
+            self.freeze(link.axis, Frozen(FrozenBy.RULE, op.node.name, link.why))
+            return [_key(link.axis)]
+        if isinstance(link, Keep):
+            return [self.add(link.axis)]
+        raise TypeError(f"unknown link {link!r}")
+
+    # ---- resolution ------------------------------------------------------------------------
+    def resolve_derivations(self) -> dict[Hashable, tuple[str, tuple[Hashable | int, ...]]]:
+        """One derivation per root: equal-structured derivations of one root unify their parts;
+        incompatible ones freeze the root and its parts."""
+        conflicts: set[Hashable] = set()
+        while True:
+            by_root: dict[Hashable, tuple[str, tuple]] = {}
+            changed = False
+            for whole, kind, parts in self.derivations:
+                root = self.uf.find(whole)
+                rparts = tuple(p if isinstance(p, int) else self.uf.find(p) for p in parts)
+                if root not in by_root:
+                    by_root[root] = (kind, rparts)
+                    continue
+                kind0, parts0 = by_root[root]
+                if (kind0, self._widths(parts0)) == (kind, self._widths(rparts)):
+                    for p, q in zip(parts0, rparts):
+                        if isinstance(p, int) != isinstance(q, int):
+                            conflicts.add(q if isinstance(p, int) else p)
+                        elif not isinstance(p, int) and p != q:
+                            self.uf.union(p, q)
+                            changed = True
+                elif (kind0, parts0) != (kind, rparts):
+                    conflicts.update([root, *(p for p in (*parts0, *rparts)
+                                              if not isinstance(p, int))])
+            if not changed:
+                break
+        for c in conflicts:
+            self.frozen.setdefault(c, Frozen(FrozenBy.DERIVED_CONFLICT))
+        # cycles (a root among its own parts, directly or through other derived roots) freeze
+        for root in list(by_root):
+            if self._reaches(by_root, root, root):
+                self.frozen.setdefault(root, Frozen(FrozenBy.DERIVED_CYCLE))
+        return by_root
+
+    def _widths(self, parts: tuple) -> tuple[int, ...]:
+        return tuple(p if isinstance(p, int) else self.size[p] for p in parts)
+
+    def _reaches(self, by_root: dict, start: Hashable, target: Hashable) -> bool:
+        stack, seen = [p for p in by_root[start][1] if not isinstance(p, int)], set()
+        while stack:
+            r = self.uf.find(stack.pop())
+            if r == target:
+                return True
+            if r in seen or r not in by_root:
+                continue
+            seen.add(r)
+            stack.extend(p for p in by_root[r][1] if not isinstance(p, int))
+        return False
+
+    def build(self) -> SpaceTable:
+        self.run_rules()
+        derived = self.resolve_derivations()
+        groups = self.uf.groups()
+        find = self.uf.find
+
+        frozen_roots: dict[Hashable, Frozen] = {}
+        for k, why in self.frozen.items():
+            frozen_roots.setdefault(find(k), why)
+        # attention heads: a row-major product of several transformable parts (heads × dim);
+        # a valid transform permutes whole heads and acts within each head, which needs a
+        # head-aware matcher: until then such parts keep the identity
+        rule_frozen = set(frozen_roots)
+        for r, (kind, parts) in derived.items():
+            axes = [find(p) for p in parts
+                    if not isinstance(p, int) and find(p) not in rule_frozen]
+            if kind == "kron" and len(axes) > 1:
+                for p in axes:
+                    frozen_roots.setdefault(p, Frozen(FrozenBy.HEADS))
+        for k, roles in self.roles.items():
+            if len(roles) > 1:
+                frozen_roots.setdefault(find(k), Frozen(
+                    FrozenBy.TIED, detail=f"parameter axis {k[1]}[{k[2]}] is both read and "
+                                          f"written (tied weights)"))
+        # a frozen derived space freezes its parts
+        stack = list(frozen_roots)
+        while stack:
+            r = stack.pop()
+            for p in derived.get(r, (None, ()))[1]:
+                if not isinstance(p, int) and find(p) not in frozen_roots:
+                    frozen_roots[find(p)] = Frozen(FrozenBy.THROUGH_DERIVED, detail=(
+                        f"{frozen_roots[r]} (through a derived space)"))
+                    stack.append(find(p))
+
+        # a derived space all of whose parts keep the identity keeps it too
+        changed = True
+        while changed:
+            changed = False
+            for r, (_, parts) in derived.items():
+                if r not in frozen_roots and all(
+                        isinstance(p, int) or find(p) in frozen_roots for p in parts):
+                    frozen_roots[r] = Frozen(FrozenBy.ALL_PARTS_FROZEN)
+                    changed = True
+
+        has_param = {r for r, ms in groups.items() if any(m[0] == "p" for m in ms)}
+        # a part is realisable if it has parameters or belongs to a derived space that has
+        realisable = set(has_param)
+        stack = [r for r in derived if r in has_param]
+        while stack:
+            r = stack.pop()
+            for p in derived[r][1]:
+                if not isinstance(p, int) and find(p) not in realisable:
+                    realisable.add(find(p))
+                    if find(p) in derived:
+                        stack.append(find(p))
+
+        # order: by first appearance of a member in the graph
+        order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
+
+        def first_seen(r: Hashable) -> tuple[int, str]:
+            ms = groups[r]
+            nodes = [order.get(m[1].partition("#")[0], 1 << 30) for m in ms if m[0] == "n"]
+            return (min(nodes) if nodes else 1 << 30, str(ms[0]))
+
+        # kept: spaces that can be realised (they have parameters, or are parts of a derived
+        # space that has), except base spaces that are frozen
+        # ones without parameters of their own (e.g. the H and W parts of a flatten)
+        keep = [r for r in groups
+                if (r in derived and r in realisable)
+                or (r not in derived and r in realisable
+                    and (r in has_param or r not in frozen_roots))]
+        keep.sort(key=first_seen)
+        ids = {r: i for i, r in enumerate(keep)}
+        spaces: list[Space] = []
+        for r in keep:
+            ms = groups[r]
+            s = Space(id=ids[r], width=self.size[ms[0]])
+            s.frozen_by = frozen_roots.get(r)
+            for m in ms:
+                if m[0] == "n":
+                    s.members.append(NodeAxis(m[1], m[2]))
+                else:
+                    role = "in" if "in" in self.roles.get(m, ()) else "out"
+                    (s.consumers if role == "in" else s.producers).append(
+                        ParamAxis(m[1], m[2], role))
+            spaces.append(s)
+        for r in keep:
+            if r in derived:
+                kind, parts = derived[r]
+                spaces[ids[r]].derived = Derivation(
+                    kind, tuple(None if isinstance(p, int) else ids.get(find(p)) for p in parts),
+                    self._widths(tuple(p if isinstance(p, int) else find(p) for p in parts)))
+        for node_key, param_key in self.reads:
+            r = find(node_key)
+            if r in ids:
+                a = NodeAxis(node_key[1], node_key[2])
+                if a not in spaces[ids[r]].reads:
+                    spaces[ids[r]].reads.append(a)
+
+        param_axes: dict[str, dict[int, int]] = {}
+        node_axes: dict[str, dict[int, int]] = {}
+        for r in keep:
+            for m in groups[r]:
+                table = param_axes if m[0] == "p" else node_axes
+                table.setdefault(m[1], {})[m[2]] = ids[r]
+        log.debug("found %d spaces (%d frozen)", len(spaces), sum(s.frozen for s in spaces))
+        return SpaceTable(spaces, param_axes, node_axes, self.unsupported)
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def find_spaces(traced: Traced) -> SpaceTable:
+    """Group the axes of a traced model into spaces (see module docstring and DESIGN.md); the
+    table is also stored on `traced` (`traced.space_table`)."""
+    traced.table = _Builder(traced).build()
+    return traced.table

@@ -1,0 +1,97 @@
+"""Atomic writes: a file or folder is built under a temporary name beside its destination and
+moved into place with `os.replace`, so a failure never leaves a partial output and never touches
+what was there before."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from graphmerge.errors import ConfigError
+
+__all__ = ["atomic_file", "write_atomic", "write_text_atomic", "atomic_folder"]
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on normal exit it replaces `path`, on an exception
+    it is deleted (and `path` is left as it was).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> with atomic_file(d / "a.txt") as tmp:
+        ...     _ = tmp.write_text("hi")
+        >>> (d / "a.txt").read_text()
+        'hi'
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot write {target}: directory {target.parent} does not exist")
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then move it to `path`."""
+    with atomic_file(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on normal exit it becomes `path` (an
+    existing folder is swapped out, then deleted, only if `overwrite`)."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot write {target}: directory {target.parent} does not exist; "
+                          f"create it first.")
+    _check_destination(target, overwrite)
+    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield build
+        _check_destination(target, overwrite)  # again: the folder may have appeared meanwhile
+        if not target.exists() or not any(target.iterdir()):
+            os.replace(build, target)  # replaces a missing or empty directory atomically
+            return
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
+                                       dir=target.parent))
+        os.rmdir(backup)
+        os.replace(target, backup)
+        try:
+            os.replace(build, target)
+        except BaseException:
+            os.replace(backup, target)  # put the old folder back
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+
+
+def _check_destination(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"cannot save to {target}: it exists and is not a directory.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"folder {target} already exists and is not empty; pass "
+                          f"overwrite=True to replace it, or choose another folder.")

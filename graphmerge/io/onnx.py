@@ -1,0 +1,358 @@
+"""ONNX export checked against onnxruntime.
+
+:func:`export_onnx` writes one self-contained ``.onnx`` file with the torch 2.x (dynamo,
+``torch.export``-based) exporter, with a dynamic batch axis on every input, and proves the file
+right by running it in onnxruntime on the example inputs and on a batch of another size. The
+file is written atomically (:mod:`graphmerge.io.atomic`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from graphmerge.errors import ConfigError, GraphmergeError
+from graphmerge.inputs import tensor_inputs
+from graphmerge.io.atomic import atomic_file
+
+__all__ = ["ExportReport", "export_onnx"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the dynamic batch axis in exported ONNX files.
+BATCH_AXIS = "batch"
+
+
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote and how well it matches torch.
+
+    Attributes:
+        path: the ONNX file written.
+        max_abs_diff: the largest ``|onnxruntime - torch|`` over every output element of every
+            batch checked.
+        opset: the default-domain (``ai.onnx``) opset version of the file.
+        input_names: the graph's input names, in the order of the example inputs.
+        output_names: the graph's output names, in the order of the module's flattened outputs.
+        batch_sizes: the batch sizes that were run in onnxruntime and compared with torch (the
+            example batch first; a second, different one when the batch axis is dynamic).
+    """
+
+    path: Path
+    max_abs_diff: float
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    batch_sizes: tuple[int, ...] = ()
+
+
+def _resize_batch(inputs: tuple[Tensor, ...], size: int) -> tuple[Tensor, ...]:
+    """Build inputs of batch ``size`` from the examples by repeating and slicing them.
+
+    Rows are taken from the examples in order, then in reverse order, and so on, so that a
+    larger batch is not a mere tiling of the same pattern.
+
+    Args:
+        inputs: tensors [B, ...] sharing B.
+        size: wanted batch size (>= 1).
+
+    Returns:
+        tensors [size, ...], same dtypes.
+    """
+    b = int(inputs[0].shape[0])
+    order = torch.arange(b)
+    index = torch.cat([order if i % 2 == 0 else order.flip(0) for i in range(-(-size // b))])
+    index = index[:size]
+    return tuple(t.index_select(0, index) for t in inputs)
+
+
+def _input_names(module: nn.Module, count: int) -> tuple[str, ...]:
+    """Graph input names: the forward's positional parameter names when they fit, else input_i."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) >= count and len(set(positional[:count])) == count:
+        return tuple(positional[:count])
+    return tuple(f"input_{i}" for i in range(count))
+
+
+def _flatten_outputs(output: Any) -> list[Tensor]:
+    """The tensors of a module's output (a tensor, or nested tuples/lists/dicts of tensors)."""
+    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+    if not tensors:
+        raise GraphmergeError(
+            f"the module returned no tensor (got {type(output).__name__}); export_onnx needs a "
+            f"module whose forward returns tensors."
+        )
+    return tensors
+
+
+def _torch_outputs(module: nn.Module, inputs: tuple[Tensor, ...]) -> list[np.ndarray]:
+    """Run ``module`` (already in eval mode) under no_grad; outputs as numpy arrays."""
+    with torch.no_grad():
+        out = module(*inputs)
+    return [t.detach().cpu().numpy() for t in _flatten_outputs(out)]
+
+
+def _max_abs_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray], batch: int) -> float:
+    """Largest absolute elementwise difference between two output lists (float64 arithmetic).
+
+    Raises:
+        GraphmergeError: different number of outputs or different shapes.
+    """
+    if len(got) != len(want):
+        raise GraphmergeError(
+            f"onnxruntime returned {len(got)} outputs for batch {batch} but torch returned "
+            f"{len(want)}; the exported graph does not match the module."
+        )
+    worst = 0.0
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            raise GraphmergeError(
+                f"output {i} has shape {g.shape} in onnxruntime but {w.shape} in torch for batch "
+                f"{batch}; the exported graph does not match the module."
+            )
+        if g.size == 0:
+            continue
+        g64 = g.astype(np.float64)
+        w64 = w.astype(np.float64)
+        same = (g64 == w64) | (np.isnan(g64) & np.isnan(w64))  # equal infinities / NaNs count as 0
+        diff = np.where(same, 0.0, np.abs(g64 - w64))
+        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
+    return worst
+
+
+def export_onnx(
+    module: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    path: str | os.PathLike[str],
+    *,
+    atol: float = 1e-4,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+) -> ExportReport:
+    """Export ``module`` to a single ONNX file and check it against torch in onnxruntime.
+
+    The module is exported in eval mode with ``torch.onnx.export(..., dynamo=True,
+    external_data=False)``; with ``dynamic_batch`` every input's first axis is one shared
+    dynamic dimension named ``"batch"`` (a ``torch.export.Dim``). An example batch of size 1 is
+    repeated to size 2 for tracing, because ``torch.export`` specialises size-1 dimensions.
+
+    The file is checked before it is moved to ``path``: onnxruntime (CPUExecutionProvider) runs
+    it on the example inputs and, with ``dynamic_batch``, on a batch of another size (``2 * B +
+    1`` rows built by repeating the examples) and compares every output with torch's (eval mode,
+    no_grad). The module's train/eval flag is restored afterwards.
+
+    Args:
+        module: an ``nn.Module`` or ``torch.fx.GraphModule`` taking the example inputs
+            positionally.
+        example_inputs: one tensor [B, ...] or a tuple of tensors sharing B (float images,
+            int64 token ids and masks, ...).
+        path: the ``.onnx`` file to write; its directory must exist.
+        atol: the largest accepted absolute difference between onnxruntime and torch outputs.
+        dynamic_batch: make the batch axis dynamic (and prove it with a second batch size).
+        opset: ONNX opset version; None uses torch's default.
+
+    Returns:
+        an :class:`ExportReport`.
+
+    Raises:
+        ConfigError: bad arguments (not a module, bad inputs, missing directory, bad atol).
+        DataError: inputs without a common batch dimension.
+        GraphmergeError: the export or onnxruntime failed, or the outputs differ by more than
+            ``atol``. In every failure case no file is left at ``path`` by this call and an
+            existing file there is unchanged.
+    """
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}.")
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        raise ConfigError(f"atol must be a non-negative number, got {atol!r}.")
+    inputs = tensor_inputs(example_inputs, "example_inputs")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ConfigError(
+            f"cannot write {target}: directory {target.parent} does not exist; create it first."
+        )
+    if target.is_dir():
+        raise ConfigError(f"cannot write the ONNX file to {target}: it is a directory.")
+
+    was_training = module.training
+    module.eval()
+    try:
+        return _export_checked(module, inputs, target, float(atol), dynamic_batch, opset)
+    finally:
+        module.train(was_training)
+
+
+def _export_checked(
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    target: Path,
+    atol: float,
+    dynamic_batch: bool,
+    opset: int | None,
+) -> ExportReport:
+    """Export to a temporary file next to ``target``, check it, then move it into place."""
+    batch = int(inputs[0].shape[0])
+    input_names = _input_names(module, len(inputs))
+    reference = _torch_outputs(module, inputs)
+    output_names = (
+        ("output",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
+    )
+    trace_inputs = _resize_batch(inputs, 2) if dynamic_batch and batch < 2 else inputs
+    dynamic_shapes: tuple[dict[int, Any], ...] | None = None
+    if dynamic_batch:
+        dim = torch.export.Dim(BATCH_AXIS)
+        dynamic_shapes = tuple({0: dim} for _ in inputs)
+
+    with atomic_file(target) as tmp:
+        side_file = tmp.with_name(tmp.name + ".data")  # in case an exporter writes external data
+        try:
+            logger.info(
+                "Exporting %s to ONNX (inputs %s, dynamic batch: %s)",
+                type(module).__name__,
+                [(tuple(t.shape), str(t.dtype)) for t in inputs],
+                dynamic_batch,
+            )
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+                    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+                    torch.onnx.export(
+                        module,
+                        trace_inputs,
+                        str(tmp),
+                        dynamo=True,
+                        external_data=False,
+                        dynamic_shapes=dynamic_shapes,
+                        input_names=list(input_names),
+                        output_names=list(output_names),
+                        opset_version=opset,
+                        verbose=False,
+                    )
+            except GraphmergeError:
+                raise
+            except Exception as exc:
+                raise GraphmergeError(
+                    f"torch.onnx.export failed for {type(module).__name__} "
+                    f"({type(exc).__name__}: {exc}). Check that the module runs under torch.export "
+                    f"with these inputs" + (" and a dynamic batch axis" if dynamic_batch else "") + "."
+                ) from exc
+            if not tmp.is_file() or tmp.stat().st_size == 0:
+                raise GraphmergeError(f"torch.onnx.export wrote no ONNX file for {target}.")
+
+            opset_found, onnx_inputs, onnx_outputs = _read_onnx_header(tmp)
+            batches = [batch]
+            if dynamic_batch:
+                batches.append(2 * batch + 1)
+            worst = 0.0
+            session = _ort_session(tmp)
+            for b in batches:
+                feeds_torch = inputs if b == batch else _resize_batch(inputs, b)
+                want = reference if b == batch else _torch_outputs(module, feeds_torch)
+                got = _run_ort(session, onnx_inputs, feeds_torch, b, resized=b != batch)
+                diff = _max_abs_diff(got, want, b)
+                logger.info("ONNX vs torch, batch %d: max abs diff %.3g", b, diff)
+                worst = max(worst, diff)
+            if not worst <= atol:
+                raise GraphmergeError(
+                    f"ONNX export of {type(module).__name__} differs from torch: max abs diff "
+                    f"{worst:.3g} exceeds the tolerance atol={atol:.3g} (batch sizes {batches}). "
+                    f"The file was not written; raise atol if this precision is acceptable."
+                )
+        finally:
+            side_file.unlink(missing_ok=True)
+    logger.info(
+        "Wrote %s (opset %d): max abs diff vs torch %.3g <= atol %.3g",
+        target,
+        opset_found,
+        worst,
+        atol,
+    )
+    return ExportReport(
+        path=target,
+        max_abs_diff=worst,
+        opset=opset_found,
+        input_names=onnx_inputs,
+        output_names=onnx_outputs,
+        batch_sizes=tuple(batches),
+    )
+
+
+def _read_onnx_header(path: Path) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+    """Load an ONNX file and return (default-domain opset, input names, output names).
+
+    Initializers listed as graph inputs are not counted as inputs.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise GraphmergeError(
+            f"the exported file {path} is not a readable ONNX model: {exc}"
+        ) from exc
+    opset = next(
+        (int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1
+    )
+    initializers = {init.name for init in model.graph.initializer}
+    names_in = tuple(i.name for i in model.graph.input if i.name not in initializers)
+    names_out = tuple(o.name for o in model.graph.output)
+    return opset, names_in, names_out
+
+
+def _ort_session(path: Path) -> Any:
+    """An onnxruntime InferenceSession on the CPU provider, with warnings silenced."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise GraphmergeError(f"onnxruntime could not load the exported model: {exc}") from exc
+
+
+def _run_ort(
+    session: Any, names: tuple[str, ...], inputs: tuple[Tensor, ...], batch: int, resized: bool
+) -> list[np.ndarray]:
+    """Run the session on ``inputs`` (one tensor per graph input); outputs as numpy arrays.
+
+    ``resized`` says the batch size differs from the traced one (for the error message).
+    """
+    if len(names) != len(inputs):
+        raise GraphmergeError(
+            f"the exported graph has {len(names)} inputs {list(names)} but {len(inputs)} example "
+            f"inputs were given; inputs that the model ignores or treats as constants are not "
+            f"supported."
+        )
+    feeds = {name: t.numpy() for name, t in zip(names, inputs)}
+    try:
+        return [np.asarray(o) for o in session.run(None, feeds)]
+    except Exception as exc:
+        raise GraphmergeError(
+            f"onnxruntime failed to run the exported model on a batch of {batch} "
+            f"({type(exc).__name__}: {exc})"
+            + ("; the batch axis is probably not dynamic." if resized else ".")
+        ) from exc
+
+

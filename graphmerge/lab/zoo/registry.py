@@ -1,0 +1,94 @@
+"""Name -> constructor table of the model families, with example inputs for tracing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphmerge.errors import ConfigError
+from graphmerge.lab.zoo.mlp import mlp
+from graphmerge.lab.zoo.resnet import resnet
+from graphmerge.lab.zoo.vgg import vgg
+from graphmerge.lab.zoo.vit import vit
+
+__all__ = ["FAMILIES", "PRETRAINED", "build", "example_input", "builtin"]
+
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "resnet": resnet,
+    "vgg": vgg,
+    "vit": vit,
+}
+
+
+def _bert_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from graphmerge.lab.zoo.bert import encode_texts, load_tokenizer
+
+    texts = ["Merging models without training.", "A second, somewhat longer example sentence."]
+    return encode_texts(load_tokenizer(), (texts * batch)[:batch])
+
+
+def _minilm(loader_name: str) -> Callable[..., nn.Module]:
+    def make(num_classes: int = 5) -> nn.Module:
+        from graphmerge.lab.zoo import bert
+
+        return bert.BertClassifier(getattr(bert, loader_name)(), num_classes)
+
+    return make
+
+
+# Pretrained or text models: name -> (constructor, example-input maker)
+PRETRAINED: dict[str, tuple[Callable[..., nn.Module], Callable[[int], Any]]] = {
+    "minilm-l6": (_minilm("load_minilm_l6"), _bert_inputs),
+    "minilm-l3": (_minilm("load_minilm_l3"), _bert_inputs),
+}
+
+
+def builtin(name: str, batch: int = 2, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """A built-in model in eval mode and example inputs for it.
+
+    `name` is a family of `FAMILIES` (random init, `kwargs` passed to its constructor) or a
+    pretrained classifier of `PRETRAINED` (MiniLM encoders from their wheels with a new head).
+    """
+    if name in PRETRAINED:
+        make, inputs = PRETRAINED[name]
+        return make(**kwargs).eval(), inputs(batch)
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model {name!r}; valid names: "
+                          f"{', '.join(sorted([*FAMILIES, *PRETRAINED]))}")
+    return build(name, **kwargs).eval(), example_input(name, batch, **kwargs)
+
+
+def _check_name(name: str) -> None:
+    """Raise ConfigError listing the valid names if ``name`` is not a known family."""
+    if name not in FAMILIES:
+        raise ConfigError(
+            f"unknown model family {name!r}; valid names: {', '.join(sorted(FAMILIES))}"
+        )
+
+
+def build(name: str, **kwargs: Any) -> nn.Module:
+    """Build the model family ``name`` with constructor keyword arguments ``kwargs``."""
+    _check_name(name)
+    return FAMILIES[name](**kwargs)
+
+
+def example_input(name: str, batch: int = 2, **kwargs: Any) -> torch.Tensor:
+    """A random input for family ``name``: images [batch, C, S, S] (default [batch, 1, 28, 28]).
+
+    ``kwargs`` may be the same keyword arguments given to :func:`build`; ``in_channels``
+    and ``image_size`` are honoured (for ``mlp``, ``in_features`` != 784 gives [batch, in_features]).
+    """
+    _check_name(name)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise ConfigError(f"example_input: batch must be a positive int, got {batch!r}")
+    if name == "mlp":
+        in_features = kwargs.get("in_features", 784)
+        if in_features != 784:
+            return torch.randn(batch, in_features)
+    channels = kwargs.get("in_channels", 1)
+    size = kwargs.get("image_size", 28)
+    return torch.randn(batch, channels, size, size)

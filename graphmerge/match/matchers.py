@@ -1,0 +1,675 @@
+"""Matchers: decide which units of N models become one merged unit, for one space.
+
+A *space* is a set of neurons/channels that share one transform.  Model ``i`` has ``d_i``
+units in it; the features of all models, stacked (model 0 first, then model 1, ...), give a
+float64 correlation matrix ``corr`` of shape ``[d, d]`` with ``d = sum(d_i)``.  A matcher turns
+``corr`` into, for every model ``i``,
+
+* a merge matrix ``M_i`` of shape ``[r, d_i]`` and
+* an unmerge matrix ``U_i`` of shape ``[d_i, r]``,
+
+where ``r`` is the merged width.  Merged weights are later ``sum_i M_i @ W_i @ U_i``.
+
+Matchers (registry :data:`MATCHERS`, lookup :func:`get_matcher`):
+
+``"average"``  plain weight averaging (:func:`average_match`): ``M_i = I / N``, ``U_i = I``
+               (equal widths only).
+``"permute"``  Git Re-Basin-style activation matching (:func:`hungarian_match`): model 0's units
+               are Hungarian-matched to
+               every other model's units; merged unit ``k`` averages unit ``k`` of model 0 with
+               its matches (equal widths only).
+``"zip"``      (default) elastic ZipIt!: greedy merging of the most correlated pair of current
+               groups, across *and* within models, down to any width ``1 <= r <= d``.  See
+               :func:`zip_match` for the exact rule, :func:`zip_groups_naive` for a plain
+               reference implementation and :func:`zip_groups` for the fast one (same output,
+               bit for bit).
+
+:func:`correlation_from_moments` builds ``corr`` from streamed sums.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from graphmerge.errors import ConfigError, DataError, MismatchError
+
+__all__ = [
+    "Match",
+    "Matcher",
+    "MATCHERS",
+    "DEFAULT_MATCHER",
+    "get_matcher",
+    "average_match",
+    "hungarian_match",
+    "zip_match",
+    "zip_groups",
+    "zip_groups_naive",
+    "zip_budgets",
+    "correlation_from_moments",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MATCHER = "zip"
+
+# Rows of the [rows, d] block the fast ZipIt recomputes at once (bounds its scratch memory).
+_ROW_CHUNK = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Result type
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Match:
+    """How the units of N models merge into ``r`` units.
+
+    Attributes:
+        merge: ``M_i`` per model, float64 ``[r, d_i]``; merged = ``sum_i M_i @ x_i``.
+        unmerge: ``U_i`` per model, float64 ``[d_i, r]``; unit of model i ~ ``U_i @ merged``.
+        groups: per merged unit, in output order, the global unit indices it merges
+            (global index = offset of the model + local index; each list ascending).
+        mean_correlation: mean, over merged units with >= 2 members, of the mean pairwise
+            correlation of their members (``nan`` if no unit merges two or more units).
+    """
+
+    merge: list[np.ndarray]
+    unmerge: list[np.ndarray]
+    groups: list[list[int]]
+    mean_correlation: float
+
+    @property
+    def width(self) -> int:
+        """The merged width ``r``."""
+        return len(self.groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks shared by the matchers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_widths(widths: Sequence[int]) -> list[int]:
+    """Widths as a list of positive Python ints, or ConfigError."""
+    try:
+        ws = [operator.index(w) for w in widths]
+    except TypeError as exc:
+        raise ConfigError(
+            f"widths must be a sequence of positive integers (one per model), got {widths!r}"
+        ) from exc
+    if not ws:
+        raise ConfigError("widths is empty; pass one positive width per model, e.g. [64, 64]")
+    bad = [(i, w) for i, w in enumerate(ws) if w < 1]
+    if bad:
+        raise ConfigError(
+            f"every width must be >= 1; got (model, width) {bad} in widths={ws}"
+        )
+    return ws
+
+
+def _check_corr(corr: np.ndarray, d: int) -> np.ndarray:
+    """A float64 symmetric copy of ``corr`` [d, d] with NaN -> 0; DataError on bad input.
+
+    Cost O(d^2).  Asymmetry up to rounding (rtol 1e-6) is removed by averaging with the
+    transpose; larger asymmetry or +-inf is rejected.
+    """
+    c = np.array(corr, dtype=np.float64, copy=True)
+    if c.shape != (d, d):
+        raise DataError(
+            f"corr has shape {c.shape} but the widths sum to d={d}; pass the [d, d] correlation "
+            "of all models' units stacked (model 0 first)"
+        )
+    c[np.isnan(c)] = 0.0
+    if not np.isfinite(c).all():
+        raise DataError(
+            "corr contains +-inf; correlations must be finite (NaN is allowed and read as 0)"
+        )
+    if not np.allclose(c, c.T, rtol=1e-6, atol=1e-9):
+        worst = float(np.max(np.abs(c - c.T)))
+        raise DataError(
+            f"corr is not symmetric (largest |corr - corr.T| = {worst:.3g}); pass a "
+            "correlation matrix, e.g. from correlation_from_moments()"
+        )
+    c = (c + c.T) * 0.5
+    return c
+
+
+def _check_r(r: int | None, d: int, default: int) -> int:
+    """Target width: ``default`` when None, else an int in [1, d] (ConfigError otherwise)."""
+    if r is None:
+        return default
+    try:
+        r = operator.index(r)
+    except TypeError as exc:
+        raise ConfigError(f"r must be an integer in [1, {d}] or None, got {r!r}") from exc
+    if not 1 <= r <= d:
+        raise ConfigError(
+            f"r={r} is out of range: the merged width must satisfy 1 <= r <= d = {d} "
+            "(sum of the models' widths); use r=None for the default"
+        )
+    return r
+
+
+def _check_equal_widths(ws: list[int], method: str) -> int:
+    if len(set(ws)) != 1:
+        raise MismatchError(
+            f"method={method!r} needs equal widths in every model, got widths={ws}; "
+            'use method="zip", which merges models of different widths'
+        )
+    return ws[0]
+
+
+def _check_fixed_r(r: int | None, width: int, method: str) -> None:
+    if r is not None and r != width:
+        raise ConfigError(
+            f"method={method!r} always produces the models' width {width}, got r={r}; "
+            f'pass r=None (or r={width}), or use method="zip" for other widths'
+        )
+
+
+def _check_alpha_beta(alpha: float, beta: float) -> tuple[float, float]:
+    alpha = float(alpha)
+    beta = float(beta)
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}; ZipIt! uses alpha=0.5")
+    if not (math.isfinite(beta) and beta >= 0.0):
+        raise ConfigError(
+            f"beta must be a finite number >= 0, got {beta}; beta=0 forbids merging units of "
+            "the same model, beta=1 (default) gives each model its proportional share"
+        )
+    return alpha, beta
+
+
+def _offsets(ws: list[int]) -> list[int]:
+    return [0, *itertools.accumulate(ws)]
+
+
+# --------------------------------------------------------------------------------------------
+# Building a Match from groups
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_group_correlation(corr: np.ndarray, groups: list[list[int]]) -> float:
+    """Mean over groups with >= 2 members of their mean pairwise correlation.  O(sum |g|^2)."""
+    means = []
+    for g in groups:
+        if len(g) < 2:
+            continue
+        sub = corr[np.ix_(g, g)]
+        iu = np.triu_indices(len(g), k=1)
+        means.append(float(np.mean(sub[iu])))
+    return float(np.mean(means)) if means else float("nan")
+
+
+def _match_from_groups(corr: np.ndarray, ws: list[int], groups: list[list[int]]) -> Match:
+    """``U`` = group membership [d, r] (0/1); ``M`` = ``U.T`` with rows divided by group size.
+
+    Cost O(d r) memory and time.
+    """
+    d = sum(ws)
+    r = len(groups)
+    u = np.zeros((d, r), dtype=np.float64)
+    for k, g in enumerate(groups):
+        u[g, k] = 1.0
+    m = u.T / u.sum(axis=0)[:, None]
+    off = _offsets(ws)
+    return Match(
+        merge=[np.ascontiguousarray(m[:, a:b]) for a, b in itertools.pairwise(off)],
+        unmerge=[np.ascontiguousarray(u[a:b]) for a, b in itertools.pairwise(off)],
+        groups=groups,
+        mean_correlation=_mean_group_correlation(corr, groups),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# average / permute
+# --------------------------------------------------------------------------------------------
+
+
+def average_match(corr: np.ndarray, widths: Sequence[int], r: int | None = None) -> Match:
+    """Plain averaging: ``M_i = I / N``, ``U_i = I``; merged unit k = units k of all models.
+
+    Args:
+        corr: [d, d] correlation (only used for ``mean_correlation`` and shape checks).
+        widths: ``d_i`` per model; must all be equal (MismatchError otherwise).
+        r: None or the common width (ConfigError otherwise).
+
+    Cost O(d^2) for the checks.
+    """
+    ws = _check_widths(widths)
+    w = _check_equal_widths(ws, "average")
+    _check_fixed_r(r, w, "average")
+    c = _check_corr(corr, sum(ws))
+    n = len(ws)
+    groups = [[i * w + k for i in range(n)] for k in range(w)]
+    eye = np.eye(w)
+    return Match(
+        merge=[eye / n for _ in range(n)],
+        unmerge=[eye.copy() for _ in range(n)],
+        groups=groups,
+        mean_correlation=_mean_group_correlation(c, groups),
+    )
+
+
+def hungarian_match(corr: np.ndarray, widths: Sequence[int], r: int | None = None) -> Match:
+    """Activation matching to model 0 (Git Re-Basin style), then averaging.
+
+    For every model ``i >= 1`` the Hungarian algorithm (maximising) matches model 0's units to
+    model i's on the cross-correlation block ``corr[block_0, block_i]``; merged unit ``k`` is the
+    mean of model 0's unit ``k`` and its match in every other model.  Hence ``U_0 = I``,
+    ``U_i`` is a permutation matrix and each row of each ``M_i`` holds one ``1/N``.
+
+    Args:
+        corr: [d, d] correlation, units ordered model 0 first.
+        widths: ``d_i`` per model; must all be equal (MismatchError otherwise).
+        r: None or the common width (ConfigError otherwise).
+
+    Cost O((N-1) w^3) for the assignments (w = common width), O(d^2) for the checks.
+    """
+    ws = _check_widths(widths)
+    w = _check_equal_widths(ws, "permute")
+    _check_fixed_r(r, w, "permute")
+    c = _check_corr(corr, sum(ws))
+    n = len(ws)
+    eye = np.eye(w)
+    merge = [eye / n]
+    unmerge = [eye.copy()]
+    groups = [[k] for k in range(w)]
+    for i in range(1, n):
+        block = c[:w, i * w:(i + 1) * w]
+        rows, cols = linear_sum_assignment(block, maximize=True)
+        match = np.empty(w, dtype=np.int64)
+        match[rows] = cols  # model 0's unit k <-> model i's unit match[k]
+        mi = np.zeros((w, w))
+        mi[np.arange(w), match] = 1.0 / n
+        ui = np.zeros((w, w))
+        ui[match, np.arange(w)] = 1.0
+        merge.append(mi)
+        unmerge.append(ui)
+        for k in range(w):
+            groups[k].append(i * w + int(match[k]))
+    return Match(merge=merge, unmerge=unmerge, groups=groups,
+                 mean_correlation=_mean_group_correlation(c, groups))
+
+
+# --------------------------------------------------------------------------------------------
+# ZipIt: the grouping rule, a naive reference and the fast implementation
+# --------------------------------------------------------------------------------------------
+
+
+def zip_budgets(widths: Sequence[int], r: int, beta: float) -> np.ndarray:
+    """Within-model merge budgets: ``floor(beta * (d - r) * d_i / d)`` per model, int64 [N].
+
+    Computed exactly with fractions, reading ``beta`` as the decimal it prints as (so
+    ``beta=0.3`` means 3/10, not the binary float just below it).
+    """
+    ws = _check_widths(widths)
+    d = sum(ws)
+    b = Fraction(repr(float(beta)))
+    return np.array([math.floor(b * (d - r) * w / d) for w in ws], dtype=np.int64)
+
+
+def _prepare_scores(
+    C: np.ndarray, widths: Sequence[int], r: int, alpha: float, beta: float
+) -> tuple[np.ndarray, list[int], int, float, float]:
+    """Validate the zip_groups arguments; return a private score matrix and clean arguments.
+
+    The scores are a float64 copy of ``C`` [d, d] with NaN -> 0, the strict upper triangle
+    mirrored into the lower one (so only ``C[i, j]``, ``i < j``, is read) and ``-inf`` on the
+    diagonal.  Off-diagonal +-inf raises DataError.  Cost O(d^2).
+    """
+    ws = _check_widths(widths)
+    d = sum(ws)
+    s = np.array(C, dtype=np.float64, copy=True)
+    if s.shape != (d, d):
+        raise DataError(f"C has shape {s.shape} but the widths {ws} sum to d={d}; pass [d, d]")
+    r = _check_r(r, d, d)
+    alpha, beta = _check_alpha_beta(alpha, beta)
+    s[np.isnan(s)] = 0.0
+    s = np.triu(s, k=1)
+    if not np.isfinite(s).all():
+        raise DataError("C has +-inf off the diagonal; scores must be finite (NaN reads as 0)")
+    s += s.T
+    np.fill_diagonal(s, -np.inf)
+    return s, ws, r, alpha, beta
+
+
+def zip_groups_naive(
+    C: np.ndarray, widths: Sequence[int], r: int, alpha: float = 0.5, beta: float = 1.0
+) -> list[list[int]]:
+    """Reference ZipIt grouping: recompute the full masked argmax at every merge.
+
+    Same rule and output as :func:`zip_groups` (see :func:`zip_match` for the rule); kept
+    plain so it is obviously correct.  Time O((d - r) d^2), memory O(d^2).
+
+    Returns:
+        ``r`` groups of global unit indices, each ascending, ordered by their lowest index.
+    """
+    S, ws, r, alpha, beta = _prepare_scores(C, widths, r, alpha, beta)
+    d = S.shape[0]
+    model = np.repeat(np.arange(len(ws)), ws)  # model of each unit = model of the group it heads
+    budget = zip_budgets(ws, r, beta)
+    lifted = False
+    alive = np.ones(d, dtype=bool)
+    members = [[i] for i in range(d)]
+    upper = np.triu(np.ones((d, d), dtype=bool), k=1)
+    same_model = model[:, None] == model[None, :]
+
+    while alive.sum() > r:
+        exhausted = (budget[model] <= 0) & (not lifted)  # per row: may not merge within its model
+        allowed = upper & alive[:, None] & alive[None, :] & ~(same_model & exhausted[:, None])
+        if not allowed.any():
+            lifted = True
+            log.debug("zip (naive): no allowed pair left with %d groups > r=%d; lifting the "
+                      "within-model budgets", int(alive.sum()), r)
+            continue
+        candidates = np.flatnonzero(allowed)  # row-major order
+        best = candidates[np.argmax(S.ravel()[candidates])]  # first maximum wins ties
+        p, q = divmod(int(best), d)
+        merged = alpha * np.minimum(S[p], S[q])
+        S[p, :] = merged
+        S[:, p] = merged
+        S[p, p] = -np.inf
+        alive[q] = False
+        members[p] += members[q]
+        if model[p] == model[q] and not lifted:
+            budget[model[p]] -= 1
+
+    return [sorted(members[i]) for i in np.flatnonzero(alive)]
+
+
+def zip_groups(
+    C: np.ndarray, widths: Sequence[int], r: int, alpha: float = 0.5, beta: float = 1.0
+) -> list[list[int]]:
+    """Fast ZipIt grouping; returns exactly what :func:`zip_groups_naive` returns.
+
+    Keeps, for every live group ``i``, the maximum ``rowmax[i]`` of ``C[i, j]`` over allowed live
+    ``j > i`` and its first (smallest) position ``rowarg[i]`` (``-inf`` / ``-1`` if none).  The
+    next pair is row ``p`` = first maximum of ``rowmax``, ``q = rowarg[p]``: the row-major first
+    maximum.  After folding ``q`` into ``p`` only these rows can be stale:
+
+    * row ``p`` (its whole row changed)                    -> recomputed;
+    * rows ``i < p`` with ``rowarg[i] == q`` (max removed)  -> recomputed;
+    * rows ``i < p`` with ``rowarg[i] == p``: kept if the new ``C[i, p]`` is still allowed and
+      ``>=`` the old maximum, else recomputed (it may have dropped);
+    * other rows ``i < p``: the new ``C[i, p]`` (which may be *larger* than before when the
+      correlations are negative) replaces the max if larger, or if equal and ``p < rowarg[i]``;
+    * rows ``p < i < q`` with ``rowarg[i] == q``           -> recomputed;
+    * rows ``i > q`` never see ``p`` or ``q`` (lower triangle) and are untouched;
+    * when model ``m``'s budget reaches 0, rows of model ``m`` whose argmax is in model ``m``
+      are recomputed (other rows only lose non-maximal entries);
+    * when the budgets are lifted, every row is recomputed (once).
+
+    Time O(d^2) to start plus O(d) numpy work per merge plus O(d) per recomputed row; in
+    practice far below the naive O((d - r) d^2): measured 0.06 s vs 0.7 s (~12x) for
+    d = 512+512, r = 512 and 0.19 s vs 6.4 s (~33x) for d = 1024+1024, r = 1024.  Memory
+    O(d^2) for the score copy.
+
+    Returns:
+        ``r`` groups of global unit indices, each ascending, ordered by their lowest index.
+    """
+    S, ws, r, alpha, beta = _prepare_scores(C, widths, r, alpha, beta)
+    d = S.shape[0]
+    model = np.repeat(np.arange(len(ws)), ws)
+    budget = zip_budgets(ws, r, beta)
+    forbid = budget <= 0  # per model: same-model pairs are forbidden
+    lifted = False
+    alive = np.ones(d, dtype=bool)
+    members = [[i] for i in range(d)]
+    rowmax = np.full(d, -np.inf)
+    rowarg = np.full(d, -1, dtype=np.int64)
+
+    def recompute_row(i: int, live: np.ndarray) -> None:
+        """Exact maximum of live row ``i``.  O(d)."""
+        cols = live[live > i]
+        vals = S[i, cols]
+        if not lifted and forbid[model[i]]:
+            vals = np.where(model[cols] != model[i], vals, -np.inf)
+        if vals.size == 0:
+            rowmax[i], rowarg[i] = -np.inf, -1
+            return
+        a = int(np.argmax(vals))  # first maximum -> smallest column on ties
+        rowmax[i] = vals[a]
+        rowarg[i] = cols[a] if vals[a] > -np.inf else -1
+
+    def recompute(rows: np.ndarray, live: np.ndarray) -> None:
+        """Exact row maxima for the sorted live ``rows``.  O(len(rows) * d)."""
+        if rows.size == 0:
+            return
+        cols = live[live > rows[0]]
+        if cols.size == 0:
+            rowmax[rows] = -np.inf
+            rowarg[rows] = -1
+            return
+        for start in range(0, rows.size, _ROW_CHUNK):
+            rr = rows[start:start + _ROW_CHUNK]
+            block = S[np.ix_(rr, cols)]
+            ok = cols[None, :] > rr[:, None]
+            if not lifted:
+                mr = model[rr]
+                ok &= (mr[:, None] != model[cols][None, :]) | ~forbid[mr][:, None]
+            block[~ok] = -np.inf
+            a = np.argmax(block, axis=1)  # first maximum -> smallest column on ties
+            best = block[np.arange(rr.size), a]
+            rowmax[rr] = best
+            rowarg[rr] = np.where(best > -np.inf, cols[a], -1)
+
+    recompute(np.arange(d), np.arange(d))
+    n_groups = d
+    while n_groups > r:
+        p = int(np.argmax(rowmax))  # first maximal row = smallest p on ties
+        if rowmax[p] == -np.inf:
+            lifted = True
+            log.debug("zip: no allowed pair left with %d groups > r=%d; lifting the "
+                      "within-model budgets", n_groups, r)
+            live = np.flatnonzero(alive)
+            recompute(live, live)
+            continue
+        q = int(rowarg[p])
+
+        merged = alpha * np.minimum(S[p], S[q])  # same expression as the naive version
+        S[p, :] = merged
+        S[:, p] = merged
+        S[p, p] = -np.inf
+        alive[q] = False
+        n_groups -= 1
+        members[p] += members[q]
+        members[q] = []
+        rowmax[q] = -np.inf
+        rowarg[q] = -1
+
+        event = -1  # model whose budget just ran out
+        if model[p] == model[q] and not lifted:
+            budget[model[p]] -= 1
+            if budget[model[p]] <= 0 and not forbid[model[p]]:
+                forbid[model[p]] = True
+                event = int(model[p])
+
+        live = np.flatnonzero(alive)
+        recompute_row(p, live)
+        redo = []
+
+        above = live[live < p]
+        if above.size:
+            v = merged[above]
+            mx = rowmax[above]
+            arg = rowarg[above]
+            ok = (model[above] != model[p]) | ~forbid[model[above]] | lifted
+            at_p = arg == p
+            at_q = arg == q
+            keep = at_p & ok & (v >= mx)
+            rowmax[above[keep]] = v[keep]
+            gain = ~(at_p | at_q) & ok & ((v > mx) | ((v == mx) & (p < arg)))
+            rowmax[above[gain]] = v[gain]
+            rowarg[above[gain]] = p
+            redo.append(above[(at_p & ~keep) | at_q])
+
+        mid = live[(live > p) & (live < q)]
+        redo.append(mid[rowarg[mid] == q])
+
+        if event >= 0:
+            mine = live[model[live] == event]
+            a = rowarg[mine]
+            hit = (a >= 0) & (model[np.maximum(a, 0)] == event)
+            redo.append(mine[hit])
+
+        redo = np.concatenate(redo)
+        if redo.size == 1:
+            recompute_row(int(redo[0]), live)
+        elif redo.size:
+            recompute(np.unique(redo), live)
+
+    return [sorted(members[i]) for i in np.flatnonzero(alive)]
+
+
+def zip_match(
+    corr: np.ndarray,
+    widths: Sequence[int],
+    r: int | None = None,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+) -> Match:
+    """Elastic ZipIt!: greedily merge the most correlated groups, within and across models.
+
+    Rule (``C`` starts as ``corr`` with NaN -> 0 and -inf on the diagonal):
+
+    1. Target width ``r``: default ``max_i d_i``; any ``1 <= r <= d``.
+    2. ``R = d - r`` merges are made.  Model ``i`` may merge ``budget_i =
+       floor(beta * R * d_i / d)`` pairs of its own groups (:func:`zip_budgets`); a budget of
+       0 forbids same-model pairs from the start.
+    3. Until ``r`` groups remain: take the allowed pair ``p < q`` of current groups with the
+       largest ``C[p, q]`` (ties: smallest ``p``, then smallest ``q``) and fold ``q`` into
+       ``p``: ``C[p, j] = C[j, p] = alpha * min(C[p, j], C[q, j])`` for every other group ``j``;
+       ``q``'s row and column disappear.  A group is indexed by, and belongs to the model of,
+       its lowest unit.  A same-model fold spends one unit of that model's budget; once it is
+       0, pairs of two groups of that model are forbidden.
+    4. If no allowed pair remains while more than ``r`` groups do, all budgets are lifted for
+       the rest of the run (same-model pairs allowed again); logged at debug level.
+    5. ``U`` [d, r] is the 0/1 membership matrix (merged units ordered by their group's lowest
+       index), ``M = U.T`` with rows divided by group sizes; split by model.  ``sum_i M_i U_i
+       = I_r``.
+
+    Note: the budget is charged to the model of a group's *lowest* unit only, so with
+    ``beta=0`` a group headed by model 0 can still absorb two units of model 1 (one per fold)
+    without any lifting; beta bounds merges between *groups* of one model, not the
+    composition of a group.
+
+    Args:
+        corr: [d, d] correlation, units ordered model 0 first.
+        widths: ``d_i`` per model (any, may differ).
+        r: merged width, default ``max(widths)``.
+        alpha: in [0, 1], damping of a merged group's correlations (ZipIt! uses 0.5).
+        beta: >= 0, scale of the within-model budgets.
+
+    Cost: O(d^2) memory, time dominated by :func:`zip_groups`.
+    """
+    ws = _check_widths(widths)
+    d = sum(ws)
+    r = _check_r(r, d, max(ws))
+    alpha, beta = _check_alpha_beta(alpha, beta)
+    c = _check_corr(corr, d)
+    groups = zip_groups(c, ws, r, alpha, beta)
+    return _match_from_groups(c, ws, groups)
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """A registered matcher: its function, the options it accepts (with defaults), and whether
+    it is elastic (accepts any merged width ``r``; otherwise widths must be equal)."""
+
+    name: str
+    fn: Callable[..., Match]
+    options: dict[str, object]
+    elastic: bool
+
+    def check_options(self, options: dict[str, object]) -> None:
+        """ConfigError for an option this matcher does not accept, or a bad value."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            accepted = ", ".join(self.options) or "no options"
+            raise ConfigError(f"method={self.name!r} does not take {', '.join(unknown)}; it "
+                              f"accepts {accepted}")
+        if "alpha" in options or "beta" in options:
+            _check_alpha_beta(options.get("alpha", 0.5), options.get("beta", 1.0))
+
+    def __call__(self, corr: np.ndarray, widths: Sequence[int], r: int | None = None,
+                 **options: object) -> Match:
+        self.check_options(options)
+        return self.fn(corr, widths, r, **options)
+
+
+MATCHERS: dict[str, Matcher] = {m.name: m for m in (
+    Matcher("zip", zip_match, {"alpha": 0.5, "beta": 1.0}, elastic=True),
+    Matcher("permute", hungarian_match, {}, elastic=False),
+    Matcher("average", average_match, {}, elastic=False),
+)}
+
+
+def get_matcher(name: str) -> Matcher:
+    """The matcher registered as ``name``; ConfigError listing the valid names otherwise."""
+    try:
+        return MATCHERS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown matcher {name!r}; valid names: {', '.join(sorted(MATCHERS))}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Correlation from streamed moments
+# --------------------------------------------------------------------------------------------
+
+
+def correlation_from_moments(
+    sum_x: np.ndarray, sum_xx: np.ndarray, n: int, eps: float = 1e-12
+) -> np.ndarray:
+    """Pearson correlation [d, d] (float64) from streamed sums.
+
+    Args:
+        sum_x: ``sum_t x_t``, shape [d].
+        sum_xx: ``sum_t x_t x_t^T``, shape [d, d] (symmetrised here).
+        n: number of samples summed, >= 1.
+        eps: a unit whose variance is ``<= eps * E[x^2]`` (relative, so constant units are
+            caught despite the cancellation in ``E[x^2] - E[x]^2``) counts as zero-variance;
+            its row and column, diagonal included, are 0.
+
+    Other units get 1 on the diagonal; values are clipped to [-1, 1].  Accumulate the sums in
+    float64: float32 sums lose the variance of units with a large mean.  Cost O(d^2).
+    """
+    sx = np.asarray(sum_x, dtype=np.float64)
+    sxx = np.asarray(sum_xx, dtype=np.float64)
+    if sx.ndim != 1 or sxx.shape != (sx.size, sx.size):
+        raise DataError(
+            f"sum_x must be [d] and sum_xx [d, d]; got {sx.shape} and {sxx.shape}"
+        )
+    try:
+        n = operator.index(n)
+    except TypeError as exc:
+        raise ConfigError(f"n must be the integer sample count, got {n!r}") from exc
+    if n < 1:
+        raise DataError(f"n={n}: no samples were accumulated; feed data before correlating")
+    if not (np.isfinite(sx).all() and np.isfinite(sxx).all()):
+        raise DataError("sum_x / sum_xx contain NaN or inf; check the features fed in")
+    mean = sx / n
+    second = (sxx + sxx.T) / (2.0 * n)
+    cov = second - np.outer(mean, mean)
+    var = np.diag(cov).copy()
+    live = var > eps * np.diag(second)
+    std = np.sqrt(np.where(live, var, 1.0))
+    corr = cov / np.outer(std, std)
+    corr[~live, :] = 0.0
+    corr[:, ~live] = 0.0
+    np.clip(corr, -1.0, 1.0, out=corr)
+    idx = np.flatnonzero(live)
+    corr[idx, idx] = 1.0
+    return corr

@@ -1,0 +1,60 @@
+"""Pair the traced graphs of several models node by node and space by space: after depth
+alignment every model must have model 0's topology (widths may differ)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.fx as fx
+
+from graphmerge.errors import MismatchError
+from graphmerge.graph.capture import Traced
+
+__all__ = ["pair_models", "op_key"]
+
+
+def op_key(n: fx.Node, gm: fx.GraphModule) -> tuple[str, str]:
+    if n.op == "call_module":
+        return n.op, type(gm.get_submodule(n.target)).__name__
+    t = n.target
+    return n.op, t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+
+
+def pair_models(traced: Sequence[Traced]) -> None:
+    """Check that every model has the topology of model 0: same nodes (name, op) in the same
+    order and the same space structure. Widths may differ.
+
+    Raises:
+        MismatchError: naming the first node or space that differs.
+    """
+    ref = traced[0]
+    ref_nodes = list(ref.graph.nodes)
+    for i, t in enumerate(traced[1:], start=1):
+        nodes = list(t.graph.nodes)
+        for k, (a, b) in enumerate(zip(ref_nodes, nodes)):
+            ka, kb = op_key(a, ref.graph_module), op_key(b, t.graph_module)
+            if (a.name, ka) != (b.name, kb):
+                raise MismatchError(
+                    f"model {i} does not match model 0 at graph node {k}: `{b.name}` "
+                    f"({kb[0]} {kb[1]}) where model 0 has `{a.name}` ({ka[0]} {ka[1]}). "
+                    f"Models must be of one family; different depths need depth alignment.")
+        if len(nodes) != len(ref_nodes):
+            raise MismatchError(
+                f"model {i} has {len(nodes)} graph nodes, model 0 has {len(ref_nodes)}; the first "
+                f"{min(len(nodes), len(ref_nodes))} agree. Models must be of one family.")
+        for n in ref_nodes:
+            if n.op == "placeholder" and ref.shapes.get(n.name) and t.shapes.get(n.name):
+                if ref.shapes[n.name][1:] != t.shapes[n.name][1:]:
+                    raise MismatchError(
+                        f"model {i} takes input `{n.name}` of shape {t.shapes[n.name]}, model 0 "
+                        f"{ref.shapes[n.name]} (per sample they must agree)")
+        ta, tb = ref.space_table, t.space_table
+        if len(ta) != len(tb):
+            raise MismatchError(f"model {i} has {len(tb)} spaces, model 0 has {len(ta)}")
+        for sa, sb in zip(ta, tb):
+            pa = sorted((p.param, p.dim) for p in sa.params)
+            pb = sorted((p.param, p.dim) for p in sb.params)
+            if pa != pb or sa.frozen != sb.frozen or (sa.derived is None) != (sb.derived is None):
+                raise MismatchError(
+                    f"space {sa.id} differs between model 0 and model {i}: parameters "
+                    f"{pa[:3]}… vs {pb[:3]}…")

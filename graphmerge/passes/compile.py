@@ -1,0 +1,47 @@
+"""Pass `compile_merged`: one `torch.fx.GraphModule`, model 0's graph carrying the merged
+tensors.
+
+The module is a deep copy, so it runs on its own: nothing refers back to the input models.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from graphmerge.errors import GraphmergeError
+from graphmerge.passes.context import MergeContext
+from graphmerge.passes.manager import merge_pass
+from graphmerge.surgery.tensors import set_tensor, sync_module_attributes
+
+__all__ = ["compile_merged"]
+
+
+@merge_pass(needs=("merged_state",), provides=("module",))
+def compile_merged(ctx: MergeContext) -> None:
+    """Copy model 0's graph module, load the merged tensors, check it runs and is finite."""
+    gm: fx.GraphModule = copy.deepcopy(ctx.traced[0].graph_module)
+    with torch.no_grad():
+        for name, value in ctx.merged_state.items():
+            set_tensor(gm, name, value.contiguous())
+    sync_module_attributes(gm)
+    gm.recompile()
+    gm.eval()
+    bad = [n for n, p in gm.state_dict().items() if p.is_floating_point() and not torch.isfinite(
+        p).all()]
+    if bad:
+        raise GraphmergeError(f"merged parameters are not finite: {bad[:5]}")
+    try:
+        with torch.no_grad():
+            out = gm(*ctx.example_inputs)
+    except Exception as e:
+        raise GraphmergeError(
+            f"the merged module does not run on the example inputs: {type(e).__name__}: {e}"
+        ) from e
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    if any(isinstance(o, torch.Tensor) and o.is_floating_point() and not torch.isfinite(o).all()
+           for o in outs):
+        raise GraphmergeError("the merged module produces NaN/inf on the example inputs")
+    ctx.module = gm

@@ -1,0 +1,45 @@
+"""Pass `collect_statistics`: which spaces are merged, and one streamed pass over the
+calibration data that accumulates their feature moments (`graphmerge.match.statistics`)."""
+
+from __future__ import annotations
+
+import torch
+
+from graphmerge.graph.axes import NodeAxis
+from graphmerge.graph.spaces import Space, SpaceTable
+from graphmerge.match.statistics import collect_stats
+from graphmerge.passes.context import MergeContext
+from graphmerge.passes.manager import merge_pass
+
+__all__ = ["collect_statistics", "mergeable"]
+
+
+def mergeable(table: SpaceTable) -> list[Space]:
+    """Free base spaces that a matcher can merge."""
+    return [s for s in table if not s.frozen and s.derived is None]
+
+
+def _feature_axes(space: Space) -> list[NodeAxis]:
+    """The activations a space is matched on: what its consumers read, else its last member."""
+    return list(space.reads) if space.reads else space.members[-1:]
+
+
+@merge_pass(needs=("paired",), provides=("reads", "stats", "agreement"))
+def collect_statistics(ctx: MergeContext) -> None:
+    """Moments of every mergeable space's features, and how often the models' argmax
+    predictions agree (used by heads='auto')."""
+    tables = [t.space_table for t in ctx.traced]
+    ctx.reads = {s.id: [_feature_axes(s) for _ in tables] for s in mergeable(tables[0])}
+    agree = [0, 0]
+
+    def on_outputs(outs: list) -> None:
+        if all(isinstance(o, torch.Tensor) and o.dim() == 2 for o in outs) and len(
+                {o.shape[1] for o in outs}) == 1:
+            top = [o.argmax(1) for o in outs]
+            agree[0] += sum(int((t == top[0]).sum()) for t in top[1:])
+            agree[1] += sum(t.numel() for t in top[1:])
+
+    ctx.stats = collect_stats([t.graph_module for t in ctx.traced], ctx.reads, ctx.batches,
+                              ctx.n_inputs, progress=ctx.config.progress,
+                              on_outputs=on_outputs)
+    ctx.agreement = agree[0] / agree[1] if agree[1] else 0.0

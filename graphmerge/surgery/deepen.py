@@ -1,0 +1,221 @@
+"""Layer-segment expansion: a shallower model made as deep as a reference, computing the same
+function.
+
+For each stage (see `graphmerge.graph.stages`) the model's unit k sits at position l_k of the
+reference's depth and every other position gets an **identity unit** of the reference's
+structure — a residual block whose branches output zero, or, in a plain ReLU stack, an identity
+linear/conv with an identity norm (exact because its input is non-negative). The expansion is
+checked to be exact on the example inputs. `deepen` places units evenly; the `align_depths`
+pass places them by CKA alignment.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphmerge.errors import GraphmergeError, MismatchError
+from graphmerge.graph.analyse import trace
+from graphmerge.graph.capture import Traced
+from graphmerge.graph.stages import Stage, Unit, find_stages, is_add
+from graphmerge.inputs import as_inputs
+from graphmerge.match.align import align
+from graphmerge.surgery.tensors import set_tensor, sync_module_attributes
+
+__all__ = ["expand", "deepen"]
+
+log = logging.getLogger(__name__)
+
+_IDENTITY_LIKE = (nn.Identity, nn.Dropout)
+
+
+# ---- identity units -------------------------------------------------------------------------
+
+
+def _resize(t: torch.Tensor, old: int, new: int) -> torch.Tensor:
+    """Every axis of size `old` cut or tiled to size `new` (a template from a wider model)."""
+    if old == new:
+        return t
+    for d in range(t.dim()):
+        if t.shape[d] == old:
+            idx = torch.arange(new) % old
+            t = t.index_select(d, idx)
+    return t
+
+
+def _fit_width(module: nn.Module, old: int, new: int) -> nn.Module:
+    with torch.no_grad():
+        for name, t in list(module.state_dict(keep_vars=True).items()):
+            if t.dim() and old in t.shape:
+                set_tensor(module, name, _resize(t.detach(), old, new).clone())
+    sync_module_attributes(module)
+    return module
+
+
+def _zero_branches(unit_module: nn.Module, traced: Traced, unit: Unit) -> None:
+    """Make a residual unit the identity: zero the parameters that produce every residual
+    branch (the last norm's affine, or the last linear/conv), found in the traced graph."""
+    prefix = f"{unit.container}.{unit.children[0]}."
+
+    def inside(n: fx.Node) -> bool:
+        for k, v in (n.meta.get("nn_module_stack") or {}).items():
+            path = str(v[0] if isinstance(v, tuple) else k)
+            if path == prefix[:-1] or path.startswith(prefix):
+                return True
+        return False
+
+    nodes = [n for n in traced.graph.nodes if n.op != "get_attr" and inside(n)]
+    stream = {unit.input}
+    zeroed = 0
+    for n in nodes:
+        if n.op == "call_module" and isinstance(traced.graph_module.get_submodule(n.target),
+                                                _IDENTITY_LIKE):
+            if n.args and getattr(n.args[0], "name", None) in stream:
+                stream.add(n.name)
+            continue
+        if is_add(n):
+            operands = [a for a in n.args if isinstance(a, fx.Node)]
+            skip = [a for a in operands if a.name in stream]
+            branch = [a for a in operands if a.name not in stream]
+            if len(skip) != 1 or len(branch) != 1:
+                continue
+            producer = branch[0]
+            if producer.op != "call_module" or not str(producer.target).startswith(prefix):
+                raise GraphmergeError(
+                    f"cannot make unit {prefix[:-1]} an identity: its residual branch ends in "
+                    f"`{producer.name}` ({producer.op}), not in a layer with weights")
+            layer = unit_module.get_submodule(str(producer.target)[len(prefix):])
+            with torch.no_grad():
+                for p in ("weight", "bias"):
+                    if getattr(layer, p, None) is not None:
+                        getattr(layer, p).zero_()
+            stream.add(n.name)
+            zeroed += 1
+    if not zeroed:
+        raise GraphmergeError(f"unit {prefix[:-1]} has no residual add to make an identity of")
+
+
+def _identity_layer(modules: list[nn.Module]) -> list[nn.Module]:
+    """linear/conv → identity, norm → identity, activation kept (input is non-negative)."""
+    out = []
+    with torch.no_grad():
+        for m in modules:
+            m = copy.deepcopy(m)
+            if isinstance(m, nn.Linear):
+                if m.in_features != m.out_features:
+                    raise GraphmergeError("an identity layer needs equal in and out features")
+                m.weight.copy_(torch.eye(m.out_features))
+            elif isinstance(m, nn.modules.conv._ConvNd):
+                if m.groups != 1 or m.in_channels != m.out_channels or m.stride != (1,) * len(
+                        m.stride):
+                    raise GraphmergeError("an identity conv needs groups=1, stride 1, in=out")
+                nn.init.dirac_(m.weight)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0 - m.eps)
+            elif isinstance(m, nn.LayerNorm):
+                raise GraphmergeError("a LayerNorm layer has no exact identity")
+            if getattr(m, "bias", None) is not None and not isinstance(
+                    m, nn.modules.batchnorm._BatchNorm):
+                m.bias.zero_()
+            out.append(m)
+    return out
+
+
+def _unit_modules(model: nn.Module, unit: Unit) -> list[nn.Module]:
+    container = model.get_submodule(unit.container)
+    return [container[j] for j in unit.children]
+
+
+def _stream_width(traced: Traced, unit: Unit) -> int:
+    shape = traced.shapes[unit.output]
+    return shape[1] if len(shape) == 4 else shape[-1]
+
+
+def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage],
+           plan: dict[int, tuple[list[int], int, nn.Module, Traced, Stage]],
+           example_inputs: Any, rtol: float = 1e-5) -> nn.Module:
+    """A deeper copy of `model`: for stage s in `plan` = (positions, depth, reference model,
+    reference trace, reference stage), unit k goes to positions[k] and identity units fill the
+    other positions. Checked to compute the same outputs on `example_inputs`."""
+    out = copy.deepcopy(model)
+    by_container: dict[str, list[tuple[int, Stage]]] = {}
+    for s, stage in enumerate(stages):
+        by_container.setdefault(stage.container, []).append((s, stage))
+    for container, items in by_container.items():
+        old = model.get_submodule(container)
+        children: list[nn.Module] = []
+        placed: dict[int, list[nn.Module]] = {}
+        for s, stage in items:
+            if s not in plan:
+                continue
+            positions, depth, ref_model, ref_traced, ref_stage = plan[s]
+            width = _stream_width(traced, stage.units[-1])
+            new_units: list[list[nn.Module]] = []
+            k = 0
+            for p in range(depth):
+                if k < len(positions) and positions[k] == p:
+                    new_units.append([copy.deepcopy(m) for m in _unit_modules(model, stage.units[k])])
+                    k += 1
+                    continue
+                ref_unit = ref_stage.units[p]
+                ref_width = _stream_width(ref_traced, ref_unit)
+                template = [_fit_width(copy.deepcopy(m), ref_width, width)
+                            for m in _unit_modules(ref_model, ref_unit)]
+                if ref_unit.kind == "residual":
+                    _zero_branches(template[0], ref_traced, ref_unit)
+                    new_units.append(template)
+                else:
+                    new_units.append(_identity_layer(template))
+            first = stage.units[0].children[0]
+            placed[first] = [m for unit in new_units for m in unit]
+            for unit in stage.units:
+                for j in unit.children:
+                    placed.setdefault(j, [])
+        for j, child in enumerate(old):
+            children.extend(placed[j] if j in placed else [child])
+        new = nn.Sequential(*children) if isinstance(old, nn.Sequential) else nn.ModuleList(
+            children)
+        parent_name, _, leaf = container.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, leaf, new)
+    out.eval()
+    inputs = as_inputs(example_inputs)
+    with torch.no_grad():
+        a, b = model.eval()(*inputs), out(*inputs)
+    err = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    if err > rtol:
+        raise GraphmergeError(
+            f"the identity expansion of {type(model).__name__} is not exact (relative error "
+            f"{err:.1e}); identity units need non-negative inputs (ReLU before each unit)")
+    return out
+
+
+def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
+           positions: Sequence[Sequence[int]] | None = None) -> nn.Module:
+    """`model` expanded to `reference`'s depth in every stage, with identity units (templates
+    from `reference`). `positions[s]` places model's units in stage s (default: evenly, first
+    and last fixed). Computes exactly the function of `model`."""
+    traced, ref_traced = trace(model, example_inputs), trace(reference, example_inputs)
+    stages, ref_stages = find_stages(traced), find_stages(ref_traced)
+    if len(stages) != len(ref_stages):
+        raise MismatchError(f"the model has {len(stages)} stages, the reference "
+                            f"{len(ref_stages)}")
+    plan = {}
+    for s, (st, ref) in enumerate(zip(stages, ref_stages)):
+        if st.depth > ref.depth:
+            raise MismatchError(f"stage {s} ({st.container}) is deeper in the model "
+                                f"({st.depth}) than in the reference ({ref.depth})")
+        if st.depth < ref.depth:
+            pos = list(positions[s]) if positions is not None else align(
+                np.zeros((ref.depth, st.depth)), "uniform")
+            plan[s] = (pos, ref.depth, reference, ref_traced, ref)
+    return expand(model, traced, stages, plan, example_inputs) if plan else copy.deepcopy(model)

@@ -1,0 +1,56 @@
+"""Tensor edits shared by every rewrite: read all parameters and buffers by name, replace one,
+and make module attributes agree with their new weights' shapes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["named_tensors", "set_tensor", "sync_module_attributes"]
+
+
+def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `module` by qualified name; a tensor shared under several
+    names (tied weights) appears under each of them."""
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    return named
+
+
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter, buffer or tensor attribute `name` (qualified) of `root`."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, value)
+
+
+def sync_module_attributes(root: nn.Module) -> None:
+    """Make module attributes (in/out features, channels, groups, norm sizes) agree with the
+    shapes of their new weights."""
+    for m in root.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+            a, b = m.weight.shape[:2]
+            out_c, in_per_group = (b * m.groups, a) if transposed else (a, b)
+            m.out_channels = out_c
+            if depthwise:
+                m.groups = out_c
+            m.in_channels = in_per_group * m.groups if not transposed else a
+        elif isinstance(m, nn.modules.batchnorm._NormBase) and w is not None:
+            m.num_features = w.shape[0]
+        elif isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+            m.num_features = m.running_mean.shape[0]
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and w is not None:
+            m.normalized_shape = tuple(w.shape)
+        elif isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape

@@ -1,0 +1,90 @@
+"""Function-preserving growth of a model: wider spaces made of duplicated units.
+
+`widen(model, inputs, extra=0.5)` adds units to every free space by duplicating existing ones:
+producers (`out` axes) copy the unit, consumers (`in` axes) share its weight among the copies,
+so the wider model computes the same function. Used to test heterogeneous-width merging
+(a narrow model merged with a widened copy of itself must give back its function).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphmerge.errors import ConfigError, GraphmergeError
+from graphmerge.graph.analyse import trace
+from graphmerge.graph.spaces import SpaceTable
+from graphmerge.graph.transforms import SELECTIONS, Selection, compose
+from graphmerge.inputs import as_inputs
+from graphmerge.surgery.tensors import named_tensors, set_tensor, sync_module_attributes
+
+__all__ = ["widen"]
+
+_NORMALISING = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+
+
+def _normalised_spaces(model: nn.Module, table: SpaceTable) -> set[int]:
+    """Spaces normalised over their own axis: duplicating units would change the statistics."""
+    owners = {name: m for name, m in model.named_modules()}
+    out = set()
+    for s in table:
+        for a in s.params:
+            if isinstance(owners.get(a.param.rpartition(".")[0]), _NORMALISING):
+                out.add(s.id)
+    return out
+
+
+def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed: int = 0,
+          rtol: float = 1e-4) -> nn.Module:
+    """A copy of `model` whose free spaces are wider by `extra` (a ratio, or a number of units)
+    and that computes the same function (checked on the example inputs).
+
+    Spaces normalised over their own axis (LayerNorm) keep their width.
+    """
+    if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra < 0:
+        raise ConfigError(f"extra must be a non-negative ratio or number of units, got {extra!r}")
+    inputs = as_inputs(example_inputs)
+    table = trace(model, inputs).space_table
+    skip = _normalised_spaces(model, table)
+    g = torch.Generator().manual_seed(seed)
+    base: dict[int, Selection] = {}
+    for s in table:
+        if s.derived is not None:
+            continue
+        n_extra = 0 if s.frozen or s.id in skip else (
+            extra if isinstance(extra, int) else round(extra * s.width))
+        index = torch.cat([torch.arange(s.width), torch.randint(0, s.width, (n_extra,),
+                                                                generator=g)])
+        copies = torch.bincount(index, minlength=s.width).double()
+        base[s.id] = Selection(index, 1.0 / copies[index], s.width)  # scale: 1 / copies
+
+    def own(sid: int, _: bool) -> Selection | None:
+        return base.get(sid)
+
+    grow = {s.id: compose(table, s.id, own, SELECTIONS) for s in table}
+    roles = {(a.param, a.dim): a.role for s in table for a in s.params}
+    wide = copy.deepcopy(model)
+    named = named_tensors(wide)
+    with torch.no_grad():
+        for name, dims in table.param_axes.items():
+            t = named[name].detach()
+            for dim, sid in dims.items():
+                t = t.index_select(dim, grow[sid].index)
+                if roles.get((name, dim)) == "in" and t.is_floating_point():
+                    # readers of a duplicated unit share its weight among the copies
+                    shape = [1] * t.dim()
+                    shape[dim] = -1
+                    t = t * grow[sid].scale.to(t.dtype).reshape(shape)
+            set_tensor(wide, name, t.contiguous())
+    sync_module_attributes(wide)
+    wide.eval()
+    with torch.no_grad():
+        a, b = model.eval()(*inputs), wide(*inputs)
+    err = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    if err > rtol:
+        raise GraphmergeError(f"widening changed the model's outputs (relative error {err:.1e}); "
+                              f"a space is normalised in a way widen() does not detect")
+    return wide
