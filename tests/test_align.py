@@ -311,10 +311,23 @@ def test_align_errors():
 
 
 def test_dp_scales_linearly():
-    c = np.random.default_rng(2).random((400, 150))
+    """Doubling both the deep and the shallow depth multiplies the DP's time by about 4
+    (O(n·m)); an algorithm with an extra factor of m would take 8× or more."""
+    import time
+
+    def seconds(m: int, n: int, method: str) -> float:
+        c = np.random.default_rng(2).random((m, n))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            pos = align(c, method)
+            best = min(best, time.perf_counter() - t0)
+        _check_valid(pos, m, n, method)
+        return best
+
     for method in ("sma", "lma"):
-        pos = align(c, method)
-        _check_valid(pos, 400, 150, method)
+        ratio = seconds(1600, 600, method) / seconds(800, 300, method)
+        assert ratio < 6.5, f"{method}: doubling m and n took {ratio:.1f}x as long"
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from graphmerge.lab import zoo
 from graphmerge.graph.stages import find_stages
 from graphmerge.surgery.deepen import deepen
 from graphmerge.surgery.widen import widen
+from graphmerge.match.align import align
 
 X = torch.randn(32, 1, 28, 28)
 
@@ -70,6 +71,42 @@ def test_shallow_merged_with_its_deepened_permuted_copy_recovers_it(family, alig
     y = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         assert _rel(shallow(y), result.module(y)) < 1e-4
+
+
+# stages of 2 shallow units in 4 deep ones: the alignment methods can disagree
+SHALLOW_2, DEEP_4 = (2, 2, 2), (4, 4, 4)
+
+
+def test_alignment_methods_differ_and_the_merge_uses_the_chosen_one():
+    torch.manual_seed(0)
+    shallow = _trained_like(zoo.resnet(depths=SHALLOW_2, stem_stride=2))
+    deep = _trained_like(zoo.resnet(depths=DEEP_4, stem_stride=2))
+    chosen = {}
+    for method in ("lma", "sma", "uniform"):
+        result = gm.merge([shallow, deep], [X[:16], X[16:]], heads="average", align=method,
+                          norms="none", progress=False)
+        for a in result.alignments[1:]:
+            assert a.positions[0] == align(a.cka[0], method)
+        chosen[method] = [a.positions[0] for a in result.alignments]
+    assert chosen["sma"] != chosen["uniform"]
+
+
+def test_sma_recovers_a_placement_that_uniform_misses():
+    """Units placed off the uniform grid: the CKA alignment finds them, the uniform one does not."""
+    shallow = _trained_like(zoo.resnet(depths=SHALLOW_2, stem_stride=2))
+    placed = [[0], [0, 2], [0, 1], [0, 3]]  # stem, then the 3 stages
+    deep = gm.permute(deepen(shallow, X[:4], zoo.resnet(depths=DEEP_4, stem_stride=2).eval(),
+                             positions=placed), X[:4], seed=5)
+    y = torch.randn(8, 1, 28, 28)
+    errors = {}
+    for method in ("sma", "uniform"):
+        result = gm.merge([shallow, deep], [X[:16], X[16:]], heads="average", align=method,
+                          norms="none", progress=False)
+        if method == "sma":
+            assert [a.positions[0] for a in result.alignments] == placed
+        with torch.no_grad():
+            errors[method] = _rel(shallow(y), result.module(y))
+    assert errors["sma"] < 1e-4 < 1e-2 < errors["uniform"]
 
 
 def test_depth_and_width_differences_combine():

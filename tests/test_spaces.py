@@ -244,6 +244,43 @@ def test_a_rule_that_forgets_a_parameter_is_caught(monkeypatch):
         gm.check_spaces(model, torch.randn(2, 4))
 
 
+def test_a_broken_cat_derivation_is_caught(monkeypatch):
+    """A cat rule that lists the parts in the wrong order derives a wrong concatenation."""
+    cat_rule = rules.RULES[torch.cat]
+
+    def reversed_parts(op):
+        for link in cat_rule(op):
+            yield axes.Cat(link.whole, link.parts[::-1]) if isinstance(link, axes.Cat) else link
+
+    monkeypatch.setitem(rules.RULES, torch.cat, reversed_parts)
+
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 6), nn.Linear(10, 2)
+
+        def forward(self, x):
+            return self.c(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=-1))
+
+    with pytest.raises(gm.SpaceCheckError, match="cat"):
+        gm.check_spaces(TwoBranches(), torch.randn(5, 3))
+
+
+def test_a_broken_flatten_derivation_is_caught(monkeypatch):
+    """A flatten rule that takes C×H×W as H×W×C (column-major) derives a wrong product."""
+    flatten_rule = rules.RULES[nn.Flatten]
+
+    def column_major(op):
+        for link in flatten_rule(op):
+            yield axes.Kron(link.whole, link.parts[::-1]) if isinstance(link, axes.Kron) else link
+
+    monkeypatch.setitem(rules.RULES, nn.Flatten, column_major)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 2))
+    with pytest.raises(gm.SpaceCheckError):
+        gm.check_spaces(model, torch.randn(2, 1, 4, 4))
+
+
 def test_registering_a_rule_twice_is_an_error():
     with pytest.raises(RuntimeError, match="already registered"):
         rules.register(nn.Linear)(lambda op: ())

@@ -1,0 +1,164 @@
+"""The shape of the house: no import cycle in the package, the engine never imports the lab or
+the CLI, and every merge step is a pass that refuses to run before what it needs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import graphmerge as gm
+from graphmerge.passes import PIPELINE, MergeContext, PassOrderError, match_spaces
+
+PACKAGE = Path(gm.__file__).parent
+NOT_ENGINE = ("graphmerge.lab", "graphmerge.cli")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module -> the graphmerge modules it imports anywhere (top level or inside functions),
+    except under `if TYPE_CHECKING:`."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", None) == "TYPE_CHECKING"
+                       for n in ast.walk(node)}
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module if node.level == 0 else None
+                assert base is not None, f"{name}: use absolute imports"
+                for alias in node.names:
+                    deps.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules
+                             else base)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def _package_closure(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Importing `a.b.c` runs `a/__init__` and `a/b/__init__` too."""
+    out = {}
+    for name, deps in graph.items():
+        full = set(deps)
+        for d in deps:
+            parts = d.split(".")
+            full.update(".".join(parts[:k]) for k in range(2, len(parts)) if
+                        ".".join(parts[:k]) in graph)
+        out[name] = {d for d in full if not name.startswith(d + ".") and d != name}
+    return out
+
+
+def test_no_import_cycle_in_the_package():
+    graph = _imports()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [node, dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_engine_never_imports_the_lab_or_the_cli():
+    graph = _package_closure(_imports())
+    engine = [m for m in graph if not m.startswith(NOT_ENGINE)]
+    assert len(engine) > 20
+    for module in engine:
+        bad = sorted(d for d in graph[module] if d.startswith(NOT_ENGINE))
+        assert not bad, f"engine module {module} imports {bad}"
+
+
+def test_the_checker_sees_a_cycle_and_a_lab_import(tmp_path, monkeypatch):
+    # the two checks above can fail: a package with a cycle and an engine->lab import
+    pkg = tmp_path / "graphmerge"
+    (pkg / "lab").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "lab" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from graphmerge.b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from graphmerge.a import y\n"
+                              "from graphmerge.lab import z\n")
+    monkeypatch.setattr(f"{__name__}.PACKAGE", pkg)
+    with pytest.raises(pytest.fail.Exception, match="import cycle"):
+        test_no_import_cycle_in_the_package()
+    graph = _package_closure(_imports())
+    assert "graphmerge.lab" in graph["graphmerge.b"]
+
+
+def test_the_pipeline_is_one_ordered_list_whose_needs_come_first():
+    provided: set[str] = set()
+    for p in PIPELINE:
+        missing = set(p.needs) - provided
+        assert not missing, f"pass {p.name} needs {missing} before any pass provides it"
+        provided.update(p.provides)
+    assert [p.name for p in PIPELINE][:3] == ["trace_models", "check_spaces", "align_depths"]
+
+
+def test_a_pass_run_too_early_names_the_missing_pass():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    ctx = MergeContext([model, model], [torch.randn(4, 3)], (torch.randn(4, 3),))
+    with pytest.raises(PassOrderError, match="collect_statistics"):
+        match_spaces(ctx)
+
+
+class _Untouchable:
+    """Calibration data that fails the test if anything reads it."""
+
+    def __iter__(self):
+        raise AssertionError("the calibration data was read before the options were checked")
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"method": "zipit"}, "average, permute, zip"),
+    ({"metod": "zip"}, "unknown merge option 'metod'"),
+    ({"method": "average", "alpha": 0.3}, "does not take alpha"),
+    ({"alpha": 2.0}, "alpha must be in"),
+    ({"heads": "sum"}, "auto, average, concat"),
+    ({"align": "greedy"}, "lma, sma, uniform"),
+    ({"norms": "repair"}, "reset, none"),
+    ({"width": 3}, "ratio"),
+    ({"width": -0.5}, "positive"),
+    ({"width": {"a": 3}}, "space ids"),
+    ({"method": "permute", "width": 0.5}, "elastic"),
+    ({"check": "yes"}, "True or False"),
+])
+def test_bad_options_are_refused_before_any_work(options, match):
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            raise AssertionError("the model was run before the options were checked")
+
+    with pytest.raises(gm.ConfigError, match=match):
+        gm.merge([Untraceable(), Untraceable()], _Untouchable(), torch.randn(2, 3), **options)
+
+
+def test_a_merge_config_object_and_overrides():
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(16, 3)
+    twin = gm.permute(model, x, seed=1)
+    cfg = gm.MergeConfig(method="permute", heads="average", progress=False)
+    result = gm.merge([model, twin], [x], config=cfg, norms="none")
+    assert result.method == "permute"
+    assert set(result.seconds) >= {p.name for p in PIPELINE} | {"total"}
+    with torch.no_grad():
+        assert torch.allclose(result.module(x), model(x), atol=1e-5)
