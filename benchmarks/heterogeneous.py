@@ -25,7 +25,11 @@ import torch
 from graphmerge.io.plots import plot_alignment
 from graphmerge.lab.data import fashion_mnist_tasks
 from graphmerge.lab.experiment import (
-    TaskPairConfig, calibration_batches, format_table, score_methods, train_model,
+    TaskPairConfig,
+    calibration_batches,
+    format_table,
+    score_methods,
+    train_model,
 )
 
 HERE = Path(__file__).resolve().parent

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from graphmerge.errors import ConfigError, DataError
 from graphmerge.io.plots import plot_alignment
 from graphmerge.match.align import ALIGN_METHODS, align, alignment_score, segments
 from graphmerge.match.cka import CKAAccumulator, hsic_unbiased, linear_cka
-from graphmerge.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------------------------
 # helpers

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import graphmerge.lab.data as gdata
+from graphmerge.errors import ConfigError, DataError
 from graphmerge.lab.data import (
     FASHION_MNIST_CLASSES,
     Task,
@@ -23,9 +24,8 @@ from graphmerge.lab.data import (
     load_mnist_5k,
     split_tasks,
 )
-from graphmerge.lab.data import fashion_mnist as fm_mod
 from graphmerge.lab.data import _wheel as wheel_mod
-from graphmerge.errors import ConfigError, DataError
+from graphmerge.lab.data import fashion_mnist as fm_mod
 
 APT_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"
 

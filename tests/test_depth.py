@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import graphmerge as gm
-from graphmerge.passes import reset_batch_norms
-from graphmerge.lab import zoo
 from graphmerge.graph.stages import find_stages
+from graphmerge.lab import zoo
+from graphmerge.match.align import align
+from graphmerge.passes import reset_batch_norms
 from graphmerge.surgery.deepen import deepen
 from graphmerge.surgery.widen import widen
-from graphmerge.match.align import align
 
 X = torch.randn(32, 1, 28, 28)
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from graphmerge.lab import zoo
 from graphmerge.errors import ConfigError, GraphmergeError
 from graphmerge.io.folder import load_state, save_module
 from graphmerge.io.onnx import ExportReport, export_onnx
+from graphmerge.lab import zoo
 
 
 def _resnet() -> nn.Module:

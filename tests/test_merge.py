@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import graphmerge as gm
-from graphmerge.passes import reset_batch_norms
-from graphmerge.lab import zoo
 from graphmerge.io.match_graph import read_match_graph, write_match_graph
+from graphmerge.lab import zoo
+from graphmerge.passes import reset_batch_norms
 
 torch.set_num_threads(2)
 

@@ -7,13 +7,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import graphmerge as gm
 from graphmerge.graph import axes, rules
-from graphmerge.lab import zoo
 from graphmerge.graph.unionfind import UnionFind
+from graphmerge.lab import zoo
 
 IMG = torch.randn(3, 1, 28, 28)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from graphmerge.lab import zoo
 from graphmerge.errors import ConfigError, DataError
+from graphmerge.lab import zoo
 from graphmerge.lab.evaluation import (
     ensemble_logits,
     evaluate_multitask,

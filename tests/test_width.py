@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import graphmerge as gm
-from graphmerge.passes import reset_batch_norms
 from graphmerge.lab import zoo
+from graphmerge.passes import reset_batch_norms
 from graphmerge.surgery.widen import widen
 
 FAMILIES = {

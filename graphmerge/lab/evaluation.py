@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from graphmerge.errors import ConfigError, DataError
+from graphmerge.lab.data.tasks import validate_classes
 
 __all__ = [
     "joint_accuracy",
@@ -40,41 +41,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _check_task_classes(task_classes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-    """Validate the class lists: non-empty, integer, non-negative, disjoint.
-
-    Returns:
-        the lists as tuples of ints.
-    """
-    if isinstance(task_classes, (str, bytes, Tensor)) or len(task_classes) == 0:
-        raise ConfigError(
-            "task_classes must be a non-empty sequence of class-id sequences, one per task, e.g. "
-            "[(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]."
-        )
-    seen: dict[int, int] = {}
-    result: list[tuple[int, ...]] = []
-    for t, classes in enumerate(task_classes):
-        if isinstance(classes, (str, bytes)) or len(classes) == 0:
-            raise ConfigError(f"task {t} has no classes ({classes!r}); every task needs >= 1.")
-        ids: list[int] = []
-        for c in classes:
-            value = int(c.item()) if isinstance(c, Tensor) else c
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"task {t}: class id {c!r} is not a non-negative integer.")
-            if value in seen:
-                raise ConfigError(
-                    f"class {value} appears in tasks {seen[value]} and {t}; the tasks' class "
-                    f"lists must be disjoint."
-                )
-            seen[value] = t
-            ids.append(value)
-        result.append(tuple(ids))
-    return result
-
-
 def task_offsets(task_classes: Sequence[Sequence[int]]) -> list[int]:
     """Column offsets of the tasks in the multi-task layout: ``[0, k_0, k_0 + k_1, ..., K]``."""
-    classes = _check_task_classes(task_classes)
+    classes = validate_classes(task_classes)
     offsets = [0]
     for c in classes:
         offsets.append(offsets[-1] + len(c))
@@ -85,7 +54,7 @@ def _check_inputs(
     logits: Tensor, y_global: Tensor, task_classes: Sequence[Sequence[int]]
 ) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
     """Validate shapes and labels; return CPU logits [N, K], labels int64 [N] and the classes."""
-    classes = _check_task_classes(task_classes)
+    classes = validate_classes(task_classes)
     if not isinstance(logits, Tensor) or not isinstance(y_global, Tensor):
         raise DataError(
             f"logits and y_global must be tensors, got {type(logits).__name__} and "

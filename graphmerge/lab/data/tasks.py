@@ -90,42 +90,41 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
         )
 
 
-def _validate_classes(
-    classes_per_task: Sequence[Sequence[int]], num_classes: int
+def validate_classes(
+    classes_per_task: Sequence[Sequence[int]], num_classes: int | None = None
 ) -> list[tuple[int, ...]]:
-    """Check the class lists are non-empty, integer, in range, duplicate-free and disjoint."""
-    if isinstance(classes_per_task, (str, bytes)) or len(classes_per_task) == 0:
+    """Check the class lists are non-empty, integer (ints or 0-d tensors), in range (0..
+    num_classes - 1, or non-negative if num_classes is None), duplicate-free and disjoint.
+    Returns them as tuples of ints."""
+    valid = "non-negative ints" if num_classes is None else f"ints in 0..{num_classes - 1}"
+    if isinstance(classes_per_task, (str, bytes, torch.Tensor)) or len(classes_per_task) == 0:
         raise ConfigError(
-            "classes_per_task must be a non-empty sequence of class-id sequences, e.g. "
-            "[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]."
+            "the task classes must be a non-empty sequence of class-id sequences, one per task, "
+            "e.g. [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]."
         )
     seen: dict[int, int] = {}
     result: list[tuple[int, ...]] = []
     for t, classes in enumerate(classes_per_task):
         if isinstance(classes, (str, bytes)) or len(classes) == 0:
-            raise ConfigError(
-                f"Task {t} has no classes ({classes!r}); every task needs at least one class id in "
-                f"0..{num_classes - 1}."
-            )
+            raise ConfigError(f"Task {t} has no classes ({classes!r}); every task needs at least "
+                              f"one class id ({valid}).")
         task: list[int] = []
         for c in classes:
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            value = c.item() if isinstance(c, torch.Tensor) and c.dim() == 0 else c
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"Task {t}: class id {c!r} is not an integer; use {valid}.")
+            value = int(value)
+            if value < 0 or (num_classes is not None and value >= num_classes):
+                raise ConfigError(f"Task {t}: class id {value} is out of range; use {valid}.")
+            if value in seen:
+                where = ("twice in the same task" if seen[value] == t
+                         else f"in tasks {seen[value]} and {t}")
                 raise ConfigError(
-                    f"Task {t}: class id {c!r} is not an integer; use ints in 0..{num_classes - 1}."
-                )
-            c = int(c)
-            if not 0 <= c < num_classes:
-                raise ConfigError(
-                    f"Task {t}: class id {c} is out of range; valid ids are 0..{num_classes - 1}."
-                )
-            if c in seen:
-                where = "twice in the same task" if seen[c] == t else f"in tasks {seen[c]} and {t}"
-                raise ConfigError(
-                    f"Class {c} appears {where}; the tasks' class lists must be disjoint and "
+                    f"Class {value} appears {where}; the tasks' class lists must be disjoint and "
                     f"duplicate-free."
                 )
-            seen[c] = t
-            task.append(c)
+            seen[value] = t
+            task.append(value)
         result.append(tuple(task))
     return result
 
@@ -189,7 +188,7 @@ def split_tasks(
         num_classes = largest + 1
     if num_classes <= 0:
         raise DataError("split_tasks got no labels at all; pass non-empty y_train / y_test.")
-    tasks_classes = _validate_classes(classes_per_task, num_classes)
+    tasks_classes = validate_classes(classes_per_task, num_classes)
     if names is None:
         names = [f"task{i}" for i in range(len(tasks_classes))]
     elif isinstance(names, str) or len(names) != len(tasks_classes):

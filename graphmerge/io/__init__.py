@@ -1,0 +1,2 @@
+"""Outputs, all written atomically (`atomic`): `onnx` (checked in onnxruntime), `folder`
+(GraphModule code + safetensors, safe loading), `match_graph` (GraphML/JSON/DOT), `plots`."""
