@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphmerge.errors import ConfigError
+from graphmerge.graph.capture import FRONTENDS
 from graphmerge.match.align import ALIGN_METHODS
 from graphmerge.match.matchers import MATCHERS
 
@@ -39,7 +40,7 @@ class MergeConfig:
         >>> MergeConfig.from_dict({"metod": "zip"})
         Traceback (most recent call last):
         ...
-        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, leaf_modules, progress
+        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress
     """
 
     method: str = "zip"
@@ -50,6 +51,7 @@ class MergeConfig:
     align: str = "lma"
     norms: str = "reset"
     check: bool = True
+    frontend: str = "auto"
     leaf_modules: Sequence[Any] = field(default_factory=tuple)
     progress: bool = True
 
@@ -58,6 +60,7 @@ class MergeConfig:
         _one_of("heads", self.heads, HEAD_MODES)
         _one_of("align", self.align, ALIGN_METHODS)
         _one_of("norms", self.norms, NORM_MODES)
+        _one_of("frontend", self.frontend, FRONTENDS)
         for key in ("check", "progress"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")

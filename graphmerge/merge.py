@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from graphmerge.config import MergeConfig
 from graphmerge.errors import ConfigError, DataError
+from graphmerge.graph.capture import eval_mode
 from graphmerge.inputs import as_inputs, infer_input_count, split_batch
 from graphmerge.match.align import StageAlignment
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
@@ -102,6 +104,8 @@ def merge(
                 or "none".
             check: run the permutation oracle on model 0 first (refuses models whose spaces
                 break); default True.
+            frontend: how models are captured: "auto" (default: torch.fx, falling back to
+                torch.export), "fx" or "export"; a GraphModule is taken as given.
             leaf_modules: module classes or qualified names to keep opaque when tracing.
             progress: progress bars on the calibration passes; default True.
 
@@ -134,14 +138,10 @@ def merge(
         example_inputs = (first if isinstance(first, torch.Tensor)
                           else split_batch(first, infer_input_count(models[0])))
     ctx = MergeContext(models, batches, as_inputs(example_inputs), cfg)
-    was_training = [m.training for m in models]
-    try:
+    with ExitStack() as stack:  # every module's own train/eval flag is restored afterwards
         for m in models:
-            m.eval()
+            stack.enter_context(eval_mode(m))
         run_passes(ctx, PIPELINE)
-    finally:
-        for m, mode in zip(models, was_training):
-            m.train(mode)
     spaces = [{"space": sid, "widths": p.widths, "width": p.width, "matcher": p.matcher,
                "mean_correlation": float(p.mean_correlation)} for sid, p in sorted(ctx.plans.items())]
     ctx.seconds["total"] = time.perf_counter() - t0

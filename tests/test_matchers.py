@@ -362,6 +362,7 @@ def test_correlation_from_moments_matches_corrcoef():
     x = rng.normal(size=(500, 15)) @ rng.normal(size=(15, 15)) + rng.normal(size=15) * 5
     x[:, 4] = 3.0  # zero variance
     x[:, 9] = 0.0  # zero variance, zero mean
+    x[:, 12] = 3.0  # the same constant as unit 4
     sum_x = np.zeros(15)
     sum_xx = np.zeros((15, 15))
     for chunk in np.array_split(x, 7):  # streamed
@@ -369,12 +370,13 @@ def test_correlation_from_moments_matches_corrcoef():
         sum_xx += chunk.T @ chunk
     corr = correlation_from_moments(sum_x, sum_xx, len(x))
     assert corr.dtype == np.float64 and corr.shape == (15, 15)
-    live = np.setdiff1d(np.arange(15), [4, 9])
+    live = np.setdiff1d(np.arange(15), [4, 9, 12])
     ref = np.corrcoef(x[:, live], rowvar=False)
     np.testing.assert_allclose(corr[np.ix_(live, live)], ref, atol=1e-10)
-    for dead in (4, 9):
-        np.testing.assert_array_equal(corr[dead], 0.0)
-        np.testing.assert_array_equal(corr[:, dead], 0.0)
+    # constant units: 1 with constants of the same value (themselves included), else 0
+    expected = {4: {4, 12}, 9: {9}, 12: {4, 12}}
+    for dead, same in expected.items():
+        np.testing.assert_array_equal(corr[dead], np.isin(np.arange(15), list(same)))
     np.testing.assert_array_equal(corr, corr.T)
     with pytest.raises(DataError):
         correlation_from_moments(sum_x, sum_xx, 0)

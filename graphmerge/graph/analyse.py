@@ -17,6 +17,7 @@ def trace(
     model: nn.Module,
     example_inputs: Any,
     *,
+    frontend: str = "auto",
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> Traced:
@@ -34,7 +35,7 @@ def trace(
         >>> [(s.width, s.frozen) for s in t.spaces]
         [(8, False)]
     """
-    traced = capture(model, example_inputs, leaf_modules=leaf_modules,
+    traced = capture(model, example_inputs, frontend=frontend, leaf_modules=leaf_modules,
                      concrete_args=concrete_args)
     find_spaces(traced)
     return traced

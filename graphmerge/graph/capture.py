@@ -7,7 +7,11 @@ table (`.space_table`, `.spaces`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import copy
+import logging
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +19,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphmerge.errors import GraphmergeError, TracingError
+from graphmerge.errors import ConfigError, GraphmergeError, TracingError
 from graphmerge.inputs import as_inputs
+from graphmerge.surgery.tensors import named_tensors
 
 if TYPE_CHECKING:
     from graphmerge.graph.spaces import Space, SpaceTable
 
-__all__ = ["Tracer", "Traced", "capture", "run_nodes"]
+__all__ = ["Tracer", "Traced", "capture", "run_nodes", "eval_mode", "set_eval", "FRONTENDS"]
+
+log = logging.getLogger(__name__)
 
 _HOW_TO_FIX = (
     "To make the model traceable: remove Python control flow that depends on tensor values "
@@ -100,6 +107,8 @@ class Traced:
     example_inputs: tuple[Any, ...]
     shapes: dict[str, Any] = field(default_factory=dict)
     consts: dict[str, Any] = field(default_factory=dict)
+    frontend: str = "fx"  # "fx", "export" or "graph" (a GraphModule taken as given)
+    constants: frozenset[str] = frozenset()  # get_attr targets the model does not own
     table: "SpaceTable | None" = None  # set by graphmerge.graph.spaces.find_spaces
 
     @property
@@ -126,59 +135,148 @@ class Traced:
         return self.space_table.spaces
 
 
+FRONTENDS = ("auto", "fx", "export")
+
+
+def set_eval(module: nn.Module) -> nn.Module:
+    """Every submodule's training flag off. Unlike `Module.eval()` this also works on modules
+    that `torch.export` unlifted (they refuse `eval()`; they were captured in eval mode)."""
+    for m in module.modules():
+        m.training = False
+    return module
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the duration; each one's own flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    set_eval(module)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def capture(
     model: nn.Module,
     example_inputs: Any,
     *,
+    frontend: str = "auto",
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> Traced:
-    """Trace `model` with torch.fx and propagate the example inputs' shapes through it.
+    """Capture `model` as an fx graph and record every node's shape on the example inputs.
+
+    Front ends: "fx" (`torch.fx.symbolic_trace` with our leaf modules: module-level graphs and
+    readable merged code), "export" (`torch.export.export(strict=False)`: an aten-level graph
+    with `nn_module_stack` metadata; captures models fx cannot, e.g. every transformers model
+    we tried), or "auto" (fx, falling back to export with one log line saying why). A
+    `torch.fx.GraphModule` is taken as given: its graph and node metadata are used, not
+    re-traced.
 
     Args:
-        model: any nn.Module; it is not modified (the graph module shares its parameters).
+        model: any nn.Module; it is not modified (the graph module shares its parameters;
+            constants that tracing creates live in the graph module only).
         example_inputs: one tensor or a tuple of positional inputs (a small batch is enough).
-        leaf_modules: module classes or qualified names to keep opaque (their axes are frozen
-            unless a rule exists for them).
+        frontend: "auto", "fx" or "export".
+        leaf_modules: module classes or qualified names the fx tracer keeps opaque (their axes
+            are frozen unless a rule exists for them).
         concrete_args: passed to `torch.fx.Tracer.trace` to fix non-tensor arguments.
 
     Returns:
-        Traced with `.graph_module` and `.shapes` (no spaces yet).
+        Traced with `.graph_module`, `.shapes` and `.frontend` (no spaces yet).
 
     Raises:
-        TracingError: naming what failed and how to make the model traceable.
-
+        TracingError: naming what failed and how to make the model capturable.
     """
     if not isinstance(model, nn.Module):
         raise TracingError(f"expected an nn.Module to trace, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"unknown frontend {frontend!r}; valid: {', '.join(FRONTENDS)}")
     inputs = as_inputs(example_inputs)
+    with eval_mode(model):
+        if isinstance(model, fx.GraphModule):
+            gm, used = model, "graph"
+        elif frontend == "export":
+            gm, used = _export(model, inputs), "export"
+        else:
+            try:
+                gm, used = _symbolic_trace(model, leaf_modules, concrete_args), "fx"
+            except TracingError as e:
+                if frontend == "fx":
+                    raise
+                why = str(e.__cause__ or e).splitlines()[0][:200]
+                log.info("torch.fx could not trace %s (%s); capturing it with torch.export",
+                         type(model).__name__, why)
+                try:
+                    gm, used = _export(model, inputs), "export"
+                except TracingError as e2:
+                    raise TracingError(
+                        f"neither torch.fx nor torch.export could capture "
+                        f"{type(model).__name__}. torch.fx: {why}. {e2} {_HOW_TO_FIX}") from e2
+        _check_arity(gm, inputs, type(model).__name__)
+        values = run_nodes(gm, inputs)
+    shapes = {name: _shape_of(v) for name, v in values.items()}
+    consts = {name: v for name, v in values.items() if _is_const(v)}
+    owned = set(named_tensors(model))
+    constants = frozenset(n.target for n in gm.graph.nodes
+                          if n.op == "get_attr" and n.target not in owned)
+    return Traced(graph_module=gm, example_inputs=inputs, shapes=shapes, consts=consts,
+                  frontend=used, constants=constants)
+
+
+def _symbolic_trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module] | str],
+                    concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    # the tracer stores tensor constants (`_tensor_constant0`) on its root: give it a shallow
+    # copy, so they land there and not on the caller's model
+    root = copy.copy(model)
     tracer = Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:
         raise TracingError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}. {_HOW_TO_FIX}"
         ) from e
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _export(model: nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """torch.export (non-strict) with a dynamic batch axis when the inputs allow one."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    batch = {int(x.shape[0]) for x in tensors if x.dim() > 0}
+    dynamic = None
+    if len(batch) == 1 and len(tensors) == len(inputs) and batch.pop() > 1:
+        dim = torch.export.Dim("batch")
+        dynamic = tuple({0: dim} if x.dim() > 0 else None for x in inputs)
+    errors = []
+    for shapes in ([dynamic, None] if dynamic else [None]):
+        try:
+            # no_grad: code under torch.no_grad (rotary embeddings) stays in one flat graph
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(model, inputs, strict=False,
+                                              dynamic_shapes=shapes)
+            return program.module()
+        except Exception as e:  # a dynamic batch can fail where a static one works
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise TracingError(
+        f"torch.export could not capture {type(model).__name__}: {errors[-1]}. Check that the "
+        f"model runs on the example inputs; data-dependent control flow needs torch.cond or "
+        f"a fixed branch.")
+
+
+def _check_arity(gm: fx.GraphModule, inputs: tuple[Any, ...], name: str) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # placeholders without defaults
     if not len(required) <= len(inputs) <= len(placeholders):
         raise TracingError(
-            f"{type(model).__name__}.forward takes {len(required)}"
+            f"{name}.forward takes {len(required)}"
             f"{'' if len(required) == len(placeholders) else f' to {len(placeholders)}'} "
             f"inputs ({', '.join(n.target for n in placeholders)}) but {len(inputs)} example "
             f"inputs were given; pass a tuple with one tensor per argument."
         )
-    was_training = model.training
-    gm.eval()
-    try:
-        values = run_nodes(gm, inputs)
-    finally:
-        gm.train(was_training)
-    shapes = {name: _shape_of(v) for name, v in values.items()}
-    consts = {name: v for name, v in values.items() if _is_const(v)}
-    return Traced(graph_module=gm, example_inputs=inputs, shapes=shapes, consts=consts)
 
 
 def _is_const(v: Any) -> bool:

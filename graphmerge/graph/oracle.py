@@ -15,16 +15,18 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from graphmerge.errors import SpaceCheckError
 from graphmerge.graph.analyse import trace
-from graphmerge.graph.capture import Traced, run_nodes
+from graphmerge.graph.capture import Traced, eval_mode, run_nodes, set_eval
 from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors
 
-__all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport"]
+__all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
+           "output_error"]
 
 
 def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -67,8 +69,13 @@ def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, to
 
 
 def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
-            leaf_modules: Iterable[type[nn.Module] | str] = ()) -> nn.Module:
+            leaf_modules: Iterable[type[nn.Module] | str] = (), frontend: str = "auto",
+            rtol: float = 1e-4) -> nn.Module:
     """A functionally identical copy of `model` with every free space randomly permuted.
+
+    The copy is checked: its outputs on the example inputs must equal the model's (relative
+    error < `rtol`); otherwise the oracle names the op whose rule broke, and SpaceCheckError
+    is raised. The model itself is not modified.
 
     Example:
         >>> import torch, graphmerge as gm
@@ -78,12 +85,26 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
         >>> torch.allclose(m(x), p(x), atol=1e-6), torch.equal(m[0].weight, p[0].weight)
         (True, False)
     """
-    traced = trace(model, example_inputs, leaf_modules=leaf_modules)
-    table = traced.space_table
+    inputs = as_inputs(example_inputs)
+    table = trace(model, inputs, frontend=frontend, leaf_modules=leaf_modules).space_table
     out = copy.deepcopy(model)
-    perms = draw_permutations(table, torch.Generator().manual_seed(seed))
-    apply_permutations(out, table, perms)
+    apply_permutations(out, table, draw_permutations(table, torch.Generator().manual_seed(seed)))
+    err = output_error(model, out, inputs)
+    if err > rtol:
+        check_spaces(model, inputs, trials=3, leaf_modules=leaf_modules, frontend=frontend)
+        raise SpaceCheckError(
+            f"permuting {type(model).__name__} changed its outputs (relative error {err:.1e} > "
+            f"{rtol:.0e}) although the node-by-node oracle found no broken op in float64; the "
+            f"model may compute in low precision or read its parameters outside the graph.")
     return out
+
+
+def output_error(a: nn.Module, b: nn.Module, inputs: tuple[Any, ...]) -> float:
+    """Largest relative error between the tensor outputs of `a` and `b` (eval mode, no grad)."""
+    with torch.no_grad(), eval_mode(a), eval_mode(b):
+        ya, yb = tree_leaves(a(*inputs)), tree_leaves(b(*inputs))
+    pairs = [(p, q) for p, q in zip(ya, yb) if isinstance(p, torch.Tensor)]
+    return max((_rel_error(p, q) for p, q in pairs), default=0.0)
 
 
 @dataclass
@@ -113,7 +134,7 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: float = 1e-5,
                  leaf_modules: Iterable[type[nn.Module] | str] = (),
-                 traced: Traced | None = None) -> OracleReport:
+                 traced: Traced | None = None, frontend: str = "auto") -> OracleReport:
     """Verify a model's space table with random permutations, in float64 and eval mode.
 
     For each trial, every node of the permuted graph must equal the original node's value with
@@ -126,10 +147,10 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                    for x in as_inputs(example_inputs))
     if traced is None:
-        model64 = copy.deepcopy(model).double().eval()
-        traced = trace(model64, inputs, leaf_modules=leaf_modules)
+        model64 = set_eval(copy.deepcopy(model).double())
+        traced = trace(model64, inputs, frontend=frontend, leaf_modules=leaf_modules)
     table = traced.space_table
-    gm = traced.graph_module.eval()
+    gm = set_eval(traced.graph_module)
     reference = run_nodes(gm, inputs)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     changed, worst = 0, 0.0

@@ -22,7 +22,7 @@ from graphmerge.graph.axes import Cat, Freeze, Keep, Kron, NodeAxis, ParamAxis, 
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.rules import RULES, Op, rule_for
 from graphmerge.graph.unionfind import UnionFind
-from graphmerge.surgery.tensors import named_tensors
+from graphmerge.surgery.tensors import canonical_names, named_tensors
 
 __all__ = ["Space", "Derivation", "SpaceTable", "FrozenBy", "Frozen", "find_spaces",
            "UnsupportedOpWarning"]
@@ -47,8 +47,9 @@ class FrozenBy(enum.Enum):
     DERIVED_CONFLICT = "derived from its parts in two incompatible ways"
     DERIVED_CYCLE = "derived from itself (cyclic cat/reshape)"
     HEADS = "attention heads (heads × head dim); head-aware matching is not implemented yet"
-    TIED = "a tied parameter axis that is both read and written"
     THROUGH_DERIVED = "a frozen derived space it is part of"
+    CONSTANT = "a tensor constant that the forward code creates"
+    NO_FEATURES = "no activation carries it (only parameters or constants), nothing to match on"
     ALL_PARTS_FROZEN = "all its parts are frozen"
 
 
@@ -93,7 +94,9 @@ class Space:
             norm affine, running statistics), as ParamAxis(name, dim, "out").
         consumers: parameter axes that read the space (`in`: weight columns).
         members: node axes whose values live in the space.
-        reads: the node axes the consumers read (the features to collect statistics on).
+        reads: the activations the space is matched on: the node axes its consumers read (or
+            its last activation) and its first activation (the producer's output). Never a
+            parameter or a constant.
         derived: for a derived space, how it is built from other spaces; else None.
     """
 
@@ -191,6 +194,8 @@ class _Builder:
         self.derivations: list[tuple[Key, str, tuple[Key | int, ...]]] = []
         self.unsupported: dict[str, list[str]] = {}
         self.params = named_tensors(self.gm)
+        self.canonical = canonical_names(self.gm)  # tied weights: one name, so their axes join
+        self.data_nodes = _data_nodes(self.gm.graph)
 
     # ---- sizes and elements ----------------------------------------------------------------
     def node_shape(self, name: str) -> tuple[int, ...] | None:
@@ -201,6 +206,8 @@ class _Builder:
         return s if isinstance(s, tuple) and all(isinstance(d, int) for d in s) else None
 
     def add(self, a: NodeAxis | ParamAxis) -> Key:
+        if isinstance(a, ParamAxis):
+            a = ParamAxis(self.canonical.get(a.param, a.param), a.dim, a.role)
         k = _key(a)
         if k not in self.size:
             if isinstance(a, NodeAxis):
@@ -222,6 +229,11 @@ class _Builder:
         return [NodeAxis(f"{n.name}#{k}", d) for k, p in enumerate(s) if p is not None
                 for d, w in enumerate(p) if w != 1]
 
+    def is_data(self, a: NodeAxis) -> bool:
+        """Whether the axis belongs to an activation (a value computed from the inputs), not to
+        a parameter or a constant: only activations are features to correlate."""
+        return a.node.partition("#")[0] in self.data_nodes
+
     def freeze(self, a: NodeAxis, why: Frozen) -> None:
         self.frozen.setdefault(self.add(a), why)
 
@@ -240,6 +252,10 @@ class _Builder:
                 for o in outs:
                     for a in self.node_axes(o):
                         self.freeze(a, Frozen(FrozenBy.GRAPH_OUTPUT))
+                continue
+            if n.op == "get_attr" and n.target in self.traced.constants:
+                for a in self.node_axes(n):  # made by the forward code: no copy can permute it
+                    self.freeze(a, Frozen(FrozenBy.CONSTANT, n.name))
                 continue
             module = modules.get(n.target) if n.op == "call_module" else None
             op = Op(n, module, self.traced.shapes, consts)
@@ -289,7 +305,7 @@ class _Builder:
             for a in link.axes:
                 if isinstance(a, ParamAxis) and a.role == "in":
                     self.reads.extend((_key(b), _key(a)) for b in link.axes
-                                      if isinstance(b, NodeAxis))
+                                      if isinstance(b, NodeAxis) and self.is_data(b))
             return keys
         if isinstance(link, (Cat, Kron)):
             whole = self.add(link.whole)
@@ -378,11 +394,6 @@ class _Builder:
             if kind == "kron" and len(axes) > 1:
                 for p in axes:
                     frozen_roots.setdefault(p, Frozen(FrozenBy.HEADS))
-        for k, roles in self.roles.items():
-            if len(roles) > 1:
-                frozen_roots.setdefault(find(k), Frozen(
-                    FrozenBy.TIED, detail=f"parameter axis {k[1]}[{k[2]}] is both read and "
-                                          f"written (tied weights)"))
         # a frozen derived space freezes its parts
         stack = list(frozen_roots)
         while stack:
@@ -441,7 +452,8 @@ class _Builder:
                 if m[0] == "n":
                     s.members.append(NodeAxis(m[1], m[2]))
                 else:
-                    role = "in" if "in" in self.roles.get(m, ()) else "out"
+                    # an axis both written and read (tied weights) is a producer
+                    role = "in" if self.roles.get(m) == {"in"} else "out"
                     (s.consumers if role == "in" else s.producers).append(
                         ParamAxis(m[1], m[2], role))
             spaces.append(s)
@@ -457,6 +469,20 @@ class _Builder:
                 a = NodeAxis(node_key[1], node_key[2])
                 if a not in spaces[ids[r]].reads:
                     spaces[ids[r]].reads.append(a)
+        for s in spaces:
+            if s.derived is not None or s.frozen:
+                continue
+            activations = sorted((a for a in s.members if self.is_data(a)),
+                                 key=lambda a: order.get(a.node.partition("#")[0], 0))
+            if not activations:
+                s.frozen_by = Frozen(FrozenBy.NO_FEATURES)
+                continue
+            # the features: what the consumers read (else the last activation), and the first
+            # activation, as the producer wrote it: a unit that a nonlinearity makes constant
+            # on the data (a dead ReLU) is still told apart by what it was before
+            for a in ([] if s.reads else [activations[-1]]) + [activations[0]]:
+                if a not in s.reads:
+                    s.reads.append(a)
 
         param_axes: dict[str, dict[int, int]] = {}
         node_axes: dict[str, dict[int, int]] = {}
@@ -466,6 +492,15 @@ class _Builder:
                 table.setdefault(m[1], {})[m[2]] = ids[r]
         log.debug("found %d spaces (%d frozen)", len(spaces), sum(s.frozen for s in spaces))
         return SpaceTable(spaces, param_axes, node_axes, self.unsupported)
+
+
+def _data_nodes(graph: fx.Graph) -> set[str]:
+    """Names of the nodes whose values depend on a graph input (activations)."""
+    data: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a.name in data for a in n.all_input_nodes):
+            data.add(n.name)
+    return data
 
 
 def _prod(xs: list[int]) -> int:

@@ -15,6 +15,7 @@ records while tracing.
 
 from __future__ import annotations
 
+import pydoc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -70,6 +71,15 @@ def _owner(n: fx.Node, container: str) -> int | None:
     return None
 
 
+def _as_class(cls: type | str) -> type:
+    """The class a module stack names: torch.export records "pkg.module.Class" strings."""
+    if isinstance(cls, type):
+        return cls
+    found = pydoc.locate(cls)
+    return found if isinstance(found, type) else type(cls.rpartition(".")[2], (), {
+        "__module__": cls.rpartition(".")[0]})  # an unimportable user class: a stand-in
+
+
 def _children(nodes: Sequence[fx.Node]) -> dict[str, dict[int, type]]:
     """Container path -> {child index: child class}, read off the recorded module stacks
     (an iterated nn.ModuleList never appears itself, only its numbered children)."""
@@ -77,7 +87,7 @@ def _children(nodes: Sequence[fx.Node]) -> dict[str, dict[int, type]]:
     for n in nodes:
         for key, value in (n.meta.get("nn_module_stack") or {}).items():
             path = value[0] if isinstance(value, tuple) else str(key)
-            cls = value[1] if isinstance(value, tuple) else type(None)
+            cls = _as_class(value[1]) if isinstance(value, tuple) else type(None)
             head, _, tail = path.rpartition(".")
             if tail.isdigit():
                 out.setdefault(head, {})[int(tail)] = cls
@@ -136,7 +146,7 @@ def _layer_stages(c: str, classes: dict[int, type], per_child: dict[int, list[fx
     layers: list[list[int]] = []
     current: list[int] = []
     for j in sorted(per_child):
-        m = classes[j]
+        m = classes.get(j, type(None))  # a child never called itself (a ModuleList): no layer
         if issubclass(m, _LAYER_OPS):
             current = [j]
         elif current and issubclass(m, _NORMS) and len(current) == 1:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from graphmerge.errors import ConfigError, GraphmergeError
+from graphmerge.graph.capture import eval_mode
 from graphmerge.inputs import tensor_inputs
 from graphmerge.io.atomic import atomic_file
 
@@ -195,12 +196,8 @@ def export_onnx(
     if target.is_dir():
         raise ConfigError(f"cannot write the ONNX file to {target}: it is a directory.")
 
-    was_training = module.training
-    module.eval()
-    try:
+    with eval_mode(module):
         return _export_checked(module, inputs, target, float(atol), dynamic_batch, opset)
-    finally:
-        module.train(was_training)
 
 
 def _export_checked(

@@ -640,8 +640,9 @@ def correlation_from_moments(
         sum_xx: ``sum_t x_t x_t^T``, shape [d, d] (symmetrised here).
         n: number of samples summed, >= 1.
         eps: a unit whose variance is ``<= eps * E[x^2]`` (relative, so constant units are
-            caught despite the cancellation in ``E[x^2] - E[x]^2``) counts as zero-variance;
-            its row and column, diagonal included, are 0.
+            caught despite the cancellation in ``E[x^2] - E[x]^2``) counts as constant; it
+            correlates 1 with every constant unit of the same value (itself included) and 0
+            with every other unit.
 
     Other units get 1 on the diagonal; values are clipped to [-1, 1].  Accumulate the sums in
     float64: float32 sums lose the variance of units with a large mean.  Cost O(d^2).
@@ -672,4 +673,11 @@ def correlation_from_moments(
     np.clip(corr, -1.0, 1.0, out=corr)
     idx = np.flatnonzero(live)
     corr[idx, idx] = 1.0
+    # a constant unit correlates perfectly with every constant unit of the same value (merging
+    # them changes nothing on the data) and with nothing else
+    dead = np.flatnonzero(~live)
+    if dead.size:
+        m = mean[dead]
+        same = np.isclose(m[:, None], m[None, :], rtol=1e-6, atol=1e-9)
+        corr[np.ix_(dead, dead)] = same.astype(np.float64)
     return corr

@@ -21,12 +21,17 @@ from tqdm.auto import tqdm
 
 from graphmerge.errors import DataError, GraphmergeError
 from graphmerge.graph.axes import NodeAxis
+from graphmerge.graph.capture import set_eval
 from graphmerge.inputs import split_batch
 from graphmerge.match.matchers import correlation_from_moments
 
 __all__ = ["SpaceStats", "feature_module", "collect_stats"]
 
 log = logging.getLogger(__name__)
+
+
+#: the largest amount by which unequal means or spreads lower a correlation (a tie-breaker)
+TIE_BREAK = 1e-6
 
 
 @dataclass
@@ -51,8 +56,16 @@ class SpaceStats:
         self.count += x.shape[0]
 
     def correlation(self) -> np.ndarray:
-        """[d, d] correlation; units with zero variance correlate 0 with everything."""
-        return correlation_from_moments(self.sum_x, self.sum_xx, self.count)
+        """[d, d] correlation; a constant unit correlates 1 with constant units of the same
+        value and 0 with everything else. Exact ties (units that are affine functions of each
+        other on the data, e.g. in a rank-deficient layer) are broken toward units of equal
+        mean and spread, by at most `TIE_BREAK`."""
+        corr = correlation_from_moments(self.sum_x, self.sum_xx, self.count)
+        mean = self.sum_x / self.count
+        std = np.sqrt(np.clip(np.diag(self.sum_xx) / self.count - mean ** 2, 0.0, None))
+        gap = np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])
+        scale = np.abs(mean)[:, None] + np.abs(mean)[None, :] + std[:, None] + std[None, :]
+        return corr - TIE_BREAK * gap / np.maximum(scale, 1e-12)
 
 
 def feature_module(gm: fx.GraphModule, nodes: Sequence[str]) -> fx.GraphModule:
@@ -107,7 +120,7 @@ def collect_stats(
         DataError: no batches, non-finite inputs or activations (naming model and node).
     """
     names = sorted({a.node for per_model in reads.values() for axes in per_model for a in axes})
-    runners = [feature_module(gm, names).eval() for gm in modules]
+    runners = [set_eval(feature_module(gm, names)) for gm in modules]
     stats: dict[Any, SpaceStats] = {}
     n_batches = 0
     bar = tqdm(batches, desc="calibration statistics", unit="batch", disable=not progress,

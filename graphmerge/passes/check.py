@@ -16,5 +16,5 @@ def check_spaces(ctx: MergeContext) -> None:
     """One float64 oracle trial on model 0 (skipped with `check=False`)."""
     if ctx.config.check:
         run_oracle(ctx.models[0], ctx.example_inputs, trials=1,
-                   leaf_modules=ctx.config.leaf_modules)
+                   leaf_modules=ctx.config.leaf_modules, frontend=ctx.config.frontend)
     ctx.checked = ctx.config.check

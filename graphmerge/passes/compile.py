@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from graphmerge.errors import GraphmergeError
+from graphmerge.graph.capture import set_eval
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 from graphmerge.surgery.tensors import set_tensor, sync_module_attributes
@@ -28,7 +29,7 @@ def compile_merged(ctx: MergeContext) -> None:
             set_tensor(gm, name, value.contiguous())
     sync_module_attributes(gm)
     gm.recompile()
-    gm.eval()
+    set_eval(gm)
     bad = [n for n, p in gm.state_dict().items() if p.is_floating_point() and not torch.isfinite(
         p).all()]
     if bad:

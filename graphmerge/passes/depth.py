@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from graphmerge.errors import MismatchError
 from graphmerge.graph.analyse import trace
+from graphmerge.graph.capture import set_eval
 from graphmerge.graph.stages import find_stages
 from graphmerge.inputs import split_batch
 from graphmerge.match.align import StageAlignment, align
@@ -55,7 +56,7 @@ def align_depths(ctx: MergeContext) -> None:
     # one pass over the calibration data: outputs of every unit of the stages to align
     wanted = {i: sorted({u.output for a, j in todo if j == i or a.reference == i
                          for u in stages[i][a.stage].units}) for i in range(len(models))}
-    runners = {i: feature_module(traced[i].graph_module, names).eval()
+    runners = {i: set_eval(feature_module(traced[i].graph_module, names))
                for i, names in wanted.items() if names}
     acc = {(a.stage, i): CKAAccumulator(a.depths[a.reference], a.depths[i]) for a, i in todo}
     with torch.no_grad():
@@ -81,7 +82,7 @@ def align_depths(ctx: MergeContext) -> None:
     ctx.models, ctx.traced = list(models), list(traced)
     for i, plan in plans.items():
         ctx.models[i] = expand(models[i], traced[i], stages[i], plan, ctx.example_inputs)
-        ctx.traced[i] = trace(ctx.models[i], ctx.example_inputs,
+        ctx.traced[i] = trace(ctx.models[i], ctx.example_inputs, frontend=ctx.config.frontend,
                               leaf_modules=ctx.config.leaf_modules)
         log.info("model %d expanded to the deepest topology: %s", i,
                  {alignments[s].container: plan[s][0] for s in plan})

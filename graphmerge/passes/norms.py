@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from graphmerge.graph.capture import set_eval
 from graphmerge.inputs import split_batch
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
@@ -25,7 +26,7 @@ def reset_batch_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
              and m.track_running_stats]
     if not norms:
         return 0
-    module.eval()
+    set_eval(module)
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -37,7 +38,7 @@ def reset_batch_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
             module(*split_batch(batch, n_inputs))
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
-    module.eval()
+    set_eval(module)
     return len(norms)
 
 

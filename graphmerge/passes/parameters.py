@@ -20,7 +20,7 @@ from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import MATRICES, compose
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.surgery.tensors import named_tensors
+from graphmerge.surgery.tensors import canonical_names, named_tensors
 
 __all__ = ["merge_parameters"]
 
@@ -79,8 +79,11 @@ def merge_parameters(ctx: MergeContext) -> None:
     tables = tx.tables
     roles = {(a.param, a.dim): a.role for s in tables[0] for a in s.params}
     named = [named_tensors(t.graph_module) for t in ctx.traced]
+    canonical = canonical_names(ctx.traced[0].graph_module)
     merged: dict[str, torch.Tensor] = {}
     for name, ref in named[0].items():
+        if canonical[name] != name:
+            continue  # a tied weight: merged once, under its first name
         if not ref.is_floating_point():
             merged[name] = ref.detach().clone()
             continue

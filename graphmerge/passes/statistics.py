@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.spaces import Space, SpaceTable
 from graphmerge.match.statistics import collect_stats
 from graphmerge.passes.context import MergeContext
@@ -19,17 +18,12 @@ def mergeable(table: SpaceTable) -> list[Space]:
     return [s for s in table if not s.frozen and s.derived is None]
 
 
-def _feature_axes(space: Space) -> list[NodeAxis]:
-    """The activations a space is matched on: what its consumers read, else its last member."""
-    return list(space.reads) if space.reads else space.members[-1:]
-
-
 @merge_pass(needs=("paired",), provides=("reads", "stats", "agreement"))
 def collect_statistics(ctx: MergeContext) -> None:
     """Moments of every mergeable space's features, and how often the models' argmax
     predictions agree (used by heads='auto')."""
     tables = [t.space_table for t in ctx.traced]
-    ctx.reads = {s.id: [_feature_axes(s) for _ in tables] for s in mergeable(tables[0])}
+    ctx.reads = {s.id: [list(s.reads) for _ in tables] for s in mergeable(tables[0])}
     agree = [0, 0]
 
     def on_outputs(outs: list) -> None:

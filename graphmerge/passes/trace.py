@@ -10,5 +10,6 @@ from graphmerge.passes.manager import merge_pass
 @merge_pass(provides=("traced",))
 def trace_models(ctx: MergeContext) -> None:
     """Trace each model on the example inputs; the graphs share the models' parameters."""
-    ctx.traced = [trace(m, ctx.example_inputs, leaf_modules=ctx.config.leaf_modules)
+    ctx.traced = [trace(m, ctx.example_inputs, frontend=ctx.config.frontend,
+                        leaf_modules=ctx.config.leaf_modules)
                   for m in ctx.models]

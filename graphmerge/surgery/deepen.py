@@ -23,7 +23,8 @@ from torch import nn
 
 from graphmerge.errors import GraphmergeError, MismatchError
 from graphmerge.graph.analyse import trace
-from graphmerge.graph.capture import Traced
+from graphmerge.graph.capture import Traced, set_eval
+from graphmerge.graph.oracle import output_error
 from graphmerge.graph.stages import Stage, Unit, find_stages, is_add
 from graphmerge.inputs import as_inputs
 from graphmerge.match.align import align
@@ -187,11 +188,8 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage],
             children)
         parent_name, _, leaf = container.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, leaf, new)
-    out.eval()
-    inputs = as_inputs(example_inputs)
-    with torch.no_grad():
-        a, b = model.eval()(*inputs), out(*inputs)
-    err = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    set_eval(out)
+    err = output_error(model, out, as_inputs(example_inputs))
     if err > rtol:
         raise GraphmergeError(
             f"the identity expansion of {type(model).__name__} is not exact (relative error "

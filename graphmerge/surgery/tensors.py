@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["named_tensors", "set_tensor", "sync_module_attributes"]
+__all__ = ["named_tensors", "canonical_names", "set_tensor", "sync_module_attributes"]
 
 
 def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -17,17 +17,31 @@ def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
+def canonical_names(module: nn.Module) -> dict[str, str]:
+    """Name -> the first name of the same tensor: tied weights (one tensor under several names,
+    e.g. an LM head tied to the embedding) share one canonical name."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(t), name) for name, t in named_tensors(module).items()}
+
+
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace parameter, buffer or tensor attribute `name` (qualified) of `root`."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    if leaf in owner._parameters:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
-    elif leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    else:
-        setattr(owner, leaf, value)
+    """Replace parameter, buffer or tensor attribute `name` (qualified) of `root`; every other
+    name of the same tensor (tied weights) gets the same new tensor, so they stay tied."""
+    named = named_tensors(root)
+    old = named.get(name)
+    names = [n for n, t in named.items() if t is old] if old is not None else [name]
+    new: torch.Tensor | None = None
+    for n in names:
+        owner_name, _, leaf = n.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        if leaf in owner._parameters:
+            if new is None:
+                new = nn.Parameter(value, requires_grad=owner._parameters[leaf].requires_grad)
+            owner._parameters[leaf] = new
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = value
+        else:
+            setattr(owner, leaf, value)
 
 
 def sync_module_attributes(root: nn.Module) -> None:

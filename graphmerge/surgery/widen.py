@@ -16,6 +16,8 @@ from torch import nn
 
 from graphmerge.errors import ConfigError, GraphmergeError
 from graphmerge.graph.analyse import trace
+from graphmerge.graph.capture import set_eval
+from graphmerge.graph.oracle import output_error
 from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
@@ -80,10 +82,8 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
                     t = t * grow[sid].scale.to(t.dtype).reshape(shape)
             set_tensor(wide, name, t.contiguous())
     sync_module_attributes(wide)
-    wide.eval()
-    with torch.no_grad():
-        a, b = model.eval()(*inputs), wide(*inputs)
-    err = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    set_eval(wide)
+    err = output_error(model, wide, inputs)
     if err > rtol:
         raise GraphmergeError(f"widening changed the model's outputs (relative error {err:.1e}); "
                               f"a space is normalised in a way widen() does not detect")

@@ -5,10 +5,18 @@ A rule receives an `Op` (the fx node, its module if any, concrete shapes) and yi
 a forgotten axis can never produce a silently wrong merge. Ops without a rule freeze every axis
 they touch, with one warning. Rules live in one registry keyed by module class, function object
 or method name (`registry.py`); registering a key twice is an error. The rules themselves are
-split by op family: `elementwise`, `layers`, `norms`, `shape`.
+split by op family: `elementwise`, `layers`, `norms`, `shape`, `masks` (mask and position
+ops), and `aten` (the aten ops of `torch.export` graphs, mostly aliases of the above).
 """
 
-from graphmerge.graph.rules import elementwise, layers, norms, shape  # noqa: F401  (each module registers its rules)
+from graphmerge.graph.rules import (  # noqa: F401  (each module registers its rules)
+    aten,
+    elementwise,
+    layers,
+    masks,
+    norms,
+    shape,
+)
 from graphmerge.graph.rules.registry import RULES, Op, RuleFn, register, rule_for
 
 __all__ = ["RULES", "Op", "RuleFn", "register", "rule_for"]

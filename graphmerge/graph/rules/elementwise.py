@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphmerge.graph.axes import Keep, Link, Same
+
+aten = torch.ops.aten
 from graphmerge.graph.rules.registry import (
     Op,
     broadcast,
@@ -56,7 +58,7 @@ def _unary(op: Op) -> Iterator[Link]:
         src = op.node.args[0]
     if op.module is not None and isinstance(op.module, nn.PReLU) and op.module.weight.numel() > 1:
         yield Same(op.x(src, 1), op.out(1), op.p("weight", 0, "out"))
-    if op.node.target in ("type_as", "to", "new_zeros", "new_ones", "new_full", "new_empty"):
+    if op.name in ("type_as", "to", "_to_copy", "new_zeros", "new_ones", "new_full", "new_empty"):
         yield from pass_through(op, src)
         for t in op.tensor_args()[1:]:
             yield from keep_all(op, t)
@@ -79,9 +81,18 @@ def _binary(op: Op) -> Iterator[Link]:
     yield from broadcast(op, op.tensor_args())
 
 
-@register("size", "dim", "numel", "nelement", getattr, "__len__", len)
+try:  # the input checks torch.export adds to an unlifted module
+    from torch.export._unlift import GuardsFn as _GuardsFn
+except ImportError:  # pragma: no cover - other torch versions
+    _GuardsFn = "_guards_fn"
+
+
+@register("size", "dim", "numel", "nelement", getattr, "__len__", len, aten.sym_size.int,
+          aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default,
+          _GuardsFn)
 def _metadata(op: Op) -> Iterator[Link]:
-    """Shape/dtype queries: read nothing that a permutation changes."""
+    """Shape/dtype queries (and export's shape assertions): read nothing that a permutation
+    changes."""
     for t in op.tensor_args():
         yield from keep_all(op, t)
 

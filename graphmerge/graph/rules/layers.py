@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphmerge.graph.axes import AxisRef, Freeze, Keep, Link, Role, Same
+from graphmerge.graph.axes import AxisRef, Freeze, Keep, Link, NodeAxis, Role, Same
 from graphmerge.graph.rules.registry import (
     Op,
     functional_param,
@@ -170,3 +170,30 @@ def _f_embedding(op: Op) -> Iterator[Link]:
     yield Same(op.out(-1), functional_param(op, w, 1, "out"), op.x(w, 1))
     if op.x(w, 0) is not None:
         yield Freeze(op.x(w, 0), "embedding rows are looked up by index")
+
+
+@register(nn.MultiheadAttention)
+def _multihead_attention(op: Op) -> Iterator[Link]:
+    """query/key/value [.., E] are read by the input projection (in), the first output [.., E]
+    is written by the output projection (out); the heads inside keep the identity."""
+    m = op.module
+    q, k, v = (op.arg(i, name) for i, name in enumerate(("query", "key", "value")))
+    out = NodeAxis(f"{op.node.name}#0", 0)
+    pieces = op._shapes.get(op.node.name) or ()
+    if not pieces or pieces[0] is None:
+        return
+    shape = pieces[0]
+
+    def piece(d: int) -> NodeAxis | None:
+        return None if shape[d] == 1 else NodeAxis(out.node, d)
+
+    if m._qkv_same_embed_dim:
+        yield Same(op.x(q, -1), op.x(k, -1), op.x(v, -1), op.p("in_proj_weight", 1, "in"))
+    else:
+        for t, w in ((q, "q_proj_weight"), (k, "k_proj_weight"), (v, "v_proj_weight")):
+            yield Same(op.x(t, -1), op.p(w, 1, "in"))
+    yield Same(piece(2), op.p("out_proj.weight", 0, "out"), op.p("out_proj.bias", 0, "out"))
+    batch, seq = (0, 1) if m.batch_first else (1, 0)
+    yield Same(op.x(q, batch), op.x(k, batch), op.x(v, batch), piece(batch))
+    yield Same(op.x(q, seq), piece(seq))
+    yield Same(op.x(k, seq), op.x(v, seq))

@@ -10,9 +10,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphmerge.errors import GraphmergeError
 from graphmerge.graph.axes import AxisRef, Keep, Link, NodeAxis, ParamAxis, Role, Same
 
-__all__ = ["Op", "RuleFn", "RULES", "register", "rule_for"]
+__all__ = ["Op", "RuleFn", "RULES", "register", "alias", "rule_for", "is_metadata"]
 
 
 _SELF = object()
@@ -82,7 +83,9 @@ class Op:
 
     def p(self, name: str, dim: int, role: Role) -> ParamAxis | None:
         """Axis `dim` of this module's parameter/buffer `name` (None if absent or size 1)."""
-        t = getattr(self.module, name, None)
+        t: Any = self.module
+        for part in name.split("."):  # "out_proj.weight": a parameter of a child
+            t = getattr(t, part, None)
         if not isinstance(t, torch.Tensor) or t.dim() <= dim or t.shape[dim] == 1:
             return None
         return ParamAxis(f"{self.node.target}.{name}", dim, role)
@@ -93,11 +96,24 @@ class Op:
         if self.module is not None:
             return type(self.module).__name__
         t = self.node.target
+        if isinstance(t, torch._ops.OpOverload):  # aten.view.default -> "view"
+            return t._overloadpacket.__name__
         return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
 
 
 RuleFn = Callable[[Op], Iterable[Link]]
 RULES: dict[Any, RuleFn] = {}
+
+
+def alias(key: Any, *same_as: Any) -> None:
+    """Register `key` with the rule of `same_as[0]` (an op whose arguments come in the same
+    order: `aten.linear.default` and `F.linear`); further keys are fallbacks if the first has
+    no rule."""
+    for k in same_as:
+        if k in RULES:
+            register(key)(RULES[k])
+            return
+    raise GraphmergeError(f"cannot alias {key!r}: none of {same_as} has a rule")
 
 
 def register(*keys: Any) -> Callable[[RuleFn], RuleFn]:
@@ -135,6 +151,24 @@ def rule_for(node: fx.Node, module: nn.Module | None) -> RuleFn | None:
 
 
 # ---- helpers that keep the rules short ----------------------------------------------------
+
+
+_METADATA = {"size", "dim", "numel", "nelement", "__len__", "len", "sym_size", "sym_numel",
+             "sym_stride", "_assert_tensor_metadata"}
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"}
+
+
+def is_metadata(node: fx.Node) -> bool:
+    """Whether `node` reads only metadata of its input (shape, dtype, device), not values."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    t = node.target
+    if t is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
+    if isinstance(t, torch._ops.OpOverload):
+        t = t._overloadpacket.__name__
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    return name in _METADATA
 
 
 def ndim(op: Op, x: Any) -> int:

@@ -25,6 +25,7 @@ from graphmerge.graph.rules.registry import (
     Op,
     dims,
     get_attr_tensor,
+    is_metadata,
     keep_all,
     ndim,
     register,
@@ -125,7 +126,7 @@ def _reshape_links(op: Op, src: Any) -> Iterator[Link]:
           "reshape_as")
 def _reshape(op: Op) -> Iterator[Link]:
     src = op.node.args[0]
-    if op.node.target in ("view_as", "reshape_as"):
+    if op.name in ("view_as", "reshape_as"):
         yield from keep_all(op, op.node.args[1])
     yield from _reshape_links(op, src)
 
@@ -192,7 +193,8 @@ def _split(op: Op) -> Iterator[Link]:
     n = ndim(op, src)
     name = op.name
     default_dim = 0
-    dim = op.arg(2, "dim", default_dim) if name in ("split", "chunk", "tensor_split") else op.arg(
+    dim = op.arg(2, "dim", default_dim) if name in (
+        "split", "chunk", "tensor_split", "split_with_sizes") else op.arg(
         1, "dim", default_dim)
     dim = dim % n
     pieces = op._shapes.get(op.node.name) or ()
@@ -283,7 +285,7 @@ def _narrow(op: Op) -> Iterator[Link]:
 def _expand(op: Op) -> Iterator[Link]:
     """Right-aligned axes whose size is unchanged pass through; grown or new axes are frozen."""
     src = op.node.args[0]
-    if op.node.target == "expand_as":
+    if op.name == "expand_as":
         yield from keep_all(op, op.node.args[1])
     si, so = op.shape(src), op.shape()
     for d in range(len(si)):
@@ -297,6 +299,9 @@ def _get_attr(op: Op) -> Iterator[Link]:
     """A parameter read in the graph: node axis d ~ parameter axis d (role set by its users)."""
     t = get_attr_tensor(op, op.node)
     if t is None:
+        return
+    if op.node.users and all(is_metadata(u) for u in op.node.users):
+        yield from keep_all(op, op.node)  # only its shape or dtype is read: not data
         return
     for d in range(t.dim()):
         if t.shape[d] != 1:

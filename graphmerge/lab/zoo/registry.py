@@ -9,18 +9,41 @@ import torch
 from torch import nn
 
 from graphmerge.errors import ConfigError
+from graphmerge.lab.zoo.convnext import convnext
+from graphmerge.lab.zoo.densenet import densenet
+from graphmerge.lab.zoo.functional import functional_cnn
+from graphmerge.lab.zoo.gpt import gpt
+from graphmerge.lab.zoo.mha import mha
 from graphmerge.lab.zoo.mlp import mlp
+from graphmerge.lab.zoo.mobilenet import mobilenet
 from graphmerge.lab.zoo.resnet import resnet
+from graphmerge.lab.zoo.senet import senet
+from graphmerge.lab.zoo.unet import unet
 from graphmerge.lab.zoo.vgg import vgg
 from graphmerge.lab.zoo.vit import vit
 
-__all__ = ["FAMILIES", "PRETRAINED", "build", "example_input", "builtin"]
+__all__ = ["FAMILIES", "COMMUNITY", "PRETRAINED", "build", "example_input", "builtin"]
 
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "resnet": resnet,
     "vgg": vgg,
     "vit": vit,
+}
+
+# Families written in styles the engine was not designed around (test material for it):
+# depthwise/grouped convs, dense concatenation, transposed convs with skips, fused qkv with a
+# causal mask and tied weights, nn.MultiheadAttention, channels-last layer scale, SE gating,
+# bare Parameters with torch.nn.functional. Random init; `build` and `example_input` take them.
+COMMUNITY: dict[str, Callable[..., nn.Module]] = {
+    "mobilenet": mobilenet,
+    "densenet": densenet,
+    "unet": unet,
+    "gpt": gpt,
+    "mha": mha,
+    "convnext": convnext,
+    "senet": senet,
+    "functional": functional_cnn,
 }
 
 
@@ -50,30 +73,31 @@ PRETRAINED: dict[str, tuple[Callable[..., nn.Module], Callable[[int], Any]]] = {
 def builtin(name: str, batch: int = 2, **kwargs: Any) -> tuple[nn.Module, Any]:
     """A built-in model in eval mode and example inputs for it.
 
-    `name` is a family of `FAMILIES` (random init, `kwargs` passed to its constructor) or a
+    `name` is a family of `FAMILIES` or `COMMUNITY` (random init, `kwargs` passed to its constructor) or a
     pretrained classifier of `PRETRAINED` (MiniLM encoders from their wheels with a new head).
     """
     if name in PRETRAINED:
         make, inputs = PRETRAINED[name]
         return make(**kwargs).eval(), inputs(batch)
-    if name not in FAMILIES:
+    if name not in FAMILIES and name not in COMMUNITY:
         raise ConfigError(f"unknown model {name!r}; valid names: "
-                          f"{', '.join(sorted([*FAMILIES, *PRETRAINED]))}")
+                          f"{', '.join(sorted([*FAMILIES, *COMMUNITY, *PRETRAINED]))}")
     return build(name, **kwargs).eval(), example_input(name, batch, **kwargs)
 
 
 def _check_name(name: str) -> None:
     """Raise ConfigError listing the valid names if ``name`` is not a known family."""
-    if name not in FAMILIES:
+    if name not in FAMILIES and name not in COMMUNITY:
         raise ConfigError(
-            f"unknown model family {name!r}; valid names: {', '.join(sorted(FAMILIES))}"
+            f"unknown model family {name!r}; valid names: "
+            f"{', '.join(sorted([*FAMILIES, *COMMUNITY]))}"
         )
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
     """Build the model family ``name`` with constructor keyword arguments ``kwargs``."""
     _check_name(name)
-    return FAMILIES[name](**kwargs)
+    return {**FAMILIES, **COMMUNITY}[name](**kwargs)
 
 
 def example_input(name: str, batch: int = 2, **kwargs: Any) -> torch.Tensor:
@@ -81,10 +105,14 @@ def example_input(name: str, batch: int = 2, **kwargs: Any) -> torch.Tensor:
 
     ``kwargs`` may be the same keyword arguments given to :func:`build`; ``in_channels``
     and ``image_size`` are honoured (for ``mlp``, ``in_features`` != 784 gives [batch, in_features]).
+    For ``gpt``: token ids, a LongTensor [batch, min(block_size, 12)] below ``vocab_size``.
     """
     _check_name(name)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
         raise ConfigError(f"example_input: batch must be a positive int, got {batch!r}")
+    if name == "gpt":
+        vocab, block = kwargs.get("vocab_size", 50), kwargs.get("block_size", 16)
+        return torch.randint(0, vocab, (batch, min(block, 12)))
     if name == "mlp":
         in_features = kwargs.get("in_features", 784)
         if in_features != 784:

@@ -1,0 +1,57 @@
+"""Capture transformers-library models (the [hf] extra; small configs, random init, nothing
+downloaded): torch.fx cannot trace them, torch.export can, and every check of
+tests/test_capture.py holds; the residual stream and the MLP hidden layer stay free."""
+
+from __future__ import annotations
+
+import pytest
+
+import graphmerge as gm
+from graphmerge.graph.oracle import output_error
+from test_capture import TOL, _assert_unchanged, _like, _snapshot, check_capture
+
+pytest.importorskip("transformers")
+import hf_models  # noqa: E402  (tests/hf_models.py needs transformers)
+
+
+# the parameter whose `out` axis is the residual stream (token or patch embedding), and one of
+# the MLP's hidden layer: both spaces must be free
+FREE = {
+    "bert": ("model.bert.embeddings.word_embeddings.weight", 1,
+             "model.bert.encoder.layer.0.intermediate.dense.weight", 0),
+    "gpt2": ("model.transformer.wte.weight", 1, "model.transformer.h.0.mlp.c_fc.weight", 1),
+    "llama": ("model.model.embed_tokens.weight", 1, "model.model.layers.0.mlp.up_proj.weight", 0),
+    "vit": ("model.vit.embeddings.patch_embeddings.projection.weight", 0,
+            "model.vit.layers.0.mlp.fc1.weight", 0),
+    "t5_encoder": ("model.shared.weight", 1,
+                   "model.encoder.block.0.layer.1.DenseReluDense.wi.weight", 0),
+    "distilbert": ("model.embeddings.word_embeddings.weight", 1,
+                   "model.transformer.layer.0.ffn.lin1.weight", 0),
+}
+ONNX_CANNOT = {"t5_encoder"}  # torch.onnx cannot decompose the model itself (see the test)
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.HF_MODELS))
+def test_transformers_model(name, tmp_path):
+    model, x = hf_models.HF_MODELS[name]()
+    with pytest.raises(gm.TracingError):
+        gm.trace(model, x, frontend="fx")
+    traced = gm.trace(model, x)  # auto: falls back to torch.export
+    assert traced.frontend == "export"
+    table = traced.space_table
+    for param, dim in (FREE[name][:2], FREE[name][2:]):
+        space = next(s for s in table if any((a.param, a.dim) == (param, dim)
+                                             for a in s.params))
+        assert not space.frozen, f"{param}[{dim}] is frozen: {space.why}"
+    if name in ONNX_CANNOT:
+        with pytest.raises(gm.GraphmergeError, match="torch.onnx.export failed"):
+            gm.export_onnx(model, x, tmp_path / "original.onnx")
+        before = _snapshot(model)
+        twin = gm.permute(model, x, seed=1)
+        calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(3)]
+        result = gm.merge([model, twin], calibration, x, heads="average", norms="none",
+                          progress=False)
+        assert output_error(model, result.module, calibration[0]) < TOL
+        _assert_unchanged(before, model)
+        return
+    check_capture(model, x, "export", tmp_path)
