@@ -33,10 +33,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model, inputs = builtin(args.model, **_config(args.config))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unsupported ops are listed below instead
-        traced = trace(model, inputs)
+        traced = trace(model, inputs, frontend=args.frontend)
         table = traced.space_table
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(traced.graph.nodes)} graph nodes")
+          f"{len(traced.graph.nodes)} graph nodes (captured with {traced.frontend})")
     print(table.format())
     from graphmerge.graph.stages import find_stages
 
@@ -47,7 +47,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for op, nodes in table.unsupported.items():
         print(f"no axis rule for `{op}` at {', '.join(nodes)}: its axes were frozen")
     if args.check:
-        report = check_spaces(model, inputs, trials=args.trials)
+        report = check_spaces(model, inputs, trials=args.trials, frontend=args.frontend)
         print(f"permutation oracle: {report.trials} trials passed, max output error "
               f"{report.max_output_error:.1e}, {report.changed_tensors} tensors changed")
     return 0
@@ -77,18 +77,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from graphmerge.lab.zoo import FAMILIES, PRETRAINED
+    from graphmerge.lab.zoo import COMMUNITY, FAMILIES, PRETRAINED
 
     parser = argparse.ArgumentParser(prog="graphmerge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
-    names = sorted([*FAMILIES, *PRETRAINED])
+    names = sorted([*FAMILIES, *COMMUNITY, *PRETRAINED])
     p = sub.add_parser("inspect", help="print the space table of a built-in model")
     p.add_argument("model", nargs="?", default="resnet", choices=names,
                    help="built-in model (default: resnet)")
     p.add_argument("--config", help="JSON constructor arguments, e.g. '{\"depths\": [1,1,1]}'")
     p.add_argument("--check", action="store_true", help="also run the permutation oracle")
     p.add_argument("--trials", type=int, default=3, help="oracle trials (default 3)")
+    p.add_argument("--frontend", default="auto", choices=["auto", "fx", "export"],
+                   help="capture with torch.fx, torch.export, or fx then export (default)")
     p.add_argument("--match-graph", metavar="FILE",
                    help="instead of a model: print a saved match graph (.json or .graphml, "
                         "e.g. out/demo/match_graph.json)")
