@@ -177,12 +177,28 @@ def test_cka_constant_unit_is_zero(caplog):
     assert "constant" in caplog.text
 
 
+def test_small_batches_are_pooled_until_the_estimator_is_defined():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(9, 5, generator=g), torch.randn(9, 3, generator=g)
+    y[:, 0] += 2 * x[:, 0]
+    acc = CKAAccumulator(1, 1)
+    for lo, hi in ((0, 2), (2, 3), (3, 5), (5, 9)):  # batches of 2, 1, 2, 4 samples
+        acc.update([x[lo:hi]], [y[lo:hi]])
+    assert acc.batches == 2 and acc.samples == 9  # pooled 2+1+2 = 5, then 4
+    pooled = CKAAccumulator(1, 1)
+    pooled.update([x[:5]], [y[:5]])
+    pooled.update([x[5:]], [y[5:]])
+    np.testing.assert_allclose(acc.result(), pooled.result(), rtol=1e-12)
+
+
 def test_cka_errors():
     acc = CKAAccumulator(1, 1)
-    with pytest.raises(DataError, match="no calibration batch"):
+    with pytest.raises(DataError, match="0 calibration sample"):
         acc.result()
+    acc.update([torch.randn(3, 2)], [torch.randn(3, 2)])  # pooled, not an error
     with pytest.raises(DataError, match="at least 4"):
-        acc.update([torch.randn(3, 2)], [torch.randn(3, 2)])
+        acc.result()
+    acc = CKAAccumulator(1, 1)
     with pytest.raises(DataError, match="batch size"):
         acc.update([torch.randn(5, 2)], [torch.randn(6, 2)])
     with pytest.raises(DataError, match="expected 1"):

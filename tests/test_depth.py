@@ -140,3 +140,16 @@ def test_unknown_alignment_lists_the_valid_ones():
     m = zoo.mlp(hidden=(24,))
     with pytest.raises(gm.ConfigError, match="lma"):
         gm.merge([m, m], [X], align="best", progress=False)
+
+
+def test_calibration_batches_of_two_are_pooled_for_cka():
+    shallow_fn, deep_fn = PAIRS["resnet"]
+    shallow = _trained_like(shallow_fn())
+    deep = gm.permute(deepen(shallow, X[:4], deep_fn().eval()), X[:4], seed=5)
+    calib = [X[i:i + 2] for i in range(0, 32, 2)]  # a loader of batch size 2
+    result = gm.merge([shallow, deep], calib, heads="average", norms="none", progress=False)
+    deeper = [a for a in result.alignments if len(set(a.depths)) > 1]
+    assert deeper and all(a.cka[0] is not None for a in deeper)
+    y = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert _rel(shallow(y), result.module(y)) < 1e-4

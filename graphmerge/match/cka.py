@@ -100,6 +100,7 @@ class CKAAccumulator:
         self._raw_b = np.zeros(n)
         self.batches = 0
         self.samples = 0
+        self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     # -- per-batch work ----------------------------------------------------------------------
 
@@ -147,19 +148,31 @@ class CKAAccumulator:
                 ``[b, features]``; everything after the batch axis is a feature).
             feats_b: the ``n`` outputs of model B's units on the same samples, each ``[b, ...]``.
 
+        A batch of fewer than ``MIN_BATCH`` (4) samples, for which the estimator is not
+        defined, is pooled with the next ones until it is large enough.
+
         Raises:
-            DataError: wrong number of units, differing batch sizes, ``b < 4``, non-finite values.
+            DataError: wrong number of units, differing batch sizes, non-finite values.
         """
         if len(feats_a) != self.m or len(feats_b) != self.n:
             raise DataError(f"expected {self.m} unit outputs of model A and {self.n} of model B, "
                             f"got {len(feats_a)} and {len(feats_b)}; pass every unit's output "
                             f"in unit order")
-        ga, b = self._grams(feats_a, "A", None)
-        gb, _ = self._grams(feats_b, "B", b)
-        if b < MIN_BATCH:
-            raise DataError(f"the unbiased HSIC estimator needs batches of at least {MIN_BATCH} "
-                            f"samples, got {b}; use larger calibration batches (or drop the "
-                            f"last partial batch)")
+        flat_a = [torch.as_tensor(f).detach().reshape(len(f), -1) for f in feats_a]
+        flat_b = [torch.as_tensor(f).detach().reshape(len(f), -1) for f in feats_b]
+        if self._pending is not None:
+            old_a, old_b = self._pending
+            if all(p.shape[1:] == q.shape[1:] for p, q in zip(old_a + old_b, flat_a + flat_b)):
+                flat_a = [torch.cat([p, q.to(p.dtype)]) for p, q in zip(old_a, flat_a)]
+                flat_b = [torch.cat([p, q.to(p.dtype)]) for p, q in zip(old_b, flat_b)]
+            else:
+                log.debug("CKA: dropped a pooled partial batch whose feature shapes differ")
+            self._pending = None
+        if flat_a and len(flat_a[0]) < MIN_BATCH:
+            self._pending = (flat_a, flat_b)  # too few samples yet: pool with the next batch
+            return
+        ga, b = self._grams(flat_a, "A", None)
+        gb, _ = self._grams(flat_b, "B", b)
         ka1, ka = self._hsic_parts(ga, b)
         lb1, lb = self._hsic_parts(gb, b)
         c1 = 1.0 / ((b - 1) * (b - 2))
@@ -186,8 +199,10 @@ class CKAAccumulator:
 
     def _require(self) -> None:
         if self.batches == 0:
-            raise DataError("no calibration batch was added to the CKA accumulator; call "
-                            "update() with at least one batch before result()")
+            pooled = len(self._pending[0][0]) if self._pending else 0
+            raise DataError(f"the CKA accumulator has {pooled} calibration sample(s); the "
+                            f"unbiased estimator needs at least {MIN_BATCH}: pass more "
+                            f"calibration data")
 
     @property
     def hsic(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

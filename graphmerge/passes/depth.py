@@ -21,7 +21,7 @@ from graphmerge.graph.capture import set_eval
 from graphmerge.graph.stages import find_stages
 from graphmerge.inputs import split_batch
 from graphmerge.match.align import StageAlignment, align
-from graphmerge.match.cka import MIN_BATCH, CKAAccumulator
+from graphmerge.match.cka import CKAAccumulator
 from graphmerge.match.statistics import feature_module
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
@@ -63,8 +63,6 @@ def align_depths(ctx: MergeContext) -> None:
         for batch in tqdm(ctx.batches, desc="unit CKA", disable=not ctx.config.progress,
                           leave=False):
             inputs = split_batch(batch, ctx.n_inputs)
-            if len(inputs[0]) < MIN_BATCH:  # the unbiased HSIC estimator needs 4 samples
-                continue
             feats = {i: run(*inputs)[1] for i, run in runners.items()}
             for (s, i), cka in acc.items():
                 a = alignments[s]
