@@ -153,3 +153,10 @@ def test_calibration_batches_of_two_are_pooled_for_cka():
     y = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert _rel(shallow(y), result.module(y)) < 1e-4
+
+
+def test_deepen_refuses_when_no_units_of_depth_are_found():
+    model, x = zoo.builtin("convnext", batch=2)
+    deeper = zoo.build("convnext", depths=(2, 3)).eval()
+    with pytest.raises(gm.MismatchError, match="no stage of units of depth"):
+        deepen(model.eval(), x, deeper)

@@ -102,3 +102,43 @@ def test_three_models_of_different_widths_merge_and_are_finite():
     assert out.shape == (4, 10) and torch.isfinite(out).all()
     assert all(torch.isfinite(p).all() for p in result.module.state_dict().values()
                if p.is_floating_point())
+
+
+def test_widen_keeps_the_width_of_spaces_an_op_reduces_over():
+    """A hand-written RMS norm (pow, mean, rsqrt): its axis is normalised over, found from the
+    graph, not from a module class."""
+
+    class RMSNormNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.scale = nn.Parameter(torch.rand(6) + 0.5)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale
+            return self.b(h)
+
+    model, x = RMSNormNet(), torch.randn(8, 4)
+    table = gm.trace(model, x).space_table
+    hidden = next(s for s in table if any(a.param == "a.weight" and a.dim == 0
+                                          for a in s.params))
+    assert hidden.reduced and not hidden.frozen
+    wide = widen(model, x, extra=0.5)
+    assert wide.a.weight.shape == model.a.weight.shape
+    with torch.no_grad():
+        assert torch.allclose(wide(x), model(x), atol=1e-6)
+
+
+def test_widen_refuses_a_width_held_outside_the_graph():
+    class ReadsAttribute(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.hidden = 6
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).view(-1, self.hidden))
+
+    with pytest.raises(gm.GraphmergeError, match="outside the graph"):
+        widen(ReadsAttribute(), torch.randn(8, 4), extra=0.5)

@@ -7,8 +7,9 @@ a parameter or buffer, with its role). A rule returns links between them:
 - `Cat(whole, parts)` / `Kron(whole, parts)`: the whole axis is derived from its parts, by
   concatenation (cat, split, slicing) or by a row-major product (flatten C×H×W → C·H·W, D → heads×dim);
 - `Freeze(axis, why)`: the op is not equivariant along this axis; its space keeps the identity;
-- `Keep(axis)`: the op's result does not change under any permutation of this axis (a sum over
-  it, a shape query), or the axis is linked elsewhere; nothing is linked here.
+- `Keep(axis, reduced)`: the op's result does not change under any permutation of this axis (a
+  sum over it, a shape query), or the axis is linked elsewhere; nothing is linked here.
+  `reduced` marks ops that combine all units of the axis (sum, mean, norm, softmax).
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ class Freeze:
 
 @dataclass(frozen=True)
 class Keep:
+    """Nothing linked here; `reduced`: the op reads every unit of this axis together (a sum,
+    mean, norm or softmax over it), so duplicating units would change its result."""
+
     axis: NodeAxis
+    reduced: bool = False
 
 
 Link = Union[Same, Cat, Kron, Freeze, Keep]

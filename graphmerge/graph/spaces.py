@@ -98,6 +98,8 @@ class Space:
             its last activation) and its first activation (the producer's output). Never a
             parameter or a constant.
         derived: for a derived space, how it is built from other spaces; else None.
+        reduced: some op combines all units of the space (a sum, mean, norm or softmax over
+            it): adding duplicate units would change the function.
     """
 
     id: int
@@ -108,6 +110,7 @@ class Space:
     members: list[NodeAxis] = field(default_factory=list)
     reads: list[NodeAxis] = field(default_factory=list)
     derived: Derivation | None = None
+    reduced: bool = False
 
     @property
     def frozen(self) -> bool:
@@ -191,6 +194,7 @@ class _Builder:
         self.frozen: dict[Key, Frozen] = {}
         self.roles: dict[Key, set[str]] = {}
         self.reads: list[tuple[Key, Key]] = []  # (node axis read, parameter axis reading it)
+        self.reduced: set[Key] = set()  # node axes some op combines all units of
         self.derivations: list[tuple[Key, str, tuple[Key | int, ...]]] = []
         self.unsupported: dict[str, list[str]] = {}
         self.params = named_tensors(self.gm)
@@ -322,7 +326,10 @@ class _Builder:
             self.freeze(link.axis, Frozen(FrozenBy.RULE, op.node.name, link.why))
             return [_key(link.axis)]
         if isinstance(link, Keep):
-            return [self.add(link.axis)]
+            key = self.add(link.axis)
+            if link.reduced:
+                self.reduced.add(key)
+            return [key]
         raise TypeError(f"unknown link {link!r}")
 
     # ---- resolution ------------------------------------------------------------------------
@@ -448,6 +455,7 @@ class _Builder:
             ms = groups[r]
             s = Space(id=ids[r], width=self.size[ms[0]])
             s.frozen_by = frozen_roots.get(r)
+            s.reduced = any(m in self.reduced for m in ms)
             for m in ms:
                 if m[0] == "n":
                     s.members.append(NodeAxis(m[1], m[2]))

@@ -216,4 +216,10 @@ def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
             pos = list(positions[s]) if positions is not None else align(
                 np.zeros((ref.depth, st.depth)), "uniform")
             plan[s] = (pos, ref.depth, reference, ref_traced, ref)
+    if not plan and len(traced.graph.nodes) != len(ref_traced.graph.nodes):
+        raise MismatchError(
+            f"{type(model).__name__} and the reference differ ({len(traced.graph.nodes)} vs "
+            f"{len(ref_traced.graph.nodes)} graph nodes) but no stage of units of depth tells "
+            f"them apart ({len(stages)} stages found, of depths {[s.depth for s in stages]}); "
+            f"deepen() finds units in nn.Sequential/nn.ModuleList containers only")
     return expand(model, traced, stages, plan, example_inputs) if plan else copy.deepcopy(model)

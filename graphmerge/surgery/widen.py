@@ -18,45 +18,31 @@ from graphmerge.errors import ConfigError, GraphmergeError
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import set_eval
 from graphmerge.graph.oracle import output_error
-from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors, set_tensor, sync_module_attributes
 
 __all__ = ["widen"]
 
-_NORMALISING = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
-
-
-def _normalised_spaces(model: nn.Module, table: SpaceTable) -> set[int]:
-    """Spaces normalised over their own axis: duplicating units would change the statistics."""
-    owners = {name: m for name, m in model.named_modules()}
-    out = set()
-    for s in table:
-        for a in s.params:
-            if isinstance(owners.get(a.param.rpartition(".")[0]), _NORMALISING):
-                out.add(s.id)
-    return out
-
-
 def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed: int = 0,
           rtol: float = 1e-4) -> nn.Module:
     """A copy of `model` whose free spaces are wider by `extra` (a ratio, or a number of units)
     and that computes the same function (checked on the example inputs).
 
-    Spaces normalised over their own axis (LayerNorm) keep their width.
+    Spaces that some op reduces over (a norm, mean, sum or softmax over their units) keep their
+    width: duplicating units would change the statistics. A width held outside the graph (a
+    module attribute the forward code reads) cannot be rewritten: such a model is refused.
     """
     if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra < 0:
         raise ConfigError(f"extra must be a non-negative ratio or number of units, got {extra!r}")
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs).space_table
-    skip = _normalised_spaces(model, table)
     g = torch.Generator().manual_seed(seed)
     base: dict[int, Selection] = {}
     for s in table:
         if s.derived is not None:
             continue
-        n_extra = 0 if s.frozen or s.id in skip else (
+        n_extra = 0 if s.frozen or s.reduced else (
             extra if isinstance(extra, int) else round(extra * s.width))
         index = torch.cat([torch.arange(s.width), torch.randint(0, s.width, (n_extra,),
                                                                 generator=g)])
@@ -83,7 +69,13 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
             set_tensor(wide, name, t.contiguous())
     sync_module_attributes(wide)
     set_eval(wide)
-    err = output_error(model, wide, inputs)
+    try:
+        err = output_error(model, wide, inputs)
+    except Exception as e:  # a width the forward code reads from elsewhere
+        raise GraphmergeError(
+            f"the widened {type(model).__name__} does not run ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}): a width is held outside the graph (e.g. a "
+            f"module attribute read by forward); widen() cannot rewrite it") from e
     if err > rtol:
         raise GraphmergeError(f"widening changed the model's outputs (relative error {err:.1e}); "
                               f"a space is normalised in a way widen() does not detect")

@@ -64,6 +64,10 @@ def _unary(op: Op) -> Iterator[Link]:
             yield from keep_all(op, t)
         return
     yield from broadcast(op, op.tensor_args())
+    if op.name in ("softmax", "log_softmax", "Softmax", "LogSoftmax"):
+        dim = op.module.dim if op.module is not None else op.arg(1, "dim")
+        if isinstance(dim, int) and op.x(src, dim) is not None:
+            yield Keep(op.x(src, dim), reduced=True)  # normalised over every unit of dim
 
 
 _BINARY = (

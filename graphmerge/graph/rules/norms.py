@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphmerge.graph.axes import AxisRef, Freeze, Link, Same
+from graphmerge.graph.axes import AxisRef, Freeze, Keep, Link, Same
 from graphmerge.graph.rules.registry import (
     Op,
     functional_param,
@@ -41,6 +41,8 @@ def _norm_last(op: Op, x: Any, k: int, params: Sequence[Callable[[int], AxisRef 
     for d in range(n):
         j = d - (n - k)
         yield Same(op.x(x, d), op.out(d), *((f(j) for f in params) if j >= 0 else ()))
+        if j >= 0 and op.x(x, d) is not None:
+            yield Keep(op.x(x, d), reduced=True)  # its statistics read every unit
 
 
 @register(nn.LayerNorm, nn.RMSNorm)

@@ -73,7 +73,7 @@ def _reduce(op: Op) -> Iterator[Link]:
         if d in reduced:
             a = op.x(x, d)
             if a is not None:
-                yield Keep(a)
+                yield Keep(a, reduced=True)
             out_d += keepdim
         else:
             yield Same(op.x(x, d), op.out(out_d))
