@@ -206,3 +206,30 @@ def test_unknown_frontend_is_a_config_error():
         gm.trace(model, x, frontend="dynamo")
     with pytest.raises(gm.ConfigError, match="frontend"):
         gm.merge([model, copy.deepcopy(model)], [x], frontend="jit")
+
+
+@pytest.mark.parametrize("name, frontend", [(n, f) for n in ZOO for f in ("fx", "export")
+                                             if not (f == "fx" and n in FX_CANNOT)])
+def test_zoo_architecture_across_widths(name, frontend):
+    """A model merged with a widened, permuted copy of itself gives the model back; a merge at
+    1.5× the width runs (shape literals and module attributes follow their spaces)."""
+    kwargs = {"depths": [1, 1, 1], "stem_stride": 2} if name == "resnet" else {}
+    model, x = builtin(name, batch=4, **kwargs)
+    model, x = _randomise_norms(model), (x,)
+    calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(3)]
+    wide = gm.widen(gm.permute(model, x, seed=1, frontend=frontend), x, extra=0.5)
+    result = gm.merge([model, wide], calibration, x, heads="average", norms="none",
+                      frontend=frontend, progress=False)
+    assert any(len(set(s["widths"])) > 1 for s in result.spaces)
+    assert output_error(model, result.module, calibration[0]) < TOL
+    if name == "mha" and frontend == "fx":  # nn.MultiheadAttention holds embed_dim itself
+        with pytest.raises(gm.GraphmergeError, match="embed_dim"):
+            gm.merge([model, wide], calibration, x, width=1.5, frontend=frontend,
+                     progress=False)
+        return
+    grown = gm.merge([model, wide], calibration, x, width=1.5, frontend=frontend,
+                     progress=False)
+    with torch.no_grad():
+        out, ref = grown.module(*calibration[0]), model(*calibration[0])
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert max(s["width"] for s in grown.spaces) > max(max(s["widths"]) for s in grown.spaces)

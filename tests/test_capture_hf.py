@@ -55,3 +55,21 @@ def test_transformers_model(name, tmp_path):
         _assert_unchanged(before, model)
         return
     check_capture(model, x, "export", tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.HF_MODELS))
+def test_transformers_model_across_widths(name):
+    """Merged with a widened, permuted copy of itself (the MLP hidden layers grow; spaces a
+    norm reduces over keep their width), a transformers model comes back."""
+    model, x = hf_models.HF_MODELS[name]()
+    twin = gm.permute(model, x, seed=1)
+    if name == "gpt2":  # Conv1D reads its width from an attribute (`nf`), outside the graph
+        with pytest.raises(gm.GraphmergeError, match="outside the graph"):
+            gm.widen(twin, x, extra=0.5)
+        return
+    wide = gm.widen(twin, x, extra=0.5)
+    calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(3)]
+    result = gm.merge([model, wide], calibration, x, heads="average", norms="none",
+                      progress=False)
+    assert any(len(set(s["widths"])) > 1 for s in result.spaces)
+    assert output_error(model, result.module, calibration[0]) < TOL

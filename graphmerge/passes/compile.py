@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from graphmerge.errors import GraphmergeError
 from graphmerge.graph.capture import set_eval
+from graphmerge.graph.literals import find_literals, merged_widths, resize_literals
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 from graphmerge.surgery.tensors import set_tensor, sync_module_attributes
@@ -22,12 +23,16 @@ __all__ = ["compile_merged"]
 
 @merge_pass(needs=("merged_state",), provides=("module",))
 def compile_merged(ctx: MergeContext) -> None:
-    """Copy model 0's graph module, load the merged tensors, check it runs and is finite."""
+    """Copy model 0's graph module, load the merged tensors, resize module attributes and
+    shape literals to the merged widths, check it runs and is finite."""
     gm: fx.GraphModule = copy.deepcopy(ctx.traced[0].graph_module)
     with torch.no_grad():
         for name, value in ctx.merged_state.items():
             set_tensor(gm, name, value.contiguous())
     sync_module_attributes(gm)
+    table = ctx.traced[0].space_table  # widths held as literals follow their spaces
+    widths = merged_widths(table, {sid: plan.width for sid, plan in ctx.plans.items()})
+    resize_literals(gm, find_literals(ctx.traced[0]), widths)
     gm.recompile()
     set_eval(gm)
     bad = [n for n, p in gm.state_dict().items() if p.is_floating_point() and not torch.isfinite(

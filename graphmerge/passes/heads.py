@@ -29,10 +29,15 @@ def attach_heads(ctx: MergeContext) -> None:
     """Decide the head mode; for "concat", plan the output space as one block per model.
 
     "auto" averages when the models' argmax predictions on the calibration data agree on at
-    least half of the samples (same label space) and concatenates otherwise (disjoint tasks).
+    least half of the samples (same label space) and concatenates otherwise (disjoint tasks);
+    outputs that are not [batch, classes] logits are averaged.
     """
     mode = ctx.config.heads
-    if mode == "auto":
+    if mode == "auto" and ctx.agreement != ctx.agreement:  # NaN
+        mode = "average"
+        log.info("heads='auto': the outputs are not [batch, classes] logits, so they are "
+                 "averaged (pass heads='concat' to keep every model's head)")
+    elif mode == "auto":
         mode = "average" if ctx.agreement >= AGREEMENT_THRESHOLD else "concat"
         log.info("heads='auto': the models agree on %.0f%% of calibration predictions -> %s "
                  "(pass heads='average' or 'concat' to choose)", 100 * ctx.agreement, mode)

@@ -27,6 +27,8 @@ def collect_statistics(ctx: MergeContext) -> None:
     agree = [0, 0]
 
     def on_outputs(outs: list) -> None:
+        # an exported graph returns its outputs as a flat tuple
+        outs = [o[0] if isinstance(o, (tuple, list)) and len(o) == 1 else o for o in outs]
         if all(isinstance(o, torch.Tensor) and o.dim() == 2 for o in outs) and len(
                 {o.shape[1] for o in outs}) == 1:
             top = [o.argmax(1) for o in outs]
@@ -36,4 +38,5 @@ def collect_statistics(ctx: MergeContext) -> None:
     ctx.stats = collect_stats([t.graph_module for t in ctx.traced], ctx.reads, ctx.batches,
                               ctx.n_inputs, progress=ctx.config.progress,
                               on_outputs=on_outputs)
-    ctx.agreement = agree[0] / agree[1] if agree[1] else 0.0
+    # NaN: no [batch, classes] output whose predictions could be compared
+    ctx.agreement = agree[0] / agree[1] if agree[1] else float("nan")

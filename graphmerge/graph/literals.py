@@ -1,0 +1,143 @@
+"""Shape constants that follow their spaces: which integer literals in the graph are widths.
+
+A reshape to `[B, T, 32]`, a layer norm over `[32]` or a depthwise convolution with
+`groups=32` holds the width of a space as a number. `find_literals` ties each such literal to
+the space of the axis it sizes, from the op and the space table; `resize_literals` rewrites
+them in a graph whose spaces changed width. Literals that are not widths (-1, sizes of frozen
+axes, values read from other nodes) are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphmerge.graph.capture import Traced
+from graphmerge.graph.spaces import SpaceTable
+
+__all__ = ["Literal", "find_literals", "merged_widths", "resize_literals"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Literal:
+    """Argument `arg` of node `node` (element `index` of it when it is a list) is the width of
+    space `space`."""
+
+    node: str
+    arg: int
+    index: int | None
+    space: int
+
+
+def _name(n: fx.Node) -> str:
+    t = n.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__
+    return t if isinstance(t, str) else getattr(t, "__name__", "")
+
+
+_SIZE_OPS = {"view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_ones", "new_empty",
+             "new_full"}
+_NORMS = {"layer_norm", "rms_norm"}
+_CONVS = {"conv1d", "conv2d", "conv3d"}
+
+
+def _sizes(n: fx.Node) -> Iterator[tuple[int, int | None, int]]:
+    """(arg, index, output axis) of each size literal of a reshape-like node."""
+    if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)):
+        for k, v in enumerate(n.args[1]):
+            yield 1, k, k
+    else:  # fx method form: x.view(b, t, c)
+        for k in range(1, len(n.args)):
+            yield k, None, k - 1
+
+
+def find_literals(traced: Traced) -> list[Literal]:
+    """Every integer literal of the graph that equals the width of the space of the axis it
+    sizes. Cost: one pass over the nodes."""
+    table = traced.space_table
+    out: list[Literal] = []
+
+    def tie(n: fx.Node, arg: int, index: int | None, node: str, dim: int) -> None:
+        value = n.args[arg] if index is None else n.args[arg][index]
+        space = table.space_of(node, dim)
+        if isinstance(value, int) and not isinstance(value, bool) and space is not None \
+                and value == space.width:
+            out.append(Literal(n.name, arg, index, space.id))
+
+    for n in traced.graph.nodes:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        name = _name(n)
+        if name in _SIZE_OPS:
+            for arg, index, dim in _sizes(n):
+                tie(n, arg, index, n.name, dim)
+        elif name in _NORMS and len(n.args) > 1 and isinstance(n.args[1], (list, tuple)):
+            x = n.args[0]
+            rank = len(traced.shapes.get(x.name) or ())
+            for j in range(len(n.args[1])):
+                tie(n, 1, j, x.name, rank - len(n.args[1]) + j)
+        elif name in _CONVS and len(n.args) > 6 and isinstance(n.args[0], fx.Node):
+            x, groups = n.args[0], n.args[6]
+            shape = traced.shapes.get(x.name) or ()
+            if len(shape) > 1 and groups == shape[1] and groups > 1:  # depthwise
+                tie(n, 6, None, x.name, 1)
+    return out
+
+
+def merged_widths(table: SpaceTable, widths: Mapping[int, int]) -> dict[int, int]:
+    """The width of every space after a rewrite that gives base spaces `widths` (others keep
+    theirs; derived spaces follow their parts)."""
+    out: dict[int, int] = {}
+
+    def width(sid: int) -> int:
+        if sid not in out:
+            d = table[sid].derived
+            if sid in widths or d is None:
+                out[sid] = widths.get(sid, table[sid].width)
+            else:
+                parts = [w if p is None else width(p) for p, w in zip(d.parts, d.sizes)]
+                out[sid] = sum(parts) if d.kind == "cat" else _product(parts)
+        return out[sid]
+
+    for s in table:
+        width(s.id)
+    return out
+
+
+def _product(xs: list[int]) -> int:
+    total = 1
+    for x in xs:
+        total *= x
+    return total
+
+
+def resize_literals(gm: fx.GraphModule, literals: list[Literal],
+                    widths: Mapping[int, int]) -> int:
+    """Rewrite, in `gm` (a copy of the traced graph), every tied literal to its space's new
+    width. Returns the number of literals changed; call `gm.recompile()` after."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    changed = 0
+    for lit in literals:
+        n, new = nodes.get(lit.node), widths.get(lit.space)
+        if n is None or new is None:
+            continue
+        args: list[Any] = list(n.args)
+        if lit.index is None:
+            if args[lit.arg] != new:
+                args[lit.arg] = new
+                changed += 1
+        else:
+            seq = list(args[lit.arg])
+            if seq[lit.index] != new:
+                seq[lit.index] = new
+                changed += 1
+            args[lit.arg] = type(n.args[lit.arg])(seq)
+        n.args = tuple(args)
+    return changed
