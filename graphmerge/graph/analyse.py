@@ -33,7 +33,7 @@ def trace(
         >>> t = gm.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
         ...                                  torch.nn.Linear(8, 2)), torch.randn(3, 4))
         >>> [(s.width, s.frozen) for s in t.spaces]
-        [(8, False)]
+        [(4, True), (8, False), (2, True)]
     """
     traced = capture(model, example_inputs, frontend=frontend, leaf_modules=leaf_modules,
                      concrete_args=concrete_args)
