@@ -183,19 +183,12 @@ def test_statistics_never_read_a_parameter():
 
 
 def test_permute_refuses_to_return_a_different_function(monkeypatch):
+    from test_spaces import Cumulative
+
     from graphmerge.graph import rules
 
     relu_rule = rules.RULES[torch.relu]
     monkeypatch.setitem(rules.RULES, torch.cumsum, relu_rule)  # a wrong rule: cumsum as relu
-
-    class Cumulative(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
-
-        def forward(self, x):
-            return self.b(torch.cumsum(self.a(x), dim=-1))
-
     with pytest.raises(gm.SpaceCheckError, match="cumsum"):
         gm.permute(Cumulative(), torch.randn(4, 3), seed=1)
 

@@ -5,14 +5,13 @@ tests/test_capture.py holds; the residual stream and the MLP hidden layer stay f
 from __future__ import annotations
 
 import pytest
+from test_capture import TOL, _assert_unchanged, _like, _snapshot, check_capture
 
 import graphmerge as gm
 from graphmerge.graph.oracle import output_error
-from test_capture import TOL, _assert_unchanged, _like, _snapshot, check_capture
 
 pytest.importorskip("transformers")
 import hf_models  # noqa: E402  (tests/hf_models.py needs transformers)
-
 
 # the parameter whose `out` axis is the residual stream (token or patch embedding), and one of
 # the MLP's hidden layer: both spaces must be free

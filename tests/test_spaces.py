@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graphmerge as gm
-from graphmerge.graph.oracle import output_error
 from graphmerge.graph import axes, rules
+from graphmerge.graph.oracle import output_error
 from graphmerge.graph.unionfind import UnionFind
 from graphmerge.lab import zoo
 
@@ -217,18 +217,18 @@ def test_unknown_op_freezes_with_one_warning():
     assert gm.check_spaces(model, x).max_output_error < 1e-5
 
 
+class Cumulative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=-1))
+
+
 def test_a_broken_rule_is_caught_by_the_oracle(monkeypatch):
     """Pretend cumsum were elementwise: the oracle must name the node that breaks."""
     monkeypatch.setitem(rules.RULES, torch.cumsum, rules.RULES[torch.relu])
-
-    class Cumulative(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
-
-        def forward(self, x):
-            return self.b(torch.cumsum(self.a(x), dim=-1))
-
     with pytest.raises(gm.SpaceCheckError, match="cumsum"):
         gm.check_spaces(Cumulative(), torch.randn(4, 3))
 

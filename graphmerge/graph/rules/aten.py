@@ -14,14 +14,14 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from graphmerge.graph.axes import Freeze, Link, Same
-from graphmerge.graph.rules import elementwise, layers, norms  # noqa: F401  (aliased below)
+from graphmerge.graph.axes import Link, Same
+from graphmerge.graph.rules import elementwise, norms  # noqa: F401  (aliased below)
+from graphmerge.graph.rules.layers import embedding_links
 from graphmerge.graph.rules.registry import (
     Op,
     alias,
     functional_param,
     ndim,
-    pass_through,
     register,
 )
 from graphmerge.graph.rules.shape import _index_links
@@ -84,11 +84,7 @@ alias(aten.max.other, torch.maximum)
 @register(aten.embedding.default)
 def _embedding(op: Op) -> Iterator[Link]:
     """aten.embedding(weight, indices): index axes pass through, D ~ weight axis 1 (out)."""
-    w, idx = op.arg(0, "weight"), op.arg(1, "indices")
-    yield from pass_through(op, idx)
-    yield Same(op.out(-1), functional_param(op, w, 1, "out"), op.x(w, 1))
-    if op.x(w, 0) is not None:
-        yield Freeze(op.x(w, 0), "embedding rows are looked up by index")
+    yield from embedding_links(op, op.arg(1, "indices"), op.arg(0, "weight"))
 
 
 @register(aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)

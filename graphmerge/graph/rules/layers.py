@@ -165,7 +165,11 @@ def _embedding(op: Op) -> Iterator[Link]:
 
 @register(F.embedding)
 def _f_embedding(op: Op) -> Iterator[Link]:
-    idx, w = op.arg(0, "input"), op.arg(1, "weight")
+    yield from embedding_links(op, op.arg(0, "input"), op.arg(1, "weight"))
+
+
+def embedding_links(op: Op, idx: Any, w: Any) -> Iterator[Link]:
+    """A lookup of weight rows by index: index axes pass through, D ~ weight axis 1 (out)."""
     yield from pass_through(op, idx)
     yield Same(op.out(-1), functional_param(op, w, 1, "out"), op.x(w, 1))
     if op.x(w, 0) is not None:
