@@ -10,6 +10,7 @@ from graphmerge.errors import (
     ConfigError,
     DataError,
     GraphmergeError,
+    InexactExpansionWarning,
     MismatchError,
     SpaceCheckError,
     TracingError,
@@ -37,6 +38,6 @@ __all__ = [
     "FrozenBy", "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning", "merge",
     "MergeResult", "MergeConfig", "export_onnx", "save_module", "load_state", "widen", "deepen",
     "GraphmergeError", "TracingError", "SpaceCheckError", "MismatchError", "ConfigError",
-    "DataError",
+    "DataError", "InexactExpansionWarning",
 ]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ __all__ = [
     "MismatchError",
     "ConfigError",
     "DataError",
+    "InexactExpansionWarning",
 ]
 
 
@@ -37,3 +38,8 @@ class ConfigError(GraphmergeError, ValueError):
 
 class DataError(GraphmergeError):
     """Data is missing, empty, non-finite or of the wrong shape."""
+
+
+class InexactExpansionWarning(UserWarning):
+    """A depth expansion could not be exact (post-norm units) and was fitted instead; the
+    message gives the error left per inserted unit."""

@@ -9,6 +9,7 @@ from torch import nn
 import graphmerge as gm
 from graphmerge.graph.stages import find_stages
 from graphmerge.lab import zoo
+from graphmerge.graph.oracle import output_error
 from graphmerge.match.align import align
 from graphmerge.passes import reset_batch_norms
 from graphmerge.surgery.deepen import deepen
@@ -160,3 +161,65 @@ def test_deepen_refuses_when_no_units_of_depth_are_found():
     deeper = zoo.build("convnext", depths=(2, 3)).eval()
     with pytest.raises(gm.MismatchError, match="no stage of units of depth"):
         deepen(model.eval(), x, deeper)
+
+
+def test_post_norm_units_get_fitted_norms_and_a_warning():
+    """x <- LN(x + f(x)): a zero branch still normalises, so the inserted units' norms get the
+    affine that best reproduces their input; the error left is reported per norm."""
+    from graphmerge.lab.zoo.bert import tiny_bert_classifier
+
+    shallow = tiny_bert_classifier(layers=2, seed=0)
+    reference = tiny_bert_classifier(layers=4, seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-like norms: the stream is far from unit-normalised
+        for m in shallow.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+
+    def batch(n):
+        return torch.randint(1, 100, (n, 12), generator=g), torch.ones(n, 12, dtype=torch.long)
+
+    x, calib = batch(4), [batch(16) for _ in range(4)]
+    with pytest.warns(gm.InexactExpansionWarning, match=r"layer\[1\]\.attention\.output"):
+        deep = deepen(shallow, x, reference, calibration=calib)
+    assert output_error(shallow, deep, calib[0]) < 1e-2
+
+
+def test_post_norm_fit_is_the_least_squares_affine():
+    """The fitted affine reproduces the norm's input at least as well as any other: the
+    default (1, 0) and random ones."""
+    from graphmerge.surgery.deepen import fit_post_norms
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8)).eval()
+    batches = [(torch.randn(32, 6, generator=g),) for _ in range(3)]
+    x = torch.cat([model[0](b[0]) for b in batches]).detach().double()
+
+    def error(weight, bias):
+        z = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True)
+                                                       + model[1].eps)
+        return float((z * weight + bias - x).norm() / x.norm())
+
+    default = error(torch.ones(8), torch.zeros(8))
+    fitted = fit_post_norms(model, [("ln", model[1])], batches)["ln"]
+    assert fitted == pytest.approx(error(model[1].weight.double(), model[1].bias.double()))
+    assert fitted < default
+    for _ in range(5):
+        assert fitted <= error(1 + torch.randn(8, generator=g), torch.randn(8, generator=g))
+
+
+def test_real_minilm_l3_merges_with_l6():
+    """The real pretrained post-norm BERTs of depth 3 and 6 (the MiniLM wheels): the shallow
+    one is expanded with fitted post-norm units, then merged."""
+    l3, x = zoo.builtin("minilm-l3", batch=8)
+    l6, _ = zoo.builtin("minilm-l6", batch=8)
+    calib = [zoo.builtin("minilm-l6", batch=8)[1] for _ in range(2)]
+    with pytest.warns(gm.InexactExpansionWarning):
+        result = gm.merge([l3.eval(), l6.eval()], calib, x, heads="average", norms="none",
+                          progress=False)
+    stage = next(a for a in result.alignments if len(set(a.depths)) > 1)
+    assert stage.depths == [3, 6] and len(stage.fit_errors) == 2 * 3  # 3 inserted layers
+    assert all(0 <= e < 1 for e in stage.fit_errors.values())
+    with torch.no_grad():
+        assert torch.isfinite(result.module(*x)).all()

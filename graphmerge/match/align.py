@@ -61,6 +61,8 @@ class StageAlignment:
     reference: int
     positions: list[list[int]]
     cka: list[np.ndarray | None] = field(default_factory=list)
+    # post-norm units: per fitted norm of an inserted unit, the relative error it leaves
+    fit_errors: dict[str, float] = field(default_factory=dict)
 
 
 

@@ -79,7 +79,12 @@ def align_depths(ctx: MergeContext) -> None:
                                       stages[a.reference][s])
     ctx.models, ctx.traced = list(models), list(traced)
     for i, plan in plans.items():
-        ctx.models[i] = expand(models[i], traced[i], stages[i], plan, ctx.example_inputs)
+        calibration = [split_batch(b, ctx.n_inputs) for b in ctx.batches]
+        ctx.models[i], fit = expand(models[i], traced[i], stages[i], plan, ctx.example_inputs,
+                                    calibration=calibration)
+        for s in plan:
+            alignments[s].fit_errors.update({k: v for k, v in fit.items()
+                                             if k.startswith(alignments[s].container)})
         ctx.traced[i] = trace(ctx.models[i], ctx.example_inputs, frontend=ctx.config.frontend,
                               leaf_modules=ctx.config.leaf_modules)
         log.info("model %d expanded to the deepest topology: %s", i,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphmerge.errors import GraphmergeError, MismatchError
+from graphmerge.errors import GraphmergeError, InexactExpansionWarning, MismatchError
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, set_eval
 from graphmerge.graph.oracle import output_error
@@ -30,11 +31,12 @@ from graphmerge.inputs import as_inputs
 from graphmerge.match.align import align
 from graphmerge.surgery.tensors import set_tensor, sync_module_attributes
 
-__all__ = ["expand", "deepen"]
+__all__ = ["expand", "deepen", "fit_post_norms"]
 
 log = logging.getLogger(__name__)
 
 _IDENTITY_LIKE = (nn.Identity, nn.Dropout)
+_POST_NORMS = (nn.LayerNorm,)
 
 
 # ---- identity units -------------------------------------------------------------------------
@@ -60,9 +62,13 @@ def _fit_width(module: nn.Module, old: int, new: int) -> nn.Module:
     return module
 
 
-def _zero_branches(unit_module: nn.Module, traced: Traced, unit: Unit) -> None:
+def _zero_branches(unit_module: nn.Module, traced: Traced, unit: Unit) -> list[str]:
     """Make a residual unit the identity: zero the parameters that produce every residual
-    branch (the last norm's affine, or the last linear/conv), found in the traced graph."""
+    branch (the last norm's affine, or the last linear/conv), found in the traced graph.
+
+    Returns the norms that sit on the stream after a residual add (post-norm, x ← LN(x + f(x))),
+    relative to the unit: with a zero branch they still normalise, so no setting makes the
+    unit exact; `fit_post_norms` fits their affine instead."""
     prefix = f"{unit.container}.{unit.children[0]}."
 
     def inside(n: fx.Node) -> bool:
@@ -75,11 +81,22 @@ def _zero_branches(unit_module: nn.Module, traced: Traced, unit: Unit) -> None:
     nodes = [n for n in traced.graph.nodes if n.op != "get_attr" and inside(n)]
     stream = {unit.input}
     zeroed = 0
+    post_norms: list[str] = []
+    adds: set[str] = set()
     for n in nodes:
-        if n.op == "call_module" and isinstance(traced.graph_module.get_submodule(n.target),
-                                                _IDENTITY_LIKE):
-            if n.args and getattr(n.args[0], "name", None) in stream:
+        module = (traced.graph_module.get_submodule(n.target) if n.op == "call_module"
+                  else None)
+        on_stream = bool(n.args) and getattr(n.args[0], "name", None) in stream
+        if isinstance(module, _IDENTITY_LIKE):
+            if on_stream:
                 stream.add(n.name)
+            continue
+        if isinstance(module, _POST_NORMS) and on_stream and n.args[0].name in adds and len(
+                n.args[0].users) == 1 and str(n.target).startswith(prefix):
+            # the sum's only reader is this norm: the stream itself is normalised (post-norm);
+            # a pre-norm reads a sum that the next add reads too
+            post_norms.append(str(n.target)[len(prefix):])
+            stream.add(n.name)
             continue
         if is_add(n):
             operands = [a for a in n.args if isinstance(a, fx.Node)]
@@ -98,9 +115,41 @@ def _zero_branches(unit_module: nn.Module, traced: Traced, unit: Unit) -> None:
                     if getattr(layer, p, None) is not None:
                         getattr(layer, p).zero_()
             stream.add(n.name)
+            adds.add(n.name)
             zeroed += 1
     if not zeroed:
         raise GraphmergeError(f"unit {prefix[:-1]} has no residual add to make an identity of")
+    return post_norms
+
+
+def fit_post_norms(model: nn.Module, norms: Sequence[tuple[str, nn.Module]],
+                   batches: Sequence[tuple[Any, ...]]) -> dict[str, float]:
+    """Give each post-norm of an inserted unit (whose branch is zero, so its input is the
+    stream x) the per-channel affine that best reproduces x from LN's normalised x, in closed
+    form (least squares over every token of `batches`), in forward order. Returns, per norm,
+    the relative error ||LN(x) − x|| / ||x|| left on the data."""
+    errors: dict[str, float] = {}
+    for name, norm in norms:
+        seen: list[torch.Tensor] = []
+        hook = norm.register_forward_hook(lambda m, args, out: seen.append(
+            args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+        try:
+            with torch.no_grad():
+                for inputs in batches:
+                    model(*inputs)
+        finally:
+            hook.remove()
+        x = torch.cat(seen)
+        z = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True)
+                                                       + norm.eps)
+        zc, xc = z - z.mean(0), x - x.mean(0)
+        w = (zc * xc).sum(0) / (zc * zc).sum(0).clamp_min(1e-12)
+        b = x.mean(0) - w * z.mean(0)
+        with torch.no_grad():
+            norm.weight.copy_(w.to(norm.weight.dtype))
+            norm.bias.copy_(b.to(norm.bias.dtype))
+        errors[name] = float((z * w + b - x).norm() / x.norm().clamp_min(1e-12))
+    return errors
 
 
 def _identity_layer(modules: list[nn.Module]) -> list[nn.Module]:
@@ -144,11 +193,18 @@ def _stream_width(traced: Traced, unit: Unit) -> int:
 
 def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage],
            plan: dict[int, tuple[list[int], int, nn.Module, Traced, Stage]],
-           example_inputs: Any, rtol: float = 1e-5) -> nn.Module:
+           example_inputs: Any, rtol: float = 1e-5,
+           calibration: Sequence[tuple[Any, ...]] = ()) -> tuple[nn.Module, dict[str, float]]:
     """A deeper copy of `model`: for stage s in `plan` = (positions, depth, reference model,
     reference trace, reference stage), unit k goes to positions[k] and identity units fill the
-    other positions. Checked to compute the same outputs on `example_inputs`."""
+    other positions. Checked to compute the same outputs on `example_inputs`.
+
+    Post-norm units (x ← LN(x + f(x))) cannot be exact: their norms get the affine that best
+    reproduces their input on `calibration` (default: the example inputs); the returned dict
+    gives, per fitted norm, the relative error left, and an InexactExpansionWarning names
+    them. Everywhere else exactness is required (GraphmergeError otherwise)."""
     out = copy.deepcopy(model)
+    post: list[tuple[str, nn.Module]] = []
     by_container: dict[str, list[tuple[int, Stage]]] = {}
     for s, stage in enumerate(stages):
         by_container.setdefault(stage.container, []).append((s, stage))
@@ -173,7 +229,8 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage],
                 template = [_fit_width(copy.deepcopy(m), ref_width, width)
                             for m in _unit_modules(ref_model, ref_unit)]
                 if ref_unit.kind == "residual":
-                    _zero_branches(template[0], ref_traced, ref_unit)
+                    for rel in _zero_branches(template[0], ref_traced, ref_unit):
+                        post.append((f"{container}[{p}].{rel}", template[0].get_submodule(rel)))
                     new_units.append(template)
                 else:
                     new_units.append(_identity_layer(template))
@@ -189,19 +246,29 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage],
         parent_name, _, leaf = container.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, leaf, new)
     set_eval(out)
-    err = output_error(model, out, as_inputs(example_inputs))
-    if err > rtol:
+    inputs = as_inputs(example_inputs)
+    fit = fit_post_norms(out, post, list(calibration) or [inputs]) if post else {}
+    err = output_error(model, out, inputs)
+    if post:
+        warnings.warn(
+            f"{type(model).__name__} has post-norm units (x <- LN(x + f(x))), for which no "
+            f"identity exists: the inserted units' norms were fitted to reproduce their input, "
+            f"leaving relative errors {', '.join(f'{k} {v:.1e}' for k, v in fit.items())} "
+            f"(output error {err:.1e})", InexactExpansionWarning, stacklevel=2)
+    elif err > rtol:
         raise GraphmergeError(
             f"the identity expansion of {type(model).__name__} is not exact (relative error "
             f"{err:.1e}); identity units need non-negative inputs (ReLU before each unit)")
-    return out
+    return out, fit
 
 
 def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
-           positions: Sequence[Sequence[int]] | None = None) -> nn.Module:
+           positions: Sequence[Sequence[int]] | None = None,
+           calibration: Sequence[tuple[Any, ...]] = ()) -> nn.Module:
     """`model` expanded to `reference`'s depth in every stage, with identity units (templates
     from `reference`). `positions[s]` places model's units in stage s (default: evenly, first
-    and last fixed). Computes exactly the function of `model`."""
+    and last fixed). Computes exactly the function of `model`, except for post-norm units,
+    whose norms are fitted on `calibration` (see `expand`)."""
     traced, ref_traced = trace(model, example_inputs), trace(reference, example_inputs)
     stages, ref_stages = find_stages(traced), find_stages(ref_traced)
     if len(stages) != len(ref_stages):
@@ -222,4 +289,6 @@ def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
             f"{len(ref_traced.graph.nodes)} graph nodes) but no stage of units of depth tells "
             f"them apart ({len(stages)} stages found, of depths {[s.depth for s in stages]}); "
             f"deepen() finds units in nn.Sequential/nn.ModuleList containers only")
-    return expand(model, traced, stages, plan, example_inputs) if plan else copy.deepcopy(model)
+    if not plan:
+        return copy.deepcopy(model)
+    return expand(model, traced, stages, plan, example_inputs, calibration=calibration)[0]
