@@ -221,5 +221,6 @@ def test_real_minilm_l3_merges_with_l6():
     stage = next(a for a in result.alignments if len(set(a.depths)) > 1)
     assert stage.depths == [3, 6] and len(stage.fit_errors) == 2 * 3  # 3 inserted layers
     assert all(0 <= e < 1 for e in stage.fit_errors.values())
+    assert "attention.output.LayerNorm" in result.match_graph.graph["post_norm_fit_errors"]
     with torch.no_grad():
         assert torch.isfinite(result.module(*x)).all()
