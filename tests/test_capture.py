@@ -226,3 +226,34 @@ def test_zoo_architecture_across_widths(name, frontend):
         out, ref = grown.module(*calibration[0]), model(*calibration[0])
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert max(s["width"] for s in grown.spaces) > max(max(s["widths"]) for s in grown.spaces)
+
+
+DEEPER = {"resnet": {"depths": (2, 3, 2), "stem_stride": 2}, "vit": {"depth": 4},
+          "mlp": {"hidden": (256, 256, 256)}, "senet": {"depths": (2, 3)}, "mha": {"depth": 4},
+          # not found as units of depth yet (issue 9): refused with a clear error
+          "mobilenet": {"depths": (1, 3, 3)}, "densenet": {"block_layers": (5, 5)},
+          "gpt": {"n_layer": 4}, "convnext": {"depths": (2, 3)}}
+DEPTH_REFUSED = {"mobilenet", "densenet", "gpt", "convnext"}
+
+
+@pytest.mark.parametrize("name", sorted(DEEPER))
+def test_zoo_architecture_across_depths(name):
+    """Merged with a deepened, permuted copy of itself, a model comes back (the inserted units'
+    branches are zeroed at the layers that write the stream, found through products, indexing
+    and dropout); where no units of depth are found the refusal is a clear error."""
+    from graphmerge.lab.zoo.registry import build
+
+    kwargs = {"depths": [1, 1, 1], "stem_stride": 2} if name == "resnet" else {}
+    model, x = builtin(name, batch=4, **kwargs)
+    model, x = _randomise_norms(model), (x,)
+    reference = build(name, **DEEPER[name]).eval()
+    if name in DEPTH_REFUSED:
+        with pytest.raises(gm.MismatchError, match="stage"):
+            gm.deepen(gm.permute(model, x, seed=1), x, reference)
+        return
+    deep = gm.deepen(gm.permute(model, x, seed=1), x, reference)
+    calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(3)]
+    result = gm.merge([model, deep], calibration, x, heads="average", norms="none",
+                      progress=False)
+    assert any(len(set(a.depths)) > 1 for a in result.alignments)
+    assert output_error(model, result.module, calibration[0]) < TOL

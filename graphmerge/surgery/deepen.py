@@ -104,22 +104,70 @@ def _zero_branches(unit_module: nn.Module, traced: Traced, unit: Unit) -> list[s
             branch = [a for a in operands if a.name not in stream]
             if len(skip) != 1 or len(branch) != 1:
                 continue
-            producer = branch[0]
-            if producer.op != "call_module" or not str(producer.target).startswith(prefix):
+            producer = _weighted_producer(branch[0], prefix)
+            if producer is None:
                 raise GraphmergeError(
-                    f"cannot make unit {prefix[:-1]} an identity: its residual branch ends in "
-                    f"`{producer.name}` ({producer.op}), not in a layer with weights")
-            layer = unit_module.get_submodule(str(producer.target)[len(prefix):])
-            with torch.no_grad():
-                for p in ("weight", "bias"):
-                    if getattr(layer, p, None) is not None:
-                        getattr(layer, p).zero_()
+                    f"cannot make unit {prefix[:-1]} an identity: its residual branch "
+                    f"`{branch[0].name}` does not come from a layer with weights through ops "
+                    f"that keep a zero (scaling, indexing, dropout)")
+            _zero_producers(unit_module, prefix, producer, traced)
             stream.add(n.name)
             adds.add(n.name)
             zeroed += 1
     if not zeroed:
         raise GraphmergeError(f"unit {prefix[:-1]} has no residual add to make an identity of")
     return post_norms
+
+
+_KEEP_ZERO = {"mul", "imul", "getitem", "dropout", "contiguous", "clone", "to", "float"}
+
+
+def _weighted_producer(node: fx.Node, prefix: str) -> fx.Node | None:
+    """The layer with weights whose zero output makes `node` zero: `node` itself, or reached
+    back through ops that map zero to zero (a product such as layer scale or squeeze-and-
+    excitation, taking an item of a tuple output, dropout, casts)."""
+    seen: set[str] = set()
+    while node.name not in seen:
+        seen.add(node.name)
+        if node.op == "call_module" and str(node.target).startswith(prefix):
+            module = node.graph.owning_module.get_submodule(node.target)
+            if not isinstance(module, _IDENTITY_LIKE) and any(True for _ in module.parameters()):
+                return node
+        name = node.target if isinstance(node.target, str) else getattr(node.target,
+                                                                        "__name__", "")
+        inputs = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+        if node.op == "call_module" and isinstance(
+                node.graph.owning_module.get_submodule(node.target), _IDENTITY_LIKE):
+            name = "dropout"
+        if name not in _KEEP_ZERO or not inputs:
+            return None
+        # of a product, follow the factor made by a layer (the other, e.g. a gate, may stay)
+        candidates = [_weighted_producer(a, prefix) for a in inputs] if name in (
+            "mul", "imul") else [None]
+        found = next((c for c in candidates if c is not None), None)
+        if name in ("mul", "imul"):
+            return found
+        node = inputs[0]
+    return None
+
+
+def _zero_producers(unit_module: nn.Module, prefix: str, node: fx.Node, traced: Traced) -> None:
+    """Zero the parameters of layer `node` that write its output space (its `out` axes, from
+    the space table): the layer then outputs exactly zero."""
+    table = traced.space_table
+    piece = node.name if node.name in table.node_axes else f"{node.name}#0"
+    dims = table.node_axes.get(piece, {})
+    space = table[dims[max(dims)]] if dims else None
+    owner = f"{node.target}."
+    names = {a.param for a in (space.producers if space else ()) if a.param.startswith(owner)}
+    if not names:  # no space table entry: the layer's own weight and bias
+        names = {f"{owner}{p}" for p in ("weight", "bias")
+                 if getattr(traced.graph_module.get_submodule(node.target), p, None) is not None}
+    named = dict(unit_module.named_parameters())  # running statistics are not zeroed: with a
+    with torch.no_grad():                          # zero affine a norm outputs zero anyway
+        for name in names:
+            if name[len(prefix):] in named:
+                named[name[len(prefix):]].zero_()
 
 
 def fit_post_norms(model: nn.Module, norms: Sequence[tuple[str, nn.Module]],
