@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import graphmerge as gm
+from graphmerge.graph.oracle import output_error
 from graphmerge.graph.stages import find_stages
 from graphmerge.lab import zoo
-from graphmerge.graph.oracle import output_error
 from graphmerge.match.align import align
 from graphmerge.passes import reset_batch_norms
 from graphmerge.surgery.deepen import deepen

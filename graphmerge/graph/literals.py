@@ -9,6 +9,7 @@ axes, values read from other nodes) are left as they are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -103,19 +104,12 @@ def merged_widths(table: SpaceTable, widths: Mapping[int, int]) -> dict[int, int
                 out[sid] = widths.get(sid, table[sid].width)
             else:
                 parts = [w if p is None else width(p) for p, w in zip(d.parts, d.sizes)]
-                out[sid] = sum(parts) if d.kind == "cat" else _product(parts)
+                out[sid] = sum(parts) if d.kind == "cat" else math.prod(parts)
         return out[sid]
 
     for s in table:
         width(s.id)
     return out
-
-
-def _product(xs: list[int]) -> int:
-    total = 1
-    for x in xs:
-        total *= x
-    return total
 
 
 def resize_literals(gm: fx.GraphModule, literals: list[Literal],

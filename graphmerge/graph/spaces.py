@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import warnings
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
@@ -315,7 +316,7 @@ class _Builder:
             whole = self.add(link.whole)
             parts = tuple(p if isinstance(p, int) else self.add(p) for p in link.parts)
             widths = [p if isinstance(p, int) else self.size[p] for p in parts]
-            total = sum(widths) if isinstance(link, Cat) else _prod(widths)
+            total = sum(widths) if isinstance(link, Cat) else math.prod(widths)
             if total != self.size[whole]:
                 raise GraphmergeError(
                     f"the axis rule for `{op.name}` at node `{op.node.name}` derives an axis of "
@@ -509,13 +510,6 @@ def _data_nodes(graph: fx.Graph) -> set[str]:
         if n.op == "placeholder" or any(a.name in data for a in n.all_input_nodes):
             data.add(n.name)
     return data
-
-
-def _prod(xs: list[int]) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def find_spaces(traced: Traced) -> SpaceTable:

@@ -78,8 +78,8 @@ def align_depths(ctx: MergeContext) -> None:
                                       models[a.reference], traced[a.reference],
                                       stages[a.reference][s])
     ctx.models, ctx.traced = list(models), list(traced)
+    calibration = [split_batch(b, ctx.n_inputs) for b in ctx.batches]
     for i, plan in plans.items():
-        calibration = [split_batch(b, ctx.n_inputs) for b in ctx.batches]
         ctx.models[i], fit = expand(models[i], traced[i], stages[i], plan, ctx.example_inputs,
                                     calibration=calibration)
         for s in plan:

@@ -126,29 +126,22 @@ def _weighted_producer(node: fx.Node, prefix: str) -> fx.Node | None:
     """The layer with weights whose zero output makes `node` zero: `node` itself, or reached
     back through ops that map zero to zero (a product such as layer scale or squeeze-and-
     excitation, taking an item of a tuple output, dropout, casts)."""
-    seen: set[str] = set()
-    while node.name not in seen:
-        seen.add(node.name)
-        if node.op == "call_module" and str(node.target).startswith(prefix):
-            module = node.graph.owning_module.get_submodule(node.target)
-            if not isinstance(module, _IDENTITY_LIKE) and any(True for _ in module.parameters()):
-                return node
-        name = node.target if isinstance(node.target, str) else getattr(node.target,
-                                                                        "__name__", "")
-        inputs = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
-        if node.op == "call_module" and isinstance(
-                node.graph.owning_module.get_submodule(node.target), _IDENTITY_LIKE):
-            name = "dropout"
-        if name not in _KEEP_ZERO or not inputs:
-            return None
-        # of a product, follow the factor made by a layer (the other, e.g. a gate, may stay)
-        candidates = [_weighted_producer(a, prefix) for a in inputs] if name in (
-            "mul", "imul") else [None]
-        found = next((c for c in candidates if c is not None), None)
-        if name in ("mul", "imul"):
-            return found
-        node = inputs[0]
-    return None
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        if not isinstance(module, _IDENTITY_LIKE):
+            weighted = any(True for _ in module.parameters())
+            return node if weighted and str(node.target).startswith(prefix) else None
+        name = "dropout"
+    else:
+        target = node.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        name = name.partition(".")[0]  # aten.mul.Tensor -> mul
+    inputs = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+    if name not in _KEEP_ZERO or not inputs:
+        return None
+    if name in ("mul", "imul"):  # zero when one factor is: follow the one a layer makes
+        return next((p for p in (_weighted_producer(a, prefix) for a in inputs) if p), None)
+    return _weighted_producer(inputs[0], prefix)
 
 
 def _zero_producers(unit_module: nn.Module, prefix: str, node: fx.Node, traced: Traced) -> None:
