@@ -85,12 +85,12 @@ def main() -> None:
         for name, res in results.items():
             for a in res.alignments:
                 if len(set(a.depths)) > 1:
-                    align_lines.append(f"- {name}: stage {a.stage} (`{a.container}`), depths "
+                    align_lines.append(f"- {name}: stage {a.stage} (`{a.name}`), depths "
                                        f"{a.depths}, unit positions {a.positions}")
             if png is None and title.startswith("depth: 2-2-2") and name == "zip, LMA":
                 stages = [(a.cka[i], a.positions[i]) for a in res.alignments
                           for i in range(len(a.depths)) if a.cka[i] is not None]
-                titles = [f"stage {a.stage} ({a.container}): model {i} in model {a.reference}"
+                titles = [f"stage {a.stage} ({a.name}): model {i} in model {a.reference}"
                           for a in res.alignments for i in range(len(a.depths))
                           if a.cka[i] is not None]
                 png = plot_alignment(stages, Path(args.out) / "cka_alignment.png", titles)

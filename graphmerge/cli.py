@@ -43,7 +43,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     stages = find_stages(traced)
     if stages:
         print("stages (units of depth): " + ", ".join(
-            f"{s.container} ×{s.depth} {s.units[0].kind}" for s in stages))
+            f"{s.name} ×{s.depth} {s.units[0].kind}" for s in stages))
     for op, nodes in table.unsupported.items():
         print(f"no axis rule for `{op}` at {', '.join(nodes)}: its axes were frozen")
     if args.check:

@@ -45,7 +45,7 @@ class MergeResult:
                         f"{s['matcher']:<8} {s['mean_correlation']:.3f}")
         for a in self.alignments:
             if len(set(a.depths)) > 1:
-                rows.append(f"stage {a.stage} ({a.container}): depths {a.depths}, positions in "
+                rows.append(f"stage {a.stage} ({a.name}): depths {a.depths}, positions in "
                             f"model {a.reference}: {a.positions}")
         return "\n".join(rows)
 

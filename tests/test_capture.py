@@ -228,17 +228,18 @@ def test_zoo_architecture_across_widths(name, frontend):
 
 DEEPER = {"resnet": {"depths": (2, 3, 2), "stem_stride": 2}, "vit": {"depth": 4},
           "mlp": {"hidden": (256, 256, 256)}, "senet": {"depths": (2, 3)}, "mha": {"depth": 4},
-          # not found as units of depth yet (issue 9): refused with a clear error
           "mobilenet": {"depths": (1, 3, 3)}, "densenet": {"block_layers": (5, 5)},
           "gpt": {"n_layer": 4}, "convnext": {"depths": (2, 3)}}
-DEPTH_REFUSED = {"mobilenet", "densenet", "gpt", "convnext"}
+# a dense block concatenates (a unit would widen the concatenation): no units of depth
+DEPTH_REFUSED = {"densenet"}
 
 
-@pytest.mark.parametrize("name", sorted(DEEPER))
-def test_zoo_architecture_across_depths(name):
-    """Merged with a deepened, permuted copy of itself, a model comes back (the inserted units'
-    branches are zeroed at the layers that write the stream, found through products, indexing
-    and dropout); where no units of depth are found the refusal is a clear error."""
+@pytest.mark.parametrize("name, frontend", [(n, f) for n in sorted(DEEPER) for f in ("fx", "export")
+                                             if not (f == "fx" and n in FX_CANNOT)])
+def test_zoo_architecture_across_depths(name, frontend):
+    """Deepened (units found in the graph, on fx and exported graphs alike), a model computes
+    the same function; merged with a deepened, permuted copy of itself it comes back. Where no
+    units of depth are found the refusal is a clear error."""
     from graphmerge.lab.zoo.registry import build
 
     kwargs = {"depths": [1, 1, 1], "stem_stride": 2} if name == "resnet" else {}
@@ -246,12 +247,16 @@ def test_zoo_architecture_across_depths(name):
     model, x = _randomise_norms(model), (x,)
     reference = build(name, **DEEPER[name]).eval()
     if name in DEPTH_REFUSED:
-        with pytest.raises(gm.MismatchError, match="stage"):
-            gm.deepen(gm.permute(model, x, seed=1), x, reference)
+        with pytest.raises(gm.MismatchError, match="no units of depth"):
+            gm.deepen(gm.permute(model, x, seed=1), x, reference, frontend=frontend)
         return
-    deep = gm.deepen(gm.permute(model, x, seed=1), x, reference)
+    before = _snapshot(model)
+    deep = gm.deepen(gm.permute(model, x, seed=1, frontend=frontend), x, reference,
+                     frontend=frontend)
     calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(3)]
+    assert output_error(model, deep, calibration[0]) < TOL
     result = gm.merge([model, deep], calibration, x, heads="average", norms="none",
-                      progress=False)
+                      frontend=frontend, progress=False)
+    _assert_unchanged(before, model)
     assert any(len(set(a.depths)) > 1 for a in result.alignments)
     assert output_error(model, result.module, calibration[0]) < TOL

@@ -1,178 +1,345 @@
-"""Units of depth: stages of repeatable blocks, found from the traced graph and its spaces.
+"""Units of depth, found from the graph alone (no container, module name or front end assumed).
 
-A *stage* is a run of children of one `nn.Sequential`/`nn.ModuleList` that process a value of
-one shape. Its units are either
+A **residual unit** is the stretch of graph between two reads of one residual stream:
+x ← x + f(x) for any branch f (attention, MLP, inverted residual, squeeze-and-excitation, layer
+scale), followed by the ops that map the sum to the next unit's input (a ReLU as in ResNets, a
+LayerNorm as in post-norm BERT). It is found at an add one of whose operands (the skip x) is an
+ancestor of the other (the branch), when the branch ends in a layer with weights reached through
+ops that keep a zero (so the unit can be made the identity) and nothing between x and the add is
+read from outside. Units whose skip is the previous unit's output form a chain; a chain's units
+are grouped by the period of their op sequence (attention, MLP, attention, MLP, … → pairs).
 
-- residual blocks (a composite child whose graph holds a residual add): every unit but the
-  first reads and writes the same space (the residual stream), or
-- plain layers (leaf children: linear/conv, optional norm, activation) whose input and output
-  shapes agree.
+A **plain unit** is linear/conv [→ norm, dropout] → activation with equal input and output
+shapes; consecutive plain units of one op sequence, each the only reader of the last, chain.
 
-The first unit of a stage may change stride or width; it is always paired with the other
-model's first unit. Units are located through `node.meta["nn_module_stack"]`, which torch.fx
-records while tracing.
+A **stage** is a maximal chain. Everything outside stages is the **trunk**; a stage is placed
+by the number of trunk nodes before it (its anchor), so two models of one family that differ in
+depth have equal trunks, and a stage one model lacks has depth 0 there.
 """
 
 from __future__ import annotations
 
-import pydoc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch.fx as fx
-from torch import nn
 
+from graphmerge.errors import MismatchError
 from graphmerge.graph.capture import Traced
+from graphmerge.graph.kinds import kind, node_key, tensor_args
+from graphmerge.graph.rules.registry import is_metadata
 
-__all__ = ["Unit", "Stage", "find_stages", "is_add"]
+__all__ = ["Unit", "Stage", "find_stages", "trunk", "corresponding_stages", "is_add",
+           "branch_producer"]
 
-_LAYER_OPS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU)  # x >= 0 after these: identity units are exact
+_ACTIVATIONS = {"relu", "hardtanh", "leaky_relu", "sigmoid", "hardsigmoid", "gelu", "silu",
+                "tanh"}
+_NORMS = {"batch_norm", "layer_norm", "rms_norm"}
+_POST_OPS = _ACTIVATIONS | _NORMS | {"dropout", "identity"}
+# ops that map a zero tensor to a zero tensor (a branch ending in them is zero when its layer is)
+_KEEP_ZERO = {"mul", "getitem", "dropout", "identity", "reshape", "flatten", "to", "float",
+              "type_as"}
 
 
 @dataclass
 class Unit:
-    """One unit: the container children it spans, its input and output graph nodes."""
+    """One unit of depth: the stream value it reads, the value it writes, its nodes in graph
+    order (input excluded, output included, parameters not listed) and their op signature."""
 
-    container: str
-    children: list[int]
+    input: str
+    output: str
+    nodes: list[str]
     kind: str                 # "residual" | "layer"
-    input: str                # node name of the value entering the unit
-    output: str               # node name of the unit's output value
+    signature: tuple = ()
 
 
 @dataclass
 class Stage:
-    container: str
+    """A chain of units; `anchor` = (trunk nodes before it, rank among stages placed there)."""
+
+    input: str
+    anchor: tuple[int, int]
     units: list[Unit] = field(default_factory=list)
 
     @property
     def depth(self) -> int:
         return len(self.units)
 
+    @property
+    def name(self) -> str:
+        return f"stage at `{self.input}`"
+
 
 def is_add(n: fx.Node) -> bool:
-    """Whether node n adds two values (`a + b`, `torch.add`, `a += b`): where a residual branch
-    joins its stream."""
-    return n.op == "call_function" and getattr(n.target, "__name__", "") in ("add", "iadd")
+    """Whether node n adds two values (`a + b`, `torch.add`, `a += b`, `aten.add`)."""
+    return n.op in ("call_function", "call_method") and kind(n) == "add"
 
 
-def _owner(n: fx.Node, container: str) -> int | None:
-    """Index of `container`'s child that created node n (from the module stack), else None."""
-    stack = n.meta.get("nn_module_stack") or {}
-    prefix = f"{container}."
-    for path in stack:
-        path = path if isinstance(path, str) else str(path)
-        if path.startswith(prefix):
-            head = path[len(prefix):].split(".")[0]
-            if head.isdigit():
-                return int(head)
-    return None
+def _has_weights(n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return any(True for _ in n.graph.owning_module.get_submodule(n.target).parameters())
+    return n.op == "call_function" and any(
+        a.op == "get_attr" for a in n.all_input_nodes) and kind(n) not in _KEEP_ZERO | {"add"}
 
 
-def _as_class(cls: type | str) -> type:
-    """The class a module stack names: torch.export records "pkg.module.Class" strings."""
-    if isinstance(cls, type):
-        return cls
-    found = pydoc.locate(cls)
-    return found if isinstance(found, type) else type(cls.rpartition(".")[2], (), {
-        "__module__": cls.rpartition(".")[0]})  # an unimportable user class: a stand-in
+def branch_producer(node: fx.Node, inside: set[fx.Node] | None = None) -> fx.Node | None:
+    """The layer with weights whose zero output makes `node` zero: `node` itself, or one
+    reached back through ops that map zero to zero (a product such as layer scale or squeeze-
+    and-excitation, an item of a tuple output, dropout, casts); only nodes in `inside`."""
+    if inside is not None and node not in inside:
+        return None
+    if _has_weights(node):
+        return node
+    inputs = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+    if kind(node) not in _KEEP_ZERO or not inputs:
+        return None
+    if kind(node) == "mul":  # zero when one factor is: follow the one a layer makes
+        return next((p for p in (branch_producer(a, inside) for a in inputs) if p), None)
+    return branch_producer(inputs[0], inside)
 
 
-def _children(nodes: Sequence[fx.Node]) -> dict[str, dict[int, type]]:
-    """Container path -> {child index: child class}, read off the recorded module stacks
-    (an iterated nn.ModuleList never appears itself, only its numbered children)."""
-    out: dict[str, dict[int, type]] = {}
-    for n in nodes:
-        for key, value in (n.meta.get("nn_module_stack") or {}).items():
-            path = value[0] if isinstance(value, tuple) else str(key)
-            cls = _as_class(value[1]) if isinstance(value, tuple) else type(None)
-            head, _, tail = path.rpartition(".")
-            if tail.isdigit():
-                out.setdefault(head, {})[int(tail)] = cls
+class _Graph:
+    """The nodes that compute (no get_attr), their order and shapes."""
+
+    def __init__(self, traced: Traced) -> None:
+        self.nodes = [n for n in traced.graph.nodes if n.op != "get_attr"]
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.shapes = traced.shapes
+
+    def shape(self, n: fx.Node) -> tuple | None:
+        s = self.shapes.get(n.name)
+        return s if isinstance(s, tuple) and all(isinstance(d, int) for d in s) else None
+
+    def reaches(self, src: fx.Node, dst: fx.Node) -> bool:
+        """Whether `dst` is an ancestor of `src`."""
+        lo, seen, todo = self.order[dst], set(), [src]
+        while todo:
+            n = todo.pop()
+            if n is dst:
+                return True
+            if n in seen or n not in self.order or self.order[n] < lo:
+                continue
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+        return False
+
+    def window(self, start: fx.Node, end: fx.Node) -> list[fx.Node]:
+        return self.nodes[self.order[start] + 1:self.order[end] + 1]
+
+    def _stream(self, start: fx.Node, window: list[fx.Node]) -> set[fx.Node]:
+        """The window's nodes computed from `start` (the rest computes masks, sizes, …)."""
+        found = {start}
+        for n in window:  # reading a dtype or a size of the stream is not computing from it
+            if not is_metadata(n) and any(a in found for a in n.all_input_nodes):
+                found.add(n)
+        found.discard(start)
+        return found
+
+    def closed(self, start: fx.Node, end: fx.Node) -> bool:
+        """Nothing computed from `start` before `end` is read after `end`."""
+        window = self.window(start, end)
+        inside = set(window)
+        return all(u in inside for n in self._stream(start, window) if n is not end
+                   for u in n.users)
+
+    def members(self, start: fx.Node, end: fx.Node) -> list[fx.Node]:
+        """The nodes of the unit from `start` (excluded) to `end`: what is computed from the
+        stream, and what only the unit reads (a causal mask sliced inside the block). A value
+        read later too (an attention mask or a batch size computed once for every block) is
+        the trunk's."""
+        window = self.window(start, end)
+        stream = self._stream(start, window)
+        members: set[fx.Node] = set()
+        for n in reversed(window):
+            if n in stream or n is end or (n.users and all(u in members for u in n.users)):
+                members.add(n)
+        return [n for n in window if n in members]
+
+    def post_ops(self, n: fx.Node) -> list[fx.Node]:
+        """The single-reader chain of activations, norms and dropout after `n`."""
+        out = []
+        while len(n.users) == 1:
+            u = next(iter(n.users))
+            inputs = [a for a in u.all_input_nodes if a.op != "get_attr"]
+            if inputs != [n] or kind(u) not in _POST_OPS or self.shape(u) != self.shape(n):
+                break
+            out.append(u)
+            n = u
+        return out
+
+
+def _signature(nodes: Iterable[fx.Node]) -> tuple:
+    return tuple(node_key(n) for n in nodes)
+
+
+def _residual_units(g: _Graph) -> list[list[Unit]]:
+    """Chains of residual units, each a list of units (one per add)."""
+    found = []  # (skip, add, post ops)
+    for n in g.nodes:
+        operands = [a for a in n.args if isinstance(a, fx.Node)]
+        if not is_add(n) or len(operands) != 2 or any(a.op == "get_attr" for a in operands):
+            continue
+        if g.shape(n) is None or any(g.shape(a) != g.shape(n) for a in operands):
+            continue
+        a, b = operands
+        ra, rb = _through_identity(a), _through_identity(b)  # a shortcut nn.Identity()
+        skip, branch = (ra, b) if g.reaches(b, ra) else (rb, a) if g.reaches(a, rb) else (
+            None, None)
+        if skip is None or not g.closed(skip, n):
+            continue
+        if branch_producer(branch, set(g.window(skip, n))) is None:
+            continue
+        found.append((skip, n, g.post_ops(n)))
+    # a unit nested in another's branch is part of that unit
+    found = [f for f in found if not any(
+        o is not f and g.order[o[0]] <= g.order[f[0]] and g.order[f[1]] < g.order[o[1]]
+        for o in found)]
+    chains: list[list[list]] = []
+    for skip, add, post in found:
+        head = next((c for c in chains if _follows(c[-1], skip)), None)
+        item = [skip, add, post]
+        if head is not None:
+            prev = head[-1]
+            prev[2] = prev[2][:[prev[1], *prev[2]].index(skip)]  # its output is this skip
+            head.append(item)
+        else:
+            chains.append([item])
+    out = []
+    for chain in chains:
+        _trim_last(g, chain)
+        units = []
+        for skip, add, post in chain:
+            nodes = g.members(skip, post[-1] if post else add)
+            units.append(Unit(skip.name, nodes[-1].name, [m.name for m in nodes], "residual",
+                              _signature(nodes)))
+        out.append(units)
     return out
 
 
+def _through_identity(n: fx.Node) -> fx.Node:
+    while kind(n) in ("identity", "dropout") and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def _follows(item: list, skip: fx.Node) -> bool:
+    _, add, post = item
+    return skip is add or skip in post
+
+
+def _trim_last(g: _Graph, chain: list[list]) -> None:
+    """The last unit of a chain has no next skip to end at: it keeps the post ops its chain's
+    other units have (the previous one of its op sequence, else the one before it); a lone unit
+    keeps only activations (a final norm belongs to the trunk)."""
+    skip, add, post = chain[-1]
+    body = _signature(g.members(skip, add))
+    like = [c for c in chain[:-1] if _signature(g.members(c[0], c[1])) == body] or chain[:-1]
+    if like:
+        n = len(like[-1][2])
+        keep = [kind(p) for p in like[-1][2]]
+        chain[-1][2] = post[:n] if [kind(p) for p in post[:n]] == keep else []
+    else:
+        k = 0
+        while k < len(post) and kind(post[k]) in _ACTIVATIONS:
+            k += 1
+        chain[-1][2] = post[:k]
+
+
+def _plain_units(g: _Graph, taken: set[str]) -> list[list[Unit]]:
+    """Chains of layer units (linear/conv [→ norm/dropout] → activation, shape kept)."""
+    units = []
+    for v in g.nodes:
+        if g.shape(v) is None:
+            continue
+        for first in v.users:
+            if first.name in taken or kind(first) not in ("linear", "conv") or not first.args \
+                    or first.args[0] is not v or not (first.op == "call_module"
+                                                      or "weight" in tensor_args(first)):
+                continue
+            body = [first]
+            while kind(body[-1]) not in _ACTIVATIONS and len(body[-1].users) == 1:
+                nxt = next(iter(body[-1].users))
+                if kind(nxt) not in _POST_OPS or nxt.name in taken:
+                    break
+                body.append(nxt)
+            if kind(body[-1]) not in _ACTIVATIONS or g.shape(body[-1]) != g.shape(v):
+                continue
+            units.append(Unit(v.name, body[-1].name, [n.name for n in body], "layer",
+                              _signature(body)))
+    by_input = {u.input: u for u in units}
+    users = {n.name: len(n.users) for n in g.nodes}
+    starts = [u for u in units if not any(p.output == u.input and p.signature == u.signature
+                                          and users[u.input] == 1 for p in units)]
+    chains = []
+    for u in starts:
+        chain = [u]
+        while (nxt := by_input.get(chain[-1].output)) is not None and \
+                nxt.signature == u.signature and users[chain[-1].output] == 1:
+            chain.append(nxt)
+        chains.append(chain)
+    return chains
+
+
+def _period(units: Sequence[Unit]) -> int:
+    sigs = [u.signature for u in units]
+    return next(p for p in range(1, len(sigs) + 1)
+                if len(sigs) % p == 0 and all(s == sigs[k % p] for k, s in enumerate(sigs)))
+
+
+def _group(chain: Sequence[Unit]) -> list[Unit]:
+    p = _period(chain)
+    return [Unit(chain[k].input, chain[k + p - 1].output,
+                 [n for u in chain[k:k + p] for n in u.nodes], chain[k].kind,
+                 tuple(s for u in chain[k:k + p] for s in u.signature))
+            for k in range(0, len(chain), p)]
+
+
 def find_stages(traced: Traced) -> list[Stage]:
-    """The stages of a traced model, in graph order (containers with at least one unit)."""
-    nodes = list(traced.graph_module.graph.nodes)
-    stages = []
-    for c, classes in _children(nodes).items():
-        per_child: dict[int, list[fx.Node]] = {}
-        for n in nodes:
-            j = _owner(n, c)
-            if j is not None:
-                per_child.setdefault(j, []).append(n)
-        composite = all(not cls.__module__.startswith("torch.nn") for cls in classes.values())
-        if composite:
-            stages.extend(s for s in [_residual_stage(c, per_child, traced)] if s.units)
-        else:
-            stages.extend(_layer_stages(c, classes, per_child, traced))
-    # a container nested in another's unit (a shortcut Sequential) is not a stage of its own
-    unit_paths = {f"{s.container}.{j}" for s in stages for u in s.units for j in u.children}
-    kept = [s for s in stages if not any(s.container.startswith(p + ".") for p in unit_paths)]
-    order = {n.name: i for i, n in enumerate(nodes)}
-    return sorted(kept, key=lambda s: order[s.units[0].output])
+    """The stages of a traced model in graph order (see the module docstring)."""
+    g = _Graph(traced)
+    residual = _residual_units(g)
+    taken = {n for chain in residual for u in chain for n in u.nodes}
+    chains = residual + _plain_units(g, taken)
+    chains.sort(key=lambda c: g.order[traced.node(c[0].input)])
+    inside = {n for chain in chains for u in chain for n in u.nodes}
+    stages: list[Stage] = []
+    for chain in chains:
+        first = traced.node(chain[0].nodes[0])
+        before = sum(1 for n in g.nodes[:g.order[first]] if n.name not in inside)
+        rank = sum(1 for s in stages if s.anchor[0] == before)
+        stages.append(Stage(chain[0].input, (before, rank), _group(chain)))
+    return stages
 
 
-def _io(group: Sequence[fx.Node]) -> tuple[str, str]:
-    inside = set(group)
-    first_inputs = [a for n in group for a in n.all_input_nodes
-                    if a not in inside and a.op != "get_attr"]
-    return (first_inputs[0].name if first_inputs else group[0].name), group[-1].name
+def trunk(traced: Traced, stages: Sequence[Stage]) -> list[fx.Node]:
+    """The nodes outside every stage (parameters not listed), in graph order."""
+    inside = {n for s in stages for u in s.units for n in u.nodes}
+    return [n for n in traced.graph.nodes if n.op != "get_attr" and n.name not in inside]
 
 
-def _residual_stage(c: str, per_child: dict[int, list[fx.Node]], traced: Traced) -> Stage:
-    stage = Stage(c)
-    for j in sorted(per_child):
-        group = per_child[j]
-        inp, out = _io(group)
-        has_add = any(is_add(n) for n in group)
-        same = traced.shapes.get(inp) == traced.shapes.get(out)
-        if not has_add or (stage.units and not same):
-            if stage.units:
-                break
-            continue
-        stage.units.append(Unit(c, [j], "residual", inp, out))
-    return stage
+def corresponding_stages(ref: Traced, ref_stages: Sequence[Stage], other: Traced,
+                         other_stages: Sequence[Stage]) -> dict[int, Stage | None]:
+    """For each stage of `ref` (by index), the stage of `other` at the same place (None: it has
+    none there, depth 0). The two trunks must agree op by op.
 
+    Raises:
+        MismatchError: naming the first trunk node where the models differ, or a stage of
+            `other` that `ref` has no stage for.
+    """
+    ta, tb = trunk(ref, ref_stages), trunk(other, other_stages)
+    for k, (a, b) in enumerate(zip(ta, tb)):
+        if node_key(a) != node_key(b):
+            raise MismatchError(
+                f"outside their units of depth the models differ at node {k}: `{b.name}` "
+                f"({kind(b)}) where the reference has `{a.name}` ({kind(a)}); depth alignment "
+                f"needs models of one family whose stages differ only in their number of units")
+    if len(ta) != len(tb):
+        raise MismatchError(f"outside their units of depth the models have {len(tb)} and "
+                            f"{len(ta)} nodes; they are not of one family")
+    at = {s.anchor: s for s in other_stages}
+    extra = set(at) - {s.anchor for s in ref_stages}
+    if extra:
+        s = at[min(extra)]
+        raise MismatchError(f"the model has a {s.name} that the reference has no stage for")
+    return {i: at.get(s.anchor) for i, s in enumerate(ref_stages)}
 
-def _layer_stages(c: str, classes: dict[int, type], per_child: dict[int, list[fx.Node]],
-                  traced: Traced) -> list[Stage]:
-    """Group leaf children into layers (linear/conv [+ norm] + activation); a stage is a run
-    of consecutive layers where every layer after the first keeps the shape (pooling and
-    other children end a run)."""
-    layers: list[list[int]] = []
-    current: list[int] = []
-    for j in sorted(per_child):
-        m = classes.get(j, type(None))  # a child never called itself (a ModuleList): no layer
-        if issubclass(m, _LAYER_OPS):
-            current = [j]
-        elif current and issubclass(m, _NORMS) and len(current) == 1:
-            current.append(j)
-        elif current and issubclass(m, _ACTIVATIONS):
-            current.append(j)
-            layers.append(current)
-            current = []
-        else:
-            current = []
-            layers.append([])  # a separator (pooling, dropout, ...): ends a run
-    runs: list[list[Unit]] = []
-    run: list[Unit] = []
-    prev_end = None
-    for layer in layers + [[]]:
-        if not layer:
-            runs.append(run)
-            run, prev_end = [], None
-            continue
-        group = [n for j in layer for n in per_child[j]]
-        inp, out = _io(group)
-        unit = Unit(c, layer, "layer", inp, out)
-        keeps = traced.shapes.get(inp) == traced.shapes.get(out)
-        if run and (prev_end != layer[0] - 1 or not keeps):
-            runs.append(run)
-            run = []
-        run.append(unit)
-        prev_end = layer[-1]
-    return [Stage(c, r) for r in runs if r]

@@ -56,13 +56,15 @@ class StageAlignment:
     reference: rows = reference units, columns = its units)."""
 
     stage: int
-    container: str
+    name: str                 # the reference's stage, named by the value entering it
     depths: list[int]
     reference: int
     positions: list[list[int]]
     cka: list[np.ndarray | None] = field(default_factory=list)
     # post-norm units: per fitted norm of an inserted unit, the relative error it leaves
     fit_errors: dict[str, float] = field(default_factory=dict)
+    # nodes of identity units inserted into some model (not read when matching)
+    inserted: set[str] = field(default_factory=set)
 
 
 

@@ -1,31 +1,32 @@
 """Pass `align_depths`: models of one family but different depths are brought to one topology.
 
-For each stage (`graphmerge.graph.stages`) the deepest model is the reference. One pass over
-the calibration data measures the CKA of every (reference unit, shallow unit) pair
-(`graphmerge.match.cka`); dynamic programming places the shallow units (`graphmerge.match.align`);
-the shallow model is expanded with exact identity units (`graphmerge.surgery.deepen.expand`) and
-traced again. Models of equal depths pass unchanged.
+Stages and trunk come from the graph (`graphmerge.graph.stages`); the model that is deepest in
+every stage is the reference. One pass over the calibration data measures the CKA of every
+(reference unit, shallow unit) pair (`graphmerge.match.cka`); dynamic programming places the
+shallow units (`graphmerge.match.align`); each shallower model becomes the reference's graph
+carrying its tensors, with identity units in the free positions
+(`graphmerge.surgery.deepen.expand`), and is traced again. Models of equal depths pass unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from graphmerge.errors import MismatchError
 from graphmerge.graph.analyse import trace
-from graphmerge.graph.capture import set_eval
-from graphmerge.graph.stages import find_stages
+from graphmerge.graph.capture import Traced, set_eval
+from graphmerge.graph.kinds import tensor_args
+from graphmerge.graph.stages import Stage, corresponding_stages, find_stages
 from graphmerge.inputs import split_batch
 from graphmerge.match.align import StageAlignment, align
 from graphmerge.match.cka import CKAAccumulator
 from graphmerge.match.statistics import feature_module
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.surgery.deepen import expand
+from graphmerge.surgery.deepen import expand, plan_depths
 
 log = logging.getLogger(__name__)
 
@@ -36,56 +37,76 @@ def align_depths(ctx: MergeContext) -> None:
     and `ctx.traced` of the expanded models)."""
     models, traced = ctx.models, ctx.traced
     stages = [find_stages(t) for t in traced]
-    counts = [len(s) for s in stages]
-    if len(set(counts)) > 1:
-        i = next(i for i, c in enumerate(counts) if c != counts[0])
-        raise MismatchError(f"model {i} has {counts[i]} stages, model 0 has {counts[0]}: models "
-                            f"of different depth must have the same stages")
-    alignments = []
-    for s in range(counts[0]):
-        depths = [st[s].depth for st in stages]
-        ref = int(np.argmax(depths))
-        alignments.append(StageAlignment(s, stages[ref][s].container, depths, ref,
-                                         [list(range(d)) for d in depths],
-                                         [None] * len(models)))
+    total = [sum(s.depth for s in st) for st in stages]
+    if len(set(total)) == 1 and all(
+            [s.depth for s in st] == [s.depth for s in stages[0]] for st in stages):
+        ctx.alignments = [StageAlignment(s, st.name, [st.depth] * len(models), 0,
+                                         [list(range(st.depth))] * len(models),
+                                         [None] * len(models))
+                          for s, st in enumerate(stages[0])]
+        return
+    ref = max(range(len(models)), key=lambda i: total[i])
+    depths = {}
+    for i in range(len(models)):
+        try:
+            depths[i] = plan_depths(traced[ref], stages[ref], traced[i], stages[i])
+        except MismatchError as e:
+            raise MismatchError(f"model {i} cannot be aligned to model {ref}, the deepest: "
+                                f"{e}") from e
+    alignments = [StageAlignment(s, st.name, [depths[i][s] for i in range(len(models))], ref,
+                                 [list(range(depths[i][s])) for i in range(len(models))],
+                                 [None] * len(models))
+                  for s, st in enumerate(stages[ref])]
     ctx.alignments = alignments
     todo = [(a, i) for a in alignments for i, d in enumerate(a.depths)
-            if d < a.depths[a.reference]]
-    if not todo:
-        return
+            if 0 < d < a.depths[ref]]
+    expanded = [i for i in range(len(models)) if any(
+        a.depths[i] < a.depths[ref] for a in alignments)]
     # one pass over the calibration data: outputs of every unit of the stages to align
-    wanted = {i: sorted({u.output for a, j in todo if j == i or a.reference == i
-                         for u in stages[i][a.stage].units}) for i in range(len(models))}
+    matched = {i: corresponding_stages(traced[ref], stages[ref], traced[i], stages[i])
+               for i in expanded}
+    wanted = {i: sorted({u.output for a, j in todo if j == i
+                         for u in matched[i][a.stage].units}) for i in expanded}
+    wanted[ref] = sorted({u.output for a, _ in todo for u in stages[ref][a.stage].units})
     runners = {i: set_eval(feature_module(traced[i].graph_module, names))
                for i, names in wanted.items() if names}
-    acc = {(a.stage, i): CKAAccumulator(a.depths[a.reference], a.depths[i]) for a, i in todo}
-    with torch.no_grad():
-        for batch in tqdm(ctx.batches, desc="unit CKA", disable=not ctx.config.progress,
-                          leave=False):
-            inputs = split_batch(batch, ctx.n_inputs)
-            feats = {i: run(*inputs)[1] for i, run in runners.items()}
-            for (s, i), cka in acc.items():
-                a = alignments[s]
-                ref_units = stages[a.reference][s].units
-                cka.update([feats[a.reference][u.output] for u in ref_units],
-                           [feats[i][u.output] for u in stages[i][s].units])
-    plans: dict[int, dict[int, tuple]] = {}
+    acc = {(a.stage, i): CKAAccumulator(a.depths[ref], a.depths[i]) for a, i in todo}
+    if acc:
+        with torch.no_grad():
+            for batch in tqdm(ctx.batches, desc="unit CKA", disable=not ctx.config.progress,
+                              leave=False):
+                inputs = split_batch(batch, ctx.n_inputs)
+                feats = {i: run(*inputs)[1] for i, run in runners.items()}
+                for (s, i), cka in acc.items():
+                    cka.update([feats[ref][u.output] for u in stages[ref][s].units],
+                               [feats[i][u.output] for u in matched[i][s].units])
     for (s, i), cka in acc.items():
         a = alignments[s]
         a.cka[i] = cka.result()
         a.positions[i] = align(a.cka[i], ctx.config.align)
-        plans.setdefault(i, {})[s] = (a.positions[i], a.depths[a.reference],
-                                      models[a.reference], traced[a.reference],
-                                      stages[a.reference][s])
     ctx.models, ctx.traced = list(models), list(traced)
     calibration = [split_batch(b, ctx.n_inputs) for b in ctx.batches]
-    for i, plan in plans.items():
-        ctx.models[i], fit = expand(models[i], traced[i], stages[i], plan, ctx.example_inputs,
-                                    calibration=calibration)
-        for s in plan:
-            alignments[s].fit_errors.update({k: v for k, v in fit.items()
-                                             if k.startswith(alignments[s].container)})
+    for i in expanded:
+        positions = {a.stage: a.positions[i] for a in alignments}
+        ctx.models[i], fit, inserted = expand(models[i], traced[i], traced[ref], positions,
+                                              ctx.example_inputs, calibration=calibration)
+        for a in alignments:
+            a.fit_errors.update({k: v for k, v in fit.items()
+                                 if k in _norm_owners(traced[ref], stages[ref][a.stage])})
+            a.inserted.update(n for u in stages[ref][a.stage].units for n in u.nodes
+                              if n in set(inserted))
         ctx.traced[i] = trace(ctx.models[i], ctx.example_inputs, frontend=ctx.config.frontend,
                               leaf_modules=ctx.config.leaf_modules)
-        log.info("model %d expanded to the deepest topology: %s", i,
-                 {alignments[s].container: plan[s][0] for s in plan})
+        log.info("model %d expanded to model %d's topology: %s", i, ref,
+                 {a.name: a.positions[i] for a in alignments})
+
+
+def _norm_owners(traced: Traced, stage: Stage) -> set[str]:
+    """Names of the norms inside a stage's units (how fit errors are keyed)."""
+    out = set()
+    for u in stage.units:
+        for name in u.nodes:
+            w = tensor_args(traced.node(name)).get("weight")
+            if w:
+                out.add(w.rpartition(".")[0])
+    return out

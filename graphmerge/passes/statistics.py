@@ -18,12 +18,20 @@ def mergeable(table: SpaceTable) -> list[Space]:
     return [s for s in table if not s.frozen and s.derived is None]
 
 
-@merge_pass(needs=("paired",), provides=("reads", "stats", "agreement"))
+def _reads(space: Space, inserted: set[str]) -> list:
+    """The space's reads, without those inside identity units that depth alignment inserted
+    (their weights are placeholders) unless nothing else reads the space."""
+    kept = [r for r in space.reads if r.node.partition("#")[0] not in inserted]
+    return kept or list(space.reads)
+
+
+@merge_pass(needs=("paired", "alignments"), provides=("reads", "stats", "agreement"))
 def collect_statistics(ctx: MergeContext) -> None:
     """Moments of every mergeable space's features, and how often the models' argmax
     predictions agree (used by heads='auto')."""
     tables = [t.space_table for t in ctx.traced]
-    ctx.reads = {s.id: [list(s.reads) for _ in tables] for s in mergeable(tables[0])}
+    inserted = {n for a in ctx.alignments for n in a.inserted}
+    ctx.reads = {s.id: [_reads(s, inserted) for _ in tables] for s in mergeable(tables[0])}
     agree = [0, 0]
 
     def on_outputs(outs: list) -> None:

@@ -1,12 +1,24 @@
-"""Layer-segment expansion: a shallower model made as deep as a reference, computing the same
-function.
+"""Layer-segment expansion as graph surgery: a shallower model made as deep as a reference of
+its family, computing the same function.
 
-For each stage (see `graphmerge.graph.stages`) the model's unit k sits at position l_k of the
-reference's depth and every other position gets an **identity unit** of the reference's
-structure — a residual block whose branches output zero, or, in a plain ReLU stack, an identity
-linear/conv with an identity norm (exact because its input is non-negative). The expansion is
-checked to be exact on the example inputs. `deepen` places units evenly; the `align_depths`
-pass places them by CKA alignment.
+The expanded model is the reference's graph (`graphmerge.graph.stages` finds its stages and
+trunk) carrying the shallow model's tensors: every trunk node and every unit the shallow model
+has takes its tensors from the node it corresponds to, and each other position of a stage keeps
+a copy of the reference's unit made an **identity unit**:
+
+- a residual unit's branches output exactly zero: the layer that writes each branch into the
+  stream (found back from the add through products, indexing, reshapes and dropout) has the
+  parameters that produce its output space zeroed; a ReLU after the add is the identity because
+  its input is proven non-negative from the graph; a BatchNorm after it becomes the identity; a
+  LayerNorm after it (post-norm, x ← LN(x + f(x))) has no identity, so its affine is fitted by
+  least squares to reproduce its input on calibration data, and the error left is reported.
+- a plain unit (linear/conv → norm → activation) becomes W = I, an identity norm and its
+  activation, exact when its input lies where the activation is the identity (ReLU after ReLU,
+  ReLU6 after ReLU6, …: proven from the graph, `graphmerge.graph.kinds.value_range`).
+
+Which axis of which tensor changes width comes from the space tables, never from sizes: an
+inserted unit's axes in a space the shallow model also has take the shallow width; shape
+constants follow (`graphmerge.graph.literals`). Every expansion is checked on the example inputs.
 """
 
 from __future__ import annotations
@@ -25,271 +37,350 @@ from torch import nn
 from graphmerge.errors import GraphmergeError, InexactExpansionWarning, MismatchError
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, set_eval
+from graphmerge.graph.kinds import identity_on, kind, tensor_args, value_range
+from graphmerge.graph.literals import find_literals, merged_widths, resize_literals
 from graphmerge.graph.oracle import output_error
-from graphmerge.graph.stages import Stage, Unit, find_stages, is_add
+from graphmerge.graph.stages import (
+    Stage,
+    Unit,
+    branch_producer,
+    corresponding_stages,
+    find_stages,
+    is_add,
+    trunk,
+)
 from graphmerge.inputs import as_inputs
 from graphmerge.match.align import align
-from graphmerge.surgery.tensors import set_tensor, sync_module_attributes
+from graphmerge.match.statistics import feature_module
+from graphmerge.surgery.tensors import named_tensors, sync_module_attributes
 
-__all__ = ["expand", "deepen", "fit_post_norms"]
+__all__ = ["expand", "deepen", "fit_post_norms", "plan_depths"]
 
 log = logging.getLogger(__name__)
 
-_IDENTITY_LIKE = (nn.Identity, nn.Dropout)
-_POST_NORMS = (nn.LayerNorm,)
+
+# ---- tensors of a graph module, by qualified name ----------------------------------------
+
+
+def _get(gm: nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def _put(gm: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(
+            value, requires_grad=value.is_floating_point())
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, value)
+
+
+def _node_tensors(n: fx.Node) -> list[str]:
+    """Qualified names of every tensor node `n` uses: its module's, or its get_attr inputs."""
+    if n.op == "call_module":
+        module = n.graph.owning_module.get_submodule(n.target)
+        return [f"{n.target}.{k}" for k in named_tensors(module)]
+    return [a.target for a in n.all_input_nodes if a.op == "get_attr"]
+
+
+# ---- correspondence and widths --------------------------------------------------------------
+
+
+def plan_depths(ref: Traced, ref_stages: Sequence[Stage], traced: Traced,
+                stages: Sequence[Stage]) -> dict[int, int]:
+    """Per reference stage, the depth of the corresponding stage of `traced` (0: none there).
+
+    Raises:
+        MismatchError: the trunks differ, or `traced` is deeper somewhere than `ref`.
+    """
+    depths = {}
+    for i, other in corresponding_stages(ref, ref_stages, traced, stages).items():
+        depths[i] = other.depth if other is not None else 0
+        if depths[i] > ref_stages[i].depth:
+            raise MismatchError(
+                f"the {ref_stages[i].name} is deeper in the model ({depths[i]} units) than in "
+                f"the reference ({ref_stages[i].depth}); expand towards the deepest model")
+    return depths
+
+
+def _node_map(ref: Traced, ref_stages: Sequence[Stage], traced: Traced, stages: Sequence[Stage],
+              positions: dict[int, list[int]]) -> tuple[dict[str, str], list[Unit]]:
+    """Reference node name -> model node name for the trunk and the kept units, and the
+    reference units that are inserted (no counterpart)."""
+    mapping = {a.name: b.name for a, b in zip(trunk(ref, ref_stages), trunk(traced, stages))}
+    inserted = []
+    for i, other in corresponding_stages(ref, ref_stages, traced, stages).items():
+        units = other.units if other is not None else []
+        pos = positions.get(i, list(range(len(units))))
+        if len(pos) != len(units) or any(b <= a for a, b in zip(pos, pos[1:])) or (
+                pos and not 0 <= pos[0] <= pos[-1] < ref_stages[i].depth):
+            raise GraphmergeError(
+                f"positions {pos} for the {ref_stages[i].name} must be {len(units)} increasing "
+                f"indices below {ref_stages[i].depth}")
+        kept = dict(zip(pos, units))
+        for p, ref_unit in enumerate(ref_stages[i].units):
+            unit = kept.get(p)
+            if unit is None:
+                inserted.append(ref_unit)
+            elif unit.signature != ref_unit.signature:
+                raise MismatchError(
+                    f"unit {p} of the reference's {ref_stages[i].name} and the model's unit at "
+                    f"`{unit.input}` differ in their ops; they cannot correspond")
+            else:
+                mapping.update(zip(ref_unit.nodes, unit.nodes))
+    return mapping, inserted
+
+
+def _width(traced: Traced, node: str, dim: int) -> int | None:
+    base, _, piece = node.partition("#")
+    shape = traced.shapes.get(base)
+    if piece and isinstance(shape, tuple):
+        shape = shape[int(piece)] if int(piece) < len(shape) else None
+    return shape[dim] if isinstance(shape, tuple) and dim < len(shape) and isinstance(
+        shape[dim], int) else None
+
+
+def _widths(ref: Traced, traced: Traced, mapping: dict[str, str]) -> dict[int, int]:
+    """The width of every reference space in the expanded model: the model's width where a
+    node of the space has a counterpart, the reference's inside inserted units."""
+    base = {}
+    for space in ref.space_table:
+        if space.derived is not None:
+            continue
+        for m in space.members:
+            name, _, piece = m.node.partition("#")
+            if name in mapping:
+                w = _width(traced, mapping[name] + (f"#{piece}" if piece else ""), m.dim)
+                if w is not None:
+                    base[space.id] = w
+                    break
+    return merged_widths(ref.space_table, base)
+
+
+def _resized(t: torch.Tensor, dims: dict[int, int], widths: dict[int, int], table) -> torch.Tensor:
+    """`t` cut or tiled along every axis whose space has another width (values are placeholders:
+    the caller zeroes or sets them)."""
+    out = t.detach()
+    for dim, sid in dims.items():
+        new = widths.get(sid, table[sid].width)
+        if out.shape[dim] != new:
+            out = out.index_select(dim, torch.arange(new) % out.shape[dim])
+    return out.clone()
 
 
 # ---- identity units -------------------------------------------------------------------------
 
 
-def _resize(t: torch.Tensor, old: int, new: int) -> torch.Tensor:
-    """Every axis of size `old` cut or tiled to size `new` (a template from a wider model)."""
-    if old == new:
-        return t
-    for d in range(t.dim()):
-        if t.shape[d] == old:
-            idx = torch.arange(new) % old
-            t = t.index_select(d, idx)
-    return t
-
-
-def _fit_width(module: nn.Module, old: int, new: int) -> nn.Module:
+def _set(gm: nn.Module, name: str, fill: Any) -> None:
+    t = _get(gm, name)
     with torch.no_grad():
-        for name, t in list(module.state_dict(keep_vars=True).items()):
-            if t.dim() and old in t.shape:
-                set_tensor(module, name, _resize(t.detach(), old, new).clone())
-    sync_module_attributes(module)
-    return module
+        if callable(fill):
+            fill(t)
+        else:
+            t.fill_(fill)
 
 
-def _zero_branches(unit_module: nn.Module, traced: Traced, unit: Unit) -> list[str]:
-    """Make a residual unit the identity: zero the parameters that produce every residual
-    branch (the last norm's affine, or the last linear/conv), found in the traced graph.
-
-    Returns the norms that sit on the stream after a residual add (post-norm, x ← LN(x + f(x))),
-    relative to the unit: with a zero branch they still normalise, so no setting makes the
-    unit exact; `fit_post_norms` fits their affine instead."""
-    prefix = f"{unit.container}.{unit.children[0]}."
-
-    def inside(n: fx.Node) -> bool:
-        for k, v in (n.meta.get("nn_module_stack") or {}).items():
-            path = str(v[0] if isinstance(v, tuple) else k)
-            if path == prefix[:-1] or path.startswith(prefix):
-                return True
-        return False
-
-    nodes = [n for n in traced.graph.nodes if n.op != "get_attr" and inside(n)]
-    stream = {unit.input}
-    zeroed = 0
-    post_norms: list[str] = []
-    adds: set[str] = set()
-    for n in nodes:
-        module = (traced.graph_module.get_submodule(n.target) if n.op == "call_module"
-                  else None)
-        on_stream = bool(n.args) and getattr(n.args[0], "name", None) in stream
-        if isinstance(module, _IDENTITY_LIKE):
-            if on_stream:
-                stream.add(n.name)
-            continue
-        if isinstance(module, _POST_NORMS) and on_stream and n.args[0].name in adds and len(
-                n.args[0].users) == 1 and str(n.target).startswith(prefix):
-            # the sum's only reader is this norm: the stream itself is normalised (post-norm);
-            # a pre-norm reads a sum that the next add reads too
-            post_norms.append(str(n.target)[len(prefix):])
-            stream.add(n.name)
-            continue
-        if is_add(n):
-            operands = [a for a in n.args if isinstance(a, fx.Node)]
-            skip = [a for a in operands if a.name in stream]
-            branch = [a for a in operands if a.name not in stream]
-            if len(skip) != 1 or len(branch) != 1:
-                continue
-            producer = _weighted_producer(branch[0], prefix)
-            if producer is None:
-                raise GraphmergeError(
-                    f"cannot make unit {prefix[:-1]} an identity: its residual branch "
-                    f"`{branch[0].name}` does not come from a layer with weights through ops "
-                    f"that keep a zero (scaling, indexing, dropout)")
-            _zero_producers(unit_module, prefix, producer, traced)
-            stream.add(n.name)
-            adds.add(n.name)
-            zeroed += 1
-    if not zeroed:
-        raise GraphmergeError(f"unit {prefix[:-1]} has no residual add to make an identity of")
-    return post_norms
+def _identity_norm(gm: nn.Module, node: fx.Node) -> None:
+    """A BatchNorm that outputs its input (eval mode): weight 1, bias 0, mean 0, var 1 − eps."""
+    args = tensor_args(node)
+    eps = (gm.get_submodule(node.target).eps if node.op == "call_module"
+           else _eps(node))
+    for role, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                        ("running_var", 1.0 - eps)):
+        if role in args:
+            _set(gm, args[role], value)
 
 
-_KEEP_ZERO = {"mul", "imul", "getitem", "dropout", "contiguous", "clone", "to", "float"}
+def _eps(node: fx.Node) -> float:
+    for a in reversed(node.args):
+        if isinstance(a, float) and 0 < a < 1:
+            return a
+    return float(node.kwargs.get("eps", 1e-5))
 
 
-def _weighted_producer(node: fx.Node, prefix: str) -> fx.Node | None:
-    """The layer with weights whose zero output makes `node` zero: `node` itself, or reached
-    back through ops that map zero to zero (a product such as layer scale or squeeze-and-
-    excitation, taking an item of a tuple output, dropout, casts)."""
-    if node.op == "call_module":
-        module = node.graph.owning_module.get_submodule(node.target)
-        if not isinstance(module, _IDENTITY_LIKE):
-            weighted = any(True for _ in module.parameters())
-            return node if weighted and str(node.target).startswith(prefix) else None
-        name = "dropout"
-    else:
-        target = node.target
-        name = target if isinstance(target, str) else getattr(target, "__name__", "")
-        name = name.partition(".")[0]  # aten.mul.Tensor -> mul
-    inputs = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
-    if name not in _KEEP_ZERO or not inputs:
-        return None
-    if name in ("mul", "imul"):  # zero when one factor is: follow the one a layer makes
-        return next((p for p in (_weighted_producer(a, prefix) for a in inputs) if p), None)
-    return _weighted_producer(inputs[0], prefix)
-
-
-def _zero_producers(unit_module: nn.Module, prefix: str, node: fx.Node, traced: Traced) -> None:
-    """Zero the parameters of layer `node` that write its output space (its `out` axes, from
-    the space table): the layer then outputs exactly zero."""
-    table = traced.space_table
-    piece = node.name if node.name in table.node_axes else f"{node.name}#0"
-    dims = table.node_axes.get(piece, {})
+def _zero_branch(gm: nn.Module, table, producer: fx.Node) -> None:
+    """Zero the parameters of layer `producer` that write its output space (its `out` axes in
+    the space table; all its parameters if the table has none): it then outputs zero."""
+    own = set(_node_tensors(producer))
+    dims = table.node_axes.get(producer.name) or table.node_axes.get(f"{producer.name}#0", {})
     space = table[dims[max(dims)]] if dims else None
-    owner = f"{node.target}."
-    names = {a.param for a in (space.producers if space else ()) if a.param.startswith(owner)}
-    if not names:  # no space table entry: the layer's own weight and bias
-        names = {f"{owner}{p}" for p in ("weight", "bias")
-                 if getattr(traced.graph_module.get_submodule(node.target), p, None) is not None}
-    named = dict(unit_module.named_parameters())  # running statistics are not zeroed: with a
-    with torch.no_grad():                          # zero affine a norm outputs zero anyway
-        for name in names:
-            if name[len(prefix):] in named:
-                named[name[len(prefix):]].zero_()
+    names = {a.param for a in (space.producers if space else ()) if a.param in own} or own
+    params = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
+    for name in names:
+        if name in params:  # running statistics stay: with a zero affine a norm outputs zero
+            _set(gm, name, 0.0)
 
 
-def fit_post_norms(model: nn.Module, norms: Sequence[tuple[str, nn.Module]],
+def _check_identity(act: fx.Node, source: fx.Node, where: str) -> None:
+    region, values = identity_on(act), value_range(source)
+    if region is None or values is None or not region[0] <= values[0] <= values[1] <= region[1]:
+        got = "not bounded by the graph" if values is None else f"in [{values[0]}, {values[1]}]"
+        can = "on no interval" if region is None else f"on [{region[0]}, {region[1]}]"
+        raise GraphmergeError(
+            f"cannot insert an identity unit {where}: its activation `{act.name}` "
+            f"({kind(act)}) is the identity {can}, and its input `{source.name}` is {got}. "
+            f"Identity units need an activation such as ReLU after ReLU; merge models of equal "
+            f"depth instead")
+
+
+def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple[str, str]]
+                   ) -> None:
+    """Turn the copy of reference unit `unit` in `gm` into an identity (see the module
+    docstring); LayerNorms on the stream are appended to `post` as (norm, input node)."""
+    nodes = [ref.node(n) for n in unit.nodes]
+    inside, where = set(nodes), f"at `{unit.input}`"
+    if unit.kind == "layer":
+        for n in nodes:
+            k, args = kind(n), tensor_args(n)
+            if k == "linear":
+                _set(gm, args["weight"], lambda w: w.copy_(torch.eye(*w.shape)))
+            elif k == "conv":
+                groups = gm.get_submodule(n.target).groups if n.op == "call_module" else (
+                    n.args[6] if len(n.args) > 6 else 1)
+                _set(gm, args["weight"], lambda w: nn.init.dirac_(w, groups))
+            elif k == "batch_norm":
+                _identity_norm(gm, n)
+                continue
+            elif k in ("dropout", "identity"):
+                continue
+            elif identity_on(n) is not None or k not in ("layer_norm", "rms_norm"):
+                _check_identity(n, ref.node(unit.input), where)
+                continue
+            else:
+                raise GraphmergeError(f"cannot insert an identity unit {where}: `{n.name}` "
+                                      f"({k}) normalises its input and has no identity")
+            if "bias" in args:
+                _set(gm, args["bias"], 0.0)
+        return
+    stream = {ref.node(unit.input)}
+    table = ref.space_table
+    for n in nodes:
+        inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if is_add(n):
+            skip = [a for a in inputs if _source(a) in stream]
+            branch = [a for a in inputs if _source(a) not in stream]
+            if len(skip) == 1 and len(branch) == 1:
+                producer = branch_producer(branch[0], inside)
+                if producer is None:
+                    raise GraphmergeError(f"cannot make the unit {where} an identity: its "
+                                          f"branch `{branch[0].name}` has no layer to zero")
+                _zero_branch(gm, table, producer)
+                stream.add(n)
+        elif len(inputs) == 1 and inputs[0] in stream and len(inputs[0].users) == 1 \
+                and n.op != "output":  # the stream itself goes through n (a post-op)
+            k = kind(n)
+            if k == "batch_norm":
+                _identity_norm(gm, n)
+            elif k == "layer_norm":
+                post.append((n.name, inputs[0].name))
+            elif k in ("relu", "hardtanh", "leaky_relu", "sigmoid", "gelu", "silu", "tanh",
+                       "hardsigmoid", "rms_norm"):  # rms_norm: the identity nowhere
+                _check_identity(n, _stream_source(inputs[0], stream), where)
+            elif k not in ("dropout", "identity"):
+                continue
+            stream.add(n)
+
+
+def _source(n: fx.Node) -> fx.Node:
+    while kind(n) in ("identity", "dropout") and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def _stream_source(n: fx.Node, stream: set[fx.Node]) -> fx.Node:
+    """The value an op after a zeroed add sees: the add passes its skip operand through."""
+    while is_add(n):
+        n = next(_source(a) for a in n.all_input_nodes if _source(a) in stream)
+    return n
+
+
+def fit_post_norms(gm: fx.GraphModule, norms: Sequence[tuple[str, str]],
                    batches: Sequence[tuple[Any, ...]]) -> dict[str, float]:
-    """Give each post-norm of an inserted unit (whose branch is zero, so its input is the
-    stream x) the per-channel affine that best reproduces x from LN's normalised x, in closed
-    form (least squares over every token of `batches`), in forward order. Returns, per norm,
-    the relative error ||LN(x) − x|| / ||x|| left on the data."""
+    """Give each post-norm (node, its input node) of an inserted unit, whose branch is zero so
+    that its input is the stream x, the per-channel affine that best reproduces x from LN's
+    normalised x: closed-form least squares over every position of `batches`, in forward order.
+    Returns, per norm (named by its weight's owner), the relative error ||LN(x) − x|| / ||x||."""
     errors: dict[str, float] = {}
-    for name, norm in norms:
-        seen: list[torch.Tensor] = []
-        hook = norm.register_forward_hook(lambda m, args, out: seen.append(
-            args[0].detach().reshape(-1, args[0].shape[-1]).double()))
-        try:
-            with torch.no_grad():
-                for inputs in batches:
-                    model(*inputs)
-        finally:
-            hook.remove()
-        x = torch.cat(seen)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, source in norms:
+        node = nodes[name]
+        args = tensor_args(node)
+        if "weight" not in args or "bias" not in args:
+            raise GraphmergeError(f"the post-norm `{name}` has no weight and bias to fit")
+        runner = set_eval(feature_module(gm, [source]))
+        with torch.no_grad():
+            x = torch.cat([runner(*inputs)[1][source].detach().double().reshape(
+                -1, _get(gm, args["weight"]).shape[-1]) for inputs in batches])
+        eps = gm.get_submodule(node.target).eps if node.op == "call_module" else _eps(node)
         z = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True)
-                                                       + norm.eps)
+                                                       + eps)
         zc, xc = z - z.mean(0), x - x.mean(0)
         w = (zc * xc).sum(0) / (zc * zc).sum(0).clamp_min(1e-12)
         b = x.mean(0) - w * z.mean(0)
+        weight, bias = _get(gm, args["weight"]), _get(gm, args["bias"])
         with torch.no_grad():
-            norm.weight.copy_(w.to(norm.weight.dtype))
-            norm.bias.copy_(b.to(norm.bias.dtype))
-        errors[name] = float((z * w + b - x).norm() / x.norm().clamp_min(1e-12))
+            weight.copy_(w.to(weight.dtype))
+            bias.copy_(b.to(bias.dtype))
+        errors[args["weight"].rpartition(".")[0]] = float(
+            (z * w + b - x).norm() / x.norm().clamp_min(1e-12))
     return errors
 
 
-def _identity_layer(modules: list[nn.Module]) -> list[nn.Module]:
-    """linear/conv → identity, norm → identity, activation kept (input is non-negative)."""
-    out = []
-    with torch.no_grad():
-        for m in modules:
-            m = copy.deepcopy(m)
-            if isinstance(m, nn.Linear):
-                if m.in_features != m.out_features:
-                    raise GraphmergeError("an identity layer needs equal in and out features")
-                m.weight.copy_(torch.eye(m.out_features))
-            elif isinstance(m, nn.modules.conv._ConvNd):
-                if m.groups != 1 or m.in_channels != m.out_channels or m.stride != (1,) * len(
-                        m.stride):
-                    raise GraphmergeError("an identity conv needs groups=1, stride 1, in=out")
-                nn.init.dirac_(m.weight)
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0 - m.eps)
-            elif isinstance(m, nn.LayerNorm):
-                raise GraphmergeError("a LayerNorm layer has no exact identity")
-            if getattr(m, "bias", None) is not None and not isinstance(
-                    m, nn.modules.batchnorm._BatchNorm):
-                m.bias.zero_()
-            out.append(m)
-    return out
+# ---- expansion ------------------------------------------------------------------------------
 
 
-def _unit_modules(model: nn.Module, unit: Unit) -> list[nn.Module]:
-    container = model.get_submodule(unit.container)
-    return [container[j] for j in unit.children]
-
-
-def _stream_width(traced: Traced, unit: Unit) -> int:
-    shape = traced.shapes[unit.output]
-    return shape[1] if len(shape) == 4 else shape[-1]
-
-
-def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage],
-           plan: dict[int, tuple[list[int], int, nn.Module, Traced, Stage]],
+def expand(model: nn.Module, traced: Traced, ref: Traced, positions: dict[int, list[int]],
            example_inputs: Any, rtol: float = 1e-5,
-           calibration: Sequence[tuple[Any, ...]] = ()) -> tuple[nn.Module, dict[str, float]]:
-    """A deeper copy of `model`: for stage s in `plan` = (positions, depth, reference model,
-    reference trace, reference stage), unit k goes to positions[k] and identity units fill the
-    other positions. Checked to compute the same outputs on `example_inputs`.
+           calibration: Sequence[tuple[Any, ...]] = ()
+           ) -> tuple[fx.GraphModule, dict[str, float], list[str]]:
+    """`model` (traced as `traced`) grown to the depth of reference `ref`: a copy of `ref`'s
+    graph module carrying `model`'s tensors, with identity units at the positions of each
+    reference stage that `positions[s]` (the places of the model's units, increasing; default
+    0, 1, …) leaves free. Checked to compute `model`'s outputs on `example_inputs`.
 
     Post-norm units (x ← LN(x + f(x))) cannot be exact: their norms get the affine that best
     reproduces their input on `calibration` (default: the example inputs); the returned dict
-    gives, per fitted norm, the relative error left, and an InexactExpansionWarning names
-    them. Everywhere else exactness is required (GraphmergeError otherwise)."""
-    out = copy.deepcopy(model)
-    post: list[tuple[str, nn.Module]] = []
-    by_container: dict[str, list[tuple[int, Stage]]] = {}
-    for s, stage in enumerate(stages):
-        by_container.setdefault(stage.container, []).append((s, stage))
-    for container, items in by_container.items():
-        old = model.get_submodule(container)
-        children: list[nn.Module] = []
-        placed: dict[int, list[nn.Module]] = {}
-        for s, stage in items:
-            if s not in plan:
-                continue
-            positions, depth, ref_model, ref_traced, ref_stage = plan[s]
-            width = _stream_width(traced, stage.units[-1])
-            new_units: list[list[nn.Module]] = []
-            k = 0
-            for p in range(depth):
-                if k < len(positions) and positions[k] == p:
-                    new_units.append([copy.deepcopy(m) for m in _unit_modules(model, stage.units[k])])
-                    k += 1
-                    continue
-                ref_unit = ref_stage.units[p]
-                ref_width = _stream_width(ref_traced, ref_unit)
-                template = [_fit_width(copy.deepcopy(m), ref_width, width)
-                            for m in _unit_modules(ref_model, ref_unit)]
-                if ref_unit.kind == "residual":
-                    for rel in _zero_branches(template[0], ref_traced, ref_unit):
-                        post.append((f"{container}[{p}].{rel}", template[0].get_submodule(rel)))
-                    new_units.append(template)
-                else:
-                    new_units.append(_identity_layer(template))
-            first = stage.units[0].children[0]
-            placed[first] = [m for unit in new_units for m in unit]
-            for unit in stage.units:
-                for j in unit.children:
-                    placed.setdefault(j, [])
-        for j, child in enumerate(old):
-            children.extend(placed[j] if j in placed else [child])
-        new = nn.Sequential(*children) if isinstance(old, nn.Sequential) else nn.ModuleList(
-            children)
-        parent_name, _, leaf = container.rpartition(".")
-        setattr(out.get_submodule(parent_name) if parent_name else out, leaf, new)
-    set_eval(out)
+    gives, per fitted norm, the relative error left, and an InexactExpansionWarning names them.
+    Everywhere else exactness is required (GraphmergeError otherwise). The third result lists
+    the nodes of the inserted units (their activations say nothing about `model`)."""
+    stages, ref_stages = find_stages(traced), find_stages(ref)
+    mapping, inserted = _node_map(ref, ref_stages, traced, stages, positions)
+    gm = copy.deepcopy(ref.graph_module)
+    source = traced.graph_module
+    memo: dict[int, Any] = {}  # one copy per source object: tied weights stay tied
+    ref_nodes = {n.name: n for n in ref.graph.nodes}
+    src_nodes = {n.name: n for n in traced.graph.nodes}
+    for r_name, s_name in mapping.items():
+        r, s = ref_nodes[r_name], src_nodes[s_name]
+        if r.op == "call_module":
+            gm.set_submodule(r.target, copy.deepcopy(source.get_submodule(s.target), memo))
+        for ra, sa in zip(r.all_input_nodes, s.all_input_nodes):
+            if ra.op == "get_attr" and sa.op == "get_attr":
+                _put(gm, ra.target, copy.deepcopy(_get(source, sa.target), memo))
+    widths = _widths(ref, traced, mapping)
+    table = ref.space_table
+    for unit in inserted:
+        for name in dict.fromkeys(t for n in unit.nodes for t in _node_tensors(ref.node(n))):
+            dims = table.param_axes.get(name, {})
+            old = _get(gm, name)
+            new = _resized(old, dims, widths, table)
+            if new.shape != old.shape:
+                _put(gm, name, nn.Parameter(new, old.requires_grad) if isinstance(
+                    old, nn.Parameter) else new)
+    sync_module_attributes(gm)
+    resize_literals(gm, find_literals(ref), widths)
+    gm.recompile()
+    post: list[tuple[str, str]] = []
+    for unit in inserted:
+        _make_identity(gm, ref, unit, post)
+    set_eval(gm)
     inputs = as_inputs(example_inputs)
-    fit = fit_post_norms(out, post, list(calibration) or [inputs]) if post else {}
-    err = output_error(model, out, inputs)
+    fit = fit_post_norms(gm, post, list(calibration) or [inputs]) if post else {}
+    err = output_error(model, gm, inputs)
     if post:
         warnings.warn(
             f"{type(model).__name__} has post-norm units (x <- LN(x + f(x))), for which no "
@@ -299,37 +390,31 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage],
     elif err > rtol:
         raise GraphmergeError(
             f"the identity expansion of {type(model).__name__} is not exact (relative error "
-            f"{err:.1e}); identity units need non-negative inputs (ReLU before each unit)")
-    return out, fit
+            f"{err:.1e}); please report this model: every inserted unit was proven an identity")
+    log.info("expanded %s by %d units", type(model).__name__, len(inserted))
+    return gm, fit, [n for unit in inserted for n in unit.nodes]
 
 
 def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
            positions: Sequence[Sequence[int]] | None = None,
-           calibration: Sequence[tuple[Any, ...]] = ()) -> nn.Module:
+           calibration: Sequence[tuple[Any, ...]] = (), frontend: str = "auto") -> nn.Module:
     """`model` expanded to `reference`'s depth in every stage, with identity units (templates
-    from `reference`). `positions[s]` places model's units in stage s (default: evenly, first
-    and last fixed). Computes exactly the function of `model`, except for post-norm units,
-    whose norms are fitted on `calibration` (see `expand`)."""
-    traced, ref_traced = trace(model, example_inputs), trace(reference, example_inputs)
-    stages, ref_stages = find_stages(traced), find_stages(ref_traced)
-    if len(stages) != len(ref_stages):
-        raise MismatchError(f"the model has {len(stages)} stages, the reference "
-                            f"{len(ref_stages)}")
-    plan = {}
-    for s, (st, ref) in enumerate(zip(stages, ref_stages)):
-        if st.depth > ref.depth:
-            raise MismatchError(f"stage {s} ({st.container}) is deeper in the model "
-                                f"({st.depth}) than in the reference ({ref.depth})")
-        if st.depth < ref.depth:
-            pos = list(positions[s]) if positions is not None else align(
-                np.zeros((ref.depth, st.depth)), "uniform")
-            plan[s] = (pos, ref.depth, reference, ref_traced, ref)
-    if not plan and len(traced.graph.nodes) != len(ref_traced.graph.nodes):
+    from `reference`), as a graph module of the reference's graph. `positions[s]` places
+    model's units in the reference's stage s (default: evenly, first and last fixed). Computes
+    exactly the function of `model`, except for post-norm units, whose norms are fitted on
+    `calibration` (see `expand`)."""
+    traced = trace(model, example_inputs, frontend=frontend)
+    ref = trace(reference, example_inputs, frontend=frontend)
+    stages, ref_stages = find_stages(traced), find_stages(ref)
+    if not ref_stages:
         raise MismatchError(
-            f"{type(model).__name__} and the reference differ ({len(traced.graph.nodes)} vs "
-            f"{len(ref_traced.graph.nodes)} graph nodes) but no stage of units of depth tells "
-            f"them apart ({len(stages)} stages found, of depths {[s.depth for s in stages]}); "
-            f"deepen() finds units in nn.Sequential/nn.ModuleList containers only")
-    if not plan:
+            f"no units of depth were found in the reference {type(reference).__name__}: "
+            f"neither residual units (x + f(x) with a layer ending f) nor plain layers "
+            f"(linear/conv → activation keeping the shape); see graphmerge.graph.stages")
+    depths = plan_depths(ref, ref_stages, traced, stages)
+    if all(depths[i] == s.depth for i, s in enumerate(ref_stages)):
         return copy.deepcopy(model)
-    return expand(model, traced, stages, plan, example_inputs, calibration=calibration)[0]
+    chosen = {i: (list(positions[i]) if positions is not None else
+                  align(np.zeros((s.depth, depths[i])), "uniform") if depths[i] else [])
+              for i, s in enumerate(ref_stages)}
+    return expand(model, traced, ref, chosen, example_inputs, calibration=calibration)[0]
