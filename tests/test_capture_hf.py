@@ -4,6 +4,8 @@ tests/test_capture.py holds; the residual stream and the MLP hidden layer stay f
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from test_capture import TOL, _assert_unchanged, _like, _snapshot, check_capture
 
@@ -72,3 +74,28 @@ def test_transformers_model_across_widths(name):
                       progress=False)
     assert any(len(set(s["widths"])) > 1 for s in result.spaces)
     assert output_error(model, result.module, calibration[0]) < TOL
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.HF_MODELS))
+def test_transformers_model_across_depths(name):
+    """Deepened to a 4-layer model of its config (the units of depth are found in the exported
+    graph: attention + MLP residual pairs), a transformers model computes the same function
+    (post-norm BERTs within the fitted norms' error) and comes back merged with it."""
+    model, x = hf_models.HF_MODELS[name]()
+    reference, _ = hf_models.HF_MODELS[name](seed=1, layers=4)
+    calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(3)]
+    before = _snapshot(model)
+    post_norm = name in ("bert", "distilbert")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deep = gm.deepen(gm.permute(model, x, seed=1), x, reference, calibration=calibration)
+    inexact = [w for w in caught if issubclass(w.category, gm.InexactExpansionWarning)]
+    assert bool(inexact) == post_norm
+    assert output_error(model, deep, calibration[0]) < (0.1 if post_norm else TOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gm.InexactExpansionWarning)
+        result = gm.merge([model, deep], calibration, x, heads="average", norms="none",
+                          progress=False)
+    assert [a.depths for a in result.alignments if len(set(a.depths)) > 1] == [[2, 4]]
+    assert output_error(model, result.module, calibration[0]) < (0.1 if post_norm else TOL)
+    _assert_unchanged(before, model)

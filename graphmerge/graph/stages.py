@@ -19,7 +19,7 @@ depth have equal trunks, and a stage one model lacks has depth 0 there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -29,16 +29,15 @@ from graphmerge.graph.capture import Traced
 from graphmerge.graph.kinds import kind, node_key, tensor_args
 from graphmerge.graph.rules.registry import is_metadata
 
-__all__ = ["Unit", "Stage", "find_stages", "trunk", "corresponding_stages", "is_add",
-           "branch_producer"]
+__all__ = ["Unit", "Stage", "find_stages", "aligned_stages", "trunk", "corresponding_stages",
+           "is_add", "branch_producer", "readers"]
 
 _ACTIVATIONS = {"relu", "hardtanh", "leaky_relu", "sigmoid", "hardsigmoid", "gelu", "silu",
                 "tanh"}
 _NORMS = {"batch_norm", "layer_norm", "rms_norm"}
 _POST_OPS = _ACTIVATIONS | _NORMS | {"dropout", "identity"}
 # ops that map a zero tensor to a zero tensor (a branch ending in them is zero when its layer is)
-_KEEP_ZERO = {"mul", "getitem", "dropout", "identity", "reshape", "flatten", "to", "float",
-              "type_as"}
+_KEEP_ZERO = {"mul", "getitem", "dropout", "identity", "reshape", "flatten", "type_as"}
 
 
 @dataclass
@@ -73,6 +72,11 @@ class Stage:
 def is_add(n: fx.Node) -> bool:
     """Whether node n adds two values (`a + b`, `torch.add`, `a += b`, `aten.add`)."""
     return n.op in ("call_function", "call_method") and kind(n) == "add"
+
+
+def readers(n: fx.Node) -> list[fx.Node]:
+    """The nodes that read n's values (not its shape, dtype or a check on them)."""
+    return [u for u in n.users if not is_metadata(u)]
 
 
 def _has_weights(n: fx.Node) -> bool:
@@ -151,15 +155,16 @@ class _Graph:
         stream = self._stream(start, window)
         members: set[fx.Node] = set()
         for n in reversed(window):
-            if n in stream or n is end or (n.users and all(u in members for u in n.users)):
+            if n in stream or n is end or (n.users and all(u in members for u in n.users)) or (
+                    not n.users and any(a in stream for a in n.all_input_nodes)):  # a check
                 members.add(n)
         return [n for n in window if n in members]
 
     def post_ops(self, n: fx.Node) -> list[fx.Node]:
         """The single-reader chain of activations, norms and dropout after `n`."""
         out = []
-        while len(n.users) == 1:
-            u = next(iter(n.users))
+        while len(readers(n)) == 1:
+            u = readers(n)[0]
             inputs = [a for a in u.all_input_nodes if a.op != "get_attr"]
             if inputs != [n] or kind(u) not in _POST_OPS or self.shape(u) != self.shape(n):
                 break
@@ -181,10 +186,7 @@ def _residual_units(g: _Graph) -> list[list[Unit]]:
             continue
         if g.shape(n) is None or any(g.shape(a) != g.shape(n) for a in operands):
             continue
-        a, b = operands
-        ra, rb = _through_identity(a), _through_identity(b)  # a shortcut nn.Identity()
-        skip, branch = (ra, b) if g.reaches(b, ra) else (rb, a) if g.reaches(a, rb) else (
-            None, None)
+        skip, branch = _skip_and_branch(g, *operands)
         if skip is None or not g.closed(skip, n):
             continue
         if branch_producer(branch, set(g.window(skip, n))) is None:
@@ -214,6 +216,16 @@ def _residual_units(g: _Graph) -> list[list[Unit]]:
                               _signature(nodes)))
         out.append(units)
     return out
+
+
+def _skip_and_branch(g: _Graph, a: fx.Node, b: fx.Node) -> tuple:
+    """(the stream value the skip carries, the branch) of an add, or (None, None): the skip
+    is an ancestor of the branch, itself or through a shortcut nn.Identity()."""
+    for skip, branch in ((a, b), (b, a)):
+        for value in (skip, _through_identity(skip)):
+            if g.reaches(branch, value):
+                return value, branch
+    return None, None
 
 
 def _through_identity(n: fx.Node) -> fx.Node:
@@ -294,12 +306,13 @@ def _group(chain: Sequence[Unit]) -> list[Unit]:
             for k in range(0, len(chain), p)]
 
 
-def find_stages(traced: Traced) -> list[Stage]:
-    """The stages of a traced model in graph order (see the module docstring)."""
+def find_stages(traced: Traced, plain: bool = True) -> list[Stage]:
+    """The stages of a traced model in graph order (see the module docstring); residual ones
+    only if not `plain`."""
     g = _Graph(traced)
     residual = _residual_units(g)
     taken = {n for chain in residual for u in chain for n in u.nodes}
-    chains = residual + _plain_units(g, taken)
+    chains = residual + (_plain_units(g, taken) if plain else [])
     chains.sort(key=lambda c: g.order[traced.node(c[0].input)])
     inside = {n for chain in chains for u in chain for n in u.nodes}
     stages: list[Stage] = []
@@ -343,3 +356,25 @@ def corresponding_stages(ref: Traced, ref_stages: Sequence[Stage], other: Traced
         raise MismatchError(f"the model has a {s.name} that the reference has no stage for")
     return {i: at.get(s.anchor) for i, s in enumerate(ref_stages)}
 
+
+
+def aligned_stages(traced: Sequence[Traced], check: Callable[[list[list[Stage]], int], None]
+                   ) -> tuple[list[list[Stage]], int]:
+    """The stages of every model and the reference (the model with the most units), such that
+    `check(stages, reference)` passes: first with plain units, then without them (a layer
+    that keeps its width by coincidence is a plain unit in one model and trunk in another).
+
+    Raises:
+        MismatchError: the first failure of `check`, when both fail.
+    """
+    first: MismatchError | None = None
+    for plain in (True, False):
+        stages = [find_stages(t, plain) for t in traced]
+        ref = max(range(len(traced)), key=lambda i: sum(s.depth for s in stages[i]))
+        try:
+            check(stages, ref)
+            return stages, ref
+        except MismatchError as e:
+            first = first or e
+    assert first is not None
+    raise first

@@ -19,14 +19,19 @@ from graphmerge.errors import MismatchError
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, set_eval
 from graphmerge.graph.kinds import tensor_args
-from graphmerge.graph.stages import Stage, corresponding_stages, find_stages
+from graphmerge.graph.stages import (
+    Stage,
+    aligned_stages,
+    corresponding_stages,
+    find_stages,
+)
 from graphmerge.inputs import split_batch
 from graphmerge.match.align import StageAlignment, align
 from graphmerge.match.cka import CKAAccumulator
 from graphmerge.match.statistics import feature_module
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.surgery.deepen import expand, plan_depths
+from graphmerge.surgery.deepen import expand, plan_depths, topology
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +41,25 @@ def align_depths(ctx: MergeContext) -> None:
     """Align every shallower stage to the deepest by CKA and expand it (replaces `ctx.models`
     and `ctx.traced` of the expanded models)."""
     models, traced = ctx.models, ctx.traced
-    stages = [find_stages(t) for t in traced]
-    total = [sum(s.depth for s in st) for st in stages]
-    if len(set(total)) == 1 and all(
-            [s.depth for s in st] == [s.depth for s in stages[0]] for st in stages):
+    keys = [topology(t) for t in traced]
+    if all(k == keys[0] for k in keys):  # one topology (widths may differ): nothing to align
+        stages = find_stages(traced[0])
         ctx.alignments = [StageAlignment(s, st.name, [st.depth] * len(models), 0,
                                          [list(range(st.depth))] * len(models),
                                          [None] * len(models))
-                          for s, st in enumerate(stages[0])]
+                          for s, st in enumerate(stages)]
         return
-    ref = max(range(len(models)), key=lambda i: total[i])
-    depths = {}
-    for i in range(len(models)):
-        try:
-            depths[i] = plan_depths(traced[ref], stages[ref], traced[i], stages[i])
-        except MismatchError as e:
-            raise MismatchError(f"model {i} cannot be aligned to model {ref}, the deepest: "
-                                f"{e}") from e
+    depths: dict[int, dict[int, int]] = {}
+
+    def check(stages: list[list[Stage]], ref: int) -> None:
+        for i in range(len(models)):
+            try:
+                depths[i] = plan_depths(traced[ref], stages[ref], traced[i], stages[i])
+            except MismatchError as e:
+                raise MismatchError(f"model {i} cannot be aligned to model {ref}, the one "
+                                    f"with the most units of depth: {e}") from e
+
+    stages, ref = aligned_stages(traced, check)
     alignments = [StageAlignment(s, st.name, [depths[i][s] for i in range(len(models))], ref,
                                  [list(range(depths[i][s])) for i in range(len(models))],
                                  [None] * len(models))
@@ -88,8 +95,9 @@ def align_depths(ctx: MergeContext) -> None:
     calibration = [split_batch(b, ctx.n_inputs) for b in ctx.batches]
     for i in expanded:
         positions = {a.stage: a.positions[i] for a in alignments}
-        ctx.models[i], fit, inserted = expand(models[i], traced[i], traced[ref], positions,
-                                              ctx.example_inputs, calibration=calibration)
+        ctx.models[i], fit, inserted = expand(models[i], traced[i], stages[i], traced[ref],
+                                              stages[ref], positions, ctx.example_inputs,
+                                              calibration=calibration)
         for a in alignments:
             a.fit_errors.update({k: v for k, v in fit.items()
                                  if k in _norm_owners(traced[ref], stages[ref][a.stage])})

@@ -37,16 +37,17 @@ from torch import nn
 from graphmerge.errors import GraphmergeError, InexactExpansionWarning, MismatchError
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, set_eval
-from graphmerge.graph.kinds import identity_on, kind, tensor_args, value_range
+from graphmerge.graph.kinds import identity_on, kind, node_key, tensor_args, value_range
 from graphmerge.graph.literals import find_literals, merged_widths, resize_literals
 from graphmerge.graph.oracle import output_error
 from graphmerge.graph.stages import (
     Stage,
     Unit,
+    aligned_stages,
     branch_producer,
     corresponding_stages,
-    find_stages,
     is_add,
+    readers,
     trunk,
 )
 from graphmerge.inputs import as_inputs
@@ -54,7 +55,7 @@ from graphmerge.match.align import align
 from graphmerge.match.statistics import feature_module
 from graphmerge.surgery.tensors import named_tensors, sync_module_attributes
 
-__all__ = ["expand", "deepen", "fit_post_norms", "plan_depths"]
+__all__ = ["expand", "deepen", "fit_post_norms", "plan_depths", "topology"]
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,12 @@ def _width(traced: Traced, node: str, dim: int) -> int | None:
         shape[dim], int) else None
 
 
-def _widths(ref: Traced, traced: Traced, mapping: dict[str, str]) -> dict[int, int]:
-    """The width of every reference space in the expanded model: the model's width where a
-    node of the space has a counterpart, the reference's inside inserted units."""
+def _widths(ref: Traced, traced: Traced, mapping: dict[str, str], gm: nn.Module,
+            moved: set[str], inserted: Sequence[Unit]) -> dict[int, int]:
+    """The width of every reference space in the expanded model `gm`: the model's width where
+    a node of the space has a counterpart or a tensor on it was moved over (`moved`), an
+    inserted identity layer's input width on its output, the reference's elsewhere inside
+    inserted units."""
     base = {}
     for space in ref.space_table:
         if space.derived is not None:
@@ -158,7 +162,17 @@ def _widths(ref: Traced, traced: Traced, mapping: dict[str, str]) -> dict[int, i
                 if w is not None:
                     base[space.id] = w
                     break
-    return merged_widths(ref.space_table, base)
+        else:
+            axis = next((a for a in space.params if a.param in moved), None)
+            if axis is not None:
+                base[space.id] = _get(gm, axis.param).shape[axis.dim]
+    table = ref.space_table
+    for unit in inserted:  # an identity layer writes the width it reads
+        if unit.kind == "layer":
+            ins, outs = table.node_axes.get(unit.input, {}), table.node_axes.get(unit.output, {})
+            for d in ins.keys() & outs.keys():
+                base[outs[d]] = base.get(ins[d], table[ins[d]].width)
+    return merged_widths(table, base)
 
 
 def _resized(t: torch.Tensor, dims: dict[int, int], widths: dict[int, int], table) -> torch.Tensor:
@@ -261,8 +275,8 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
     for n in nodes:
         inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
         if is_add(n):
-            skip = [a for a in inputs if _source(a) in stream]
-            branch = [a for a in inputs if _source(a) not in stream]
+            skip = [a for a in inputs if a in stream or _source(a) in stream]
+            branch = [a for a in inputs if a not in skip]
             if len(skip) == 1 and len(branch) == 1:
                 producer = branch_producer(branch[0], inside)
                 if producer is None:
@@ -270,7 +284,7 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
                                           f"branch `{branch[0].name}` has no layer to zero")
                 _zero_branch(gm, table, producer)
                 stream.add(n)
-        elif len(inputs) == 1 and inputs[0] in stream and len(inputs[0].users) == 1 \
+        elif len(inputs) == 1 and inputs[0] in stream and len(readers(inputs[0])) == 1 \
                 and n.op != "output":  # the stream itself goes through n (a post-op)
             k = kind(n)
             if k == "batch_norm":
@@ -294,7 +308,8 @@ def _source(n: fx.Node) -> fx.Node:
 def _stream_source(n: fx.Node, stream: set[fx.Node]) -> fx.Node:
     """The value an op after a zeroed add sees: the add passes its skip operand through."""
     while is_add(n):
-        n = next(_source(a) for a in n.all_input_nodes if _source(a) in stream)
+        n = next(a if a in stream else _source(a) for a in n.all_input_nodes
+                 if a in stream or _source(a) in stream)
     return n
 
 
@@ -333,35 +348,39 @@ def fit_post_norms(gm: fx.GraphModule, norms: Sequence[tuple[str, str]],
 # ---- expansion ------------------------------------------------------------------------------
 
 
-def expand(model: nn.Module, traced: Traced, ref: Traced, positions: dict[int, list[int]],
+def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Traced,
+           ref_stages: Sequence[Stage], positions: dict[int, list[int]],
            example_inputs: Any, rtol: float = 1e-5,
            calibration: Sequence[tuple[Any, ...]] = ()
            ) -> tuple[fx.GraphModule, dict[str, float], list[str]]:
-    """`model` (traced as `traced`) grown to the depth of reference `ref`: a copy of `ref`'s
-    graph module carrying `model`'s tensors, with identity units at the positions of each
-    reference stage that `positions[s]` (the places of the model's units, increasing; default
-    0, 1, …) leaves free. Checked to compute `model`'s outputs on `example_inputs`.
+    """`model` (traced as `traced`, with `stages`) grown to the depth of reference `ref` (with
+    `ref_stages`, see `graphmerge.graph.stages.aligned_stages`): a copy of `ref`'s graph module
+    carrying `model`'s tensors, with identity units at the positions of each reference stage
+    that `positions[s]` (the places of the model's units, increasing; default 0, 1, …) leaves
+    free. Checked to compute `model`'s outputs on `example_inputs`.
 
     Post-norm units (x ← LN(x + f(x))) cannot be exact: their norms get the affine that best
     reproduces their input on `calibration` (default: the example inputs); the returned dict
     gives, per fitted norm, the relative error left, and an InexactExpansionWarning names them.
     Everywhere else exactness is required (GraphmergeError otherwise). The third result lists
     the nodes of the inserted units (their activations say nothing about `model`)."""
-    stages, ref_stages = find_stages(traced), find_stages(ref)
     mapping, inserted = _node_map(ref, ref_stages, traced, stages, positions)
     gm = copy.deepcopy(ref.graph_module)
     source = traced.graph_module
     memo: dict[int, Any] = {}  # one copy per source object: tied weights stay tied
+    moved: set[str] = set()    # the reference's tensor names that now hold the model's
     ref_nodes = {n.name: n for n in ref.graph.nodes}
     src_nodes = {n.name: n for n in traced.graph.nodes}
     for r_name, s_name in mapping.items():
         r, s = ref_nodes[r_name], src_nodes[s_name]
         if r.op == "call_module":
             gm.set_submodule(r.target, copy.deepcopy(source.get_submodule(s.target), memo))
+            moved.update(f"{r.target}.{k}" for k in named_tensors(gm.get_submodule(r.target)))
         for ra, sa in zip(r.all_input_nodes, s.all_input_nodes):
             if ra.op == "get_attr" and sa.op == "get_attr":
                 _put(gm, ra.target, copy.deepcopy(_get(source, sa.target), memo))
-    widths = _widths(ref, traced, mapping)
+                moved.add(ra.target)
+    widths = _widths(ref, traced, mapping, gm, moved, inserted)
     table = ref.space_table
     for unit in inserted:
         for name in dict.fromkeys(t for n in unit.nodes for t in _node_tensors(ref.node(n))):
@@ -395,6 +414,12 @@ def expand(model: nn.Module, traced: Traced, ref: Traced, positions: dict[int, l
     return gm, fit, [n for unit in inserted for n in unit.nodes]
 
 
+def topology(traced: Traced) -> list[tuple[str, str]]:
+    """The op sequence of a graph (parameters aside): equal for models that differ in widths
+    only."""
+    return [node_key(n) for n in traced.graph.nodes if n.op != "get_attr"]
+
+
 def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
            positions: Sequence[Sequence[int]] | None = None,
            calibration: Sequence[tuple[Any, ...]] = (), frontend: str = "auto") -> nn.Module:
@@ -405,16 +430,24 @@ def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
     `calibration` (see `expand`)."""
     traced = trace(model, example_inputs, frontend=frontend)
     ref = trace(reference, example_inputs, frontend=frontend)
-    stages, ref_stages = find_stages(traced), find_stages(ref)
-    if not ref_stages:
-        raise MismatchError(
-            f"no units of depth were found in the reference {type(reference).__name__}: "
-            f"neither residual units (x + f(x) with a layer ending f) nor plain layers "
-            f"(linear/conv → activation keeping the shape); see graphmerge.graph.stages")
-    depths = plan_depths(ref, ref_stages, traced, stages)
+    if topology(traced) == topology(ref):
+        return copy.deepcopy(model)
+    found: dict[int, int] = {}
+
+    def check(stages: list[list[Stage]], _: int) -> None:
+        if not stages[1]:
+            raise MismatchError(
+                f"no units of depth were found in the reference {type(reference).__name__}: "
+                f"neither residual units (x + f(x) with a layer ending f) nor plain layers "
+                f"(linear/conv → activation keeping the shape); see graphmerge.graph.stages")
+        found.update(plan_depths(ref, stages[1], traced, stages[0]))
+
+    (stages, ref_stages), _ = aligned_stages([traced, ref], check)
+    depths = found
     if all(depths[i] == s.depth for i, s in enumerate(ref_stages)):
         return copy.deepcopy(model)
     chosen = {i: (list(positions[i]) if positions is not None else
                   align(np.zeros((s.depth, depths[i])), "uniform") if depths[i] else [])
               for i, s in enumerate(ref_stages)}
-    return expand(model, traced, ref, chosen, example_inputs, calibration=calibration)[0]
+    return expand(model, traced, stages, ref, ref_stages, chosen, example_inputs,
+                  calibration=calibration)[0]
