@@ -12,7 +12,7 @@ def test_inspect_prints_the_space_table_and_runs_the_oracle(capsys):
                  "--trials", "1"]) == 0
     out = capsys.readouterr().out
     assert "7 spaces: 6 free, 1 frozen" in out
-    assert "stages.0 ×1 residual" in out
+    assert "stage at `stem_2` ×1 residual" in out
     assert "frozen: touches the graph output" in out
     assert "permutation oracle: 1 trials passed" in out
 

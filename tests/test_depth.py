@@ -256,3 +256,20 @@ def test_real_minilm_l3_merges_with_l6():
     assert "attention.output.LayerNorm" in result.match_graph.graph["post_norm_fit_errors"]
     with torch.no_grad():
         assert torch.isfinite(result.module(*x)).all()
+
+
+def test_no_model_deepest_in_every_stage():
+    """One copy is deeper in the first stage, the other in the later ones: the graph both are
+    expanded to is grown by splicing units of the deeper one into each stage, and the merge
+    gives the model back."""
+    model = _trained_like(zoo.resnet(depths=(1, 2, 2), stem_stride=2))
+    first = deepen(model, X[:4], zoo.resnet(depths=(2, 2, 2), stem_stride=2).eval())
+    later = gm.permute(deepen(model, X[:4], zoo.resnet(depths=(1, 3, 3), stem_stride=2).eval()),
+                       X[:4], seed=3)
+    result = gm.merge([first, later], [X[:16], X[16:]], heads="average", norms="none",
+                      progress=False)
+    assert [a.depths for a in result.alignments] == [[2, 1], [1, 2], [1, 2]]
+    assert [a.reference for a in result.alignments] == [0, 1, 1]
+    y = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert _rel(model(y), result.module(y)) < 1e-4

@@ -30,7 +30,7 @@ from graphmerge.graph.kinds import kind, node_key, tensor_args
 from graphmerge.graph.rules.registry import is_metadata
 
 __all__ = ["Unit", "Stage", "find_stages", "aligned_stages", "trunk", "corresponding_stages",
-           "is_add", "branch_producer", "readers"]
+           "check_trunks", "is_add", "branch_producer", "readers"]
 
 _ACTIVATIONS = {"relu", "hardtanh", "leaky_relu", "sigmoid", "hardsigmoid", "gelu", "silu",
                 "tanh"}
@@ -339,6 +339,18 @@ def corresponding_stages(ref: Traced, ref_stages: Sequence[Stage], other: Traced
         MismatchError: naming the first trunk node where the models differ, or a stage of
             `other` that `ref` has no stage for.
     """
+    check_trunks(ref, ref_stages, other, other_stages)
+    at = {s.anchor: s for s in other_stages}
+    extra = set(at) - {s.anchor for s in ref_stages}
+    if extra:
+        s = at[min(extra)]
+        raise MismatchError(f"the model has a {s.name} that the reference has no stage for")
+    return {i: at.get(s.anchor) for i, s in enumerate(ref_stages)}
+
+
+def check_trunks(ref: Traced, ref_stages: Sequence[Stage], other: Traced,
+                 other_stages: Sequence[Stage]) -> None:
+    """Raises MismatchError naming the first trunk node where two models differ."""
     ta, tb = trunk(ref, ref_stages), trunk(other, other_stages)
     for k, (a, b) in enumerate(zip(ta, tb)):
         if node_key(a) != node_key(b):
@@ -349,20 +361,15 @@ def corresponding_stages(ref: Traced, ref_stages: Sequence[Stage], other: Traced
     if len(ta) != len(tb):
         raise MismatchError(f"outside their units of depth the models have {len(tb)} and "
                             f"{len(ta)} nodes; they are not of one family")
-    at = {s.anchor: s for s in other_stages}
-    extra = set(at) - {s.anchor for s in ref_stages}
-    if extra:
-        s = at[min(extra)]
-        raise MismatchError(f"the model has a {s.name} that the reference has no stage for")
-    return {i: at.get(s.anchor) for i, s in enumerate(ref_stages)}
 
 
 
 def aligned_stages(traced: Sequence[Traced], check: Callable[[list[list[Stage]], int], None]
-                   ) -> tuple[list[list[Stage]], int]:
-    """The stages of every model and the reference (the model with the most units), such that
-    `check(stages, reference)` passes: first with plain units, then without them (a layer
-    that keeps its width by coincidence is a plain unit in one model and trunk in another).
+                   ) -> tuple[list[list[Stage]], int, bool]:
+    """The stages of every model, the reference (the model with the most units) and whether
+    plain units were kept, such that `check(stages, reference)` passes: first with plain units,
+    then without them (a layer that keeps its width by coincidence is a plain unit in one model
+    and trunk in another).
 
     Raises:
         MismatchError: the first failure of `check`, when both fail.
@@ -373,7 +380,7 @@ def aligned_stages(traced: Sequence[Traced], check: Callable[[list[list[Stage]],
         ref = max(range(len(traced)), key=lambda i: sum(s.depth for s in stages[i]))
         try:
             check(stages, ref)
-            return stages, ref
+            return stages, ref, plain
         except MismatchError as e:
             first = first or e
     assert first is not None

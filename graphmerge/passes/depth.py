@@ -1,7 +1,8 @@
 """Pass `align_depths`: models of one family but different depths are brought to one topology.
 
-Stages and trunk come from the graph (`graphmerge.graph.stages`); the model that is deepest in
-every stage is the reference. One pass over the calibration data measures the CKA of every
+Stages and trunk come from the graph (`graphmerge.graph.stages`); the reference graph is the
+model with the most units, grown where another model is deeper in a stage
+(`graphmerge.surgery.splice`). One pass over the calibration data measures the CKA of every
 (reference unit, shallow unit) pair (`graphmerge.match.cka`); dynamic programming places the
 shallow units (`graphmerge.match.align`); each shallower model becomes the reference's graph
 carrying its tensors, with identity units in the free positions
@@ -22,8 +23,9 @@ from graphmerge.graph.kinds import tensor_args
 from graphmerge.graph.stages import (
     Stage,
     aligned_stages,
-    corresponding_stages,
+    check_trunks,
     find_stages,
+    trunk,
 )
 from graphmerge.inputs import split_batch
 from graphmerge.match.align import StageAlignment, align
@@ -31,7 +33,8 @@ from graphmerge.match.cka import CKAAccumulator
 from graphmerge.match.statistics import feature_module
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.surgery.deepen import expand, plan_depths, topology
+from graphmerge.surgery.deepen import expand, topology
+from graphmerge.surgery.splice import Insertion, splice
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +52,40 @@ def align_depths(ctx: MergeContext) -> None:
                                          [None] * len(models))
                           for s, st in enumerate(stages)]
         return
-    depths: dict[int, dict[int, int]] = {}
+    n = len(models)
 
-    def check(stages: list[list[Stage]], ref: int) -> None:
-        for i in range(len(models)):
+    def check(stages: list[list[Stage]], base: int) -> None:
+        for i in range(n):
             try:
-                depths[i] = plan_depths(traced[ref], stages[ref], traced[i], stages[i])
+                check_trunks(traced[base], stages[base], traced[i], stages[i])
             except MismatchError as e:
-                raise MismatchError(f"model {i} cannot be aligned to model {ref}, the one "
-                                    f"with the most units of depth: {e}") from e
+                raise MismatchError(f"model {i} cannot be aligned to model {base}: {e}") from e
 
-    stages, ref = aligned_stages(traced, check)
-    alignments = [StageAlignment(s, st.name, [depths[i][s] for i in range(len(models))], ref,
-                                 [list(range(depths[i][s])) for i in range(len(models))],
-                                 [None] * len(models))
-                  for s, st in enumerate(stages[ref])]
+    stages, base, plain = aligned_stages(traced, check)
+    by = [{st.anchor: st for st in stages[i]} for i in range(n)]
+    anchors = sorted({a for b in by for a in b})
+    depth = {a: [b[a].depth if a in b else 0 for b in by] for a in anchors}
+    deepest = {a: max(range(n), key=lambda i: depth[a][i]) for a in anchors}
+    ref, ref_stages = _deepest_graph(ctx, stages, base, plain, by, depth, deepest)
+    if [(st.anchor, st.depth) for st in ref_stages] != [(a, max(depth[a])) for a in anchors]:
+        raise MismatchError("could not build one graph as deep as the deepest model in every "
+                            "stage: the models' stages do not line up")
+    alignments = [StageAlignment(s, st.name, depth[st.anchor], deepest[st.anchor],
+                                 [list(range(d)) for d in depth[st.anchor]], [None] * n)
+                  for s, st in enumerate(ref_stages)]
     ctx.alignments = alignments
     todo = [(a, i) for a in alignments for i, d in enumerate(a.depths)
-            if 0 < d < a.depths[ref]]
-    expanded = [i for i in range(len(models)) if any(
-        a.depths[i] < a.depths[ref] for a in alignments)]
+            if 0 < d < a.depths[a.reference]]
     # one pass over the calibration data: outputs of every unit of the stages to align
-    matched = {i: corresponding_stages(traced[ref], stages[ref], traced[i], stages[i])
-               for i in expanded}
-    wanted = {i: sorted({u.output for a, j in todo if j == i
-                         for u in matched[i][a.stage].units}) for i in expanded}
-    wanted[ref] = sorted({u.output for a, _ in todo for u in stages[ref][a.stage].units})
-    runners = {i: set_eval(feature_module(traced[i].graph_module, names))
-               for i, names in wanted.items() if names}
-    acc = {(a.stage, i): CKAAccumulator(a.depths[ref], a.depths[i]) for a, i in todo}
+    units = {(i, a.stage): by[i][ref_stages[a.stage].anchor].units
+             for a in alignments for i in range(n) if a.depths[i]}
+    wanted: dict[int, set[str]] = {}
+    for a, i in todo:
+        for j in (i, a.reference):
+            wanted.setdefault(j, set()).update(u.output for u in units[j, a.stage])
+    runners = {i: set_eval(feature_module(traced[i].graph_module, sorted(names)))
+               for i, names in wanted.items()}
+    acc = {(a.stage, i): CKAAccumulator(a.depths[a.reference], a.depths[i]) for a, i in todo}
     if acc:
         with torch.no_grad():
             for batch in tqdm(ctx.batches, desc="unit CKA", disable=not ctx.config.progress,
@@ -85,28 +93,71 @@ def align_depths(ctx: MergeContext) -> None:
                 inputs = split_batch(batch, ctx.n_inputs)
                 feats = {i: run(*inputs)[1] for i, run in runners.items()}
                 for (s, i), cka in acc.items():
-                    cka.update([feats[ref][u.output] for u in stages[ref][s].units],
-                               [feats[i][u.output] for u in matched[i][s].units])
+                    r = alignments[s].reference
+                    cka.update([feats[r][u.output] for u in units[r, s]],
+                               [feats[i][u.output] for u in units[i, s]])
     for (s, i), cka in acc.items():
         a = alignments[s]
         a.cka[i] = cka.result()
         a.positions[i] = align(a.cka[i], ctx.config.align)
     ctx.models, ctx.traced = list(models), list(traced)
     calibration = [split_batch(b, ctx.n_inputs) for b in ctx.batches]
-    for i in expanded:
+    target = topology(ref)
+    for i in range(n):
+        if topology(traced[i]) == target:
+            continue
         positions = {a.stage: a.positions[i] for a in alignments}
-        ctx.models[i], fit, inserted = expand(models[i], traced[i], stages[i], traced[ref],
-                                              stages[ref], positions, ctx.example_inputs,
+        ctx.models[i], fit, inserted = expand(models[i], traced[i], stages[i], ref, ref_stages,
+                                              positions, ctx.example_inputs,
                                               calibration=calibration)
         for a in alignments:
             a.fit_errors.update({k: v for k, v in fit.items()
-                                 if k in _norm_owners(traced[ref], stages[ref][a.stage])})
-            a.inserted.update(n for u in stages[ref][a.stage].units for n in u.nodes
-                              if n in set(inserted))
+                                 if k in _norm_owners(ref, ref_stages[a.stage])})
+            a.inserted.update(m for u in ref_stages[a.stage].units for m in u.nodes
+                              if m in set(inserted))
         ctx.traced[i] = trace(ctx.models[i], ctx.example_inputs, frontend=ctx.config.frontend,
                               leaf_modules=ctx.config.leaf_modules)
-        log.info("model %d expanded to model %d's topology: %s", i, ref,
+        log.info("model %d expanded to the deepest topology: %s", i,
                  {a.name: a.positions[i] for a in alignments})
+
+
+def _deepest_graph(ctx: MergeContext, stages: list[list[Stage]], base: int, plain: bool,
+                   by: list[dict], depth: dict, deepest: dict) -> tuple[Traced, list[Stage]]:
+    """The graph every model is expanded to: model `base` (the one with the most units) where
+    it is the deepest in every stage; else its graph with units of the deepest model spliced
+    into each stage where it is shallower (`graphmerge.surgery.splice`)."""
+    traced = ctx.traced
+    insertions = []
+    for a, d in deepest.items():
+        extra = depth[a][d] - depth[a][base]
+        if not extra:
+            continue
+        if a in by[base]:  # more of its own units: the widths are the base's
+            trunk_map = {x.name: x.name for x in trunk(traced[base], stages[base])}
+            insertions.append(Insertion(by[base][a].units[-1].output, traced[base],
+                                        by[base][a].units[0], extra, trunk_map))
+            continue
+        trunk_map = {x.name: y.name for x, y in zip(trunk(traced[d], stages[d]),
+                                                   trunk(traced[base], stages[base]))}
+        donor = by[d][a]
+        after = trunk_map.get(donor.input)
+        if after is None:
+            raise MismatchError(f"the {donor.name} of model {d} follows another stage directly; "
+                                f"model {base} has no place to grow it")
+        # the donor's units read and (plain units) write the stream at the base's width
+        table, unit = traced[d].space_table, donor.units[0]
+        widths = {table.node_axes[node][dim]: w
+                  for node in (unit.input, unit.output) if node in table.node_axes
+                  for dim, w in enumerate(traced[base].shapes[after])
+                  if dim in table.node_axes[node] and (node == unit.input or unit.kind == "layer")}
+        insertions.append(Insertion(after, traced[d], unit, extra, trunk_map, widths))
+    if not insertions:
+        return traced[base], stages[base]
+    grown = trace(splice(traced[base], insertions), ctx.example_inputs,
+                  frontend=ctx.config.frontend, leaf_modules=ctx.config.leaf_modules)
+    log.info("no model is the deepest in every stage: model %d grown by %d units", base,
+             sum(i.count for i in insertions))
+    return grown, find_stages(grown, plain)
 
 
 def _norm_owners(traced: Traced, stage: Stage) -> set[str]:

@@ -53,7 +53,11 @@ from graphmerge.graph.stages import (
 from graphmerge.inputs import as_inputs
 from graphmerge.match.align import align
 from graphmerge.match.statistics import feature_module
-from graphmerge.surgery.tensors import named_tensors, sync_module_attributes
+from graphmerge.surgery.tensors import (
+    named_tensors,
+    resize_axes,
+    sync_module_attributes,
+)
 
 __all__ = ["expand", "deepen", "fit_post_norms", "plan_depths", "topology"]
 
@@ -173,17 +177,6 @@ def _widths(ref: Traced, traced: Traced, mapping: dict[str, str], gm: nn.Module,
             for d in ins.keys() & outs.keys():
                 base[outs[d]] = base.get(ins[d], table[ins[d]].width)
     return merged_widths(table, base)
-
-
-def _resized(t: torch.Tensor, dims: dict[int, int], widths: dict[int, int], table) -> torch.Tensor:
-    """`t` cut or tiled along every axis whose space has another width (values are placeholders:
-    the caller zeroes or sets them)."""
-    out = t.detach()
-    for dim, sid in dims.items():
-        new = widths.get(sid, table[sid].width)
-        if out.shape[dim] != new:
-            out = out.index_select(dim, torch.arange(new) % out.shape[dim])
-    return out.clone()
 
 
 # ---- identity units -------------------------------------------------------------------------
@@ -386,7 +379,7 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
         for name in dict.fromkeys(t for n in unit.nodes for t in _node_tensors(ref.node(n))):
             dims = table.param_axes.get(name, {})
             old = _get(gm, name)
-            new = _resized(old, dims, widths, table)
+            new = resize_axes(old, dims, widths)
             if new.shape != old.shape:
                 _put(gm, name, nn.Parameter(new, old.requires_grad) if isinstance(
                     old, nn.Parameter) else new)
@@ -442,7 +435,7 @@ def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
                 f"(linear/conv → activation keeping the shape); see graphmerge.graph.stages")
         found.update(plan_depths(ref, stages[1], traced, stages[0]))
 
-    (stages, ref_stages), _ = aligned_stages([traced, ref], check)
+    (stages, ref_stages), _, _ = aligned_stages([traced, ref], check)
     depths = found
     if all(depths[i] == s.depth for i, s in enumerate(ref_stages)):
         return copy.deepcopy(model)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["named_tensors", "canonical_names", "set_tensor", "sync_module_attributes"]
+__all__ = ["named_tensors", "canonical_names", "set_tensor", "resize_axes",
+           "sync_module_attributes"]
 
 
 def named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,6 +43,17 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
             owner._buffers[leaf] = value
         else:
             setattr(owner, leaf, value)
+
+
+def resize_axes(t: torch.Tensor, dims: dict[int, int], widths: dict[int, int]) -> torch.Tensor:
+    """A copy of `t` cut or tiled along every axis `dim` whose space `dims[dim]` has a width in
+    `widths` other than its size (the values are placeholders: callers zero or overwrite them)."""
+    out = t.detach()
+    for dim, sid in dims.items():
+        new = widths.get(sid, out.shape[dim])
+        if out.shape[dim] != new:
+            out = out.index_select(dim, torch.arange(new) % out.shape[dim])
+    return out.clone()
 
 
 def sync_module_attributes(root: nn.Module) -> None:
