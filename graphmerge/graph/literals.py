@@ -47,6 +47,20 @@ _SIZE_OPS = {"view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_ones
              "new_full"}
 _NORMS = {"layer_norm", "rms_norm"}
 _CONVS = {"conv1d", "conv2d", "conv3d"}
+_SPLITS = {"split", "split_with_sizes"}
+
+
+def _equal_widths(table: SpaceTable, spaces: set) -> bool:
+    """Whether the pieces' spaces (q, k, v of a fused projection) always share one width: one
+    heads space times one head dim, with the head dims of one width."""
+    if None in spaces:
+        return False
+    parts = [table[s].derived.parts if table[s].derived else None for s in spaces]
+    if any(p is None or len(p) != 2 for p in parts):
+        return False
+    heads = {p[0] for p in parts}
+    return len(heads) == 1 and len({table[p[1]].width if p[1] is not None else -1
+                                    for p in parts}) == 1
 
 
 def _sizes(n: fx.Node) -> Iterator[tuple[int, int | None, int]]:
@@ -84,6 +98,19 @@ def find_literals(traced: Traced) -> list[Literal]:
             rank = len(traced.shapes.get(x.name) or ())
             for j in range(len(n.args[1])):
                 tie(n, 1, j, x.name, rank - len(n.args[1]) + j)
+        elif name in _SPLITS and len(n.args) > 1 and isinstance(n.args[0], fx.Node):
+            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+            rank = len(traced.shapes.get(n.args[0].name) or ())
+            dim = dim + rank if isinstance(dim, int) and dim < 0 else dim
+            if isinstance(n.args[1], (list, tuple)):  # one size per piece
+                for k in range(len(n.args[1])):
+                    tie(n, 1, k, f"{n.name}#{k}", dim)
+            else:  # one size for every piece: tied when every piece is one space's width
+                pieces = len(traced.shapes.get(n.name) or ())
+                spaces = {table.node_axes.get(f"{n.name}#{k}", {}).get(dim)
+                          for k in range(pieces)}
+                if len(spaces) == 1 or _equal_widths(table, spaces):
+                    tie(n, 1, None, f"{n.name}#0", dim)
         elif name in _CONVS and len(n.args) > 6 and isinstance(n.args[0], fx.Node):
             x, groups = n.args[0], n.args[6]
             shape = traced.shapes.get(x.name) or ()

@@ -47,7 +47,8 @@ class FrozenBy(enum.Enum):
     RULE = "an op's axis rule"
     DERIVED_CONFLICT = "derived from its parts in two incompatible ways"
     DERIVED_CYCLE = "derived from itself (cyclic cat/reshape)"
-    HEADS = "attention heads (heads × head dim); head-aware matching is not implemented yet"
+    HEADS = ("a product of transformable axes that is not attention heads (heads × head dim) "
+             "as the graph shows them")
     THROUGH_DERIVED = "a frozen derived space it is part of"
     CONSTANT = "a tensor constant that the forward code creates"
     NO_FEATURES = "no activation carries it (only parameters or constants), nothing to match on"
@@ -141,6 +142,9 @@ class SpaceTable:
     param_axes: dict[str, dict[int, int]]  # parameter name -> {dim: space id}
     node_axes: dict[str, dict[int, int]]   # node name -> {dim: space id}
     unsupported: dict[str, list[str]]      # op name -> nodes that had no rule
+    # attention: heads space id -> [(kron space id, head-dim space id)], one per projection
+    # laid out heads × head dim (q, k, v, the output projection's input)
+    heads: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Space]:
         return iter(self.spaces)
@@ -392,16 +396,7 @@ class _Builder:
         frozen_roots: dict[Hashable, Frozen] = {}
         for k, why in self.frozen.items():
             frozen_roots.setdefault(find(k), why)
-        # attention heads: a row-major product of several transformable parts (heads × dim);
-        # a valid transform permutes whole heads and acts within each head, which needs a
-        # head-aware matcher: until then such parts keep the identity
-        rule_frozen = set(frozen_roots)
-        for r, (kind, parts) in derived.items():
-            axes = [find(p) for p in parts
-                    if not isinstance(p, int) and find(p) not in rule_frozen]
-            if kind == "kron" and len(axes) > 1:
-                for p in axes:
-                    frozen_roots.setdefault(p, Frozen(FrozenBy.HEADS))
+        heads = self.find_heads(derived, frozen_roots, groups)
         # a frozen derived space freezes its parts
         stack = list(frozen_roots)
         while stack:
@@ -499,8 +494,51 @@ class _Builder:
             for m in groups[r]:
                 table = param_axes if m[0] == "p" else node_axes
                 table.setdefault(m[1], {})[m[2]] = ids[r]
+        head_table: dict[int, list[tuple[int, int]]] = {}
+        for r, (h, d) in heads.items():
+            if r in ids and h in ids and not spaces[ids[h]].frozen:
+                head_table.setdefault(ids[h], []).append((ids[r], ids[d]))
+                # the heads' matcher reads every projection's activations
+                spaces[ids[r]].reads = [a for a in spaces[ids[r]].members if self.is_data(a)]
         log.debug("found %d spaces (%d frozen)", len(spaces), sum(s.frozen for s in spaces))
-        return SpaceTable(spaces, param_axes, node_axes, self.unsupported)
+        return SpaceTable(spaces, param_axes, node_axes, self.unsupported, head_table)
+
+    def find_heads(self, derived: dict, frozen_roots: dict[Hashable, Frozen],
+                   groups: dict) -> dict[Hashable, tuple[Hashable, Hashable]]:
+        """Attention heads: row-major products of two transformable base parts. The heads part
+        is the one that pairs with two different head-dim parts (queries and keys share one,
+        values and the output projection another); a valid transform permutes whole heads
+        and acts within each head. A product whose heads cannot be told from the graph, or of
+        more parts, keeps the identity; a head dim with a parameter of its own (shared by all
+        heads, e.g. a per-head norm) too. Returns kron root -> (heads root, head-dim root)."""
+        find = self.uf.find
+        rule_frozen = set(frozen_roots)
+        krons = {}
+        for r, (kind, parts) in derived.items():
+            axes = [find(p) for p in parts if not isinstance(p, int)
+                    and find(p) not in rule_frozen]
+            if kind == "kron" and len(axes) > 1:
+                krons[r] = axes
+        partners: dict[Hashable, set] = {}
+        for axes in krons.values():
+            if len(axes) == 2:
+                partners.setdefault(axes[0], set()).add(axes[1])
+                partners.setdefault(axes[1], set()).add(axes[0])
+        out = {}
+        for r, axes in krons.items():
+            many = [p for p in axes if len(partners.get(p, ())) > 1]
+            if len(axes) != 2 or len(many) != 1 or any(p in derived for p in axes):
+                for p in axes:
+                    frozen_roots.setdefault(p, Frozen(FrozenBy.HEADS))
+                continue
+            h = many[0]
+            d = axes[1] if axes[0] == h else axes[0]
+            if any(m[0] == "p" for m in groups.get(d, ())):
+                frozen_roots.setdefault(d, Frozen(FrozenBy.HEADS, detail=(
+                    "a head dim with a parameter shared by every head")))
+                continue
+            out[r] = (h, d)
+        return out
 
 
 def _data_nodes(graph: fx.Graph) -> set[str]:

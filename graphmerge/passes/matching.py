@@ -6,10 +6,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from graphmerge.errors import ConfigError
+from graphmerge.errors import ConfigError, MismatchError
+from graphmerge.match.heads import match_heads
 from graphmerge.match.matchers import get_matcher
 from graphmerge.passes.context import MergeContext, SpacePlan
 from graphmerge.passes.manager import merge_pass
+from graphmerge.passes.statistics import head_projections
 
 __all__ = ["match_spaces", "target_width"]
 
@@ -37,15 +39,47 @@ def match_spaces(ctx: MergeContext) -> None:
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
     if isinstance(cfg.width, Mapping):
-        unknown = sorted(set(cfg.width) - set(ctx.stats))
+        heads = set(ctx.traced[0].space_table.heads)
+        unknown = sorted(set(cfg.width) - set(ctx.stats) - heads)
         if unknown:
             raise ConfigError(f"width= names spaces {unknown} that are not merged; mergeable "
                               f"spaces: {sorted(ctx.stats)} (see graphmerge inspect)")
     options = cfg.matcher_options()
     ctx.plans = {}
+    tables = [t.space_table for t in ctx.traced]
+    heads = head_projections(tables[0])
+    projections = {by_dim[d][0] for by_dim in heads.values() for d in by_dim}
     for sid, st in ctx.stats.items():
+        if sid in projections:
+            continue
         match = matcher(st.correlation(), st.widths, target_width(cfg.width, sid, st.widths),
                         **options)
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, cfg.method, match.merge,
                                    match.unmerge, match.mean_correlation)
+    for h, by_dim in heads.items():
+        _match_heads(ctx, tables, h, by_dim, matcher, options)
     log.info("matched %d spaces with %s", len(ctx.plans), cfg.method)
+
+
+def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list[int]],
+                 matcher: Any, options: dict) -> None:
+    """Plans of a heads space and of its projections (`graphmerge.match.heads`)."""
+    for d in by_dim:
+        dims = [t[d].width for t in tables]
+        if len(set(dims)) > 1:
+            raise MismatchError(
+                f"the attention heads of space {h} have head dims of widths {dims} (space {d}): "
+                f"merging heads of different widths is not supported; models may differ in "
+                f"their number of heads")
+    counts = [t[h].width for t in tables]
+    hm = match_heads([ctx.stats[ks[0]].correlation() for ks in by_dim.values()], counts,
+                     [tables[0][d].width for d in by_dim], matcher,
+                     target_width(ctx.config.width, h, counts), **options)
+    r = hm.heads.width
+    ctx.plans[h] = SpacePlan(h, counts, r, ctx.config.method, hm.heads.merge, hm.heads.unmerge,
+                             hm.heads.mean_correlation)
+    for j, (d, krons) in enumerate(by_dim.items()):
+        for k in krons:
+            ctx.plans[k] = SpacePlan(k, [t[k].width for t in tables], r * tables[0][d].width,
+                                     ctx.config.method, hm.merge[j], hm.unmerge[j],
+                                     hm.heads.mean_correlation)

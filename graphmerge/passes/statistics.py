@@ -10,12 +10,23 @@ from graphmerge.match.statistics import collect_stats
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 
-__all__ = ["collect_statistics", "mergeable"]
+__all__ = ["collect_statistics", "mergeable", "head_projections"]
 
 
 def mergeable(table: SpaceTable) -> list[Space]:
-    """Free base spaces that a matcher can merge."""
-    return [s for s in table if not s.frozen and s.derived is None]
+    """Free base spaces that a matcher merges on their own (heads and head dims are merged
+    through their projections, see `head_projections`)."""
+    grouped = {sid for h, ks in table.heads.items() for sid in (h, *(d for _, d in ks))}
+    return [s for s in table if not s.frozen and s.derived is None and s.id not in grouped]
+
+
+def head_projections(table: SpaceTable) -> dict[int, dict[int, list[int]]]:
+    """Per heads space, its projections (kron spaces) by head dim: {heads: {dim: [krons]}}."""
+    out: dict[int, dict[int, list[int]]] = {}
+    for h, ks in table.heads.items():
+        for k, d in ks:
+            out.setdefault(h, {}).setdefault(d, []).append(k)
+    return out
 
 
 def _reads(space: Space, inserted: set[str]) -> list:
@@ -32,6 +43,10 @@ def collect_statistics(ctx: MergeContext) -> None:
     tables = [t.space_table for t in ctx.traced]
     inserted = {n for a in ctx.alignments for n in a.inserted}
     ctx.reads = {s.id: [_reads(s, inserted) for _ in tables] for s in mergeable(tables[0])}
+    for by_dim in head_projections(tables[0]).values():  # keyed by each dim's first projection
+        for krons in by_dim.values():
+            reads = [a for k in krons for a in _reads(tables[0][k], inserted)]
+            ctx.reads[krons[0]] = [reads for _ in tables]
     agree = [0, 0]
 
     def on_outputs(outs: list) -> None:

@@ -39,10 +39,13 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     table = trace(model, inputs).space_table
     g = torch.Generator().manual_seed(seed)
     base: dict[int, Selection] = {}
+    # attention heads keep their number and width: a head count is often a module attribute
+    # (x.view(b, t, self.heads, d)), and queries · keys sums over the head dim
+    heads = {sid for h, ks in table.heads.items() for sid in (h, *(d for _, d in ks))}
     for s in table:
         if s.derived is not None:
             continue
-        n_extra = 0 if s.frozen or s.reduced else (
+        n_extra = 0 if s.frozen or s.reduced or s.id in heads else (
             extra if isinstance(extra, int) else round(extra * s.width))
         index = torch.cat([torch.arange(s.width), torch.randint(0, s.width, (n_extra,),
                                                                 generator=g)])

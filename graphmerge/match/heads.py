@@ -1,0 +1,99 @@
+"""Head-aware matching: attention heads are matched as wholes, and each pair of heads by its
+own transform inside the head.
+
+A projection laid out heads × head dim (`SpaceTable.heads`) may only be transformed by a block
+transform: a merge of whole heads, then, inside each merged head, a transform of the head dim
+that queries and keys share (and another that values and the output projection share). Given
+the feature correlations of the projections of every model (one matrix per head dim: the
+queries' and keys' activations together, the values' and the output projection's inputs
+together), `match_heads`
+
+1. scores every pair of heads (of any models) by how well their dims can be paired: for each
+   head dim, the mean correlation of the best one-to-one pairing of the two heads' dims
+   (Hungarian), summed over the head dims;
+2. merges heads with the configured matcher on those scores (averaging, Hungarian, or zip,
+   elastic: the merged model may have another number of heads);
+3. inside each merged head, pairs every member head's dims with the first member's
+   (Hungarian again), and builds, per model, the merge matrix of the whole projection axis
+   (rows: merged head × dim; columns: the model's head × dim) from the head weights and those
+   pairings, and the unmerge matrix likewise.
+
+Head dims keep their width. Cost: one Hungarian problem of size head dim per pair of heads
+per head dim, plus the matcher on the heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from graphmerge.match.matchers import Match
+
+__all__ = ["HeadMatch", "match_heads"]
+
+
+@dataclass
+class HeadMatch:
+    """The heads' match and, per head dim, each model's merge and unmerge matrices of the
+    projection axis (heads × dim)."""
+
+    heads: Match
+    merge: list[list[np.ndarray]]     # [head dim][model] -> [r_heads · dim, heads_i · dim]
+    unmerge: list[list[np.ndarray]]   # [head dim][model] -> [heads_i · dim, r_heads · dim]
+
+
+def _block(corr: np.ndarray, offsets: Sequence[int], dim: int, a: tuple[int, int],
+           b: tuple[int, int]) -> np.ndarray:
+    ra = offsets[a[0]] + a[1] * dim
+    rb = offsets[b[0]] + b[1] * dim
+    return corr[ra:ra + dim, rb:rb + dim]
+
+
+def _pairing(block: np.ndarray) -> tuple[np.ndarray, float]:
+    """cols[k]: the column paired with row k, maximising the summed correlation; its mean."""
+    rows, cols = linear_sum_assignment(np.nan_to_num(block), maximize=True)
+    out = np.empty(len(rows), dtype=np.int64)
+    out[rows] = cols
+    return out, float(np.nan_to_num(block)[rows, cols].mean())
+
+
+def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int], dims: Sequence[int],
+                matcher: Callable[..., Match], r: int | None = None, **options) -> HeadMatch:
+    """Match the heads of N models (see the module docstring).
+
+    Args:
+        corrs: per head dim, the correlation matrix of the concatenated units of every model
+            (model-major, then head, then dim): [Σ_i heads_i · dims[j]]².
+        heads: heads_i per model.
+        dims: the width of each head dim (equal across models).
+        matcher: a registered matcher (`graphmerge.match.matchers`) run on the head scores.
+        r: the merged number of heads (None: the matcher's default).
+    """
+    units = [(i, h) for i, n in enumerate(heads) for h in range(n)]
+    offsets = [[int(x) for x in np.cumsum([0] + [n * d for n in heads[:-1]])] for d in dims]
+    score = np.zeros((len(units), len(units)))
+    for a in range(len(units)):
+        for b in range(a, len(units)):
+            total = sum(_pairing(_block(c, off, d, units[a], units[b]))[1]
+                        for c, off, d in zip(corrs, offsets, dims))
+            score[a, b] = score[b, a] = total / len(dims)
+    match = matcher(score, list(heads), r, **options)
+    width = match.merge[0].shape[0]
+    merge = [[np.zeros((width * d, n * d)) for n in heads] for d in dims]
+    unmerge = [[np.zeros((n * d, width * d)) for n in heads] for d in dims]
+    for g in range(width):
+        members = [(i, h) for i, n in enumerate(heads) for h in range(n)
+                   if match.merge[i][g, h] != 0 or match.unmerge[i][h, g] != 0]
+        first = members[0]
+        for j, (c, off, d) in enumerate(zip(corrs, offsets, dims)):
+            for i, h in members:
+                # dim e of the merged head is dim cols[e] of this member
+                cols = np.arange(d) if (i, h) == first else _pairing(
+                    _block(c, off, d, first, (i, h)))[0]
+                rows = g * d + np.arange(d)
+                merge[j][i][rows, h * d + cols] = match.merge[i][g, h]
+                unmerge[j][i][h * d + cols, rows] = match.unmerge[i][h, g]
+    return HeadMatch(match, merge, unmerge)
