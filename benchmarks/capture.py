@@ -23,11 +23,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from test_capture import _like, _randomise_norms  # noqa: E402
+
 import graphmerge as gm  # noqa: E402
 from graphmerge.graph.oracle import output_error  # noqa: E402
 from graphmerge.io.atomic import write_text_atomic  # noqa: E402
 from graphmerge.lab.zoo.registry import COMMUNITY, FAMILIES, builtin  # noqa: E402
-from test_capture import _like, _randomise_norms  # noqa: E402
 
 
 def row(name: str, model: torch.nn.Module, x: tuple, frontend: str) -> str:

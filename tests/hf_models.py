@@ -8,7 +8,8 @@ downloaded. Each builder returns ``(model, example_inputs)`` where ``model`` is 
 can be captured with ``torch.export.export(model, example_inputs, strict=False)``.
 ``torch.fx.symbolic_trace`` cannot trace these models; use torch.export.
 
-Sizes: hidden 32, 2 layers (`layers=`), 4 heads, vocab 100, sequence length 8, images 16x16 with 4x4
+Sizes: hidden 32, 2 layers (`layers=`), 4 heads of width 8 (`heads=`; hidden = 8 · heads),
+vocab 100, sequence length 8, images 16x16 with 4x4
 patches. Attention is ``"sdpa"`` by default (one ``aten.scaled_dot_product_attention`` node
 per layer); pass ``attn="eager"`` for the matmul/softmax form. Both export cleanly.
 
@@ -52,6 +53,7 @@ BATCH = 2
 HIDDEN = 32
 LAYERS = 2
 HEADS = 4
+HEAD_DIM = HIDDEN // HEADS
 IMAGE = 16
 PATCH = 4
 DEFAULT_ATTN = "sdpa"
@@ -107,30 +109,32 @@ def _wrap(model: nn.Module, output: str, input_names: tuple[str, ...],
     return HFWrapper(model, output, input_names, head).eval()
 
 
-def bert(seed: int = 0, layers: int = LAYERS,
+def bert(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
          attn: str = DEFAULT_ATTN) -> tuple[HFWrapper, tuple[torch.Tensor, ...]]:
     """BertForSequenceClassification (3 labels, pooler + classifier) -> logits [2, 3]."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
+    hidden = heads * HEAD_DIM
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
-        intermediate_size=4 * HIDDEN, max_position_embeddings=32, type_vocab_size=2,
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, max_position_embeddings=32, type_vocab_size=2,
         num_labels=3, pad_token_id=0, attn_implementation=attn,
     )
     model = BertForSequenceClassification(config)
     return _wrap(model, "logits", ("input_ids", "attention_mask")), _token_inputs(True)
 
 
-def gpt2(seed: int = 0, layers: int = LAYERS,
+def gpt2(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
          attn: str = DEFAULT_ATTN) -> tuple[HFWrapper, tuple[torch.Tensor, ...]]:
     """GPT2LMHeadModel (causal, LM head tied to the token embedding) -> logits [2, 8, 100]."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    hidden = heads * HEAD_DIM
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=HIDDEN, n_layer=layers, n_head=HEADS,
-        n_inner=4 * HIDDEN, bos_token_id=1, eos_token_id=2, use_cache=False,
+        vocab_size=VOCAB, n_positions=32, n_embd=hidden, n_layer=layers, n_head=heads,
+        n_inner=4 * hidden, bos_token_id=1, eos_token_id=2, use_cache=False,
         tie_word_embeddings=True, attn_implementation=attn,
     )
     model = GPT2LMHeadModel(config)
@@ -138,16 +142,17 @@ def gpt2(seed: int = 0, layers: int = LAYERS,
     return _wrap(model, "logits", ("input_ids",)), _token_inputs(False)
 
 
-def llama(seed: int = 0, layers: int = LAYERS,
+def llama(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
           attn: str = DEFAULT_ATTN) -> tuple[HFWrapper, tuple[torch.Tensor, ...]]:
     """LlamaForCausalLM: GQA (4 query heads, 2 key/value heads), RMSNorm, RoPE, SwiGLU MLP,
     untied LM head -> logits [2, 8, 100]."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    hidden = heads * HEAD_DIM
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=3 * HIDDEN,
-        num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=2,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
         max_position_embeddings=32, hidden_act="silu", rms_norm_eps=1e-6,
         tie_word_embeddings=False, use_cache=False, attn_implementation=attn,
     )
@@ -155,51 +160,54 @@ def llama(seed: int = 0, layers: int = LAYERS,
     return _wrap(model, "logits", ("input_ids",)), _token_inputs(False)
 
 
-def vit(seed: int = 0, layers: int = LAYERS,
+def vit(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
         attn: str = DEFAULT_ATTN) -> tuple[HFWrapper, tuple[torch.Tensor, ...]]:
     """ViTForImageClassification (16x16 RGB, 4x4 patches, CLS token, 5 labels) -> logits [2, 5]."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
+    hidden = heads * HEAD_DIM
     config = ViTConfig(
-        hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
-        intermediate_size=4 * HIDDEN, image_size=IMAGE, patch_size=PATCH, num_channels=3,
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, image_size=IMAGE, patch_size=PATCH, num_channels=3,
         num_labels=5, attn_implementation=attn,
     )
     model = ViTForImageClassification(config)
     return _wrap(model, "logits", ("pixel_values",)), (torch.randn(BATCH, 3, IMAGE, IMAGE),)
 
 
-def t5_encoder(seed: int = 0, layers: int = LAYERS,
+def t5_encoder(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
                attn: str = DEFAULT_ATTN) -> tuple[HFWrapper, tuple[torch.Tensor, ...]]:
     """T5EncoderModel (relative position bias in layer 0, T5 RMS LayerNorm, ReLU FFN)
     with a linear head -> per-token logits [2, 8, 3]."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
+    hidden = heads * HEAD_DIM
     config = T5Config(
-        vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=4 * HIDDEN,
-        num_layers=layers, num_heads=HEADS, relative_attention_num_buckets=8,
+        vocab_size=VOCAB, d_model=hidden, d_kv=HEAD_DIM, d_ff=4 * hidden,
+        num_layers=layers, num_heads=heads, relative_attention_num_buckets=8,
         relative_attention_max_distance=16, feed_forward_proj="relu", use_cache=False,
         pad_token_id=0, attn_implementation=attn,
     )
     model = T5EncoderModel(config)
-    return (_wrap(model, "last_hidden_state", ("input_ids", "attention_mask"), (HIDDEN, 3)),
+    return (_wrap(model, "last_hidden_state", ("input_ids", "attention_mask"), (hidden, 3)),
             _token_inputs(True))
 
 
-def distilbert(seed: int = 0, layers: int = LAYERS,
+def distilbert(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
                attn: str = DEFAULT_ATTN) -> tuple[HFWrapper, tuple[torch.Tensor, ...]]:
     """DistilBertModel with a linear head -> per-token logits [2, 8, 3]."""
     from transformers import DistilBertConfig, DistilBertModel
 
     torch.manual_seed(seed)
+    hidden = heads * HEAD_DIM
     config = DistilBertConfig(
-        vocab_size=VOCAB, dim=HIDDEN, n_layers=layers, n_heads=HEADS, hidden_dim=4 * HIDDEN,
+        vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=4 * hidden,
         max_position_embeddings=32, pad_token_id=0, attn_implementation=attn,
     )
     model = DistilBertModel(config)
-    return (_wrap(model, "last_hidden_state", ("input_ids", "attention_mask"), (HIDDEN, 3)),
+    return (_wrap(model, "last_hidden_state", ("input_ids", "attention_mask"), (hidden, 3)),
             _token_inputs(True))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 from test_capture import TOL, _assert_unchanged, _like, _snapshot, check_capture
 
 import graphmerge as gm
@@ -99,3 +100,22 @@ def test_transformers_model_across_depths(name):
     assert [a.depths for a in result.alignments if len(set(a.depths)) > 1] == [[2, 4]]
     assert output_error(model, result.module, calibration[0]) < (0.1 if post_norm else TOL)
     _assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.HF_MODELS))
+def test_transformers_models_with_different_head_counts_merge(name):
+    """4 heads of width 8 merged with 6 heads of width 8 (hidden 32 and 48): heads are matched
+    as wholes; grouped-query attention (LLaMA: a key/value head shared by several query heads)
+    is not head-aware yet, and its refusal is a clear error."""
+    model, x = hf_models.HF_MODELS[name]()
+    other, _ = hf_models.HF_MODELS[name](seed=1, heads=6)
+    calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(2)]
+    if name == "llama":
+        with pytest.raises(gm.MismatchError, match="differs between models"):
+            gm.merge([model, other], calibration, x, heads="average", progress=False)
+        return
+    result = gm.merge([model, other], calibration, x, heads="average", progress=False)
+    assert any(s["widths"] == [4, 6] for s in result.spaces)  # the heads
+    with torch.no_grad():
+        out, ref = result.module(*calibration[0]), model(*calibration[0])
+    assert out.shape == ref.shape and torch.isfinite(out).all()

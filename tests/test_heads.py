@@ -1,0 +1,115 @@
+"""Head-aware attention: heads are told from head dims by the graph, a model whose heads and
+whose dims inside each head are permuted (each head by its own permutation) computes the same
+function and merges back into it, and models with different numbers of heads merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphmerge as gm
+from graphmerge.graph.oracle import output_error
+from graphmerge.lab.zoo.registry import build, builtin
+from graphmerge.match.heads import match_heads
+from graphmerge.match.matchers import get_matcher
+
+HEADS, HEAD_DIM = 4, 8
+
+
+def _vit(**kwargs) -> tuple[nn.Module, torch.Tensor]:
+    model, x = builtin("vit", batch=4, dim=HEADS * HEAD_DIM, depth=2, heads=HEADS, mlp_dim=48,
+                       **kwargs)
+    return model, x
+
+
+def _per_head_permuted(model: nn.Module, seed: int) -> nn.Module:
+    """Every block's heads permuted, and inside each head the query/key dims by one
+    permutation and the value/output dims by another, different for every head."""
+    g = torch.Generator().manual_seed(seed)
+    twin = build("vit", dim=HEADS * HEAD_DIM, depth=2, heads=HEADS, mlp_dim=48).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for block in twin.blocks:
+            heads = torch.randperm(HEADS, generator=g)
+            qk = [torch.randperm(HEAD_DIM, generator=g) for _ in range(HEADS)]
+            vo = [torch.randperm(HEAD_DIM, generator=g) for _ in range(HEADS)]
+            rows_qk = torch.cat([heads[h] * HEAD_DIM + qk[h] for h in range(HEADS)])
+            rows_vo = torch.cat([heads[h] * HEAD_DIM + vo[h] for h in range(HEADS)])
+            attn = block.attn
+            for layer, rows in ((attn.q, rows_qk), (attn.k, rows_qk), (attn.v, rows_vo)):
+                layer.weight.copy_(layer.weight[rows])
+                layer.bias.copy_(layer.bias[rows])
+            attn.proj.weight.copy_(attn.proj.weight[:, rows_vo])
+    return twin
+
+
+def test_heads_are_told_from_head_dims():
+    model, x = _vit()
+    table = gm.trace(model, x).space_table
+    assert len(table.heads) == 2  # one heads space per block
+    for h, projections in table.heads.items():
+        assert table[h].width == HEADS and len(projections) == 4  # q, k, v, output projection
+        dims = {d for _, d in projections}
+        assert len(dims) == 2 and {table[d].width for d in dims} == {HEAD_DIM}  # qk and vo
+        assert all(table[k].width == HEADS * HEAD_DIM for k, _ in projections)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_each_head_permuted_by_its_own_transform_merges_back(frontend):
+    model, x = _vit()
+    twin = _per_head_permuted(model, seed=3)
+    calibration = [torch.randn(16, *x.shape[1:]) for _ in range(3)]
+    assert output_error(model, twin, (calibration[0],)) < 1e-5  # the same function
+    assert not torch.equal(twin.blocks[0].attn.q.weight, model.blocks[0].attn.q.weight)
+    result = gm.merge([model, twin], calibration, x, heads="average", norms="none",
+                      frontend=frontend, progress=False)
+    assert output_error(model, result.module, (calibration[0],)) < 1e-4
+
+
+def test_models_with_different_numbers_of_heads_merge():
+    small, x = _vit()
+    torch.manual_seed(1)
+    large = build("vit", dim=6 * HEAD_DIM, depth=2, heads=6, mlp_dim=72).eval()
+    calibration = [torch.randn(16, *x.shape[1:]) for _ in range(3)]
+    result = gm.merge([small, large], calibration, x, heads="average", progress=False)
+    heads = [s for s in result.spaces if s["widths"] == [HEADS, 6]]
+    assert len(heads) == 2 and all(s["width"] == 6 for s in heads)
+    fewer = gm.merge([small, large], calibration, x, heads="average", progress=False,
+                     width={s["space"]: 5 for s in heads})
+    with torch.no_grad():
+        for res in (result, fewer):
+            out = res.module(calibration[0])
+            assert out.shape == small(calibration[0]).shape and torch.isfinite(out).all()
+
+
+def test_a_product_that_is_not_heads_keeps_the_identity():
+    """One projection reshaped into two transformable axes: nothing in the graph says which
+    are heads, so both keep the identity, with the reason."""
+    class Grid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 12), nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x).view(-1, 3, 4))).sum(1)
+
+    table = gm.trace(Grid(), torch.randn(2, 6)).space_table
+    frozen = [s for s in table if s.frozen and "not attention heads" in s.why]
+    assert frozen and not table.heads
+
+
+def test_match_heads_recovers_a_permutation_of_heads_and_dims():
+    """On a correlation matrix of two models whose heads and per-head dims are permuted
+    copies, the heads and every head's dims are paired back."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, HEADS * HEAD_DIM, generator=g, dtype=torch.float64)
+    heads = torch.randperm(HEADS, generator=g)
+    perm = torch.cat([heads[h] * HEAD_DIM + torch.randperm(HEAD_DIM, generator=g)
+                      for h in range(HEADS)])
+    both = torch.cat([x, x[:, perm]], 1)
+    corr = torch.corrcoef(both.T).numpy()
+    hm = match_heads([corr], [HEADS, HEADS], [HEAD_DIM], get_matcher("permute"))
+    merged = hm.merge[0][0] @ x.numpy().T + hm.merge[0][1] @ x[:, perm].numpy().T
+    assert merged.shape == (HEADS * HEAD_DIM, 500)
+    assert abs(merged - x.numpy().T).max() < 1e-9
