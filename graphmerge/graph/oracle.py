@@ -31,15 +31,28 @@ __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces",
 
 def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int, torch.Tensor]:
     """A random permutation (index tensor) for every space: free base spaces draw one, frozen
-    spaces keep the identity, derived spaces are composed from their parts."""
+    spaces keep the identity, derived spaces are composed from their parts. Attention heads
+    (`SpaceTable.heads`) are permuted as wholes and each head's dims by a permutation of its
+    own: a head dim's entry is then [heads, dim], row g permuting the dims of new head g."""
     base: dict[int, torch.Tensor] = {
         s.id: torch.arange(s.width) if s.frozen else torch.randperm(s.width, generator=generator)
         for s in table if s.derived is None}
+    projections: dict[int, torch.Tensor] = {}
+    for h, ks in table.heads.items():
+        for k, d in ks:
+            if base[d].dim() == 1:  # one permutation per head, drawn once per head dim
+                base[d] = torch.stack([torch.randperm(table[d].width, generator=generator)
+                                       for _ in range(table[h].width)])
+            width = table[d].width
+            projections[k] = (base[h][:, None] * width + base[d]).reshape(-1)
 
     def own(sid: int, _: bool) -> Selection | None:
+        if sid in projections:
+            return Selection.of(projections[sid], len(projections[sid]))
         return Selection.of(base[sid], len(base[sid])) if sid in base else None
 
-    return {s.id: compose(table, s.id, own, SELECTIONS).index for s in table}
+    return {s.id: base[s.id] if base.get(s.id, torch.empty(0)).dim() == 2
+            else compose(table, s.id, own, SELECTIONS).index for s in table}
 
 
 def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, torch.Tensor]) -> int:
@@ -61,7 +74,7 @@ def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, to
     changed = 0
     with torch.no_grad():
         for t, dims in by_tensor.values():
-            new = _transform(t, dims, perms)
+            new = _transform(t, dims, perms, table)
             if not torch.equal(new, t):
                 changed += 1
             t.copy_(new)
@@ -118,10 +131,23 @@ class OracleReport:
     max_output_error: float       # relative error of the outputs, max over trials
 
 
-def _transform(value: torch.Tensor, dims: dict[int, int], perms: dict[int, torch.Tensor]
-               ) -> torch.Tensor:
-    for dim, sid in dims.items():
-        value = value.index_select(dim, perms[sid])
+def _transform(value: torch.Tensor, dims: dict[int, int], perms: dict[int, torch.Tensor],
+               table: SpaceTable) -> torch.Tensor:
+    """`value` with each axis permuted by its space; a head dim (a [heads, dim] permutation)
+    after its heads axis, head by head."""
+    heads_of = {d: h for h, ks in table.heads.items() for _, d in ks}
+    for dim, sid in sorted(dims.items(), key=lambda item: perms[item[1]].dim()):
+        perm = perms[sid]
+        if perm.dim() == 1:
+            value = value.index_select(dim, perm)
+            continue
+        heads = next((d for d, s in dims.items() if s == heads_of[sid]), None)
+        if heads is None:
+            raise SpaceCheckError(f"a value has an axis in head dim {sid} but none in its heads "
+                                  f"space {heads_of[sid]}")
+        moved = value.movedim((heads, dim), (-2, -1))
+        index = perm.expand(*moved.shape[:-2], *perm.shape)
+        value = moved.gather(-1, index).movedim((-2, -1), (heads, dim))
     return value
 
 
@@ -180,7 +206,7 @@ def _check_node(n: fx.Node, reference: dict[str, Any], values: dict[str, Any], t
                       if isinstance(r, torch.Tensor))
     for name, r, v in pieces:
         dims = table.node_axes.get(name, {})
-        expected = _transform(r, dims, perms)
+        expected = _transform(r, dims, perms, table)
         err = _rel_error(expected, v)
         if err > rtol:
             where = ", ".join(f"axis {d} in space {s} (width {table[s].width})"

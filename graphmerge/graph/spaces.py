@@ -495,8 +495,15 @@ class _Builder:
                 table = param_axes if m[0] == "p" else node_axes
                 table.setdefault(m[1], {})[m[2]] = ids[r]
         head_table: dict[int, list[tuple[int, int]]] = {}
+        # a head dim read apart from its heads (no heads axis beside it) is one transform for
+        # every head: its products are matched as plain products then
+        on_nodes = [set(dims.values()) for dims in node_axes.values()]
+
+        def apart(h: int, d: int) -> bool:
+            return any(d in axes and h not in axes for axes in on_nodes)
+
         for r, (h, d) in heads.items():
-            if r in ids and h in ids and not spaces[ids[h]].frozen:
+            if r in ids and h in ids and not spaces[ids[h]].frozen and not apart(ids[h], ids[d]):
                 head_table.setdefault(ids[h], []).append((ids[r], ids[d]))
                 # the heads' matcher reads every projection's activations
                 spaces[ids[r]].reads = [a for a in spaces[ids[r]].members if self.is_data(a)]
