@@ -30,7 +30,7 @@ from graphmerge.graph.kinds import kind, node_key, tensor_args
 from graphmerge.graph.rules.registry import is_metadata
 
 __all__ = ["Unit", "Stage", "find_stages", "aligned_stages", "trunk", "corresponding_stages",
-           "check_trunks", "is_add", "branch_producer", "readers"]
+           "check_trunks", "is_add", "branch_producer", "readers", "through_identity"]
 
 _ACTIVATIONS = {"relu", "hardtanh", "leaky_relu", "sigmoid", "hardsigmoid", "gelu", "silu",
                 "tanh"}
@@ -222,13 +222,14 @@ def _skip_and_branch(g: _Graph, a: fx.Node, b: fx.Node) -> tuple:
     """(the stream value the skip carries, the branch) of an add, or (None, None): the skip
     is an ancestor of the branch, itself or through a shortcut nn.Identity()."""
     for skip, branch in ((a, b), (b, a)):
-        for value in (skip, _through_identity(skip)):
+        for value in (skip, through_identity(skip)):
             if g.reaches(branch, value):
                 return value, branch
     return None, None
 
 
-def _through_identity(n: fx.Node) -> fx.Node:
+def through_identity(n: fx.Node) -> fx.Node:
+    """The value `n` passes on unchanged (through dropout, nn.Identity, casts)."""
     while kind(n) in ("identity", "dropout") and n.args and isinstance(n.args[0], fx.Node):
         n = n.args[0]
     return n

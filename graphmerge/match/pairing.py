@@ -58,3 +58,7 @@ def pair_models(traced: Sequence[Traced]) -> None:
                 raise MismatchError(
                     f"space {sa.id} differs between model 0 and model {i}: parameters "
                     f"{pa[:3]}… vs {pb[:3]}…")
+            if sa.frozen and sa.width != sb.width:
+                raise MismatchError(
+                    f"space {sa.id} keeps the identity ({sa.why}) but its width differs between "
+                    f"model 0 ({sa.width}) and model {i} ({sb.width}); models must agree on it")

@@ -48,6 +48,7 @@ from graphmerge.graph.stages import (
     corresponding_stages,
     is_add,
     readers,
+    through_identity,
     trunk,
 )
 from graphmerge.inputs import as_inputs
@@ -251,16 +252,12 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
                 _set(gm, args["weight"], lambda w: nn.init.dirac_(w, groups))
             elif k == "batch_norm":
                 _identity_norm(gm, n)
-                continue
-            elif k in ("dropout", "identity"):
-                continue
-            elif identity_on(n) is not None or k not in ("layer_norm", "rms_norm"):
-                _check_identity(n, ref.node(unit.input), where)
-                continue
-            else:
+            elif k in ("layer_norm", "rms_norm"):
                 raise GraphmergeError(f"cannot insert an identity unit {where}: `{n.name}` "
                                       f"({k}) normalises its input and has no identity")
-            if "bias" in args:
+            elif k not in ("dropout", "identity"):  # the activation
+                _check_identity(n, ref.node(unit.input), where)
+            if k in ("linear", "conv") and "bias" in args:
                 _set(gm, args["bias"], 0.0)
         return
     stream = {ref.node(unit.input)}
@@ -268,7 +265,7 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
     for n in nodes:
         inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
         if is_add(n):
-            skip = [a for a in inputs if a in stream or _source(a) in stream]
+            skip = [a for a in inputs if a in stream or through_identity(a) in stream]
             branch = [a for a in inputs if a not in skip]
             if len(skip) == 1 and len(branch) == 1:
                 producer = branch_producer(branch[0], inside)
@@ -292,17 +289,11 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
             stream.add(n)
 
 
-def _source(n: fx.Node) -> fx.Node:
-    while kind(n) in ("identity", "dropout") and n.args and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
-    return n
-
-
 def _stream_source(n: fx.Node, stream: set[fx.Node]) -> fx.Node:
     """The value an op after a zeroed add sees: the add passes its skip operand through."""
     while is_add(n):
-        n = next(a if a in stream else _source(a) for a in n.all_input_nodes
-                 if a in stream or _source(a) in stream)
+        n = next(a if a in stream else through_identity(a) for a in n.all_input_nodes
+                 if a in stream or through_identity(a) in stream)
     return n
 
 
