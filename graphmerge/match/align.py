@@ -63,7 +63,7 @@ class StageAlignment:
     cka: list[np.ndarray | None] = field(default_factory=list)
     # post-norm units: per fitted norm of an inserted unit, the relative error it leaves
     fit_errors: dict[str, float] = field(default_factory=dict)
-    # nodes of identity units inserted into some model (not read when matching)
+    # nodes inside identity units inserted into some model (not read when matching)
     inserted: set[str] = field(default_factory=set)
 
 

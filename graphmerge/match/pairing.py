@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from graphmerge.errors import MismatchError
 from graphmerge.graph.capture import Traced
+from graphmerge.graph.spaces import FrozenBy
 
 __all__ = ["pair_models", "op_key"]
 
@@ -58,7 +59,8 @@ def pair_models(traced: Sequence[Traced]) -> None:
                 raise MismatchError(
                     f"space {sa.id} differs between model 0 and model {i}: parameters "
                     f"{pa[:3]}… vs {pb[:3]}…")
-            if sa.frozen and sa.width != sb.width:
+            # (an output's width may differ: per-task heads are attached by attach_heads)
+            if sa.frozen and sa.width != sb.width and sa.frozen_by.by != FrozenBy.GRAPH_OUTPUT:
                 raise MismatchError(
                     f"space {sa.id} keeps the identity ({sa.why}) but its width differs between "
                     f"model 0 ({sa.width}) and model {i} ({sb.width}); models must agree on it")

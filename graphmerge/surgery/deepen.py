@@ -347,7 +347,8 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
     reproduces their input on `calibration` (default: the example inputs); the returned dict
     gives, per fitted norm, the relative error left, and an InexactExpansionWarning names them.
     Everywhere else exactness is required (GraphmergeError otherwise). The third result lists
-    the nodes of the inserted units (their activations say nothing about `model`)."""
+    the nodes inside the inserted units (their activations say nothing about `model`; a unit's
+    output, equal to its input, does)."""
     mapping, inserted = _node_map(ref, ref_stages, traced, stages, positions)
     gm = copy.deepcopy(ref.graph_module)
     source = traced.graph_module
@@ -395,7 +396,7 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
             f"the identity expansion of {type(model).__name__} is not exact (relative error "
             f"{err:.1e}); please report this model: every inserted unit was proven an identity")
     log.info("expanded %s by %d units", type(model).__name__, len(inserted))
-    return gm, fit, [n for unit in inserted for n in unit.nodes]
+    return gm, fit, [n for unit in inserted for n in unit.nodes if n != unit.output]
 
 
 def topology(traced: Traced) -> list[tuple[str, str]]:
