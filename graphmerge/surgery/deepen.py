@@ -57,6 +57,7 @@ from graphmerge.match.statistics import feature_module
 from graphmerge.surgery.tensors import (
     named_tensors,
     resize_axes,
+    set_tensor,
     sync_module_attributes,
 )
 
@@ -363,7 +364,9 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
             moved.update(f"{r.target}.{k}" for k in named_tensors(gm.get_submodule(r.target)))
         for ra, sa in zip(r.all_input_nodes, s.all_input_nodes):
             if ra.op == "get_attr" and sa.op == "get_attr":
-                _put(gm, ra.target, copy.deepcopy(_get(source, sa.target), memo))
+                # every name of the reference's tensor takes it: a buffer the reference's
+                # units share (a causal mask) stays shared with the inserted units
+                set_tensor(gm, ra.target, copy.deepcopy(_get(source, sa.target), memo))
                 moved.add(ra.target)
     widths = _widths(ref, traced, mapping, gm, moved, inserted)
     table = ref.space_table
@@ -383,8 +386,15 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
         _make_identity(gm, ref, unit, post)
     set_eval(gm)
     inputs = as_inputs(example_inputs)
-    fit = fit_post_norms(gm, post, list(calibration) or [inputs]) if post else {}
-    err = output_error(model, gm, inputs)
+    try:
+        fit = fit_post_norms(gm, post, list(calibration) or [inputs]) if post else {}
+        err = output_error(model, gm, inputs)
+    except Exception as e:  # a width the graph does not hold (a module attribute)
+        raise GraphmergeError(
+            f"the expanded {type(model).__name__} does not run ({type(e).__name__}: "
+            f"{str(e)[:200]}): an inserted unit holds a width outside the graph (e.g. "
+            f"nn.MultiheadAttention's embed_dim); deepen towards a reference of the model's "
+            f"width") from e
     if post:
         warnings.warn(
             f"{type(model).__name__} has post-norm units (x <- LN(x + f(x))), for which no "
