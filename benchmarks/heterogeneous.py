@@ -85,7 +85,7 @@ def main() -> None:
         for name, res in results.items():
             for a in res.alignments:
                 if len(set(a.depths)) > 1:
-                    align_lines.append(f"- {name}: stage {a.stage} (`{a.name}`), depths "
+                    align_lines.append(f"- {name}: stage {a.stage} ({a.name}), depths "
                                        f"{a.depths}, unit positions {a.positions}")
             if png is None and title.startswith("depth: 2-2-2") and name == "zip, LMA":
                 stages = [(a.cka[i], a.positions[i]) for a in res.alignments

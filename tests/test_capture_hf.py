@@ -111,7 +111,7 @@ def test_transformers_models_with_different_head_counts_merge(name):
     other, _ = hf_models.HF_MODELS[name](seed=1, heads=6)
     calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(2)]
     if name == "llama":
-        with pytest.raises(gm.MismatchError, match="differs between models"):
+        with pytest.raises(gm.MismatchError, match="width differs between model 0"):
             gm.merge([model, other], calibration, x, heads="average", progress=False)
         return
     result = gm.merge([model, other], calibration, x, heads="average", progress=False)

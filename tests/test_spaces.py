@@ -93,10 +93,11 @@ def test_transformer_stream_and_mlp_are_free():
         stream_dim = 1 if "embeddings" in stream_param else 0
         assert not space_with(table, stream_param, stream_dim).frozen
         assert not space_with(table, hidden_param, 0).frozen
-        # every head-structured space (queries, keys, values, attention output) stays frozen
-        heads = [s for s in table if s.derived is not None and s.derived.kind == "kron"]
-        assert len(heads) >= 8 and all(s.frozen for s in heads)
-        assert all(table[p].frozen for s in heads for p in s.derived.parts if p is not None)
+        # queries, keys, values and the attention output are heads × head dim: free, and
+        # grouped by their heads space (matched head-aware, see tests/test_heads.py)
+        projections = [k for ks in table.heads.values() for k, _ in ks]
+        assert len(table.heads) == 2 and len(projections) == 8
+        assert all(not table[k].frozen and table[k].derived.kind == "kron" for k in projections)
 
 
 def test_vgg_flatten_is_a_kron_derived_space():
