@@ -19,9 +19,9 @@ from graphmerge.match.matchers import MATCHERS
 
 __all__ = ["MergeConfig", "HEAD_MODES", "NORM_MODES"]
 
-#: heads="average": one label space, outputs averaged; "concat": every model keeps its head and
-#: the logits are concatenated; "auto": decided from how often the models' predictions agree.
-HEAD_MODES = ("auto", "average", "concat")
+#: heads="average" (default): the merged model keeps model 0's interface, outputs averaged;
+#: "concat": every model keeps its head and the logits are concatenated (disjoint tasks).
+HEAD_MODES = ("average", "concat")
 #: norms="reset": recompute BatchNorm statistics on the calibration data; "none": keep the
 #: merged statistics.
 NORM_MODES = ("reset", "none")
@@ -47,7 +47,7 @@ class MergeConfig:
     alpha: float | None = None
     beta: float | None = None
     width: Any = None
-    heads: str = "auto"
+    heads: str = "average"
     align: str = "lma"
     norms: str = "reset"
     check: bool = True

@@ -95,9 +95,9 @@ def merge(
             width: merged width per space: None (the widest model's), a float ratio of it (0.5
                 compresses the merged model), or {space id: units or ratio} per space (ids from
                 `graphmerge inspect`); zip only, the other methods need equal widths.
-            heads: "average" (same label space), "concat" (disjoint tasks: every model keeps its
-                head, the logits are concatenated in model order) or "auto" (default: decided
-                from how often the models' predictions agree on the calibration data).
+            heads: "average" (default: the merged model keeps model 0's inputs and output
+                shapes; the models' outputs must have one width) or "concat" (disjoint tasks:
+                every model keeps its head, the logits are concatenated in model order).
             align: depth alignment when the models' stages differ in depth: "lma" (default),
                 "sma" or "uniform"; shallower models are expanded with identity units.
             norms: "reset" (default: BatchNorm statistics recomputed on the calibration data)

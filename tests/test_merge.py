@@ -111,11 +111,21 @@ def test_disjoint_heads_are_concatenated_and_the_merged_module_stands_alone():
     assert result.module.head.out_features == 10
 
 
-def test_heads_auto_averages_models_that_agree():
+def test_the_default_keeps_model_0s_interface():
+    """Under default options the merged model has model 0's inputs and output shape (heads are
+    averaged); outputs of different widths are refused with the way out."""
     model = _randomise_bn(IMG_FAMILIES["mlp"]())
     calib = _calibration()
     result = gm.merge([model, gm.permute(model, calib[0])], calib, progress=False)
     assert result.head_mode == "average"
+    with torch.no_grad():
+        assert result.module(calib[0]).shape == model(calib[0]).shape
+    a = zoo.resnet(depths=(1, 1, 1), num_classes=5, stem_stride=2)
+    b = zoo.resnet(depths=(1, 1, 1), num_classes=3, stem_stride=2)
+    with pytest.raises(gm.ConfigError, match="heads='concat'"):
+        gm.merge([a, b], calib, progress=False)
+    with pytest.raises(gm.ConfigError, match="average, concat"):
+        gm.merge([model, model], calib, heads="auto", progress=False)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -134,7 +134,7 @@ class _Untouchable:
     ({"metod": "zip"}, "unknown merge option 'metod'"),
     ({"method": "average", "alpha": 0.3}, "does not take alpha"),
     ({"alpha": 2.0}, "alpha must be in"),
-    ({"heads": "sum"}, "auto, average, concat"),
+    ({"heads": "sum"}, "average, concat"),
     ({"align": "greedy"}, "lma, sma, uniform"),
     ({"norms": "repair"}, "reset, none"),
     ({"width": 3}, "ratio"),

@@ -103,7 +103,6 @@ def collect_stats(
     *,
     max_rows: int = 8192,
     progress: bool = True,
-    on_outputs: Any = None,
 ) -> dict[Any, SpaceStats]:
     """Stream Σx and Σxxᵀ of every space's features over the calibration batches.
 
@@ -114,7 +113,6 @@ def collect_stats(
         n_inputs: number of model inputs at the front of each batch.
         max_rows: at most this many sample rows per space and batch; larger feature maps are
             subsampled with the same rows in every model.
-        on_outputs: optional callback(list of model outputs for the batch).
 
     Raises:
         DataError: no batches, non-finite inputs or activations (naming model and node).
@@ -149,8 +147,6 @@ def collect_stats(
                         raise DataError(
                             f"model {i} produces NaN/inf at node `{name}` on calibration batch "
                             f"{b}; check the model's weights and the input scaling")
-            if on_outputs is not None:
-                on_outputs([out for out, _ in results])
             for key, per_model in reads.items():
                 rows = []
                 for axes_i, (_, feats) in zip(per_model, results):

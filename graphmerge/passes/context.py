@@ -49,7 +49,6 @@ class MergeContext:
     alignments: list[StageAlignment] | None = None          # align_depths
     paired: bool | None = None                              # pair_models
     stats: dict[int, SpaceStats] | None = None              # collect_statistics
-    agreement: float | None = None                          # collect_statistics
     reads: dict[int, list[list[NodeAxis]]] | None = None    # collect_statistics
     plans: dict[int, SpacePlan] | None = None               # match_spaces, attach_heads
     head_mode: str | None = None                            # attach_heads

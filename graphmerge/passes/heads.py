@@ -1,9 +1,7 @@
-"""Heads: average the outputs (same label space) or keep every model's head on the merged trunk
-and concatenate the logits (disjoint tasks)."""
+"""Heads: average the outputs (the default: the merged model keeps model 0's interface) or keep
+every model's head on the merged trunk and concatenate the logits (disjoint tasks)."""
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 
@@ -11,10 +9,6 @@ from graphmerge.errors import ConfigError
 from graphmerge.graph.spaces import FrozenBy, Space
 from graphmerge.passes.context import MergeContext, SpacePlan
 from graphmerge.passes.manager import merge_pass
-
-log = logging.getLogger(__name__)
-
-AGREEMENT_THRESHOLD = 0.5
 
 
 def output_spaces(ctx: MergeContext) -> list[Space]:
@@ -24,25 +18,19 @@ def output_spaces(ctx: MergeContext) -> list[Space]:
             and s.producers]
 
 
-@merge_pass(needs=("plans", "agreement"), provides=("head_mode",))
+@merge_pass(needs=("plans",), provides=("head_mode",))
 def attach_heads(ctx: MergeContext) -> None:
-    """Decide the head mode; for "concat", plan the output space as one block per model.
-
-    "auto" averages when the models' argmax predictions on the calibration data agree on at
-    least half of the samples (same label space) and concatenates otherwise (disjoint tasks);
-    outputs that are not [batch, classes] logits are averaged.
-    """
-    mode = ctx.config.heads
-    if mode == "auto" and ctx.agreement != ctx.agreement:  # NaN
-        mode = "average"
-        log.info("heads='auto': the outputs are not [batch, classes] logits, so they are "
-                 "averaged (pass heads='concat' to keep every model's head)")
-    elif mode == "auto":
-        mode = "average" if ctx.agreement >= AGREEMENT_THRESHOLD else "concat"
-        log.info("heads='auto': the models agree on %.0f%% of calibration predictions -> %s "
-                 "(pass heads='average' or 'concat' to choose)", 100 * ctx.agreement, mode)
-    ctx.head_mode = mode
+    """"average" keeps model 0's interface (the outputs must have one width in every model);
+    "concat" plans the output space as one block per model."""
+    mode = ctx.head_mode = ctx.config.heads
     if mode == "average":
+        for s in output_spaces(ctx):
+            widths = [t.space_table[s.id].width for t in ctx.traced]
+            if len(set(widths)) > 1:
+                raise ConfigError(
+                    f"the models' outputs differ in width ({widths}, space {s.id}), so they "
+                    f"cannot be averaged; for models of disjoint tasks pass heads='concat' "
+                    f"(every model keeps its head)")
         return
     outs = output_spaces(ctx)
     owners = {p.param.rsplit(".", 1)[0] for s in outs for p in s.producers}

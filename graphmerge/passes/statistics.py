@@ -3,8 +3,6 @@ calibration data that accumulates their feature moments (`graphmerge.match.stati
 
 from __future__ import annotations
 
-import torch
-
 from graphmerge.graph.spaces import Space, SpaceTable
 from graphmerge.match.statistics import collect_stats
 from graphmerge.passes.context import MergeContext
@@ -36,10 +34,9 @@ def _reads(space: Space, inserted: set[str]) -> list:
     return kept or list(space.reads)
 
 
-@merge_pass(needs=("paired", "alignments"), provides=("reads", "stats", "agreement"))
+@merge_pass(needs=("paired", "alignments"), provides=("reads", "stats"))
 def collect_statistics(ctx: MergeContext) -> None:
-    """Moments of every mergeable space's features, and how often the models' argmax
-    predictions agree (used by heads='auto')."""
+    """Moments of every mergeable space's features and of the attention projections."""
     tables = [t.space_table for t in ctx.traced]
     inserted = {n for a in ctx.alignments for n in a.inserted}
     ctx.reads = {s.id: [_reads(s, inserted) for _ in tables] for s in mergeable(tables[0])}
@@ -47,19 +44,5 @@ def collect_statistics(ctx: MergeContext) -> None:
         for krons in by_dim.values():
             reads = [a for k in krons for a in _reads(tables[0][k], inserted)]
             ctx.reads[krons[0]] = [reads for _ in tables]
-    agree = [0, 0]
-
-    def on_outputs(outs: list) -> None:
-        # an exported graph returns its outputs as a flat tuple
-        outs = [o[0] if isinstance(o, (tuple, list)) and len(o) == 1 else o for o in outs]
-        if all(isinstance(o, torch.Tensor) and o.dim() == 2 for o in outs) and len(
-                {o.shape[1] for o in outs}) == 1:
-            top = [o.argmax(1) for o in outs]
-            agree[0] += sum(int((t == top[0]).sum()) for t in top[1:])
-            agree[1] += sum(t.numel() for t in top[1:])
-
     ctx.stats = collect_stats([t.graph_module for t in ctx.traced], ctx.reads, ctx.batches,
-                              ctx.n_inputs, progress=ctx.config.progress,
-                              on_outputs=on_outputs)
-    # NaN: no [batch, classes] output whose predictions could be compared
-    ctx.agreement = agree[0] / agree[1] if agree[1] else float("nan")
+                              ctx.n_inputs, progress=ctx.config.progress)
