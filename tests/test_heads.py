@@ -113,3 +113,70 @@ def test_match_heads_recovers_a_permutation_of_heads_and_dims():
     merged = hm.merge[0][0] @ x.numpy().T + hm.merge[0][1] @ x[:, perm].numpy().T
     assert merged.shape == (HEADS * HEAD_DIM, 500)
     assert abs(merged - x.numpy().T).max() < 1e-9
+
+
+class _FusedBlock(nn.Module):
+    """Attention written another way: one fused qkv Linear split with chunk, heads by reshape
+    and permute, F.scaled_dot_product_attention, a functional output weight; pre-norm."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.w_out = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.norm = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).permute(0, 2, 1, 3)
+                   for z in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + torch.nn.functional.linear(y.permute(0, 2, 1, 3).reshape(b, t, d), self.w_out)
+        return x + self.ff(x)
+
+
+class _FusedNet(nn.Module):
+    def __init__(self, heads: int = 3, blocks: int = 2) -> None:
+        super().__init__()
+        d = heads * HEAD_DIM
+        self.emb = nn.Embedding(40, d)
+        self.blocks = nn.ModuleList(_FusedBlock(d, heads) for _ in range(blocks))
+        self.out = nn.Linear(d, 5)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x.mean(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_attention_written_another_way(frontend):
+    """Heads are found (per-head oracle included), a permuted copy merges back, deepening is
+    exact; 3 heads × 2 blocks merge with 4 heads × 3 blocks on the exported graph. Under fx the
+    head dim is computed in Python (d // self.heads with the attribute baked in), so changing
+    the head count there is refused clearly."""
+    torch.manual_seed(0)
+    model, x = _FusedNet().eval(), torch.randint(0, 40, (2, 6))  # batch 2
+    calibration = [torch.randint(0, 40, (2, 6)) for _ in range(4)]
+    table = gm.trace(model, x, frontend=frontend).space_table
+    assert len(table.heads) == 2 and all(len(ks) == 4 for ks in table.heads.values())
+    assert gm.check_spaces(model, x, frontend=frontend).max_output_error < 1e-10
+    twin = gm.permute(model, x, seed=1, frontend=frontend)
+    result = gm.merge([model, twin], calibration, x, norms="none", frontend=frontend,
+                      progress=False)
+    assert output_error(model, result.module, (calibration[0],)) < 1e-4
+    deep = gm.deepen(model, x, _FusedNet(blocks=4).eval(), frontend=frontend)
+    assert output_error(model, deep, (calibration[0],)) < 1e-5
+    larger = _FusedNet(heads=4, blocks=3).eval()
+    if frontend == "fx":
+        with pytest.raises(gm.GraphmergeError, match="d // heads"):
+            gm.merge([model, larger], calibration, x, frontend=frontend, progress=False)
+        return
+    result = gm.merge([model, larger], calibration, x, frontend=frontend, progress=False)
+    assert sum(s["widths"] == [3, 4] for s in result.spaces) == 2
+    with torch.no_grad():
+        out = result.module(calibration[0])
+    assert out.shape == (2, 5) and torch.isfinite(out).all()

@@ -50,17 +50,14 @@ _CONVS = {"conv1d", "conv2d", "conv3d"}
 _SPLITS = {"split", "split_with_sizes"}
 
 
-def _equal_widths(table: SpaceTable, spaces: set) -> bool:
-    """Whether the pieces' spaces (q, k, v of a fused projection) always share one width: one
-    heads space times one head dim, with the head dims of one width."""
-    if None in spaces:
-        return False
-    parts = [table[s].derived.parts if table[s].derived else None for s in spaces]
-    if any(p is None or len(p) != 2 for p in parts):
-        return False
-    heads = {p[0] for p in parts}
-    return len(heads) == 1 and len({table[p[1]].width if p[1] is not None else -1
-                                    for p in parts}) == 1
+def _one_heads_width(table: SpaceTable, spaces: set) -> bool:
+    """Whether the pieces' spaces are projections of one heads space (q, k, v of a fused
+    projection) whose head dims share a width: their widths then stay equal in a merge."""
+    for ks in table.heads.values():
+        dims = dict(ks)
+        if spaces <= dims.keys() and len({table[dims[s]].width for s in spaces}) == 1:
+            return True
+    return False
 
 
 def _sizes(n: fx.Node) -> Iterator[tuple[int, int | None, int]]:
@@ -109,7 +106,7 @@ def find_literals(traced: Traced) -> list[Literal]:
                 pieces = len(traced.shapes.get(n.name) or ())
                 spaces = {table.node_axes.get(f"{n.name}#{k}", {}).get(dim)
                           for k in range(pieces)}
-                if len(spaces) == 1 or _equal_widths(table, spaces):
+                if len(spaces) == 1 or _one_heads_width(table, spaces):
                     tie(n, 1, None, f"{n.name}#0", dim)
         elif name in _CONVS and len(n.args) > 6 and isinstance(n.args[0], fx.Node):
             x, groups = n.args[0], n.args[6]

@@ -55,6 +55,7 @@ from graphmerge.inputs import as_inputs
 from graphmerge.match.align import align
 from graphmerge.match.statistics import feature_module
 from graphmerge.surgery.tensors import (
+    get_tensor,
     named_tensors,
     resize_axes,
     set_tensor,
@@ -67,23 +68,6 @@ log = logging.getLogger(__name__)
 
 
 # ---- tensors of a graph module, by qualified name ----------------------------------------
-
-
-def _get(gm: nn.Module, name: str) -> torch.Tensor:
-    owner, _, leaf = name.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
-
-
-def _put(gm: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(
-            value, requires_grad=value.is_floating_point())
-    elif leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    else:
-        setattr(owner, leaf, value)
 
 
 def _node_tensors(n: fx.Node) -> list[str]:
@@ -171,7 +155,7 @@ def _widths(ref: Traced, traced: Traced, mapping: dict[str, str], gm: nn.Module,
         else:
             axis = next((a for a in space.params if a.param in moved), None)
             if axis is not None:
-                base[space.id] = _get(gm, axis.param).shape[axis.dim]
+                base[space.id] = get_tensor(gm, axis.param).shape[axis.dim]
     table = ref.space_table
     for unit in inserted:  # an identity layer writes the width it reads
         if unit.kind == "layer":
@@ -185,7 +169,7 @@ def _widths(ref: Traced, traced: Traced, mapping: dict[str, str], gm: nn.Module,
 
 
 def _set(gm: nn.Module, name: str, fill: Any) -> None:
-    t = _get(gm, name)
+    t = get_tensor(gm, name)
     with torch.no_grad():
         if callable(fill):
             fill(t)
@@ -314,14 +298,14 @@ def fit_post_norms(gm: fx.GraphModule, norms: Sequence[tuple[str, str]],
         runner = set_eval(feature_module(gm, [source]))
         with torch.no_grad():
             x = torch.cat([runner(*inputs)[1][source].detach().double().reshape(
-                -1, _get(gm, args["weight"]).shape[-1]) for inputs in batches])
+                -1, get_tensor(gm, args["weight"]).shape[-1]) for inputs in batches])
         eps = gm.get_submodule(node.target).eps if node.op == "call_module" else _eps(node)
         z = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True)
                                                        + eps)
         zc, xc = z - z.mean(0), x - x.mean(0)
         w = (zc * xc).sum(0) / (zc * zc).sum(0).clamp_min(1e-12)
         b = x.mean(0) - w * z.mean(0)
-        weight, bias = _get(gm, args["weight"]), _get(gm, args["bias"])
+        weight, bias = get_tensor(gm, args["weight"]), get_tensor(gm, args["bias"])
         with torch.no_grad():
             weight.copy_(w.to(weight.dtype))
             bias.copy_(b.to(bias.dtype))
@@ -366,18 +350,17 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
             if ra.op == "get_attr" and sa.op == "get_attr":
                 # every name of the reference's tensor takes it: a buffer the reference's
                 # units share (a causal mask) stays shared with the inserted units
-                set_tensor(gm, ra.target, copy.deepcopy(_get(source, sa.target), memo))
+                set_tensor(gm, ra.target, copy.deepcopy(get_tensor(source, sa.target), memo))
                 moved.add(ra.target)
     widths = _widths(ref, traced, mapping, gm, moved, inserted)
     table = ref.space_table
     for unit in inserted:
         for name in dict.fromkeys(t for n in unit.nodes for t in _node_tensors(ref.node(n))):
             dims = table.param_axes.get(name, {})
-            old = _get(gm, name)
+            old = get_tensor(gm, name)
             new = resize_axes(old, dims, widths)
             if new.shape != old.shape:
-                _put(gm, name, nn.Parameter(new, old.requires_grad) if isinstance(
-                    old, nn.Parameter) else new)
+                set_tensor(gm, name, new)
     sync_module_attributes(gm)
     resize_literals(gm, find_literals(ref), widths)
     gm.recompile()
@@ -392,9 +375,9 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
     except Exception as e:  # a width the graph does not hold (a module attribute)
         raise GraphmergeError(
             f"the expanded {type(model).__name__} does not run ({type(e).__name__}: "
-            f"{str(e)[:200]}): an inserted unit holds a width outside the graph (e.g. "
-            f"nn.MultiheadAttention's embed_dim); deepen towards a reference of the model's "
-            f"width") from e
+            f"{str(e)[:200]}): a width is held outside the graph's shape constants (a module "
+            f"attribute such as nn.MultiheadAttention's embed_dim, or a size computed in "
+            f"Python such as d // heads); deepen towards a reference of the model's widths") from e
     if post:
         warnings.warn(
             f"{type(model).__name__} has post-norm units (x <- LN(x + f(x))), for which no "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -25,6 +24,7 @@ from graphmerge.graph.capture import Traced
 from graphmerge.graph.literals import find_literals, resize_literals
 from graphmerge.graph.stages import Unit
 from graphmerge.surgery.tensors import (
+    get_tensor,
     named_tensors,
     resize_axes,
     set_tensor,
@@ -41,11 +41,6 @@ def _fresh(gm: nn.Module, target: str) -> str:
         k += 1
         name = f"{base}_{k}"
     return name
-
-
-def _tensor(root: nn.Module, target: str) -> Any:
-    owner, _, leaf = target.rpartition(".")
-    return getattr(root.get_submodule(owner) if owner else root, leaf)
 
 
 @dataclass
@@ -97,7 +92,7 @@ def _insert(gm: fx.GraphModule, ins: Insertion) -> None:
                 return env[a]
             if a.op == "get_attr":
                 name = _fresh(gm, a.target)
-                value = _tensor(donor.graph_module, a.target)
+                value = get_tensor(donor.graph_module, a.target)
                 if isinstance(value, torch.Tensor):
                     resized = resize_axes(value, table.param_axes.get(a.target, {}), ins.widths)
                     value = nn.Parameter(resized, value.requires_grad) if isinstance(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["named_tensors", "canonical_names", "set_tensor", "resize_axes",
+__all__ = ["named_tensors", "canonical_names", "get_tensor", "set_tensor", "resize_axes",
            "sync_module_attributes"]
 
 
@@ -23,6 +23,12 @@ def canonical_names(module: nn.Module) -> dict[str, str]:
     e.g. an LM head tied to the embedding) share one canonical name."""
     first: dict[int, str] = {}
     return {name: first.setdefault(id(t), name) for name, t in named_tensors(module).items()}
+
+
+def get_tensor(root: nn.Module, name: str) -> torch.Tensor:
+    """Parameter, buffer or tensor attribute `name` (qualified) of `root`."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, leaf)
 
 
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
