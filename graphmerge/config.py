@@ -22,9 +22,11 @@ __all__ = ["MergeConfig", "HEAD_MODES", "NORM_MODES"]
 #: heads="average" (default): the merged model keeps model 0's interface, outputs averaged;
 #: "concat": every model keeps its head and the logits are concatenated (disjoint tasks).
 HEAD_MODES = ("average", "concat")
-#: norms="reset": recompute BatchNorm statistics on the calibration data; "none": keep the
-#: merged statistics.
-NORM_MODES = ("reset", "none")
+#: norms="repair" (default): REPAIR, each merged unit's mean and std where it enters a
+#: nonlinearity or a norm set to its members' (merge-weighted) on the calibration data;
+#: "reset": recompute BatchNorm statistics on the calibration data; "none": keep the merged
+#: statistics.
+NORM_MODES = ("repair", "reset", "none")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class MergeConfig:
         >>> MergeConfig.from_dict({"metod": "zip"})
         Traceback (most recent call last):
         ...
-        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress
+        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial
     """
 
     method: str = "zip"
@@ -49,11 +51,12 @@ class MergeConfig:
     width: Any = None
     heads: str = "average"
     align: str = "lma"
-    norms: str = "reset"
+    norms: str = "repair"
     check: bool = True
     frontend: str = "auto"
     leaf_modules: Sequence[Any] = field(default_factory=tuple)
     progress: bool = True
+    partial: Any = None
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, sorted(MATCHERS))
@@ -72,6 +75,7 @@ class MergeConfig:
                 raise ConfigError(f"{key} must be a finite number, got {value!r}")
         MATCHERS[self.method].check_options(options)
         _check_width(self.width, self.method)
+        _check_partial(self.partial)
         if isinstance(self.leaf_modules, (str, type)) or not all(
                 isinstance(m, (str, type)) for m in self.leaf_modules):
             raise ConfigError("leaf_modules must be a list of module classes or qualified "
@@ -124,3 +128,15 @@ def _check_width_value(value: Any, key: str) -> None:
             math.isfinite(value) and value > 0):
         raise ConfigError(f"{key} must be a positive int (units) or float (ratio of the widest "
                           f"model's width), got {value!r}")
+
+
+def _check_partial(cut: Any) -> None:
+    """partial=: None, a node name, a space id (int >= 0) or a fraction of depth in (0, 1)."""
+    if cut is None or isinstance(cut, str) and cut:
+        return
+    if isinstance(cut, int) and not isinstance(cut, bool) and cut >= 0:
+        return
+    if isinstance(cut, float) and math.isfinite(cut) and 0 < cut < 1:
+        return
+    raise ConfigError(f"partial must be None (merge everything), a node name, a space id "
+                      f"(int >= 0) or a fraction of depth in (0, 1), got {cut!r}")

@@ -19,6 +19,7 @@ from graphmerge.graph.capture import eval_mode
 from graphmerge.inputs import as_inputs, infer_input_count, split_batch
 from graphmerge.match.align import StageAlignment
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
+from graphmerge.passes.context import SpacePlan
 
 __all__ = ["merge", "MergeResult"]
 
@@ -33,6 +34,8 @@ class MergeResult:
     method: str
     seconds: dict[str, float] = field(default_factory=dict)
     alignments: list[StageAlignment] = field(default_factory=list)
+    config: MergeConfig = field(default_factory=MergeConfig)
+    plans: dict[int, SpacePlan] = field(default_factory=dict)  # per space: merge matrices
 
     @property
     def summary(self) -> str:
@@ -100,14 +103,23 @@ def merge(
                 every model keeps its head, the logits are concatenated in model order).
             align: depth alignment when the models' stages differ in depth: "lma" (default),
                 "sma" or "uniform"; shallower models are expanded with identity units.
-            norms: "reset" (default: BatchNorm statistics recomputed on the calibration data)
-                or "none".
+            norms: "repair" (default: REPAIR — where a merged unit enters a nonlinearity or
+                a norm, its mean and std on the calibration data are set to the merge-weighted
+                mean of its members', through BatchNorm statistics or folded into the
+                producing layer; a self-merge stays exact), "reset" (BatchNorm statistics
+                recomputed on the calibration data, as ZipIt! does) or "none".
             check: run the permutation oracle on model 0 first (refuses models whose spaces
                 break); default True.
             frontend: how models are captured: "auto" (default: torch.fx, falling back to
                 torch.export), "fx" or "export"; a GraphModule is taken as given.
             leaf_modules: module classes or qualified names to keep opaque when tracing.
             progress: progress bars on the calibration passes; default True.
+            partial: None (default: merge everything) or a cut — a node name, a space id
+                (after the last node carrying it) or a fraction of depth (of the weighted
+                layers): the graph up to the cut is merged, after it every model keeps its
+                own layers, fed through its unmerge matrices; outputs averaged or, with
+                heads="concat", concatenated. More parameters, higher accuracy (ZipIt!'s
+                partial zipping).
 
     Returns:
         MergeResult with `.module` (an eval-mode GraphModule), `.match_graph`, `.summary`.
@@ -146,4 +158,4 @@ def merge(
                "mean_correlation": float(p.mean_correlation)} for sid, p in sorted(ctx.plans.items())]
     ctx.seconds["total"] = time.perf_counter() - t0
     return MergeResult(ctx.module, ctx.match_graph, spaces, ctx.head_mode, cfg.method,
-                       ctx.seconds, ctx.alignments)
+                       ctx.seconds, ctx.alignments, cfg, ctx.plans)

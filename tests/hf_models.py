@@ -144,7 +144,7 @@ def gpt2(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
 
 def llama(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
           attn: str = DEFAULT_ATTN) -> tuple[HFWrapper, tuple[torch.Tensor, ...]]:
-    """LlamaForCausalLM: GQA (4 query heads, 2 key/value heads), RMSNorm, RoPE, SwiGLU MLP,
+    """LlamaForCausalLM: GQA (4 query heads, 2 key/value heads; heads // 2 in general), RMSNorm, RoPE, SwiGLU MLP,
     untied LM head -> logits [2, 8, 100]."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -152,7 +152,7 @@ def llama(seed: int = 0, layers: int = LAYERS, heads: int = HEADS,
     hidden = heads * HEAD_DIM
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
         max_position_embeddings=32, hidden_act="silu", rms_norm_eps=1e-6,
         tie_word_embeddings=False, use_cache=False, attn_implementation=attn,
     )

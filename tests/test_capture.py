@@ -72,9 +72,8 @@ def check_capture(model: nn.Module, x: tuple, frontend: str, tmp_path) -> dict:
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                      twin.state_dict().values()))
     calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(3)]
-    result = gm.merge([model, twin], calibration, x, heads="average", norms="none",
-                      frontend=frontend, progress=False)
-    merge_error = output_error(model, result.module, calibration[0])
+    result = gm.merge([model, twin], calibration, x, frontend=frontend, progress=False)
+    merge_error = output_error(model, result.module, calibration[0])  # default options
     assert merge_error < TOL
     onnx = gm.export_onnx(result.module, x, tmp_path / f"{frontend}.onnx", atol=TOL)
     _assert_unchanged(before, model)

@@ -180,3 +180,67 @@ def test_attention_written_another_way(frontend):
     with torch.no_grad():
         out = result.module(calibration[0])
     assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+class _RotaryGQA(nn.Module):
+    """Grouped-query attention written by hand: `kv` key/value heads each shared by `group`
+    query heads (repeated with repeat_interleave), rotary embeddings by rotate-half on queries
+    and keys, a functional softmax attention."""
+
+    def __init__(self, kv: int, group: int = 2, dim: int = HEAD_DIM) -> None:
+        super().__init__()
+        self.kv, self.group, self.dim = kv, group, dim
+        hidden = kv * group * dim
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, kv * dim)
+        self.v = nn.Linear(hidden, kv * dim)
+        self.o = nn.Linear(hidden, hidden)
+        self.register_buffer("freq", 1.0 / 100 ** (torch.arange(0, dim, 2).float() / dim))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        angles = torch.arange(x.shape[2], dtype=x.dtype)[:, None] * self.freq
+        angles = torch.cat([angles, angles], dim=-1)
+        half = x.shape[-1] // 2
+        turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * angles.cos() + turned * angles.sin()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.kv * self.group, self.dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv, self.dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv, self.dim).transpose(1, 2)
+        q, k = self.rotate(q), self.rotate(k)
+        k = k.repeat_interleave(self.group, dim=1)
+        v = v.repeat_interleave(self.group, dim=1)
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.dim ** 0.5, dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, -1)
+        return x + self.o(y)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_grouped_query_attention_with_rotary_embeddings(frontend):
+    """Key/value heads are the heads (each carries its group of queries); rotary query/key dims
+    keep their order inside each head, the value/output dims do not; the oracle permutes
+    heads, a self-merge is exact, and 2 ⊕ 3 key/value heads merge."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), _RotaryGQA(kv=2), nn.Linear(32, 5)).eval()
+    x = torch.randn(2, 6, 12)
+    table = gm.trace(model, x, frontend=frontend).space_table
+    (h, members), = table.heads.items()
+    assert table[h].width == 2 and len(members) == 4
+    assert sorted(table.head_groups.values()) == [2, 2]        # queries, output projection
+    assert sorted(table[d].frozen for _, d in members) == [False, False, True, True]
+    gm.check_spaces(model, x, frontend=frontend)
+    calibration = [torch.randn(8, 6, 12, generator=torch.Generator().manual_seed(k))
+                   for k in range(3)]
+    twin = gm.permute(model, x, seed=2, frontend=frontend)
+    v = [dict(m.named_parameters())["1.v.bias"] for m in (model, twin)]
+    assert not torch.equal(*v) and torch.equal(*(w.sort().values for w in v))  # units moved
+    result = gm.merge([model, twin], calibration, x, frontend=frontend, progress=False)
+    assert output_error(model, result.module, (calibration[0],)) < 1e-4
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(12, 48), _RotaryGQA(kv=3), nn.Linear(48, 5)).eval()
+    result = gm.merge([model, other], calibration, x, frontend=frontend, progress=False)
+    assert any(s["widths"] == [2, 3] for s in result.spaces)
+    out = result.module(calibration[0])
+    assert out.shape == (8, 6, 5) and torch.isfinite(out).all()

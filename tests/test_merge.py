@@ -51,8 +51,7 @@ def test_merging_a_permuted_twin_recovers_the_model(family, method):
     model = _randomise_bn(IMG_FAMILIES[family]())
     calib = _calibration()
     twin = gm.permute(model, calib[0], seed=7)
-    result = gm.merge([model, twin], calib, method=method, heads="average", norms="none",
-                      progress=False)
+    result = gm.merge([model, twin], calib, method=method, progress=False)
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         assert _rel(model(x), result.module(x)) < 1e-4

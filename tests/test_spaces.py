@@ -409,8 +409,8 @@ def test_oracle_and_self_merge_on_random_architectures(spec, seed, frontend):
         assert report.changed_tensors > 0
     twin = gm.permute(model, x, seed=seed, frontend=frontend)
     calibration = [torch.randn(16, spec["in_ch"], 4, 4) for _ in range(2)]
-    result = gm.merge([model, twin], calibration, x, heads="average", norms="none",
-                      check=False, frontend=frontend, progress=False)
+    result = gm.merge([model, twin], calibration, x, check=False, frontend=frontend,
+                      progress=False)
     assert output_error(model, result.module, (calibration[0],)) < 1e-4
 
 

@@ -40,11 +40,17 @@ def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int
     projections: dict[int, torch.Tensor] = {}
     for h, ks in table.heads.items():
         for k, d in ks:
-            if base[d].dim() == 1:  # one permutation per head, drawn once per head dim
-                base[d] = torch.stack([torch.randperm(table[d].width, generator=generator)
-                                       for _ in range(table[h].width)])
             width = table[d].width
-            projections[k] = (base[h][:, None] * width + base[d]).reshape(-1)
+            if table[d].frozen:  # a head dim that keeps the identity: whole heads move
+                inside = torch.arange(width)
+            else:  # one permutation per head, drawn once per head dim
+                if base[d].dim() == 1:
+                    base[d] = torch.stack([torch.randperm(width, generator=generator)
+                                           for _ in range(table[h].width)])
+                inside = base[d]
+            group = table.head_groups.get(k, 1)  # heads × group × dim: the group keeps its order
+            inside = inside.reshape(-1, 1, width) + torch.arange(group)[:, None] * width
+            projections[k] = (base[h][:, None, None] * group * width + inside).reshape(-1)
 
     def own(sid: int, _: bool) -> Selection | None:
         if sid in projections:
@@ -142,6 +148,11 @@ def _transform(value: torch.Tensor, dims: dict[int, int], perms: dict[int, torch
             value = value.index_select(dim, perm)
             continue
         heads = next((d for d, s in dims.items() if s == heads_of[sid]), None)
+        if heads is None:  # grouped queries: heads × group laid out on one axis
+            heads = next((d for d, s in dims.items() if table[s].derived is not None
+                          and table[s].derived.parts[0] == heads_of[sid]), None)
+            if heads is not None:
+                perm = perm.repeat_interleave(value.shape[heads] // len(perm), dim=0)
         if heads is None:
             raise SpaceCheckError(f"a value has an axis in head dim {sid} but none in its heads "
                                   f"space {heads_of[sid]}")

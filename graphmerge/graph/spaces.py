@@ -145,6 +145,10 @@ class SpaceTable:
     # attention: heads space id -> [(kron space id, head-dim space id)], one per projection
     # laid out heads × head dim (q, k, v, the output projection's input)
     heads: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # grouped-query attention: a projection laid out heads × group × head dim (the queries
+    # of several heads share one key/value head) -> the group's width (the group keeps the
+    # identity: query heads stay in their order within their key/value head's group)
+    head_groups: dict[int, int] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Space]:
         return iter(self.spaces)
@@ -499,16 +503,25 @@ class _Builder:
         # every head: its products are matched as plain products then
         on_nodes = [set(dims.values()) for dims in node_axes.values()]
 
-        def apart(h: int, d: int) -> bool:
-            return any(d in axes and h not in axes for axes in on_nodes)
+        layouts = {ids[r]: ids[h] for r, h in self.head_layouts.items() if r in ids and h in ids}
 
+        def apart(h: int, d: int) -> bool:
+            carriers = {h} | {r for r, of in layouts.items() if of == h}
+            return any(d in axes and not axes & carriers for axes in on_nodes)
+
+        head_groups = {}
         for r, (h, d) in heads.items():
-            if r in ids and h in ids and not spaces[ids[h]].frozen and not apart(ids[h], ids[d]):
+            if r in ids and h in ids and d in ids and not spaces[ids[h]].frozen and (
+                    spaces[ids[d]].frozen or not apart(ids[h], ids[d])):
                 head_table.setdefault(ids[h], []).append((ids[r], ids[d]))
+                if r in self.head_groups:
+                    g = self.head_groups[r]
+                    head_groups[ids[r]] = g[1] if g[0] == "width" else self._widths((g,))[0]
                 # the heads' matcher reads every projection's activations
                 spaces[ids[r]].reads = [a for a in spaces[ids[r]].members if self.is_data(a)]
         log.debug("found %d spaces (%d frozen)", len(spaces), sum(s.frozen for s in spaces))
-        return SpaceTable(spaces, param_axes, node_axes, self.unsupported, head_table)
+        return SpaceTable(spaces, param_axes, node_axes, self.unsupported, head_table,
+                          head_groups)
 
     def find_heads(self, derived: dict, frozen_roots: dict[Hashable, Frozen],
                    groups: dict) -> dict[Hashable, tuple[Hashable, Hashable]]:
@@ -520,31 +533,87 @@ class _Builder:
         heads, e.g. a per-head norm) too. Returns kron root -> (heads root, head-dim root)."""
         find = self.uf.find
         rule_frozen = set(frozen_roots)
+
+        def fixed(p: Hashable, seen: frozenset = frozenset()) -> bool:
+            """Keeps the identity whatever is merged: frozen by a rule, a width with no axis, or
+            derived from such parts only (a rotary embedding's head dim: cat of the frozen
+            frequency axis)."""
+            if p in rule_frozen or p[0] == "width":
+                return True
+            parts = [find(q) for q in derived.get(p, (None, ()))[1] if not isinstance(q, int)]
+            return p not in seen and bool(parts) and all(fixed(q, seen | {p}) for q in parts)
+
+        def flat(r: Hashable) -> list[Hashable]:
+            """The parts of product `r`, nested products flattened; a width with no axis (k
+            copies of each unit) is the part ("width", k, r, position)."""
+            return [("width", p, r, i) if isinstance(p, int) else q
+                    for i, p in enumerate(derived[r][1])
+                    for q in ([p] if isinstance(p, int) else
+                              flat(find(p)) if derived.get(find(p), ("",))[0] == "kron"
+                              else [find(p)])]
+
         krons = {}
         for r, (kind, parts) in derived.items():
-            axes = [find(p) for p in parts if not isinstance(p, int)
-                    and find(p) not in rule_frozen]
-            if kind == "kron" and len(axes) > 1:
+            axes = flat(r) if kind == "kron" else []
+            free = [p for p in axes if not fixed(p)]
+            if kind == "kron" and free and (len(free) > 1 or len(axes) <= 3):
                 krons[r] = axes
         partners: dict[Hashable, set] = {}
         for axes in krons.values():
             if len(axes) == 2:
                 partners.setdefault(axes[0], set()).add(axes[1])
                 partners.setdefault(axes[1], set()).add(axes[0])
-        out = {}
+        out: dict[Hashable, tuple[Hashable, Hashable]] = {}
+        three = {}
         for r, axes in krons.items():
+            free = [p for p in axes if not fixed(p)]
             many = [p for p in axes if len(partners.get(p, ())) > 1]
+            if len(axes) == 3:
+                three[r] = axes
+                continue
+            if len(free) == 1:
+                # a product with one transformable part is a valid plain product; it is heads
+                # (with a head dim that keeps the identity) when that part pairs with another,
+                # transformable head dim elsewhere
+                h = free[0]
+                if many == free and h not in derived and any(
+                        not fixed(q) for q in partners[h]):
+                    out[r] = (h, axes[1] if axes[0] == h else axes[0])
+                continue
             if len(axes) != 2 or len(many) != 1 or any(p in derived for p in axes):
-                for p in axes:
+                for p in free:
                     frozen_roots.setdefault(p, Frozen(FrozenBy.HEADS))
                 continue
             h = many[0]
             d = axes[1] if axes[0] == h else axes[0]
             if any(m[0] == "p" for m in groups.get(d, ())):
+                # a parameter shared by every head (a per-head norm): the head dim keeps the
+                # identity, whole heads may still move
                 frozen_roots.setdefault(d, Frozen(FrozenBy.HEADS, detail=(
                     "a head dim with a parameter shared by every head")))
-                continue
             out[r] = (h, d)
+        # grouped-query attention: queries laid out heads × group × head dim, where the group
+        # pairs with the heads only (the key/value heads repeated for the group's queries)
+        dims_of: dict[Hashable, set] = {}
+        for h, d in out.values():
+            dims_of.setdefault(h, set()).add(d)
+        self.head_groups = {}
+        for r, (h, g, d) in three.items():
+            if d in dims_of.get(h, ()) and partners.get(g) == {h} and not fixed(h):
+                out[r] = (h, d)
+                self.head_groups[r] = g
+                if g[0] != "width":
+                    frozen_roots.setdefault(g, Frozen(FrozenBy.HEADS, detail=(
+                        "the query heads that share a key/value head keep their order")))
+            elif len([p for p in three[r] if not fixed(p)]) > 1:
+                for p in three[r]:
+                    if not fixed(p):
+                        frozen_roots.setdefault(p, Frozen(FrozenBy.HEADS))
+        # the layout heads × group alone (after the keys are repeated) is no projection
+        grouped = set(self.head_groups.values())
+        self.head_layouts = {r: h for r, (h, d) in out.items() if d in grouped}
+        for r in self.head_layouts:
+            del out[r]
         return out
 
 

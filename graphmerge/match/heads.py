@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 from graphmerge.match.matchers import Match
 
-__all__ = ["HeadMatch", "match_heads"]
+__all__ = ["HeadMatch", "match_heads", "grouped"]
 
 
 @dataclass
@@ -61,7 +61,8 @@ def _pairing(block: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int], dims: Sequence[int],
-                matcher: Callable[..., Match], r: int | None = None, **options) -> HeadMatch:
+                matcher: Callable[..., Match], r: int | None = None,
+                fixed: Sequence[bool] = (), **options) -> HeadMatch:
     """Match the heads of N models (see the module docstring).
 
     Args:
@@ -71,14 +72,23 @@ def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int], dims: Sequenc
         dims: the width of each head dim (equal across models).
         matcher: a registered matcher (`graphmerge.match.matchers`) run on the head scores.
         r: the merged number of heads (None: the matcher's default).
+        fixed: per head dim, whether it keeps the identity (a rotary embedding's query/key
+            dims, a dim with a per-head norm): dim e of one head pairs with dim e of another.
     """
+    fixed = list(fixed) or [False] * len(dims)
+
+    def pairing(j: int, a: tuple[int, int], b: tuple[int, int]) -> tuple[np.ndarray, float]:
+        block = _block(corrs[j], offsets[j], dims[j], a, b)
+        if fixed[j]:
+            return np.arange(dims[j]), float(np.nan_to_num(np.diag(block)).mean())
+        return _pairing(block)
+
     units = [(i, h) for i, n in enumerate(heads) for h in range(n)]
     offsets = [[int(x) for x in np.cumsum([0] + [n * d for n in heads[:-1]])] for d in dims]
     score = np.zeros((len(units), len(units)))
     for a in range(len(units)):
         for b in range(a, len(units)):
-            total = sum(_pairing(_block(c, off, d, units[a], units[b]))[1]
-                        for c, off, d in zip(corrs, offsets, dims))
+            total = sum(pairing(j, units[a], units[b])[1] for j in range(len(dims)))
             score[a, b] = score[b, a] = total / len(dims)
     match = matcher(score, list(heads), r, **options)
     width = match.merge[0].shape[0]
@@ -88,12 +98,23 @@ def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int], dims: Sequenc
         members = [(i, h) for i, n in enumerate(heads) for h in range(n)
                    if match.merge[i][g, h] != 0 or match.unmerge[i][h, g] != 0]
         first = members[0]
-        for j, (c, off, d) in enumerate(zip(corrs, offsets, dims)):
+        for j, d in enumerate(dims):
             for i, h in members:
                 # dim e of the merged head is dim cols[e] of this member
-                cols = np.arange(d) if (i, h) == first else _pairing(
-                    _block(c, off, d, first, (i, h)))[0]
+                cols = np.arange(d) if (i, h) == first else pairing(j, first, (i, h))[0]
                 rows = g * d + np.arange(d)
                 merge[j][i][rows, h * d + cols] = match.merge[i][g, h]
                 unmerge[j][i][h * d + cols, rows] = match.unmerge[i][h, g]
     return HeadMatch(match, merge, unmerge)
+
+
+def grouped(matrix: np.ndarray, dim: int, group: int) -> np.ndarray:
+    """A heads × dim block matrix [a · dim, b · dim] as it acts on a layout heads × group ×
+    dim (grouped-query attention: each key/value head's queries): the same block for every
+    member of a group, the group kept in order. group == 1 returns `matrix`."""
+    if group == 1:
+        return matrix
+    a, b = matrix.shape[0] // dim, matrix.shape[1] // dim
+    blocks = matrix.reshape(a, dim, b, dim)
+    out = np.einsum("iejc,gh->igejhc", blocks, np.eye(group))
+    return out.reshape(a * group * dim, b * group * dim)

@@ -25,7 +25,7 @@ from graphmerge.graph.capture import set_eval
 from graphmerge.inputs import split_batch
 from graphmerge.match.matchers import correlation_from_moments
 
-__all__ = ["SpaceStats", "feature_module", "collect_stats"]
+__all__ = ["SpaceStats", "feature_module", "collect_stats", "unit_sums"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,25 @@ def collect_stats(
     _all_reduce(stats)
     log.debug("collected statistics of %d spaces over %d batches", len(stats), n_batches)
     return stats
+
+
+def unit_sums(module: fx.GraphModule, points: dict[str, int], batches: Iterable[Any],
+              n_inputs: int, *, progress: bool = True,
+              desc: str = "unit statistics") -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Per unit Σx and Σx² (float64) and the sample count at each node {name: unit axis}, every
+    other position a sample: one pass of `module` over the batches."""
+    run = set_eval(feature_module(module, sorted(points)))
+    sums: dict[str, list] = {}
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            _, feats = run(*split_batch(batch, n_inputs))
+            for name, dim in points.items():
+                x = _features(feats[name], dim).double()
+                entry = sums.setdefault(name, [0.0, 0.0, 0])
+                entry[0] = entry[0] + x.sum(0).numpy()
+                entry[1] = entry[1] + (x * x).sum(0).numpy()
+                entry[2] += x.shape[0]
+    return {name: (np.asarray(a), np.asarray(b), n) for name, (a, b, n) in sums.items()}
 
 
 def _all_reduce(stats: dict[Any, SpaceStats]) -> None:

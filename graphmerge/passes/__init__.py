@@ -2,7 +2,8 @@
 them in (`PIPELINE`):
 
 trace_models → check_spaces → align_depths → pair_models → collect_statistics → match_spaces
-→ attach_heads → merge_parameters → compile_merged → correct_norms → build_match_graph
+→ attach_heads → merge_parameters → compile_merged → correct_norms → split_partial
+→ build_match_graph
 """
 
 from graphmerge.passes.check import check_spaces
@@ -15,16 +16,19 @@ from graphmerge.passes.matching import match_spaces
 from graphmerge.passes.norms import correct_norms, reset_batch_norms
 from graphmerge.passes.pair import pair_models
 from graphmerge.passes.parameters import merge_parameters
+from graphmerge.passes.partial import split_partial
 from graphmerge.passes.report import build_match_graph
 from graphmerge.passes.statistics import collect_statistics
 from graphmerge.passes.trace import trace_models
 
 PIPELINE: tuple[Pass, ...] = (
     trace_models, check_spaces, align_depths, pair_models, collect_statistics, match_spaces,
-    attach_heads, merge_parameters, compile_merged, correct_norms, build_match_graph,
+    attach_heads, merge_parameters, compile_merged, correct_norms, split_partial,
+    build_match_graph,
 )
 
 __all__ = ["PIPELINE", "MergeContext", "SpacePlan", "Pass", "PassOrderError", "merge_pass",
            "run_passes", "trace_models", "check_spaces", "align_depths", "pair_models",
            "collect_statistics", "match_spaces", "attach_heads", "merge_parameters",
-           "compile_merged", "correct_norms", "build_match_graph", "reset_batch_norms"]
+           "compile_merged", "correct_norms", "split_partial", "build_match_graph",
+           "reset_batch_norms"]

@@ -55,6 +55,7 @@ class MergeContext:
     merged_state: dict[str, torch.Tensor] | None = None     # merge_parameters
     module: fx.GraphModule | None = None                    # compile_merged
     norms_done: str | None = None                           # correct_norms
+    cut: str | None = None                                  # split_partial ('' if none)
     match_graph: nx.Graph | None = None                     # build_match_graph
 
     @property

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from graphmerge.errors import ConfigError, MismatchError
-from graphmerge.match.heads import match_heads
+from graphmerge.match.heads import grouped, match_heads
 from graphmerge.match.matchers import get_matcher
 from graphmerge.passes.context import MergeContext, SpacePlan
 from graphmerge.passes.manager import merge_pass
@@ -74,12 +74,19 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
     counts = [t[h].width for t in tables]
     hm = match_heads([ctx.stats[ks[0]].correlation() for ks in by_dim.values()], counts,
                      [tables[0][d].width for d in by_dim], matcher,
-                     target_width(ctx.config.width, h, counts), **options)
+                     target_width(ctx.config.width, h, counts),
+                     fixed=[tables[0][d].frozen for d in by_dim], **options)
     r = hm.heads.width
     ctx.plans[h] = SpacePlan(h, counts, r, ctx.config.method, hm.heads.merge, hm.heads.unmerge,
                              hm.heads.mean_correlation)
     for j, (d, krons) in enumerate(by_dim.items()):
+        if krons[0] in tables[0].head_groups:
+            raise MismatchError(f"the attention heads of space {h} are only read grouped (head "
+                                f"dim {d}): their key/value projection was not found")
+        width = tables[0][d].width
         for k in krons:
-            ctx.plans[k] = SpacePlan(k, [t[k].width for t in tables], r * tables[0][d].width,
-                                     ctx.config.method, hm.merge[j], hm.unmerge[j],
-                                     hm.heads.mean_correlation)
+            group = tables[0].head_groups.get(k, 1)
+            ctx.plans[k] = SpacePlan(
+                k, [t[k].width for t in tables], r * group * width, ctx.config.method,
+                [grouped(m, width, group) for m in hm.merge[j]],
+                [grouped(m, width, group) for m in hm.unmerge[j]], hm.heads.mean_correlation)

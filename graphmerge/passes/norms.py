@@ -1,19 +1,23 @@
-"""Pass `correct_norms`: recompute BatchNorm running statistics of the merged module on the
-calibration data (`norms="reset"`, as ZipIt and HET do)."""
+"""Pass `correct_norms`: renormalise the merged module on the calibration data — REPAIR
+(`norms="repair"`, the default: `graphmerge.surgery.repair`), or BatchNorm running statistics
+recomputed (`norms="reset"`, as ZipIt and HET do)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from graphmerge.graph.capture import set_eval
 from graphmerge.inputs import split_batch
+from graphmerge.match.statistics import unit_sums
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
+from graphmerge.surgery.repair import by_level, moments, repair, repair_points, targets
 
 
 def reset_batch_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
@@ -47,4 +51,27 @@ def correct_norms(ctx: MergeContext) -> None:
     """Apply the configured norm correction to the merged module."""
     if ctx.config.norms == "reset":
         reset_batch_norms(ctx.module, ctx.batches, ctx.n_inputs, progress=ctx.config.progress)
+    elif ctx.config.norms == "repair":
+        repair_module(ctx)
     ctx.norms_done = ctx.config.norms
+
+
+def repair_module(ctx: MergeContext) -> int:
+    """REPAIR every point of the merged spaces, level by level; returns the number of points."""
+    plans = {sid: p for sid, p in ctx.plans.items()
+             if ctx.traced[0].space_table[sid].derived is None}
+    points = repair_points(ctx.traced[0], set(plans))
+    if not points:
+        return 0
+    progress = ctx.config.progress
+    wanted = {p.node: p.dim for p in points}
+    per_model = [unit_sums(t.graph_module, wanted, ctx.batches, ctx.n_inputs, progress=progress,
+                           desc=f"REPAIR targets, model {i}") for i, t in enumerate(ctx.traced)]
+    for level in by_level(points):
+        merged = unit_sums(ctx.module, {p.measure: p.dim for p in level}, ctx.batches,
+                           ctx.n_inputs, progress=progress, desc="REPAIR")
+        for p in level:
+            target = targets(p, [np.asarray(m) for m in plans[p.space].merge],
+                             [moments(*sums[p.node]) for sums in per_model])
+            repair(ctx.module, p, moments(*merged[p.measure]), target)
+    return len(points)

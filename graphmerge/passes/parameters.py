@@ -22,10 +22,10 @@ from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 from graphmerge.surgery.tensors import canonical_names, named_tensors
 
-__all__ = ["merge_parameters"]
+__all__ = ["merge_parameters", "SpaceTransforms"]
 
 
-class _Transforms:
+class SpaceTransforms:
     """Per-model axis transforms [r, d_i] for every space, built on demand and cached:
     "avg" = M_i (averages), "sel" = U_iᵀ (selects)."""
 
@@ -75,7 +75,7 @@ def _apply(t: torch.Tensor, dim: int, a: np.ndarray) -> torch.Tensor:
 @merge_pass(needs=("plans", "head_mode"), provides=("merged_state",))
 def merge_parameters(ctx: MergeContext) -> None:
     """Every merged parameter and buffer of model 0's graph (computed in float64, cast back)."""
-    tx = _Transforms(ctx)
+    tx = SpaceTransforms(ctx)
     tables = tx.tables
     roles = {(a.param, a.dim): a.role for s in tables[0] for a in s.params}
     named = [named_tensors(t.graph_module) for t in ctx.traced]

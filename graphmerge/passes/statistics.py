@@ -19,10 +19,12 @@ def mergeable(table: SpaceTable) -> list[Space]:
 
 
 def head_projections(table: SpaceTable) -> dict[int, dict[int, list[int]]]:
-    """Per heads space, its projections (kron spaces) by head dim: {heads: {dim: [krons]}}."""
+    """Per heads space, its projections (kron spaces) by head dim: {heads: {dim: [krons]}};
+    the first of each is laid out heads × dim (its statistics score the heads), grouped
+    queries (heads × group × dim) come last."""
     out: dict[int, dict[int, list[int]]] = {}
     for h, ks in table.heads.items():
-        for k, d in ks:
+        for k, d in sorted(ks, key=lambda kd: kd[0] in table.head_groups):
             out.setdefault(h, {}).setdefault(d, []).append(k)
     return out
 
@@ -42,7 +44,8 @@ def collect_statistics(ctx: MergeContext) -> None:
     ctx.reads = {s.id: [_reads(s, inserted) for _ in tables] for s in mergeable(tables[0])}
     for by_dim in head_projections(tables[0]).values():  # keyed by each dim's first projection
         for krons in by_dim.values():
-            reads = [a for k in krons for a in _reads(tables[0][k], inserted)]
+            reads = [a for k in krons if k not in tables[0].head_groups  # (heads × dim)
+                     for a in _reads(tables[0][k], inserted)]
             ctx.reads[krons[0]] = [reads for _ in tables]
     ctx.stats = collect_stats([t.graph_module for t in ctx.traced], ctx.reads, ctx.batches,
                               ctx.n_inputs, progress=ctx.config.progress)

@@ -40,8 +40,8 @@ _UNARY_FUNCTIONS = (
 )
 _UNARY_METHODS = (
     "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "erf", "square",
-    "reciprocal", "clamp", "clamp_min", "clamp_max", "pow", "softmax", "log_softmax",
-    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type",
+    "reciprocal", "clamp", "clamp_min", "clamp_max", "pow", "softmax", "log_softmax", "sin",
+    "cos", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type",
     "type_as", "new_zeros", "new_ones", "new_full", "new_empty", "requires_grad_", "cpu",
 )
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from graphmerge.graph.axes import Keep, Link, Same
+from graphmerge.graph.axes import Keep, Kron, Link, Same
 from graphmerge.graph.rules.registry import Op, broadcast, ndim, register
 
 aten = torch.ops.aten
@@ -104,8 +104,10 @@ def _index_select(op: Op) -> Iterator[Link]:
 @register(torch.repeat_interleave, "repeat_interleave", aten.repeat_interleave.self_int,
           aten.repeat_interleave.self_Tensor)
 def _repeat_interleave(op: Op) -> Iterator[Link]:
-    """The repeated axis grows (not permutable as one space); other axes pass through."""
-    x = op.arg(0, "input")
+    """Each unit repeated k times: the output axis is the row-major product of the input axis
+    and k copies (grouped-query attention's keys); repeats given per unit grow the axis
+    unevenly (frozen). Other axes pass through."""
+    x, repeats = op.arg(0, "input"), op.arg(1, "repeats")
     dim = op.arg(2, "dim")
     n = ndim(op, x)
     if dim is None or n != ndim(op, op.node):
@@ -114,6 +116,8 @@ def _repeat_interleave(op: Op) -> Iterator[Link]:
     for d in range(n):
         if d != dim:
             yield Same(op.x(x, d), op.out(d))
+    if isinstance(repeats, int) and op.x(x, dim) is not None:
+        yield Kron(op.out(dim), (op.x(x, dim), repeats))
 
 
 @register(F.pad, aten.pad.default, aten.constant_pad_nd.default)

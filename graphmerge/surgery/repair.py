@@ -1,0 +1,169 @@
+"""REPAIR (Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation
+Repair", ICLR 2023), read from the graph: where a merged unit enters a nonlinearity or a norm,
+its mean and standard deviation on the calibration data are set to the merge-weighted mean of
+its members' in the input models.
+
+The points are found in the graph, never from names:
+
+* a batch norm whose channel axis is a merged space: its running statistics are set so that
+  its output has the target statistics (no new nodes);
+* a linear or convolution whose every user (through dropout and identities) is an activation,
+  a layer norm or an RMS norm, with its weight's rows in the merged space: the affine
+  correction is folded into its rows and bias (without a bias, only the scale).
+
+A point's correction changes what later points see, so the points are corrected level by
+level (a point's level: the longest chain of points above it), one pass over the calibration
+data per level. When the merged module equals an input model (a self-merge), every correction
+is the identity: REPAIR keeps it exact on any data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from graphmerge.graph.capture import Traced
+from graphmerge.graph.kinds import kind, tensor_args
+from graphmerge.surgery.tensors import get_tensor, set_tensor
+
+__all__ = ["RepairPoint", "repair_points", "by_level", "targets", "repair", "moments"]
+
+_ACTIVATIONS = {"relu", "hardtanh", "leaky_relu", "sigmoid", "hardsigmoid", "gelu", "silu",
+                "tanh", "softmax"}
+_NORMS = {"layer_norm", "rms_norm"}
+_PASS = {"dropout", "identity"}
+_TINY = 1e-12
+
+
+@dataclass(frozen=True)
+class RepairPoint:
+    """One place where merged units are renormalised."""
+
+    node: str          # its statistics: this node's output, in the input models
+    measure: str       # what is measured in the merged module (a batch norm's input)
+    dim: int           # the unit axis
+    space: int
+    kind: str          # "batch_norm" or "fold"
+    tensors: dict      # role -> tensor name (weight, bias, running_mean, running_var)
+    eps: float = 0.0   # a batch norm's epsilon
+    level: int = 0
+
+
+def _users(n: fx.Node) -> list[fx.Node]:
+    """Users of `n`, looking through dropout and identities."""
+    out = []
+    for u in n.users:
+        out.extend(_users(u) if kind(u) in _PASS else [u])
+    return out
+
+
+def _eps(n: fx.Node) -> float:
+    if n.op == "call_module":
+        return float(n.graph.owning_module.get_submodule(n.target).eps)
+    for a in reversed(n.args):  # (…, momentum, eps) in every batch-norm signature
+        if isinstance(a, float):
+            return a
+    return float(n.kwargs.get("eps", 1e-5))
+
+
+def repair_points(traced: Traced, spaces: set[int]) -> list[RepairPoint]:
+    """The points of `traced` where units of `spaces` enter a nonlinearity or a norm."""
+    table = traced.space_table
+    found: list[RepairPoint] = []
+    for n in traced.graph.nodes:
+        k = kind(n)
+        dims = table.node_axes.get(n.name, {})
+        tensors = tensor_args(n)
+        if k == "batch_norm" and {"running_mean", "running_var"} <= tensors.keys():
+            dim = 1
+            point = RepairPoint(n.name, n.args[0].name, dim, dims.get(dim, -1), "batch_norm",
+                                tensors, _eps(n))
+        elif k in ("linear", "conv") and "weight" in tensors:
+            users = _users(n)
+            if not users or any(kind(u) not in _ACTIVATIONS | _NORMS for u in users):
+                continue
+            shape = traced.shapes.get(n.name)
+            if not shape or not isinstance(shape[0], int):
+                continue
+            dim = 1 if k == "conv" else len(shape) - 1
+            point = RepairPoint(n.name, n.name, dim, dims.get(dim, -1), "fold", tensors)
+            if table.param_axes.get(tensors["weight"], {}).get(0) != point.space:
+                continue
+        else:
+            continue
+        if point.space in spaces:
+            found.append(point)
+    return _levels(traced.graph, found)
+
+
+def _levels(graph: fx.Graph, points: list[RepairPoint]) -> list[RepairPoint]:
+    """Each point with its level: 1 + the highest level of the points above it."""
+    at = {p.node: p for p in points}
+    level: dict[str, int] = {}  # per node: the highest level of a point at or above it
+    out = []
+    for n in graph.nodes:
+        above = max((level[a.name] for a in n.all_input_nodes if a.name in level), default=-1)
+        if n.name in at:
+            p = at[n.name]
+            out.append(RepairPoint(p.node, p.measure, p.dim, p.space, p.kind, p.tensors, p.eps,
+                                   above + 1))
+            above += 1
+        level[n.name] = above
+    return out
+
+
+def targets(point: RepairPoint, merge: Sequence[np.ndarray],
+            moments: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The merged units' target mean and std: Σ_i merge_i · (mean_i, std_i)."""
+    mean = sum(m @ mu for m, (mu, _) in zip(merge, moments))
+    std = sum(m @ sd for m, (_, sd) in zip(merge, moments))
+    return mean, std
+
+
+def repair(module: fx.GraphModule, point: RepairPoint, measured: tuple[np.ndarray, np.ndarray],
+           target: tuple[np.ndarray, np.ndarray]) -> None:
+    """Correct `module` in place at `point` so the merged units' statistics (measured: the
+    mean and std of `point.measure`) become `target`."""
+    (mu_m, sd_m), (mu_t, sd_t) = measured, target
+    get = {role: get_tensor(module, name).detach() for role, name in point.tensors.items()}
+    dtype = get["weight"].dtype if "weight" in get else get["running_mean"].dtype
+    if point.kind == "batch_norm":
+        gamma = get["weight"].double().numpy() if "weight" in get else np.ones_like(mu_m)
+        beta = get["bias"].double().numpy() if "bias" in get else np.zeros_like(mu_m)
+        # output = gamma (x - running_mean) / sqrt(running_var + eps) + beta
+        live = (sd_m > _TINY) & (sd_t > _TINY) & (np.abs(gamma) > _TINY)
+        sigma = np.where(live, np.abs(gamma) * sd_m / np.where(live, sd_t, 1.0),
+                         np.sqrt(sd_m ** 2 + point.eps))
+        moves = np.abs(gamma) > _TINY
+        mean = np.where(moves, mu_m - (mu_t - beta) * sigma / np.where(moves, gamma, 1.0), mu_m)
+        var = np.clip(sigma ** 2 - point.eps, 0.0, None)
+        set_tensor(module, point.tensors["running_mean"], torch.from_numpy(mean).to(dtype))
+        set_tensor(module, point.tensors["running_var"], torch.from_numpy(var).to(dtype))
+        return
+    scale = np.where((sd_m > _TINY) & (sd_t > _TINY), sd_t / np.maximum(sd_m, _TINY), 1.0)
+    weight = get["weight"]
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    set_tensor(module, point.tensors["weight"],
+               weight * torch.from_numpy(scale).to(dtype).reshape(shape))
+    if "bias" in get:
+        bias = get["bias"].double().numpy()
+        shift = scale * (bias - mu_m) + mu_t
+        set_tensor(module, point.tensors["bias"], torch.from_numpy(shift).to(dtype))
+
+
+def moments(sum_x: np.ndarray, sum_xx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-unit mean and std from streamed sums."""
+    mean = sum_x / max(count, 1)
+    return mean, np.sqrt(np.clip(sum_xx / max(count, 1) - mean ** 2, 0.0, None))
+
+
+def by_level(points: Sequence[RepairPoint]) -> list[list[RepairPoint]]:
+    levels: dict[int, list[RepairPoint]] = {}
+    for p in points:
+        levels.setdefault(p.level, []).append(p)
+    return [levels[k] for k in sorted(levels)]
+

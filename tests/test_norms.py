@@ -1,0 +1,105 @@
+"""Norm correction after a merge: REPAIR (the default) keeps a self-merge exact on any data,
+BatchNorm models included, and leaves every merged unit with its target statistics where it
+enters a nonlinearity or a norm; "reset" recomputes BatchNorm statistics (ZipIt!)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graphmerge as gm
+from graphmerge.graph.oracle import output_error
+from graphmerge.lab.zoo.registry import builtin
+from graphmerge.match.statistics import unit_sums
+from graphmerge.surgery.repair import moments, repair_points, targets
+
+ARCHS = {
+    "resnet": dict(depths=[1, 1, 1], width=1),
+    "vgg": {},
+    "mlp": {},
+    "vit": dict(depth=1, dim=32, heads=4, mlp_dim=48),
+}
+
+
+def _unlike_training(x: torch.Tensor, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(k)
+    return torch.randn(16, *x.shape[1:], generator=g) * 3 + 1
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_default_self_merge_is_exact_on_data_unlike_training(name):
+    torch.manual_seed(0)
+    model, x = builtin(name, **ARCHS[name])
+    model.eval()
+    calibration = [_unlike_training(x, k) for k in range(3)]
+    twin = gm.permute(model, x, seed=1)
+    result = gm.merge([model, twin], calibration, x, progress=False)
+    assert result.config.norms == "repair"
+    assert output_error(model, result.module, (calibration[0],)) < 1e-4
+    if name in ("resnet", "vgg"):  # recomputed BatchNorm statistics change the function
+        reset = gm.merge([model, twin], calibration, x, norms="reset", progress=False)
+        assert output_error(model, reset.module, (calibration[0],)) > 1e-2
+
+
+def _net(seed: int, width: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, width), nn.GELU(),
+                         nn.Linear(width, width), nn.LayerNorm(width), nn.Linear(width, 3)).eval()
+
+
+@pytest.mark.parametrize("method", ["zip", "permute", "average"])
+def test_every_point_gets_its_target_statistics(method):
+    """Two independent models: after REPAIR, every merged unit's mean and std where it enters
+    a nonlinearity or a norm equal the merge-weighted mean of its members'."""
+    a, b = _net(0, 12), _net(1, 12)
+    x = torch.randn(4, 6)
+    calibration = [torch.randn(32, 6, generator=torch.Generator().manual_seed(k))
+                   for k in range(3)]
+    result = gm.merge([a, b], calibration, x, method=method, progress=False)
+    traced = [gm.trace(m, x) for m in (a, b)]
+    plans = result.plans
+    points = repair_points(traced[0], set(plans))
+    assert len(points) == 3  # the three hidden layers: ReLU, GELU, LayerNorm
+    wanted = {p.node: p.dim for p in points}
+    sums = [unit_sums(t.graph_module, wanted, calibration, 1, progress=False) for t in traced]
+    after = unit_sums(result.module, wanted, calibration, 1, progress=False)
+    for p in points:
+        mean, std = targets(p, [np.asarray(m) for m in plans[p.space].merge],
+                            [moments(*s[p.node]) for s in sums])
+        got_mean, got_std = moments(*after[p.node])
+        np.testing.assert_allclose(got_mean, mean, atol=1e-4)
+        np.testing.assert_allclose(got_std, std, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_points_set_running_statistics():
+    """A BatchNorm point: the merged module's BN output has the target statistics, by its
+    running statistics alone (weights untouched)."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),  # noqa: E731
+                                 nn.Conv2d(8, 4, 1)).eval()
+    a, b = make(), make()
+    for m in (a, b):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 6, 6)
+    calibration = [torch.randn(8, 3, 6, 6) for _ in range(2)]
+    result = gm.merge([a, b], calibration, x, progress=False)
+    none = gm.merge([a, b], calibration, x, norms="none", progress=False)
+    repaired, plain = result.module.state_dict(), none.module.state_dict()
+    changed = {k for k in repaired if not torch.equal(repaired[k], plain[k])}
+    assert changed == {"1.running_mean", "1.running_var"}
+    traced = gm.trace(a, x)
+    (point,) = repair_points(traced, set(result.plans))
+    assert point.kind == "batch_norm"
+    sums = [unit_sums(gm.trace(m, x).graph_module, {point.node: 1}, calibration, 1,
+                      progress=False) for m in (a, b)]
+    mean, std = targets(point, [np.asarray(m) for m in result.plans[point.space].merge],
+                        [moments(*s[point.node]) for s in sums])
+    got = moments(*unit_sums(result.module, {point.node: 1}, calibration, 1,
+                             progress=False)[point.node])
+    np.testing.assert_allclose(got[0], mean, atol=1e-4)
+    np.testing.assert_allclose(got[1], std, rtol=1e-4, atol=1e-5)
