@@ -143,7 +143,8 @@ def merge(
             stack.enter_context(eval_mode(m))
         run_passes(ctx, PIPELINE)
     spaces = [{"space": sid, "widths": p.widths, "width": p.width, "matcher": p.matcher,
-               "mean_correlation": float(p.mean_correlation)} for sid, p in sorted(ctx.plans.items())]
+               "mean_correlation": float(p.mean_correlation), "correlations": p.correlations}
+              for sid, p in sorted(ctx.plans.items())]
     ctx.seconds["total"] = time.perf_counter() - t0
     return MergeResult(ctx.module, ctx.match_graph, spaces, ctx.head_mode, cfg.method,
                        ctx.seconds, ctx.alignments)
