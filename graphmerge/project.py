@@ -495,6 +495,10 @@ def accuracy(model: nn.Module, batches: list[Any], progress: bool = True,
             out = model(*batch[:n_inputs])
             out = out[0] if isinstance(out, (tuple, list)) else out
             labels = batch[n_inputs]
+            if labels.shape != out.shape[:-1] or labels.is_floating_point():
+                raise DataError(f"eval: labels must be class indices of shape "
+                                f"{list(out.shape[:-1])} (the outputs are {list(out.shape)}), "
+                                f"got {labels.dtype} of shape {list(labels.shape)}")
             right += int((out.argmax(-1) == labels).sum())
             total += len(labels)
     return right / max(total, 1)

@@ -128,8 +128,11 @@ def plot_spaces(spaces: Sequence[dict], path: str | os.PathLike) -> Path:
             hist.axvline(float(corr.mean()), color="red", linewidth=1)
             label = f"{corr.size} merged units, mean {corr.mean():.2f}"
         else:
-            label = ("heads matched as wholes" if s.get("matcher") and not corr.size and
-                     s["width"] < sum(s["widths"]) else "no merged units")
+            label = ("heads matched as wholes" if s["width"] < sum(s["widths"])
+                     else "no units merged")
+            hist.text(0, 0.5, label, ha="center", va="center", fontsize=9, color="#555555",
+                      transform=hist.get_xaxis_transform())
+            hist.set_yticks([])
         hist.set_xlim(-1, 1)
         hist.set_title(f"space {s['space']} ({s['matcher']}): {label}", fontsize=9, loc="left")
         hist.tick_params(labelsize=8)
@@ -217,8 +220,9 @@ def plot_match_graph(g: "nx.Graph", path: str | os.PathLike) -> Path:
                     np.isfinite(corr) else "#999999", linewidth=2.2 if merged else 1.0,
                     linestyle="-" if merged else ":")
             if merged:
+                note = f"{corr:.2f}" if np.isfinite(corr) else edge.get("matcher", "")
                 ax.text((x0 + x1) / 2, (rank[sid] + r) / 2 - 0.12,
-                        f"→ {edge.get('merged_width')}  ({corr:.2f})", ha="center",
+                        f"→ {edge.get('merged_width')}  ({note})", ha="center",
                         va="bottom", fontsize=7)
     width = n_models * (box_w + gap) - gap
     ax.set_xlim(-0.2, width + 2.6)

@@ -18,6 +18,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from graphmerge.io.onnx import export_onnx
 from graphmerge.io.plots import plot_alignment, plot_match_graph, plot_spaces
 from graphmerge.merge import MergeResult
 
-__all__ = ["write_outputs", "write_report", "versions"]
+__all__ = ["write_outputs", "Outputs", "write_report", "versions"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def write_outputs(folder: str | os.PathLike[str], result: MergeResult, example_i
                   models: Sequence[Mapping[str, Any]] = (),
                   scores: Sequence[Mapping[str, Any]] = (),
                   checks: Mapping[str, Any] | None = None,
-                  timings: Mapping[str, float] | None = None) -> list[Path]:
+                  timings: Mapping[str, float] | None = None) -> "Outputs":
     """Write the merged module and everything about it into the existing `folder`.
 
     Files: `merged/` (GraphModule code + `model.safetensors`; `graphmerge.load_module`
@@ -71,7 +72,7 @@ def write_outputs(folder: str | os.PathLike[str], result: MergeResult, example_i
         title, config, models, scores, checks, timings: passed on to :func:`write_report`.
 
     Returns:
-        the paths written.
+        the paths written and the checks (name -> value), as an `Outputs`.
     """
     folder = Path(folder)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -94,7 +95,15 @@ def write_outputs(folder: str | os.PathLike[str], result: MergeResult, example_i
         written.append(write_match_graph(result.match_graph, folder / name))
     written += write_report(folder, result, title=title, config=config, models=models,
                             scores=scores, checks=checks, timings=timings, markdown=report)
-    return written
+    return Outputs(written, checks)
+
+
+@dataclass
+class Outputs:
+    """What `write_outputs` wrote, and the checks it ran on it."""
+
+    paths: list[Path]
+    checks: dict[str, Any]
 
 
 def _max_diff(a: Any, b: Any) -> float:
