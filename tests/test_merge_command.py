@@ -45,11 +45,12 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     assert "graphmerge merge" in script and "python train.py" in script
     bin_dir = tmp_path / "bin"  # `python` and `graphmerge` as the README's reader has them
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    (bin_dir / "graphmerge").write_text(f'#!/bin/sh\nexec {sys.executable} -c "from '
-                                        f'graphmerge.cli import main; raise SystemExit(main())" '
-                                        f'"$@"\n')
-    (bin_dir / "graphmerge").chmod(0o755)
+    scripts = {"python": f'exec {sys.executable} "$@"',
+               "graphmerge": f'exec {sys.executable} -c "from graphmerge.cli import main; '
+                             f'raise SystemExit(main())" "$@"'}
+    for name, line in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{line}\n")
+        (bin_dir / name).chmod(0o755)
     env = {**_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)

@@ -301,8 +301,8 @@ def plot_space_graph(traced: "Traced", path: str | os.PathLike, title: str = "")
         label = _short(", ".join(dict.fromkeys(names)), 30)
         ax.text(x + side * (span_x * height + 0.4) / 2 + side * 0.05, (lo + hi) / 2, label,
                 va="center", ha="left" if side > 0 else "right", fontsize=6.5,
-                color="#4c72b0" if side > 0 else "#c44e52",
-                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.85})
+                color="#4c72b0" if side > 0 else "#c44e52", zorder=5,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
     for s in spaces:
         for p in (s.derived.parts if s.derived else ()):
             if p is None or p not in row:
