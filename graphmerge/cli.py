@@ -116,6 +116,7 @@ def _inspected(args: argparse.Namespace) -> tuple:
     import torch
 
     if args.model.endswith((".yaml", ".yml")):
+        from graphmerge.inputs import infer_input_count, split_batch
         from graphmerge.project import build_model, load_batches, load_project
 
         project = load_project(args.model)
@@ -125,8 +126,6 @@ def _inspected(args: argparse.Namespace) -> tuple:
         model = build_model(project.models[args.index], project.root,
                             f"models[{args.index}]")
         batch = load_batches(project.calibration, project.root, "calibration")[0]
-        from graphmerge.inputs import infer_input_count, split_batch
-
         return model, split_batch(batch, infer_input_count(model))
     if ":" in args.model:
         from graphmerge.project import build_model, model_spec

@@ -24,7 +24,11 @@ __all__ = ["merge", "MergeResult"]
 
 @dataclass
 class MergeResult:
-    """The merged module, the match graph, and a per-space summary."""
+    """The merged module, the match graph, and a per-space summary.
+
+    `spaces`: per merged space, its `widths` (per model), merged `width`, `matcher`,
+    `mean_correlation` and `correlations` (per merged unit of two or more, the mean pairwise
+    correlation of its members; empty for attention heads, matched as wholes)."""
 
     module: fx.GraphModule
     match_graph: nx.Graph

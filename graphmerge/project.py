@@ -385,15 +385,13 @@ def load_batches(spec: DataSpec, root: Path, where: str, default_limit: int | No
             batch = _read_tensor_file(p, where)
             batches += _batches_of(batch, spec.batch_size) if spec.batch_size else [batch]
     else:
-        made = _call(import_factory(spec.factory, root, f"{where}.factory"), spec.kwargs,
-                     f"{where}.factory", spec.factory)
-        if isinstance(made, Tensor) or not isinstance(made, Iterable):
+        batches = _call(import_factory(spec.factory, root, f"{where}.factory"), spec.kwargs,
+                        f"{where}.factory", spec.factory)
+        if isinstance(batches, Tensor) or not isinstance(batches, Iterable):
             raise DataError(f"{where}.factory {spec.factory} returned a "
-                            f"{type(made).__name__}; return an iterable of batches (a list of "
-                            f"tensors, of (inputs, labels) tuples, or a DataLoader)")
-        batches = list(made) if limit is None else _take(made, limit)
-    if limit is not None and spec.factory is None:
-        batches = _take(batches, limit)
+                            f"{type(batches).__name__}; return an iterable of batches (a list "
+                            f"of tensors, of (inputs, labels) tuples, or a DataLoader)")
+    batches = list(batches) if limit is None else _take(batches, limit)
     if not batches:
         raise DataError(f"{where}: no batches (check the files or the factory)")
     return batches

@@ -315,3 +315,16 @@ def test_inspect_a_factory_and_a_config_model_and_draw_them(project, tmp_path, c
     assert main(["inspect", "nets:make", "--checkpoint", "b.pt", "--input-shape", "4,6"]) == 2
     assert "checkpoint b.pt does not fit the model: unexpected key 'blocks.2.0.weight'" in \
         capsys.readouterr().err
+
+
+def test_data_from_the_built_in_dataset_files_and_limits(project):
+    from graphmerge.project import DataSpec, load_batches
+
+    spec = DataSpec(dataset="fashion-mnist", split="test", limit=50, batch_size=20)
+    batches = load_batches(spec, project, "eval")
+    assert [tuple(x.shape) for x, _ in batches] == [(20, 1, 28, 28), (20, 1, 28, 28),
+                                                     (10, 1, 28, 28)]
+    assert batches[0][1].dtype == torch.int64
+    spec = DataSpec.model_validate({"files": ["test.pt"], "batch_size": 16, "limit": 36},
+                                   context={"root": project})
+    assert [len(x) for x, _ in load_batches(spec, project, "calibration")] == [16, 16, 4]

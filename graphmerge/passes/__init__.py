@@ -26,6 +26,6 @@ PIPELINE: tuple[Pass, ...] = (
 
 __all__ = ["PIPELINE", "MergeContext", "SpacePlan", "Pass", "PassOrderError", "merge_pass",
            "run_passes", "trace_models", "check_spaces", "align_depths", "expand_uniformly",
-           "pair_models",
-           "collect_statistics", "match_spaces", "attach_heads", "merge_parameters",
-           "compile_merged", "correct_norms", "build_match_graph", "reset_batch_norms"]
+           "pair_models", "collect_statistics", "match_spaces", "attach_heads",
+           "merge_parameters", "compile_merged", "correct_norms", "build_match_graph",
+           "reset_batch_norms"]
