@@ -1,4 +1,6 @@
-"""Command line: `graphmerge inspect` (space table, match graph) and `graphmerge demo` (the main job)."""
+"""Command line: `graphmerge merge CONFIG.yaml -o OUT/` (your models and checkpoints, merged,
+with a report), `graphmerge inspect` (space table, space graph, match graph) and
+`graphmerge demo` (the Fashion-MNIST job)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from graphmerge.errors import ConfigError, GraphmergeError
 
@@ -24,13 +28,62 @@ def _config(text: str | None) -> dict:
     return value
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Validate the config, load the models and data, merge, write OUT/ atomically."""
+    import dataclasses
+    import time
+
+    from graphmerge.io.atomic import atomic_folder
+    from graphmerge.io.report import LOAD_CALL, write_outputs
+    from graphmerge.merge import merge
+    from graphmerge.plan import plan_merge
+    from graphmerge.project import accuracy, load, load_project
+
+    project = load_project(args.config)
+    out = Path(args.out)
+    taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if taken and not args.force and not args.dry_run:
+        raise ConfigError(f"{out} already exists; pass --force to replace it (only once the "
+                          f"new run has succeeded), or choose another -o")
+    loaded = load(project)
+    cfg = project.merge_config(progress=not args.quiet)
+    inputs = loaded.example_inputs()
+    if args.dry_run:
+        print(plan_merge(loaded.models, inputs, cfg).format())
+        print(f"dry run: nothing written{f' ({out} exists: a run needs --force)' if taken else ''}")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out, overwrite=args.force) as build:
+        result = merge(loaded.models, loaded.calibration, config=cfg)
+        scores, timings = [], dict(loaded.seconds)
+        if loaded.evaluation is not None:
+            t0 = time.perf_counter()
+            named = [(row["name"], m) for row, m in zip(loaded.rows, loaded.models)]
+            for name, model in [*named, ("merged", result.module)]:
+                scores.append({"model": name, "accuracy": accuracy(
+                    model, loaded.evaluation, cfg.progress, f"evaluate {name}")})
+            timings["evaluate"] = time.perf_counter() - t0
+        checks = {"permutation oracle on model 0": True} if cfg.check else {}
+        write_outputs(build, result, inputs, title=project.title or f"graphmerge merge "
+                      f"{Path(args.config).name}", onnx=project.output.onnx,
+                      report=project.output.report, config={**project.model_dump(mode="json"),
+                                              "merge": dataclasses.asdict(cfg)},
+                      models=loaded.rows, scores=scores, checks=checks, timings=timings)
+    print(result.summary)
+    for row in scores:
+        print(f"accuracy of {row['model']}: {row['accuracy']:.1%}")
+    print(f"wrote {out}/: " + ", ".join(sorted(p.name + "/" * p.is_dir()
+                                               for p in out.iterdir())))
+    print(f"load the merged module with {LOAD_CALL.replace('merged', str(out / 'merged'))}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.match_graph:
         return _inspect_match_graph(args)
     from graphmerge import check_spaces, trace
-    from graphmerge.lab.zoo import builtin
 
-    model, inputs = builtin(args.model, **_config(args.config))
+    model, inputs = _inspected(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unsupported ops are listed below instead
         traced = trace(model, inputs, frontend=args.frontend)
@@ -46,11 +99,67 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{s.name} ×{s.depth} {s.units[0].kind}" for s in stages))
     for op, nodes in table.unsupported.items():
         print(f"no axis rule for `{op}` at {', '.join(nodes)}: its axes were frozen")
+    if args.draw:
+        from graphmerge.io.plots import plot_space_graph
+
+        print(f"wrote {plot_space_graph(traced, args.draw)}")
     if args.check:
         report = check_spaces(model, inputs, trials=args.trials, frontend=args.frontend)
         print(f"permutation oracle: {report.trials} trials passed, max output error "
               f"{report.max_output_error:.1e}, {report.changed_tensors} tensors changed")
     return 0
+
+
+def _inspected(args: argparse.Namespace) -> tuple:
+    """The model to inspect and its inputs: a built-in name, a 'module:callable' factory (with
+    --config kwargs, --checkpoint, --input-shape), or model --index of a merge config file."""
+    import torch
+
+    if args.model.endswith((".yaml", ".yml")):
+        from graphmerge.inputs import infer_input_count, split_batch
+        from graphmerge.project import build_model, load_batches, load_project
+
+        project = load_project(args.model)
+        if not 0 <= args.index < len(project.models):
+            raise ConfigError(f"--index {args.index}: {args.model} has models 0 to "
+                              f"{len(project.models) - 1}")
+        model = build_model(project.models[args.index], project.root,
+                            f"models[{args.index}]")
+        batch = load_batches(project.calibration, project.root, "calibration")[0]
+        return model, split_batch(batch, infer_input_count(model))
+    if ":" in args.model:
+        from graphmerge.project import build_model, model_spec
+
+        spec = model_spec({"factory": args.model, "kwargs": _config(args.config),
+                           "checkpoint": args.checkpoint}, Path.cwd(), "command line")
+        if not args.input_shape:
+            raise ConfigError(f"--input-shape is needed to trace {args.model}, e.g. "
+                              f"--input-shape 8,16 (a random float batch)")
+        return build_model(spec, Path.cwd(), args.model), (torch.randn(*args.input_shape),)
+    from graphmerge.lab.zoo import builtin
+
+    return builtin(args.model, **_config(args.config))
+
+
+def _model_arg(names: list[str]):
+    def check(value: str) -> str:
+        if value in names or ":" in value or value.endswith((".yaml", ".yml")):
+            return value
+        raise argparse.ArgumentTypeError(
+            f"unknown model {value!r}; give a built-in ({', '.join(names)}), a factory "
+            f"'module:callable', or a merge config .yaml")
+    return check
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write e.g. 8,16 or "
+                                         f"4,1,28,28")
+    return shape
 
 
 def _inspect_match_graph(args: argparse.Namespace) -> int:
@@ -60,19 +169,22 @@ def _inspect_match_graph(args: argparse.Namespace) -> int:
     graph = read_match_graph(args.match_graph)
     print(describe_match_graph(graph))
     for path in args.write or ():
-        print(f"wrote {write_match_graph(graph, path)}")
+        if path.lower().endswith(".png"):
+            from graphmerge.io.plots import plot_match_graph
+
+            print(f"wrote {plot_match_graph(graph, path)}")
+        else:
+            print(f"wrote {write_match_graph(graph, path)}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from graphmerge.lab.experiment import TaskPairConfig, run_demo
 
     cfg = TaskPairConfig(epochs=args.epochs)
     cfg.model["width"] = args.width
     print(run_demo(Path(args.out), cfg, Path(args.cache) if args.cache else None,
-                   onnx=not args.no_onnx))
+                   onnx=not args.no_onnx, progress=not args.quiet))
     return 0
 
 
@@ -80,13 +192,37 @@ def build_parser() -> argparse.ArgumentParser:
     from graphmerge.lab.zoo import COMMUNITY, FAMILIES, PRETRAINED
 
     parser = argparse.ArgumentParser(prog="graphmerge", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    common = argparse.ArgumentParser(add_help=False)  # -v/-q before or after the command
+    for p in (parser, common):
+        default = False if p is parser else argparse.SUPPRESS
+        p.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="debug messages, and the traceback of an error")
+        p.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("merge", parents=[common], help="merge your models as a YAML config "
+                       "says; write the merged module and a report to OUT/")
+    p.add_argument("config", help="the YAML config (models, calibration, eval, merge, output)")
+    p.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace OUT/ if it exists")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, trace, print the plan (spaces, stages, widths); no data "
+                        "pass, nothing written")
+    p.set_defaults(func=cmd_merge)
     names = sorted([*FAMILIES, *COMMUNITY, *PRETRAINED])
-    p = sub.add_parser("inspect", help="print the space table of a built-in model")
-    p.add_argument("model", nargs="?", default="resnet", choices=names,
-                   help="built-in model (default: resnet)")
-    p.add_argument("--config", help="JSON constructor arguments, e.g. '{\"depths\": [1,1,1]}'")
+    p = sub.add_parser("inspect", parents=[common], help="print the space table of a model "
+                       "(built-in, a factory, or one of a merge config's), or a match graph")
+    p.add_argument("model", nargs="?", default="resnet", type=_model_arg(names),
+                   help=f"a built-in ({', '.join(names)}; default resnet), a factory "
+                        f"'module:callable', or a merge config .yaml (see --index)")
+    p.add_argument("--config", help="JSON constructor arguments (a factory's kwargs), e.g. "
+                                    "'{\"depths\": [1,1,1]}'")
+    p.add_argument("--checkpoint", help="with a factory: weights to load (.safetensors, .pt)")
+    p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
+                   help="with a factory: shape of a random input batch, e.g. 8,16")
+    p.add_argument("--index", type=int, default=0,
+                   help="with a config .yaml: which of its models (default 0)")
+    p.add_argument("--draw", metavar="PNG", help="also draw the space graph to this PNG")
     p.add_argument("--check", action="store_true", help="also run the permutation oracle")
     p.add_argument("--trials", type=int, default=3, help="oracle trials (default 3)")
     p.add_argument("--frontend", default="auto", choices=["auto", "fx", "export"],
@@ -95,11 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of a model: print a saved match graph (.json or .graphml, "
                         "e.g. out/demo/match_graph.json)")
     p.add_argument("--write", metavar="OUT", action="append",
-                   help="with --match-graph: also write it as .graphml, .json or .dot "
+                   help="with --match-graph: also write it as .graphml, .json, .dot or .png "
                         "(repeatable)")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("demo", help="train (or load) two ResNets on the Fashion-MNIST 5+5 tasks, "
-                                    "merge them, print the accuracy table, write the outputs")
+    p = sub.add_parser("demo", parents=[common],
+                       help="train (or load) two ResNets on the Fashion-MNIST 5+5 tasks, "
+                            "merge them, print the accuracy table, write the outputs")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--epochs", type=int, default=3, help="training epochs per model (default 3)")
     p.add_argument("--width", type=int, default=2, help="ResNet width multiplier (default 2)")
@@ -111,14 +248,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user's mistake is one line on stderr and exit code 2, an unexpected
+    error one line and exit code 1 (`-v` adds the traceback)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(message)s")
+    if not args.verbose:  # our steps, not other libraries' chatter (ONNX export)
+        logging.getLogger("graphmerge").setLevel(logging.WARNING if args.quiet else
+                                                 logging.INFO)
+        logging.getLogger("graphmerge.io").setLevel(logging.WARNING)  # names temporary files
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except GraphmergeError as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"graphmerge: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("graphmerge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, or user code failing where we did not expect it
+        if args.verbose:
+            traceback.print_exc()
+        print(f"graphmerge: error: unexpected {type(e).__name__}: {e} (run with -v for the "
+              f"traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

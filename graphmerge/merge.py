@@ -25,7 +25,11 @@ __all__ = ["merge", "MergeResult"]
 
 @dataclass
 class MergeResult:
-    """The merged module, the match graph, and a per-space summary."""
+    """The merged module, the match graph, and a per-space summary.
+
+    `spaces`: per merged space, its `widths` (per model), merged `width`, `matcher`,
+    `mean_correlation` and `correlations` (per merged unit of two or more, the mean pairwise
+    correlation of its members; empty for attention heads, matched as wholes)."""
 
     module: fx.GraphModule
     match_graph: nx.Graph
@@ -155,7 +159,8 @@ def merge(
             stack.enter_context(eval_mode(m))
         run_passes(ctx, PIPELINE)
     spaces = [{"space": sid, "widths": p.widths, "width": p.width, "matcher": p.matcher,
-               "mean_correlation": float(p.mean_correlation)} for sid, p in sorted(ctx.plans.items())]
+               "mean_correlation": float(p.mean_correlation), "correlations": p.correlations}
+              for sid, p in sorted(ctx.plans.items())]
     ctx.seconds["total"] = time.perf_counter() - t0
     return MergeResult(ctx.module, ctx.match_graph, spaces, ctx.head_mode, cfg.method,
                        ctx.seconds, ctx.alignments, cfg, ctx.plans)

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["graphmerge.config", "graphmerge.merge", "graphmerge.graph.analyse",
-           "graphmerge.graph.oracle", "graphmerge.io.atomic"]
+           "graphmerge.graph.oracle", "graphmerge.io.atomic", "graphmerge.plan"]
 
 
 @pytest.mark.parametrize("name", MODULES)

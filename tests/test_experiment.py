@@ -19,6 +19,8 @@ def test_demo_smoke_run(tmp_path, monkeypatch):
     for name in ("merged/model.safetensors", "merged.onnx", "match_graph.json", "results.md"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "ONNX" in report and "zip" in report
+    for name in ("report.md", "result.json", "spaces.png", "match_graph.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0  # the report of `graphmerge merge`
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
     # a second run loads both models from the cache: training would fail now

@@ -14,7 +14,9 @@ import graphmerge as gm
 from graphmerge.passes import PIPELINE, MergeContext, PassOrderError, match_spaces
 
 PACKAGE = Path(gm.__file__).parent
-NOT_ENGINE = ("graphmerge.lab", "graphmerge.cli")
+# the command line and the user's project (YAML config, factories, built-in datasets) may use
+# the lab; nothing else may use them
+NOT_ENGINE = ("graphmerge.lab", "graphmerge.cli", "graphmerge.project")
 
 
 def _module_name(path: Path) -> str:

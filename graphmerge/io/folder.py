@@ -3,6 +3,7 @@ safe loading of weights files.
 
 - :func:`save_module` writes a :class:`torch.fx.GraphModule`'s generated code
   (:meth:`~torch.fx.GraphModule.to_folder`) plus its weights as ``model.safetensors``.
+- :func:`load_module` rebuilds the saved module (imports its code: trusted folders only).
 - :func:`load_state` reads a state dict from ``.safetensors`` or (weights-only) ``.pt``/``.pth``.
 
 Folders are written atomically (:mod:`graphmerge.io.atomic`).
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from graphmerge.errors import ConfigError, DataError, GraphmergeError
 from graphmerge.io.atomic import atomic_folder
 
-__all__ = ["save_module", "load_state", "safetensors_ready", "WEIGHTS_FILE"]
+__all__ = ["save_module", "load_module", "load_state", "safetensors_ready", "WEIGHTS_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,43 @@ def save_module(
         _save_safetensors(module.state_dict(), build_dir / WEIGHTS_FILE, metadata)
     logger.info("Saved %s to %s", type(module).__name__, target)
     return target
+
+
+def load_module(folder: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild the module :func:`save_module` wrote to ``folder`` (a GraphModule's code and
+    weights), in eval mode. This imports the folder's code and unpickles its ``*.pt`` child
+    modules: only load folders from a source you trust (:func:`load_state` reads the weights
+    alone, safely).
+
+    Example: ``merged = graphmerge.load_module("out/merged")``.
+
+    Raises:
+        DataError: the folder has no code (e.g. saved from a plain nn.Module) or no weights.
+    """
+    import importlib.util
+    import sys
+
+    from safetensors import safe_open
+
+    root = Path(folder).resolve()
+    init, weights = root / "__init__.py", root / WEIGHTS_FILE
+    if not init.is_file() or not weights.is_file():
+        raise DataError(f"{root} is not a folder written by save_module for a GraphModule "
+                        f"(it needs __init__.py, module.py and {WEIGHTS_FILE}).")
+    with safe_open(str(weights), framework="pt") as f:
+        class_name = (f.metadata() or {}).get("module_name", "FxModule")
+    name = f"_graphmerge_saved_{abs(hash(str(root))):x}"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[
+        str(root)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    try:
+        spec.loader.exec_module(package)
+        module = getattr(package, class_name)()
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+    return module.eval()
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:

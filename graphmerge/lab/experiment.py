@@ -153,13 +153,12 @@ def run_demo(out: Path, cfg: TaskPairConfig | None = None, cache_dir: Path | Non
              methods: tuple[str, ...] = ("average", "permute", "zip"), onnx: bool = True,
              progress: bool = True) -> str:
     """The main job: two models on the two Fashion-MNIST 5-class tasks, merged; writes the
-    zip-merged module (to_folder + safetensors), its ONNX file, the match graph and the table
-    to `out`. Returns the printed report."""
+    zip-merged module, its ONNX file, the match graph and the report (as `graphmerge merge`
+    does, `graphmerge.io.report.write_outputs`) and the accuracy table to `out`. Returns the
+    printed report."""
     import json
 
-    from graphmerge.io.folder import save_module
-    from graphmerge.io.match_graph import write_match_graph
-    from graphmerge.io.onnx import export_onnx
+    from graphmerge.io.report import write_outputs
 
     cfg = cfg or TaskPairConfig()
     cache_dir = cache_dir or default_cache_dir()
@@ -172,19 +171,28 @@ def run_demo(out: Path, cfg: TaskPairConfig | None = None, cache_dir: Path | Non
     calib = calibration_batches(tasks)
     rows, results = score_methods(models, tasks, calib, methods, progress=progress)
     table = format_table(rows)
-    zipped = results["zip"] if "zip" in results else next(iter(results.values()))
-    save_module(zipped.module, out / "merged", overwrite=True)
+    name = "zip" if "zip" in results else next(iter(results))
+    scores = [{"method": r["method"], "joint": r["joint"],
+               **{f"task {'AB'[i] if len(tasks) <= 2 else i}": a
+                  for i, a in enumerate(r["per_task"])}, "task mean": r["task_mean"]}
+              for r in rows]
+    written = write_outputs(
+        out, results[name], calib[0][:4], onnx=onnx, config=config_dict(cfg),
+        title=f"graphmerge demo: {cfg.family} on Fashion-MNIST tasks "
+              f"{[list(t.classes) for t in tasks]}, merged with {name}",
+        models=[{"task": str(list(t.classes)), "seed": seed,
+                 "parameters": sum(p.numel() for p in m.parameters())}
+                for t, seed, m in zip(tasks, cfg.seeds, models)],
+        scores=scores, timings={"train or load the models": t_train})
     lines = [f"graphmerge demo: {cfg.family} {cfg.model} on Fashion-MNIST tasks "
              f"{[list(t.classes) for t in tasks]} (models ready in {t_train:.0f} s; cache "
-             f"{cache_dir})", "", table, "", zipped.summary, ""]
-    if onnx:
-        report = export_onnx(zipped.module, calib[0][:4], out / "merged.onnx")
-        lines.append(f"ONNX: {report.path} (onnxruntime vs torch max abs diff "
-                     f"{report.max_abs_diff:.1e})")
-    write_match_graph(zipped.match_graph, out / "match_graph.json")
-    lines.append(f"wrote {out / 'merged'} (GraphModule code + model.safetensors), "
-                 f"{out / 'match_graph.json'}, {out / 'results.md'}, {out / 'results.json'}")
+             f"{cache_dir})", "", table, "", results[name].summary, ""]
+    for check, value in written.checks.items():
+        lines.append(f"{check}: {value:.1e}" if isinstance(value, float) else f"{check}: {value}")
     write_text_atomic(out / "results.md", table + "\n")
     write_text_atomic(out / "results.json", json.dumps({"config": config_dict(cfg), "rows": rows},
                                                  indent=1))
+    lines.append(f"wrote {out}/: the {name}-merged module (merged/: GraphModule code + "
+                 f"model.safetensors){', merged.onnx' if onnx else ''}, match_graph.json, "
+                 f"report.md with its pictures, result.json, results.md, results.json")
     return "\n".join(lines)

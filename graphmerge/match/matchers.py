@@ -55,6 +55,7 @@ __all__ = [
     "zip_groups_naive",
     "zip_budgets",
     "correlation_from_moments",
+    "group_correlations",
 ]
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,9 @@ def _offsets(ws: list[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _mean_group_correlation(corr: np.ndarray, groups: list[list[int]]) -> float:
-    """Mean over groups with >= 2 members of their mean pairwise correlation.  O(sum |g|^2)."""
+def group_correlations(corr: np.ndarray, groups: list[list[int]]) -> list[float]:
+    """Per group with >= 2 members, in order, the mean pairwise correlation of its members
+    (what a merge averaged: the report's histograms).  O(sum |g|^2)."""
     means = []
     for g in groups:
         if len(g) < 2:
@@ -208,6 +210,12 @@ def _mean_group_correlation(corr: np.ndarray, groups: list[list[int]]) -> float:
         sub = corr[np.ix_(g, g)]
         iu = np.triu_indices(len(g), k=1)
         means.append(float(np.mean(sub[iu])))
+    return means
+
+
+def _mean_group_correlation(corr: np.ndarray, groups: list[list[int]]) -> float:
+    """Mean over groups with >= 2 members of their mean pairwise correlation."""
+    means = group_correlations(corr, groups)
     return float(np.mean(means)) if means else float("nan")
 
 

@@ -9,7 +9,7 @@ trace_models → check_spaces → align_depths → pair_models → collect_stati
 from graphmerge.passes.check import check_spaces
 from graphmerge.passes.compile import compile_merged
 from graphmerge.passes.context import MergeContext, SpacePlan
-from graphmerge.passes.depth import align_depths
+from graphmerge.passes.depth import align_depths, expand_uniformly
 from graphmerge.passes.heads import attach_heads
 from graphmerge.passes.manager import Pass, PassOrderError, merge_pass, run_passes
 from graphmerge.passes.matching import match_spaces
@@ -28,7 +28,8 @@ PIPELINE: tuple[Pass, ...] = (
 )
 
 __all__ = ["PIPELINE", "MergeContext", "SpacePlan", "Pass", "PassOrderError", "merge_pass",
-           "run_passes", "trace_models", "check_spaces", "align_depths", "pair_models",
-           "collect_statistics", "match_spaces", "attach_heads", "merge_parameters",
-           "compile_merged", "correct_norms", "split_partial", "build_match_graph",
+           "run_passes", "trace_models", "check_spaces", "align_depths", "expand_uniformly",
+           "pair_models", "collect_statistics", "match_spaces", "attach_heads",
+           "merge_parameters", "compile_merged", "correct_norms", "split_partial",
+           "build_match_graph",
            "reset_batch_norms"]

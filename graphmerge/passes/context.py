@@ -31,6 +31,7 @@ class SpacePlan:
     merge: list[np.ndarray]
     unmerge: list[np.ndarray]
     mean_correlation: float = float("nan")
+    correlations: list[float] = field(default_factory=list)  # per merged group of >= 2 units
 
 
 @dataclass

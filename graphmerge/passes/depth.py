@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -43,6 +44,17 @@ log = logging.getLogger(__name__)
 def align_depths(ctx: MergeContext) -> None:
     """Align every shallower stage to the deepest by CKA and expand it (replaces `ctx.models`
     and `ctx.traced` of the expanded models)."""
+    _align(ctx, measure=True)
+
+
+@merge_pass(needs=("traced",), provides=("alignments",))
+def expand_uniformly(ctx: MergeContext) -> None:
+    """`align_depths` without a pass over the data: shallow units at uniform positions (for
+    plans and dry runs: the expanded topology and widths do not depend on the positions)."""
+    _align(ctx, measure=False)
+
+
+def _align(ctx: MergeContext, measure: bool) -> None:
     models, traced = ctx.models, ctx.traced
     keys = [topology(t) for t in traced]
     if all(k == keys[0] for k in keys):  # one topology (widths may differ): nothing to align
@@ -76,6 +88,10 @@ def align_depths(ctx: MergeContext) -> None:
     ctx.alignments = alignments
     todo = [(a, i) for a in alignments for i, d in enumerate(a.depths)
             if 0 < d < a.depths[a.reference]]
+    if not measure:
+        for a, i in todo:
+            a.positions[i] = align(np.zeros((a.depths[a.reference], a.depths[i])), "uniform")
+        todo = []
     # one pass over the calibration data: outputs of every unit of the stages to align
     units = {(i, a.stage): by[i][ref_stages[a.stage].anchor].units
              for a in alignments for i in range(n) if a.depths[i]}

@@ -8,12 +8,12 @@ from typing import Any
 
 from graphmerge.errors import ConfigError, MismatchError
 from graphmerge.match.heads import grouped, match_heads
-from graphmerge.match.matchers import get_matcher
+from graphmerge.match.matchers import get_matcher, group_correlations
 from graphmerge.passes.context import MergeContext, SpacePlan
 from graphmerge.passes.manager import merge_pass
 from graphmerge.passes.statistics import head_projections
 
-__all__ = ["match_spaces", "target_width"]
+__all__ = ["match_spaces", "target_width", "check_width_spaces"]
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,21 @@ def target_width(width: Any, sid: int, widths: list[int]) -> int | None:
     return r
 
 
+def check_width_spaces(width: Any, merged: set[int], heads: set[int]) -> None:
+    """A per-space `width` mapping may only name merged spaces (ConfigError otherwise)."""
+    if isinstance(width, Mapping):
+        unknown = sorted(set(width) - merged - heads)
+        if unknown:
+            raise ConfigError(f"width= names spaces {unknown} that are not merged; mergeable "
+                              f"spaces: {sorted(merged)} (see graphmerge inspect)")
+
+
 @merge_pass(needs=("stats",), provides=("plans",))
 def match_spaces(ctx: MergeContext) -> None:
     """Run the configured matcher on every merged space's correlation matrix."""
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
-    if isinstance(cfg.width, Mapping):
-        heads = set(ctx.traced[0].space_table.heads)
-        unknown = sorted(set(cfg.width) - set(ctx.stats) - heads)
-        if unknown:
-            raise ConfigError(f"width= names spaces {unknown} that are not merged; mergeable "
-                              f"spaces: {sorted(ctx.stats)} (see graphmerge inspect)")
+    check_width_spaces(cfg.width, set(ctx.stats), set(ctx.traced[0].space_table.heads))
     options = cfg.matcher_options()
     ctx.plans = {}
     tables = [t.space_table for t in ctx.traced]
@@ -52,10 +56,11 @@ def match_spaces(ctx: MergeContext) -> None:
     for sid, st in ctx.stats.items():
         if sid in projections:
             continue
-        match = matcher(st.correlation(), st.widths, target_width(cfg.width, sid, st.widths),
-                        **options)
+        corr = st.correlation()
+        match = matcher(corr, st.widths, target_width(cfg.width, sid, st.widths), **options)
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, cfg.method, match.merge,
-                                   match.unmerge, match.mean_correlation)
+                                   match.unmerge, match.mean_correlation,
+                                   group_correlations(corr, match.groups))
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)
     log.info("matched %d spaces with %s", len(ctx.plans), cfg.method)
