@@ -666,21 +666,43 @@ def get_matcher(name: str) -> Matcher:
 
 
 def correlation_from_moments(
-    sum_x: np.ndarray, sum_xx: np.ndarray, n: int, eps: float = 1e-12
+    sum_x: np.ndarray,
+    sum_xx: np.ndarray,
+    n: int,
+    eps: float = 1e-10,
+    widths: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Pearson correlation [d, d] (float64) from streamed sums.
+    """Pearson correlation [d, d] (float64) from streamed sums; constant units paired by value.
 
     Args:
         sum_x: ``sum_t x_t``, shape [d].
         sum_xx: ``sum_t x_t x_t^T``, shape [d, d] (symmetrised here).
         n: number of samples summed, >= 1.
-        eps: a unit whose variance is ``<= eps * E[x^2]`` (relative, so constant units are
-            caught despite the cancellation in ``E[x^2] - E[x]^2``) counts as constant; it
-            correlates 1 with every constant unit of the same value (itself included) and 0
-            with every other unit.
+        eps: relative tolerance for constant units (below).
+        widths: ``d_i`` per model when the units of several models are stacked: the scale of
+            a unit is then that of its own model's units.  None: one model.
 
-    Other units get 1 on the diagonal; values are clipped to [-1, 1].  Accumulate the sums in
-    float64: float32 sums lose the variance of units with a large mean.  Cost O(d^2).
+    A unit is *constant* on the data when its variance is at most ``eps`` times the larger of
+    its own ``E[x^2]`` (a large mean: the cancellation in ``E[x^2] - E[x]^2`` leaves a
+    rounding residue) and its model's mean unit variance (a unit that only carries the
+    rounding noise of the computation around a value near 0).  A unit that is 0 on every
+    sample is constant.  Its value is its mean, known to ``s = sqrt(eps * that scale)``; two
+    constant units whose values differ by at most ``s_i + s_j`` are equal.
+
+    A constant unit correlates 1 with every constant unit of equal value (itself included):
+    merging them changes nothing on the data, e.g. a dead ReLU unit and its twin in a permuted
+    copy.  It correlates 0 with every other unit, so zip never prefers it to a real pair of
+    varying units.  Other units get Pearson correlations, 1 on the diagonal, clipped to
+    [-1, 1].  Accumulate the sums in float64: float32 sums lose the variance of units with a
+    large mean.  Cost O(d^2).
+
+    Example:
+        >>> x = np.array([[1.0, 0.0, 2.0, 0.0], [2.0, 0.0, 4.0, 0.0], [4.0, 0.0, 8.0, 0.0]])
+        >>> correlation_from_moments(x.sum(0), x.T @ x, 3, widths=[2, 2]).round(6)
+        array([[1., 0., 1., 0.],
+               [0., 1., 0., 1.],
+               [1., 0., 1., 0.],
+               [0., 1., 0., 1.]])
     """
     sx = np.asarray(sum_x, dtype=np.float64)
     sxx = np.asarray(sum_xx, dtype=np.float64)
@@ -688,6 +710,10 @@ def correlation_from_moments(
         raise DataError(
             f"sum_x must be [d] and sum_xx [d, d]; got {sx.shape} and {sxx.shape}"
         )
+    d = sx.size
+    ws = [d] if widths is None else _check_widths(widths)
+    if sum(ws) != d:
+        raise DataError(f"widths {ws} sum to {sum(ws)} but the moments have d={d} units")
     try:
         n = operator.index(n)
     except TypeError as exc:
@@ -696,11 +722,16 @@ def correlation_from_moments(
         raise DataError(f"n={n}: no samples were accumulated; feed data before correlating")
     if not (np.isfinite(sx).all() and np.isfinite(sxx).all()):
         raise DataError("sum_x / sum_xx contain NaN or inf; check the features fed in")
+    eps = float(eps)
+    if not (math.isfinite(eps) and 0.0 <= eps < 1.0):
+        raise ConfigError(f"eps must be in [0, 1), got {eps}")
     mean = sx / n
     second = (sxx + sxx.T) / (2.0 * n)
     cov = second - np.outer(mean, mean)
-    var = np.diag(cov).copy()
-    live = var > eps * np.diag(second)
+    var = np.maximum(np.diag(cov), 0.0)
+    typical = np.repeat([var[a:b].mean() for a, b in itertools.pairwise(_offsets(ws))], ws)
+    scale = np.maximum(np.diag(second), typical)
+    live = var > eps * scale
     std = np.sqrt(np.where(live, var, 1.0))
     corr = cov / np.outer(std, std)
     corr[~live, :] = 0.0
@@ -708,11 +739,10 @@ def correlation_from_moments(
     np.clip(corr, -1.0, 1.0, out=corr)
     idx = np.flatnonzero(live)
     corr[idx, idx] = 1.0
-    # a constant unit correlates perfectly with every constant unit of the same value (merging
-    # them changes nothing on the data) and with nothing else
     dead = np.flatnonzero(~live)
     if dead.size:
         m = mean[dead]
-        same = np.isclose(m[:, None], m[None, :], rtol=1e-6, atol=1e-9)
+        s = np.sqrt(eps * scale[dead])
+        same = np.abs(m[:, None] - m[None, :]) <= s[:, None] + s[None, :]
         corr[np.ix_(dead, dead)] = same.astype(np.float64)
     return corr
