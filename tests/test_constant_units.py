@@ -3,12 +3,15 @@ self-merge with dead units is exact."""
 
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import graphmerge as gm
+from graphmerge.match import matchers
 from graphmerge.match.matchers import correlation_from_moments, zip_match
 
 
@@ -103,3 +106,8 @@ def test_self_merge_with_dead_units_is_exact(seed):
     with torch.no_grad():
         ref = m(y)
         assert float((result.module(y) - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_the_docstring_example_runs():
+    result = doctest.testmod(matchers)
+    assert result.attempted > 0 and result.failed == 0

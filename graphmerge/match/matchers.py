@@ -61,8 +61,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MATCHER = "zip"
 
-# Side of the tiles in which the zip score matrix is mirrored (a tile pair fits in cache).
-_TILE = 128
+# Rows per block when the zip score matrix is mirrored and its row maxima are started.
+_TILE = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def _prepare_scores(
     The scores are a float64 copy of ``C`` [d, d] with NaN -> 0, the strict upper triangle
     mirrored into the lower one (so only ``C[i, j]``, ``i < j``, is read) and ``-inf`` on the
     diagonal.  Off-diagonal +-inf raises DataError.  Cost O(d^2): one copy, the lower triangle
-    written tile by tile (a transpose of the whole matrix at once runs across memory).
+    written by blocks of rows (a transpose of the whole matrix at once runs across memory).
     """
     ws = _check_widths(widths)
     d = sum(ws)
@@ -341,8 +341,7 @@ def _prepare_scores(
     for a in range(0, d, t):
         b = min(a + t, d)
         s[a:b, a:] = c[a:b, a:]
-        for j in range(0, a, t):
-            s[a:b, j:j + t] = c[j:j + t, a:b].T
+        s[a:b, :a] = np.ascontiguousarray(c[:a, a:b]).T  # read row-wise, transpose in cache
         tile = s[a:b, a:b]
         lower = np.tril_indices(b - a, -1)
         tile[lower] = tile.T[lower]
@@ -472,20 +471,23 @@ def zip_groups(
         for g in heads:
             carries[g].append(m)
 
-    def masked(i: int, row: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """``row`` (= C[i, lo:hi]) with -inf at the columns i may not merge with."""
-        out = row + dead[lo:hi]
+    def flagged(i: int, row: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """``row`` (= C[i, lo:hi], dead columns at -inf) with -inf at the live columns that
+        share a flag with group i; ``row`` itself when there are none."""
         if not lifted:
             for m in carries[i]:
-                out += ban[m, lo:hi]
-        return out
+                row = row + ban[m, lo:hi]
+        return row
 
-    def recompute(i: int) -> None:
-        """Exact maximum of live row ``i`` over allowed live columns ``j > i``.  O(d)."""
+    def recompute(i: int, row: np.ndarray | None = None) -> None:
+        """Exact maximum of live row ``i`` over allowed live columns ``j > i``; ``row`` is
+        ``C[i, i + 1:]`` with the dead columns at -inf if the caller has it.  O(d)."""
         if i + 1 == d:
             rowmax[i], rowarg[i] = -np.inf, -1
             return
-        vals = masked(i, S[i, i + 1:], i + 1, d)
+        if row is None:
+            row = S[i, i + 1:] + dead[i + 1:]
+        vals = flagged(i, row, i + 1, d)
         a = int(vals.argmax())  # first maximum -> smallest column on ties
         rowmax[i] = vals[a]
         rowarg[i] = i + 1 + a if vals[a] > -np.inf else -1
@@ -539,9 +541,9 @@ def zip_groups(
         merged += dead
         merged[p] = -np.inf
         S[:, p] = merged
-        recompute(p)
+        recompute(p, merged[p + 1:])
 
-        v = masked(p, merged[:p], 0, p)  # the new C[i, p] for the rows above, masked
+        v = flagged(p, merged[:p], 0, p)  # the new C[i, p] for the rows above, masked
         mx = rowmax[:p]
         arg = rowarg[:p]
         gain = np.flatnonzero((v > mx) | ((v == mx) & (arg > p)))
