@@ -202,8 +202,8 @@ def test_budget_rule_against_the_reference_loop():
     assert lifts >= 50  # the sweep does reach the lifting
 
 
-def test_budget_rule_past_64_models():
-    # the fast matcher keeps K as one bit per model; past 64 models the masks are Python ints
+def test_budget_rule_with_many_models():
+    # many models: the fast matcher keeps one flag row per model
     rng = np.random.default_rng(13)
     widths = [1 + i % 2 for i in range(66)]
     c = _random_scores(rng, sum(widths), "ties", 0.0)
