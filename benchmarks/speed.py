@@ -1,30 +1,37 @@
-"""Speed of the fast zip matcher against the naive loop (same groups), and end-to-end merge time.
+"""Speed of the fast zip matcher against the naive loop (same groups), one thread.
 
 For each size the correlation matrix comes from random features of two models that share a
 latent signal (so there is real structure to match). Both matchers run on the same matrix in the
-same process; the table gives the median of repeats and checks that the groups are identical.
-Above --full-naive-up-to (4096 units) the naive loop (tens of minutes at 4096+4096) is timed on
-its first merges and scaled to all d - r merges. Each merge masks the whole d x d matrix and
-scans the live pairs, which shrink as groups merge, so the scaled time is an upper estimate.
+same process; the table gives the median (and best) of repeats and checks that the groups are
+identical; the speed-up is median against median.
+Up to --full-naive-up-to units (default 3072) the whole naive loop is timed. Above, its first
+--naive-prefix merges are timed and scaled to all d - r merges: each naive merge masks the
+whole d x d matrix and scans the live pairs, which shrink as groups merge, so the scaled time
+should overestimate; the sizes timed in full are also estimated that way, to show how close it
+is. Above the largest size timed in full, its time is also scaled by the O((d - r) d^2) cost.
 
-Rerun:  .venv/bin/python benchmarks/speed.py            (about 3 min; --quick for a minute)
-Writes: benchmarks/results/speed.md and speed.json
+Rerun:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py      (about 4 min; --quick: seconds)
+Writes: benchmarks/results/speed.md and speed.json (speed_quick.* with --quick)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import sys
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads its BLAS
 
-from graphmerge.match.matchers import zip_groups, zip_groups_naive
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from graphmerge.match.matchers import zip_groups, zip_groups_naive  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,67 +44,108 @@ def correlated(widths: tuple[int, ...], samples: int = 4096, seed: int = 0) -> n
     return np.corrcoef(np.concatenate(feats, axis=1), rowvar=False)
 
 
-def timed(fn, repeats: int) -> tuple[float, list]:
+def timed(fn, repeats: int) -> tuple[float, list, list[float]]:
+    """Median seconds of `repeats` calls, the last result, and every time."""
     times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return statistics.median(times), out, times
+
+
+def prefix_estimate(corr: np.ndarray, widths: list[int], r: int, k: int) -> float:
+    """The naive loop's first k merges, timed once and scaled to all d - r merges."""
+    d = sum(widths)
+    k = min(k, d - r)
+    seconds, _, _ = timed(lambda: zip_groups_naive(corr, widths, d - k, 0.5, 1.0), 1)
+    return seconds * (d - r) / k
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes only")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of the fast matcher")
-    p.add_argument("--naive-repeats", type=int, default=1,
-                   help="repeats of the naive loop (it takes minutes at 4096+4096)")
-    p.add_argument("--full-naive-up-to", type=int, default=4096,
+    p.add_argument("--repeats", type=int, default=7, help="repeats of the fast matcher")
+    p.add_argument("--naive-repeats", type=int, default=1, help="repeats of the naive loop")
+    p.add_argument("--full-naive-up-to", type=int, default=3072,
                    help="run the whole naive loop up to this d; above, time a prefix and scale")
-    p.add_argument("--naive-prefix", type=int, default=128, help="merges timed when scaling")
+    p.add_argument("--naive-prefix", type=int, default=32, help="merges timed when scaling")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     sizes = [(256, 256), (512, 512)] if args.quick else [(1024, 1024), (2048, 1024),
-                                                            (4096, 4096)]
+                                                            (4096, 4096), (8192, 8192)]
+    load_before = os.getloadavg()
     rows = []
     for widths in sizes:
         corr = correlated(widths)
-        r = max(widths)
-        fast_s, fast = timed(lambda: zip_groups(corr, list(widths), r, 0.5, 1.0), args.repeats)
-        d = sum(widths)
+        ws, r, d = list(widths), max(widths), sum(widths)
+        fast_s, fast, fast_times = timed(lambda: zip_groups(corr, ws, r, 0.5, 1.0),
+                                         args.repeats)
+        estimate = prefix_estimate(corr, ws, r, args.naive_prefix)
         if d <= args.full_naive_up_to:
-            naive_s, naive = timed(lambda: zip_groups_naive(corr, list(widths), r, 0.5, 1.0),
-                                   args.naive_repeats)
+            naive_s, naive, _ = timed(lambda: zip_groups_naive(corr, ws, r, 0.5, 1.0),
+                                      args.naive_repeats)
             same, how = fast == naive, "measured"
         else:
-            # time the naive loop's first k merges and scale to all d - r merges (an upper
-            # estimate: later merges scan fewer live pairs)
-            k = args.naive_prefix
-            prefix_s, _ = timed(lambda: zip_groups_naive(corr, list(widths), d - k, 0.5, 1.0),
-                                args.naive_repeats)
-            naive_s, same, how = (prefix_s * (d - r) / k, None,
-                                  f"first {k} merges timed, scaled (upper estimate)")
-        rows.append({"widths": list(widths), "r": r, "fast_s": fast_s, "naive_s": naive_s,
-                     "speedup": naive_s / fast_s, "same_groups": same, "naive": how})
+            naive_s, same = estimate, None
+            how = f"first {args.naive_prefix} merges timed, scaled (estimate)"
+        rows.append({"widths": ws, "r": r, "fast_s": fast_s, "fast_times_s": fast_times,
+                     "naive_s": naive_s,
+                     "naive": how, "naive_prefix_estimate_s": estimate,
+                     "speedup": naive_s / fast_s, "same_groups": same})
         print(f"d = {'+'.join(map(str, widths))}, r = {r}: fast {fast_s:.3f} s, naive "
-              f"{naive_s:.2f} s ({how}), speed-up {naive_s / fast_s:.0f}x, same groups: {same}",
-              flush=True)
-    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+              f"{naive_s:.2f} s ({how}; prefix estimate {estimate:.2f} s), speed-up "
+              f"{naive_s / fast_s:.0f}x, same groups: {same}", flush=True)
+    load_after = os.getloadavg()
+    command = ("OMP_NUM_THREADS=" + os.environ["OMP_NUM_THREADS"] + " python benchmarks/speed.py "
+               + " ".join(sys.argv[1:])).strip()
     md = ["# Zip matcher: fast vs naive loop", "",
-          f"Command: `{command.strip()}`  ",
+          f"Command: `{command}`  ",
           f"Date: {time.strftime('%Y-%m-%d')}, {platform.machine()}, numpy {np.__version__}, "
-          f"torch {torch.__version__}; fast: median of {args.repeats}, naive: median of "
-          f"{args.naive_repeats}; alpha 0.5, beta 1, r = the larger width.", "",
-          "| d | r | fast | naive | naive timing | speed-up | same groups |",
-          "|---|---|---|---|---|---|---|"]
+          f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (one "
+          f"thread); fast: median of {args.repeats}, naive: median of {args.naive_repeats}; "
+          f"alpha 0.5, beta 1, r = the larger width. Load average before / after: "
+          f"{load_before[0]:.1f} / {load_after[0]:.1f} (a shared 2-core machine).", "",
+          "| d | r | fast | fast, best | naive | naive timing | speed-up | same groups |",
+          "|---|---|---|---|---|---|---|---|"]
     md += [f"| {'+'.join(map(str, x['widths']))} | {x['r']} | {x['fast_s']:.3f} s | "
+           f"{min(x['fast_times_s']):.3f} s | "
            f"{x['naive_s']:.2f} s | {x['naive']} | {x['speedup']:.0f}× | "
            f"{'not compared' if x['same_groups'] is None else x['same_groups']} |" for x in rows]
+    measured = [x for x in rows if x["naive"] == "measured"]
+    if measured:
+        md += ["", "Where the naive loop ran in full, the prefix estimate "
+               f"({args.naive_prefix} merges, scaled) was "
+               + ", ".join(f"{x['naive_prefix_estimate_s'] / x['naive_s']:.2f}×"
+                           for x in measured)
+               + " the measured time (" + ", ".join('+'.join(map(str, x['widths']))
+                                                    for x in measured) + ")."]
+        md.append("")
+        base = max(measured, key=lambda x: sum(x["widths"]))
+        for x in rows:
+            if x["naive"] != "measured":
+                # the naive loop is O((d - r) d^2): scale the largest size timed in full
+                cost = ((sum(x["widths"]) - x["r"]) * sum(x["widths"]) ** 2
+                        / ((sum(base["widths"]) - base["r"]) * sum(base["widths"]) ** 2))
+                x["naive_cubic_estimate_s"] = base["naive_s"] * cost
+                md.append(f"At {'+'.join(map(str, x['widths']))}, scaling the naive loop's "
+                          f"measured {base['naive_s']:.1f} s at "
+                          f"{'+'.join(map(str, base['widths']))} by its O((d - r) d²) cost "
+                          f"gives {x['naive_cubic_estimate_s']:.0f} s instead: "
+                          f"{x['naive_cubic_estimate_s'] / x['fast_s']:.0f}× the fast one.")
+    if any(x["same_groups"] is None for x in rows):
+        md += ["", "Groups of the sizes estimated are not compared (the naive loop would take "
+               "an hour or more); `tests/test_matchers.py` checks fast == naive == a plain "
+               "reference loop on random matrices with ties, negative scores, budgets and "
+               "lifting."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "speed_quick" if args.quick else "speed"
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
-    (out / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(
+        {"command": command, "omp_num_threads": os.environ["OMP_NUM_THREADS"],
+         "load_average_before_after": [load_before[0], load_after[0]], "rows": rows},
+        indent=1))
     print("\n".join(md))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -138,6 +139,80 @@ def test_fast_equals_naive_on_real_correlation():
 # ---------------------------------------------------------------------------- the rule itself
 
 
+def _reference_zip(c: np.ndarray, widths: list[int], r: int, alpha: float,
+                   beta: float) -> tuple[list[list[int]], bool]:
+    """zip_match's rule as plainly as it can be written: scores of pairs (p < q) in a dict,
+    the forbidden pairs K as a set; a group is named by its lowest unit.  Returns the groups
+    and whether the flags were lifted."""
+    d = sum(widths)
+    model = [i for i, w in enumerate(widths) for _ in range(w)]
+    score = {(i, j): 0.0 if np.isnan(c[i, j]) else float(c[i, j])
+             for i, j in itertools.combinations(range(d), 2)}
+    groups = {i: [i] for i in range(d)}
+    budget = [int(b) for b in zip_budgets(widths, r, beta)]
+    forbidden: set[tuple[int, int]] = set()
+
+    def spent(m: int) -> None:  # K for every pair of live groups headed by model m
+        forbidden.update(itertools.combinations(sorted(g for g in groups if model[g] == m), 2))
+
+    def key(a: int, b: int) -> tuple[int, int]:
+        return min(a, b), max(a, b)
+
+    for m, b in enumerate(budget):
+        if b == 0:
+            spent(m)
+    lifted = False
+    while len(groups) > r:
+        pairs = [pq for pq in itertools.combinations(sorted(groups), 2)
+                 if lifted or pq not in forbidden]
+        if not pairs:
+            lifted = True
+            continue
+        p, q = max(pairs, key=lambda pq: (score[pq], -pq[0], -pq[1]))
+        for k in groups:
+            if k not in (p, q):
+                score[key(p, k)] = alpha * min(score[key(p, k)], score[key(q, k)])
+                if key(q, k) in forbidden:
+                    forbidden.add(key(p, k))
+        groups[p] += groups.pop(q)
+        if model[p] == model[q] and not lifted:
+            budget[model[p]] -= 1
+            if budget[model[p]] == 0:
+                spent(model[p])
+    return [sorted(groups[g]) for g in sorted(groups)], lifted
+
+
+def test_budget_rule_against_the_reference_loop():
+    # N = 1..3 models of unequal widths, budgets from 0 (beta=0) up, and r down to 1, where
+    # the flags must be lifted
+    rng = np.random.default_rng(12)
+    lifts = 0
+    for t in range(600):
+        widths = [int(w) for w in rng.integers(1, 9, size=1 + t % 3)]
+        d = sum(widths)
+        c = _random_scores(rng, d, ["ties", "negative", "normal", "coarse"][t % 4],
+                           0.1 * (t % 5 == 0))
+        r = int(rng.integers(1, d + 1))
+        alpha = [0.5, 1.0, 0.3][t % 3]
+        beta = [0.0, 0.5, 1.0, 2.0][(t // 3) % 4]
+        expected, lifted = _reference_zip(c, widths, r, alpha, beta)
+        assert zip_groups_naive(c, widths, r, alpha, beta) == expected, (t, widths, r)
+        assert zip_groups(c, widths, r, alpha, beta) == expected, (t, widths, r)
+        lifts += lifted
+    assert lifts >= 50  # the sweep does reach the lifting
+
+
+def test_budget_rule_with_many_models():
+    # many models: the fast matcher keeps one flag row per model
+    rng = np.random.default_rng(13)
+    widths = [1 + i % 2 for i in range(66)]
+    c = _random_scores(rng, sum(widths), "ties", 0.0)
+    for r, beta in [(70, 0.0), (66, 1.0), (20, 0.5)]:
+        expected, _ = _reference_zip(c, widths, r, 0.5, beta)
+        assert zip_groups(c, widths, r, 0.5, beta) == expected
+        assert zip_groups_naive(c, widths, r, 0.5, beta) == expected
+
+
 def test_zip_rule_hand_example_ties_and_fold():
     # units 0,1 (model 0), 2,3 (model 1); alpha=1 so folded scores are plain minima
     c = np.array([
@@ -203,8 +278,9 @@ def test_beta_zero_keeps_models_apart_when_possible(caplog):
         assert len(models) == len(set(models)), g
 
 
-def test_beta_zero_budget_counts_group_heads_only(caplog):
-    # a group headed by model 0 may absorb two model-1 units without lifting (documented)
+def test_beta_zero_a_group_inherits_the_flags_of_what_it_absorbs(caplog):
+    # beta=0: K(0,1) and K(2,3) from the start.  (0,2) at 0.9 passes K(2,3) on to group 0, so
+    # it may not take unit 3 next (0.8); (0,1) is flagged too, leaving (1,3)
     c = np.array([
         [1.0, 0.0, 0.9, 0.8],
         [0.0, 1.0, -0.5, -0.5],
@@ -214,7 +290,22 @@ def test_beta_zero_budget_counts_group_heads_only(caplog):
     with caplog.at_level(logging.DEBUG, logger="graphmerge.match.matchers"):
         fast = zip_groups(c, [2, 2], 2, 1.0, 0.0)
     assert "lifting" not in caplog.text
-    assert fast == zip_groups_naive(c, [2, 2], 2, 1.0, 0.0) == [[0, 2, 3], [1]]
+    assert fast == zip_groups_naive(c, [2, 2], 2, 1.0, 0.0) == [[0, 2], [1, 3]]
+
+
+def test_budget_running_out_flags_the_live_groups_of_that_model():
+    # widths [2, 3], r=2: budgets [1, 1] (alpha=1: folded scores are plain minima)
+    c = np.eye(5)
+    for (i, j), v in {(0, 1): .2, (0, 2): .8, (0, 3): .8, (0, 4): .7, (1, 2): .2, (1, 3): .2,
+                      (1, 4): .1, (2, 3): .9, (2, 4): .7, (3, 4): .7}.items():
+        c[i, j] = c[j, i] = v
+    # (2,3) spends model 1's budget: K(2,4).  (0,2) passes it on: K(0,4), so group 0 may not
+    # absorb unit 4 at 0.7 (a budget counted by group heads only would allow it) and takes
+    # its own unit 1 at 0.2 instead
+    expected = [[0, 1, 2, 3], [4]]
+    assert _reference_zip(c, [2, 3], 2, 1.0, 1.0) == (expected, False)
+    assert zip_groups_naive(c, [2, 3], 2, 1.0, 1.0) == expected
+    assert zip_groups(c, [2, 3], 2, 1.0, 1.0) == expected
 
 
 def test_budgets_lifted_when_needed(caplog):

@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MATCHER = "zip"
 
-# Rows of the [rows, d] block the fast ZipIt recomputes at once (bounds its scratch memory).
-_ROW_CHUNK = 256
+# Rows per block when the zip score matrix is mirrored and its row maxima are started.
+_TILE = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,20 +334,31 @@ def _prepare_scores(
 
     The scores are a float64 copy of ``C`` [d, d] with NaN -> 0, the strict upper triangle
     mirrored into the lower one (so only ``C[i, j]``, ``i < j``, is read) and ``-inf`` on the
-    diagonal.  Off-diagonal +-inf raises DataError.  Cost O(d^2).
+    diagonal.  Off-diagonal +-inf raises DataError.  Cost O(d^2): one copy, the lower triangle
+    written by blocks of rows (a transpose of the whole matrix at once runs across memory).
     """
     ws = _check_widths(widths)
     d = sum(ws)
-    s = np.array(C, dtype=np.float64, copy=True)
-    if s.shape != (d, d):
-        raise DataError(f"C has shape {s.shape} but the widths {ws} sum to d={d}; pass [d, d]")
+    c = np.asarray(C)
+    if c.shape != (d, d):
+        raise DataError(f"C has shape {c.shape} but the widths {ws} sum to d={d}; pass [d, d]")
     r = _check_r(r, d, d)
     alpha, beta = _check_alpha_beta(alpha, beta)
-    s[np.isnan(s)] = 0.0
-    s = np.triu(s, k=1)
-    if not np.isfinite(s).all():
-        raise DataError("C has +-inf off the diagonal; scores must be finite (NaN reads as 0)")
-    s += s.T
+    s = np.empty((d, d), dtype=np.float64)
+    t = _TILE
+    for a in range(0, d, t):
+        b = min(a + t, d)
+        s[a:b, a:] = c[a:b, a:]
+        s[a:b, :a] = np.ascontiguousarray(c[:a, a:b]).T  # read row-wise, transpose in cache
+        tile = s[a:b, a:b]
+        lower = np.tril_indices(b - a, -1)
+        tile[lower] = tile.T[lower]
+    np.fill_diagonal(s, 0.0)
+    if not np.isfinite(s.sum()):  # cheap: a finite sum has finite terms
+        s[np.isnan(s)] = 0.0
+        if not np.isfinite(s).all():
+            raise DataError("C has +-inf off the diagonal; scores must be finite (NaN reads as "
+                            "0)")
     np.fill_diagonal(s, -np.inf)
     return s, ws, r, alpha, beta
 
@@ -358,7 +369,8 @@ def zip_groups_naive(
     """Reference ZipIt grouping: recompute the full masked argmax at every merge.
 
     Same rule and output as :func:`zip_groups` (see :func:`zip_match` for the rule); kept
-    plain so it is obviously correct.  Time O((d - r) d^2), memory O(d^2).
+    plain so it is obviously correct: the forbidden pairs are a boolean matrix ``K`` [d, d]
+    over groups (indexed by their lowest unit).  Time O((d - r) d^2), memory O(d^2).
 
     Returns:
         ``r`` groups of global unit indices, each ascending, ordered by their lowest index.
@@ -367,15 +379,24 @@ def zip_groups_naive(
     d = S.shape[0]
     model = np.repeat(np.arange(len(ws)), ws)  # model of each unit = model of the group it heads
     budget = zip_budgets(ws, r, beta)
-    lifted = False
     alive = np.ones(d, dtype=bool)
     members = [[i] for i in range(d)]
     upper = np.triu(np.ones((d, d), dtype=bool), k=1)
-    same_model = model[:, None] == model[None, :]
+    forbidden = np.zeros((d, d), dtype=bool)  # K: pairs of groups that may not merge
+    lifted = False
+
+    def budget_spent(m: int) -> None:
+        """Model m's budget is 0: forbid every pair of live groups both headed by m."""
+        heads = alive & (model == m)
+        forbidden[np.ix_(heads, heads)] = True
+
+    for m in np.flatnonzero(budget <= 0):
+        budget_spent(int(m))
 
     while alive.sum() > r:
-        exhausted = (budget[model] <= 0) & (not lifted)  # per row: may not merge within its model
-        allowed = upper & alive[:, None] & alive[None, :] & ~(same_model & exhausted[:, None])
+        allowed = upper & alive[:, None] & alive[None, :]
+        if not lifted:
+            allowed &= ~forbidden
         if not allowed.any():
             lifted = True
             log.debug("zip (naive): no allowed pair left with %d groups > r=%d; lifting the "
@@ -384,14 +405,19 @@ def zip_groups_naive(
         candidates = np.flatnonzero(allowed)  # row-major order
         best = candidates[np.argmax(S.ravel()[candidates])]  # first maximum wins ties
         p, q = divmod(int(best), d)
-        merged = alpha * np.minimum(S[p], S[q])
+        with np.errstate(invalid="ignore"):  # alpha = 0 times the -inf diagonal; not read
+            merged = alpha * np.minimum(S[p], S[q])
         S[p, :] = merged
         S[:, p] = merged
         S[p, p] = -np.inf
+        forbidden[p, :] |= forbidden[q, :]
+        forbidden[:, p] = forbidden[p, :]
         alive[q] = False
         members[p] += members[q]
         if model[p] == model[q] and not lifted:
             budget[model[p]] -= 1
+            if budget[model[p]] == 0:
+                budget_spent(int(model[p]))
 
     return [sorted(members[i]) for i in np.flatnonzero(alive)]
 
@@ -406,22 +432,29 @@ def zip_groups(
     next pair is row ``p`` = first maximum of ``rowmax``, ``q = rowarg[p]``: the row-major first
     maximum.  After folding ``q`` into ``p`` only these rows can be stale:
 
-    * row ``p`` (its whole row changed)                    -> recomputed;
-    * rows ``i < p`` with ``rowarg[i] == q`` (max removed)  -> recomputed;
-    * rows ``i < p`` with ``rowarg[i] == p``: kept if the new ``C[i, p]`` is still allowed and
-      ``>=`` the old maximum, else recomputed (it may have dropped);
-    * other rows ``i < p``: the new ``C[i, p]`` (which may be *larger* than before when the
-      correlations are negative) replaces the max if larger, or if equal and ``p < rowarg[i]``;
-    * rows ``p < i < q`` with ``rowarg[i] == q``           -> recomputed;
+    * row ``p`` (its whole row changed)                      -> recomputed;
+    * rows ``i < p`` see the new ``C[i, p]`` (which may be *larger* than before when the
+      correlations are negative): it becomes the maximum if larger, or if equal and ``p``
+      comes first.  That settles a row whose maximum was at ``q`` (every column before ``q``
+      was smaller) or at ``p`` (every other column is at most the old maximum);
+    * rows ``i < p`` whose maximum was at ``p`` and dropped  -> recomputed;
+    * rows ``i < q`` whose maximum was at ``q`` and that ``p`` did not take -> recomputed;
     * rows ``i > q`` never see ``p`` or ``q`` (lower triangle) and are untouched;
-    * when model ``m``'s budget reaches 0, rows of model ``m`` whose argmax is in model ``m``
-      are recomputed (other rows only lose non-maximal entries);
-    * when the budgets are lifted, every row is recomputed (once).
+    * when model ``m``'s budget reaches 0, rows of model ``m`` whose maximum is in model ``m``
+      are recomputed (other rows only lose entries below their maximum);
+    * when the flags are lifted, every row is recomputed (once).
 
-    Time O(d^2) to start plus O(d) numpy work per merge plus O(d) per recomputed row; in
-    practice far below the naive O((d - r) d^2): measured 0.06 s vs 0.7 s (~12x) for
-    d = 512+512, r = 512 and 0.19 s vs 6.4 s (~33x) for d = 1024+1024, r = 1024.  Memory
-    O(d^2) for the score copy.
+    The flags ``K`` are kept per group as the models whose flag it carries: ``K(G, H)`` iff
+    ``G`` and ``H`` carry a common one (model ``m``'s is given to its live groups when its
+    budget runs out, and a fold unites what the two groups carry).  A row is masked by adding
+    ``-inf`` penalties: one row for the dead groups (they are not erased from the score matrix,
+    which would be a strided column write) and one per model for the groups carrying its flag.
+
+    Cost: the O(d^2) copy, O(d) per row to start, then per merge a few O(d) vector operations,
+    one strided column write and O(d) per recomputed row (typically a few).  Measured with one
+    thread (``benchmarks/results/speed.md``): d = 2048+1024 -> 2048 in about 0.1 s, over 100
+    times faster than :func:`zip_groups_naive`; 8192+8192 -> 8192 in about 5 s.  Memory: the
+    float64 score copy, O(d^2), and O(N d) for the flags of N models.
 
     Returns:
         ``r`` groups of global unit indices, each ascending, ordered by their lowest index.
@@ -430,112 +463,108 @@ def zip_groups(
     d = S.shape[0]
     model = np.repeat(np.arange(len(ws)), ws)
     budget = zip_budgets(ws, r, beta)
-    forbid = budget <= 0  # per model: same-model pairs are forbidden
+    carries: list[list[int]] = [[] for _ in range(d)]  # per group: models whose flag it carries
+    ban = np.zeros((len(ws), d))  # ban[m, j] = -inf iff group j carries model m's flag
+    dead = np.zeros(d)  # -inf for a dead group
     lifted = False
     alive = np.ones(d, dtype=bool)
     members = [[i] for i in range(d)]
     rowmax = np.full(d, -np.inf)
     rowarg = np.full(d, -1, dtype=np.int64)
 
-    def recompute_row(i: int, live: np.ndarray) -> None:
-        """Exact maximum of live row ``i``.  O(d)."""
-        cols = live[live > i]
-        vals = S[i, cols]
-        if not lifted and forbid[model[i]]:
-            vals = np.where(model[cols] != model[i], vals, -np.inf)
-        if vals.size == 0:
+    def flag(m: int) -> None:
+        """Model m's budget is 0: its live groups carry its flag."""
+        heads = np.flatnonzero(alive & (model == m))
+        ban[m, heads] = -np.inf
+        for g in heads:
+            carries[g].append(m)
+
+    def flagged(i: int, row: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """``row`` (= C[i, lo:hi], dead columns at -inf) with -inf at the live columns that
+        share a flag with group i; ``row`` itself when there are none."""
+        if not lifted:
+            for m in carries[i]:
+                row = row + ban[m, lo:hi]
+        return row
+
+    def recompute(i: int, row: np.ndarray | None = None) -> None:
+        """Exact maximum of live row ``i`` over allowed live columns ``j > i``; ``row`` is
+        ``C[i, i + 1:]`` with the dead columns at -inf if the caller has it.  O(d)."""
+        if i + 1 == d:
             rowmax[i], rowarg[i] = -np.inf, -1
             return
-        a = int(np.argmax(vals))  # first maximum -> smallest column on ties
+        if row is None:
+            row = S[i, i + 1:] + dead[i + 1:]
+        vals = flagged(i, row, i + 1, d)
+        a = int(vals.argmax())  # first maximum -> smallest column on ties
         rowmax[i] = vals[a]
-        rowarg[i] = cols[a] if vals[a] > -np.inf else -1
+        rowarg[i] = i + 1 + a if vals[a] > -np.inf else -1
 
-    def recompute(rows: np.ndarray, live: np.ndarray) -> None:
-        """Exact row maxima for the sorted live ``rows``.  O(len(rows) * d)."""
-        if rows.size == 0:
-            return
-        cols = live[live > rows[0]]
-        if cols.size == 0:
-            rowmax[rows] = -np.inf
-            rowarg[rows] = -1
-            return
-        for start in range(0, rows.size, _ROW_CHUNK):
-            rr = rows[start:start + _ROW_CHUNK]
-            block = S[np.ix_(rr, cols)]
-            ok = cols[None, :] > rr[:, None]
-            if not lifted:
-                mr = model[rr]
-                ok &= (mr[:, None] != model[cols][None, :]) | ~forbid[mr][:, None]
-            block[~ok] = -np.inf
-            a = np.argmax(block, axis=1)  # first maximum -> smallest column on ties
-            best = block[np.arange(rr.size), a]
-            rowmax[rr] = best
-            rowarg[rr] = np.where(best > -np.inf, cols[a], -1)
-
-    recompute(np.arange(d), np.arange(d))
+    for m in np.flatnonzero(budget <= 0):
+        flag(int(m))
+    # every row's maximum, _TILE rows at a time: row i of the block [a, b) keeps columns > i
+    for a in range(0, d - 1, _TILE):
+        b = min(a + _TILE, d - 1)
+        block = S[a:b, a + 1:] + ban[model[a:b], a + 1:]  # a model's flag: all or none
+        block[np.tril_indices(b - a, -1)] = -np.inf
+        at = block.argmax(axis=1)
+        rowmax[a:b] = block[np.arange(b - a), at]
+        rowarg[a:b] = np.where(rowmax[a:b] > -np.inf, a + 1 + at, -1)
     n_groups = d
     while n_groups > r:
-        p = int(np.argmax(rowmax))  # first maximal row = smallest p on ties
+        p = int(rowmax.argmax())  # first maximal row = smallest p on ties
         if rowmax[p] == -np.inf:
             lifted = True
             log.debug("zip: no allowed pair left with %d groups > r=%d; lifting the "
                       "within-model budgets", n_groups, r)
-            live = np.flatnonzero(alive)
-            recompute(live, live)
+            for i in np.flatnonzero(alive):
+                recompute(int(i))
             continue
         q = int(rowarg[p])
 
-        merged = alpha * np.minimum(S[p], S[q])  # same expression as the naive version
-        S[p, :] = merged
-        S[:, p] = merged
-        S[p, p] = -np.inf
         alive[q] = False
+        dead[q] = -np.inf
+        rowmax[q], rowarg[q] = -np.inf, -1
         n_groups -= 1
         members[p] += members[q]
         members[q] = []
-        rowmax[q] = -np.inf
-        rowarg[q] = -1
-
+        for m in carries[q]:
+            if m not in carries[p]:
+                carries[p].append(m)
+                ban[m, p] = -np.inf
         event = -1  # model whose budget just ran out
         if model[p] == model[q] and not lifted:
             budget[model[p]] -= 1
-            if budget[model[p]] <= 0 and not forbid[model[p]]:
-                forbid[model[p]] = True
+            if budget[model[p]] == 0:
                 event = int(model[p])
+                flag(event)
 
-        live = np.flatnonzero(alive)
-        recompute_row(p, live)
-        redo = []
+        # the naive version's alpha * min(S[p], S[q]), -inf at dead groups and on the diagonal
+        merged = S[p]
+        np.minimum(merged, S[q], out=merged)
+        if alpha == 0.0:
+            merged[:] = 0.0
+        else:
+            merged *= alpha
+        merged += dead
+        merged[p] = -np.inf
+        S[:, p] = merged
+        recompute(p, merged[p + 1:])
 
-        above = live[live < p]
-        if above.size:
-            v = merged[above]
-            mx = rowmax[above]
-            arg = rowarg[above]
-            ok = (model[above] != model[p]) | ~forbid[model[above]] | lifted
-            at_p = arg == p
-            at_q = arg == q
-            keep = at_p & ok & (v >= mx)
-            rowmax[above[keep]] = v[keep]
-            gain = ~(at_p | at_q) & ok & ((v > mx) | ((v == mx) & (p < arg)))
-            rowmax[above[gain]] = v[gain]
-            rowarg[above[gain]] = p
-            redo.append(above[(at_p & ~keep) | at_q])
-
-        mid = live[(live > p) & (live < q)]
-        redo.append(mid[rowarg[mid] == q])
-
+        v = flagged(p, merged[:p], 0, p)  # the new C[i, p] for the rows above, masked
+        mx = rowmax[:p]
+        arg = rowarg[:p]
+        gain = np.flatnonzero((v > mx) | ((v == mx) & (arg > p)))
+        dropped = np.flatnonzero((arg == p) & (v < mx))
+        rowmax[gain] = v[gain]
+        rowarg[gain] = p
+        redo = [dropped, np.flatnonzero(rowarg[:q] == q)]
         if event >= 0:
-            mine = live[model[live] == event]
-            a = rowarg[mine]
-            hit = (a >= 0) & (model[np.maximum(a, 0)] == event)
-            redo.append(mine[hit])
-
-        redo = np.concatenate(redo)
-        if redo.size == 1:
-            recompute_row(int(redo[0]), live)
-        elif redo.size:
-            recompute(np.unique(redo), live)
+            mine = np.flatnonzero(alive & (model == event) & (rowarg >= 0))
+            redo.append(mine[model[rowarg[mine]] == event])
+        for rows in redo:
+            for i in rows:
+                recompute(int(i))
 
     return [sorted(members[i]) for i in np.flatnonzero(alive)]
 
@@ -553,24 +582,28 @@ def zip_match(
 
     1. Target width ``r``: default ``max_i d_i``; any ``1 <= r <= d``.
     2. ``R = d - r`` merges are made.  Model ``i`` may merge ``budget_i =
-       floor(beta * R * d_i / d)`` pairs of its own groups (:func:`zip_budgets`); a budget of
-       0 forbids same-model pairs from the start.
-    3. Until ``r`` groups remain: take the allowed pair ``p < q`` of current groups with the
+       floor(beta * R * d_i / d)`` pairs of its own groups (:func:`zip_budgets`).  A group is
+       indexed by, and belongs to the model of, its lowest unit.
+    3. Forbidden pairs: a flag ``K(G, H)`` per pair of live groups, all clear at first; a pair
+       is allowed iff its flag is clear.  When model ``m``'s budget first reaches 0 (before the
+       first step for a budget that starts at 0), ``K`` is set for every pair of live groups
+       both belonging to ``m``.
+    4. Until ``r`` groups remain: take the allowed pair ``p < q`` of current groups with the
        largest ``C[p, q]`` (ties: smallest ``p``, then smallest ``q``) and fold ``q`` into
-       ``p``: ``C[p, j] = C[j, p] = alpha * min(C[p, j], C[q, j])`` for every other group ``j``;
-       ``q``'s row and column disappear.  A group is indexed by, and belongs to the model of,
-       its lowest unit.  A same-model fold spends one unit of that model's budget; once it is
-       0, pairs of two groups of that model are forbidden.
-    4. If no allowed pair remains while more than ``r`` groups do, all budgets are lifted for
-       the rest of the run (same-model pairs allowed again); logged at debug level.
-    5. ``U`` [d, r] is the 0/1 membership matrix (merged units ordered by their group's lowest
+       ``p``: ``C[p, j] = C[j, p] = alpha * min(C[p, j], C[q, j])`` and ``K(p, j) = K(p, j) or
+       K(q, j)`` for every other group ``j``; ``q``'s row and column disappear.  A same-model
+       fold spends one unit of that model's budget.
+    5. If no allowed pair remains while more than ``r`` groups do, the flags are lifted for the
+       rest of the run (every pair allowed, budgets no longer counted); logged at debug level.
+    6. ``U`` [d, r] is the 0/1 membership matrix (merged units ordered by their group's lowest
        index), ``M = U.T`` with rows divided by group sizes; split by model.  ``sum_i M_i U_i
        = I_r``.
 
-    Note: the budget is charged to the model of a group's *lowest* unit only, so with
-    ``beta=0`` a group headed by model 0 can still absorb two units of model 1 (one per fold)
-    without any lifting; beta bounds merges between *groups* of one model, not the
-    composition of a group.
+    This is ZipIt!'s and HET's rule: their score matrix holds ``-inf`` where ``K`` is set, and
+    the ``alpha * min`` update spreads it exactly as the ``or`` does.  So a group of model 0
+    that absorbed a unit of model 1 after model 1's budget ran out may not absorb another
+    group of model 1 that was live then (with ``beta=0``: no merged unit holds two units of one
+    model, unless the flags are lifted).
 
     Args:
         corr: [d, d] correlation, units ordered model 0 first.
@@ -639,21 +672,43 @@ def get_matcher(name: str) -> Matcher:
 
 
 def correlation_from_moments(
-    sum_x: np.ndarray, sum_xx: np.ndarray, n: int, eps: float = 1e-12
+    sum_x: np.ndarray,
+    sum_xx: np.ndarray,
+    n: int,
+    eps: float = 1e-10,
+    widths: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Pearson correlation [d, d] (float64) from streamed sums.
+    """Pearson correlation [d, d] (float64) from streamed sums; constant units paired by value.
 
     Args:
         sum_x: ``sum_t x_t``, shape [d].
         sum_xx: ``sum_t x_t x_t^T``, shape [d, d] (symmetrised here).
         n: number of samples summed, >= 1.
-        eps: a unit whose variance is ``<= eps * E[x^2]`` (relative, so constant units are
-            caught despite the cancellation in ``E[x^2] - E[x]^2``) counts as constant; it
-            correlates 1 with every constant unit of the same value (itself included) and 0
-            with every other unit.
+        eps: relative tolerance for constant units (below).
+        widths: ``d_i`` per model when the units of several models are stacked: the scale of
+            a unit is then that of its own model's units.  None: one model.
 
-    Other units get 1 on the diagonal; values are clipped to [-1, 1].  Accumulate the sums in
-    float64: float32 sums lose the variance of units with a large mean.  Cost O(d^2).
+    A unit is *constant* on the data when its variance is at most ``eps`` times the larger of
+    its own ``E[x^2]`` (a large mean: the cancellation in ``E[x^2] - E[x]^2`` leaves a
+    rounding residue) and its model's mean unit variance (a unit that only carries the
+    rounding noise of the computation around a value near 0).  A unit that is 0 on every
+    sample is constant.  Its value is its mean, known to ``s = sqrt(eps * that scale)``; two
+    constant units whose values differ by at most ``s_i + s_j`` are equal.
+
+    A constant unit correlates 1 with every constant unit of equal value (itself included):
+    merging them changes nothing on the data, e.g. a dead ReLU unit and its twin in a permuted
+    copy.  It correlates 0 with every other unit, so zip never prefers it to a real pair of
+    varying units.  Other units get Pearson correlations, 1 on the diagonal, clipped to
+    [-1, 1].  Accumulate the sums in float64: float32 sums lose the variance of units with a
+    large mean.  Cost O(d^2).
+
+    Example:
+        >>> x = np.array([[1.0, 0.0, 2.0, 0.0], [2.0, 0.0, 4.0, 0.0], [4.0, 0.0, 8.0, 0.0]])
+        >>> correlation_from_moments(x.sum(0), x.T @ x, 3, widths=[2, 2]).round(6)
+        array([[1., 0., 1., 0.],
+               [0., 1., 0., 1.],
+               [1., 0., 1., 0.],
+               [0., 1., 0., 1.]])
     """
     sx = np.asarray(sum_x, dtype=np.float64)
     sxx = np.asarray(sum_xx, dtype=np.float64)
@@ -661,6 +716,10 @@ def correlation_from_moments(
         raise DataError(
             f"sum_x must be [d] and sum_xx [d, d]; got {sx.shape} and {sxx.shape}"
         )
+    d = sx.size
+    ws = [d] if widths is None else _check_widths(widths)
+    if sum(ws) != d:
+        raise DataError(f"widths {ws} sum to {sum(ws)} but the moments have d={d} units")
     try:
         n = operator.index(n)
     except TypeError as exc:
@@ -669,11 +728,16 @@ def correlation_from_moments(
         raise DataError(f"n={n}: no samples were accumulated; feed data before correlating")
     if not (np.isfinite(sx).all() and np.isfinite(sxx).all()):
         raise DataError("sum_x / sum_xx contain NaN or inf; check the features fed in")
+    eps = float(eps)
+    if not (math.isfinite(eps) and 0.0 <= eps < 1.0):
+        raise ConfigError(f"eps must be in [0, 1), got {eps}")
     mean = sx / n
     second = (sxx + sxx.T) / (2.0 * n)
     cov = second - np.outer(mean, mean)
-    var = np.diag(cov).copy()
-    live = var > eps * np.diag(second)
+    var = np.maximum(np.diag(cov), 0.0)
+    typical = np.repeat([var[a:b].mean() for a, b in itertools.pairwise(_offsets(ws))], ws)
+    scale = np.maximum(np.diag(second), typical)
+    live = var > eps * scale
     std = np.sqrt(np.where(live, var, 1.0))
     corr = cov / np.outer(std, std)
     corr[~live, :] = 0.0
@@ -681,11 +745,10 @@ def correlation_from_moments(
     np.clip(corr, -1.0, 1.0, out=corr)
     idx = np.flatnonzero(live)
     corr[idx, idx] = 1.0
-    # a constant unit correlates perfectly with every constant unit of the same value (merging
-    # them changes nothing on the data) and with nothing else
     dead = np.flatnonzero(~live)
     if dead.size:
         m = mean[dead]
-        same = np.isclose(m[:, None], m[None, :], rtol=1e-6, atol=1e-9)
+        s = np.sqrt(eps * scale[dead])
+        same = np.abs(m[:, None] - m[None, :]) <= s[:, None] + s[None, :]
         corr[np.ix_(dead, dead)] = same.astype(np.float64)
     return corr

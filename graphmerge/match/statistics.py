@@ -56,11 +56,13 @@ class SpaceStats:
         self.count += x.shape[0]
 
     def correlation(self) -> np.ndarray:
-        """[d, d] correlation; a constant unit correlates 1 with constant units of the same
-        value and 0 with everything else. Exact ties (units that are affine functions of each
+        """[d, d] correlation; a constant unit (relative to the scale of its model's units)
+        correlates 1 with constant units of the same value and 0 with everything else
+        (`correlation_from_moments`). Exact ties (units that are affine functions of each
         other on the data, e.g. in a rank-deficient layer) are broken toward units of equal
         mean and spread, by at most `TIE_BREAK`."""
-        corr = correlation_from_moments(self.sum_x, self.sum_xx, self.count)
+        corr = correlation_from_moments(self.sum_x, self.sum_xx, self.count,
+                                        widths=self.widths)
         mean = self.sum_x / self.count
         std = np.sqrt(np.clip(np.diag(self.sum_xx) / self.count - mean ** 2, 0.0, None))
         gap = np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])
