@@ -437,3 +437,31 @@ def test_transposed_conv_embedding_and_axis_permutes():
     assert up is space_with(table, "dw.weight", 0) and not up.frozen
     assert space_with(table, "up.weight", 0) is space_with(table, "fc.weight", 0)
     assert gm.check_spaces(model, ids).changed_tensors >= 6
+
+
+class _ConstantHead(nn.Module):
+    """Cosine logits against class embeddings held as a plain tensor attribute (not a
+    parameter or buffer): a constant every copy of the model shares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.embeddings = torch.linalg.qr(torch.randn(8, 4))[0].T.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.body(x)
+        return 5.0 * (f / f.norm(dim=-1, keepdim=True)) @ self.embeddings.T
+
+
+def test_a_plain_tensor_attribute_is_a_frozen_constant_and_the_oracle_runs_in_float64():
+    torch.manual_seed(0)
+    model, x = _ConstantHead().eval(), torch.randn(3, 6)
+    table = gm.trace(model, x).space_table
+    head = table.space_of(next(n.name for n in gm.trace(model, x).graph.nodes
+                               if n.op == "call_module" and n.target == "body.2"), 1)
+    assert head.frozen and "tensor constant" in head.why
+    assert gm.check_spaces(model, x).max_output_error < 1e-6
+    twin = gm.permute(model, x, seed=1)
+    result = gm.merge([model, twin], [torch.randn(8, 6)], x, progress=False)
+    assert torch.allclose(result.module(x), model(x), atol=1e-5)
+    assert model.embeddings.dtype == torch.float32  # the caller's constant untouched

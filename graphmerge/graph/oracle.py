@@ -70,7 +70,12 @@ def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, to
     named = named_tensors(module)
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, int]]] = {}
     for name, dims in table.param_axes.items():
-        t = named[name]
+        t = named.get(name)
+        if t is None:  # a constant the forward code creates: its axes keep the identity
+            if all(table[sid].frozen for sid in dims.values()):
+                continue
+            raise SpaceCheckError(f"tensor `{name}` of the graph is not in the module, but its "
+                                  f"axes are in free spaces {sorted(dims.values())}")
         entry = by_tensor.setdefault(id(t), (t, {}))
         for dim, sid in dims.items():
             if entry[1].setdefault(dim, sid) != sid:
@@ -184,7 +189,7 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                    for x in as_inputs(example_inputs))
     if traced is None:
-        model64 = set_eval(copy.deepcopy(model).double())
+        model64 = set_eval(_double(copy.deepcopy(model)))
         traced = trace(model64, inputs, frontend=frontend, leaf_modules=leaf_modules)
     table = traced.space_table
     gm = set_eval(traced.graph_module)
@@ -204,6 +209,16 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
             if isinstance(reference[o.name], torch.Tensor):
                 worst = max(worst, _rel_error(reference[o.name], values[o.name]))
     return OracleReport(trials, len(table.free), len(table) - len(table.free), changed, worst)
+
+
+def _double(model: nn.Module) -> nn.Module:
+    """`model` in float64, plain tensor attributes (constants the forward reads) included."""
+    model.double()
+    for m in model.modules():
+        for key, value in vars(m).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                setattr(m, key, value.double())
+    return model
 
 
 def _check_node(n: fx.Node, reference: dict[str, Any], values: dict[str, Any], table: SpaceTable,
