@@ -169,7 +169,11 @@ def run_demo(out: Path, cfg: TaskPairConfig | None = None, cache_dir: Path | Non
     models = train_task_models(cfg, tasks, cache_dir, progress=progress)
     t_train = time.perf_counter() - t0
     calib = calibration_batches(tasks)
-    rows, results = score_methods(models, tasks, calib, methods, progress=progress)
+    # BatchNorm statistics reset on the calibration data, as ZipIt! does with per-task heads:
+    # there REPAIR (the default) keeps task accuracy but lowers joint accuracy
+    # (benchmarks/results/merge_quality.md)
+    variants = {m: {"method": m, "norms": "reset"} for m in methods}
+    rows, results = score_methods(models, tasks, calib, variants, progress=progress)
     table = format_table(rows)
     name = "zip" if "zip" in results else next(iter(results))
     scores = [{"method": r["method"], "joint": r["joint"],
