@@ -58,15 +58,18 @@ def main() -> None:
 
     pairs = fashion_mnist_tasks("halves")
     triples = fashion_mnist_tasks("halves", num_tasks=3)
-    lma = {"method": "zip", "align": "lma"}
+    # BatchNorm statistics reset, ZipIt!'s protocol for per-task heads (benchmarks/
+    # merge_quality.py compares it with REPAIR, the library's default)
+    lma = {"method": "zip", "align": "lma", "norms": "reset"}
+    sma, uniform = {**lma, "align": "sma"}, {**lma, "align": "uniform"}
     experiments = [
         ("homogeneous depth 1-1-1, ×2", pairs, [arch(D1, 2, e), arch(D1, 2, e)], {"zip": lma}),
         ("homogeneous depth 2-2-2, ×2", pairs, [arch(D2, 2, e), arch(D2, 2, e)], {"zip": lma}),
         ("depth: 1-1-1 ⊕ 2-2-2, ×2", pairs, [arch(D1, 2, e), arch(D2, 2, e)],
-         {"zip, LMA": lma, "zip, SMA": {"align": "sma"}, "zip, uniform": {"align": "uniform"}}),
+         {"zip, LMA": lma, "zip, SMA": sma, "zip, uniform": uniform}),
         ("homogeneous depth 4-4-4, ×2", pairs, [arch(D4, 2, e), arch(D4, 2, e)], {"zip": lma}),
         ("depth: 2-2-2 ⊕ 4-4-4, ×2", pairs, [arch(D2, 2, e), arch(D4, 2, e)],
-         {"zip, LMA": lma, "zip, SMA": {"align": "sma"}, "zip, uniform": {"align": "uniform"}}),
+         {"zip, LMA": lma, "zip, SMA": sma, "zip, uniform": uniform}),
         ("homogeneous width ×1, 2-2-2", pairs, [arch(D2, 1, e), arch(D2, 1, e)], {"zip": lma}),
         ("width: ×1 ⊕ ×2, 2-2-2", pairs, [arch(D2, 1, e), arch(D2, 2, e)], {"zip": lma}),
         ("depth + width: 1-1-1 ×1 ⊕ 2-2-2 ×2", pairs, [arch(D1, 1, e), arch(D2, 2, e)],
