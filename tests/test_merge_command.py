@@ -20,7 +20,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
-from torch import nn
 
 import graphmerge
 from graphmerge.cli import main
@@ -74,23 +73,6 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
         assert merged(x).shape == (len(x), 4)
 
 
-class Net(nn.Module):
-    """The model of nets.py below, for writing its checkpoints."""
-
-    def __init__(self, depth: int = 2) -> None:
-        super().__init__()
-        self.inp = nn.Linear(6, 8)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-                                    for _ in range(depth))
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.inp(x))
-        for b in self.blocks:
-            x = x + b(x)
-        return self.out(x)
-
-
 MODELS_PY = '''
 import torch
 from torch import nn
@@ -116,6 +98,9 @@ def calibration():
     g = torch.Generator().manual_seed(0)
     return [torch.randn(32, 6, generator=g) for _ in range(2)]
 '''
+NETS: dict = {}
+exec(MODELS_PY, NETS)  # the same model class, for writing its checkpoints here
+Net = NETS["Net"]
 
 
 @pytest.fixture(scope="module")

@@ -525,12 +525,15 @@ class _Builder:
 
     def find_heads(self, derived: dict, frozen_roots: dict[Hashable, Frozen],
                    groups: dict) -> dict[Hashable, tuple[Hashable, Hashable]]:
-        """Attention heads: row-major products of two transformable base parts. The heads part
-        is the one that pairs with two different head-dim parts (queries and keys share one,
-        values and the output projection another); a valid transform permutes whole heads
-        and acts within each head. A product whose heads cannot be told from the graph, or of
-        more parts, keeps the identity; a head dim with a parameter of its own (shared by all
-        heads, e.g. a per-head norm) too. Returns kron root -> (heads root, head-dim root)."""
+        """Attention heads: row-major products heads × head dim. The heads part is the one
+        that pairs with two different head-dim parts (queries and keys share one, values and
+        the output projection another); a valid transform permutes whole heads and acts within
+        each head. A head dim that keeps the identity (frozen by a rule, derived from frozen
+        parts as a rotary embedding's, or with a parameter shared by every head) leaves the
+        heads free. Grouped-query attention: heads × group × head dim, where the group pairs
+        with the heads only, is a projection of those heads (`self.head_groups`; the group
+        keeps its order). Any other product whose heads cannot be told from the graph keeps
+        the identity. Returns kron root -> (heads root, head-dim root)."""
         find = self.uf.find
         rule_frozen = set(frozen_roots)
 

@@ -1,12 +1,22 @@
 """Pass `split_partial`: with `partial=` a cut, the merged module keeps the merged graph up to
-the cut and each model's own layers after it (`graphmerge.surgery.partial`)."""
+the cut and each model's own layers after it (`graphmerge.surgery.partial`); the norms of
+those layers are then corrected for the features the trunk now gives them."""
 
 from __future__ import annotations
 
+from graphmerge.match.statistics import unit_sums
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
+from graphmerge.passes.norms import reset_batch_norms
 from graphmerge.passes.parameters import SpaceTransforms
 from graphmerge.surgery.partial import cut_node, split_at
+from graphmerge.surgery.repair import (
+    RepairPoint,
+    by_level,
+    moments,
+    repair,
+    repair_points,
+)
 
 
 @merge_pass(needs=("module", "norms_done", "plans", "head_mode"), provides=("cut",))
@@ -17,6 +27,32 @@ def split_partial(ctx: MergeContext) -> None:
         return
     cut = cut_node(ctx.traced[0], ctx.config.partial)
     tx = SpaceTransforms(ctx)
-    ctx.module = split_at(ctx.module, ctx.traced, cut,
-                          lambda i, sid: tx.get(i, sid, False).T, tx.merged, ctx.head_mode)
+    ctx.module, names = split_at(ctx.module, ctx.traced, cut,
+                                 lambda i, sid: tx.get(i, sid, False).T, tx.merged,
+                                 ctx.head_mode)
     ctx.cut = cut.name
+    if ctx.config.norms == "reset":  # every BatchNorm, the models' own ones included
+        reset_batch_norms(ctx.module, ctx.batches, ctx.n_inputs, progress=ctx.config.progress)
+    elif ctx.config.norms == "repair":
+        order = [n.name for n in ctx.traced[0].graph.nodes]
+        _repair_tails(ctx, names, set(order[:order.index(cut.name) + 1]))
+
+
+def _repair_tails(ctx: MergeContext, names: list[dict[str, str]], trunk: set[str]) -> None:
+    """REPAIR in each model's own layers: its units' statistics there are set back to the
+    model's own (its merge matrix after the cut is the identity)."""
+    for i, (traced, where) in enumerate(zip(ctx.traced, names)):
+        points = [RepairPoint(p.node, p.measure, p.dim, p.space, p.kind,
+                              {role: f"model{i}.{t}" for role, t in p.tensors.items()}, p.eps,
+                              p.level)
+                  for p in repair_points(traced, {s.id for s in traced.space_table})
+                  if p.node not in trunk and p.measure in where]
+        if not points:
+            continue
+        own = unit_sums(traced.graph_module, {p.node: p.dim for p in points}, ctx.batches,
+                        ctx.n_inputs, progress=ctx.config.progress, desc=f"REPAIR model {i}")
+        for level in by_level(points):
+            now = unit_sums(ctx.module, {where[p.measure]: p.dim for p in level}, ctx.batches,
+                            ctx.n_inputs, progress=ctx.config.progress, desc="REPAIR")
+            for p in level:
+                repair(ctx.module, p, moments(*now[where[p.measure]]), moments(*own[p.node]))

@@ -62,8 +62,10 @@ torch.fx.wrap("_contract")
 
 def split_at(merged: fx.GraphModule, models: Sequence[Traced], cut: fx.Node,
              unmerge: Callable[[int, int], np.ndarray], merged_spaces: Callable[[int], bool],
-             head_mode: str) -> fx.GraphModule:
-    """The partial module: `merged`'s graph up to `cut`, then each model's own tail.
+             head_mode: str) -> tuple[fx.GraphModule, list[dict[str, str]]]:
+    """The partial module: `merged`'s graph up to `cut`, then each model's own tail; and per
+    model, where each of its nodes is in the partial module (a trunk value read after the
+    cut: its value in the model's basis). Model i's tensors are under `model{i}.`.
 
     Args:
         merged: the fully merged module (model 0's graph carrying merged tensors).
@@ -94,7 +96,7 @@ def split_at(merged: fx.GraphModule, models: Sequence[Traced], cut: fx.Node,
         if n.name not in trunk_names or n.op == "output":
             continue
         env[n.name] = copy_trunk(n, env)
-    outputs = []
+    outputs, names = [], []
     for i, model in enumerate(models):
         prefix = f"model{i}"
         root.add_module(prefix, copy.deepcopy(model.graph_module))
@@ -114,6 +116,7 @@ def split_at(merged: fx.GraphModule, models: Sequence[Traced], cut: fx.Node,
                 outputs.append(tail_env[out.name])
                 continue
             tail_env[n.name] = copy_tail(n, tail_env)
+        names.append({name: node.name for name, node in tail_env.items()})
     if head_mode == "concat":
         result = graph.call_function(torch.cat, (tuple(outputs), -1))
     else:
@@ -124,7 +127,7 @@ def split_at(merged: fx.GraphModule, models: Sequence[Traced], cut: fx.Node,
     module.graph.eliminate_dead_code()
     module.recompile()
     module.delete_all_unused_submodules()
-    return module.eval()
+    return module.eval(), names
 
 
 def _into_model(graph: fx.Graph, root: nn.Module, value: fx.Node, i: int, name: str, table,

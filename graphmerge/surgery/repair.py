@@ -8,8 +8,9 @@ The points are found in the graph, never from names:
 * a batch norm whose channel axis is a merged space: its running statistics are set so that
   its output has the target statistics (no new nodes);
 * a linear or convolution whose every user (through dropout and identities) is an activation,
-  a layer norm or an RMS norm, with its weight's rows in the merged space: the affine
-  correction is folded into its rows and bias (without a bias, only the scale).
+  a layer norm or an RMS norm, with its weight's rows in the merged space and its tensors not
+  tied to another layer's: the affine correction is folded into its rows and bias (without a
+  bias, only the scale).
 
 A point's correction changes what later points see, so the points are corrected level by
 level (a point's level: the longest chain of points above it), one pass over the calibration
@@ -28,7 +29,7 @@ import torch.fx as fx
 
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.kinds import kind, tensor_args
-from graphmerge.surgery.tensors import get_tensor, set_tensor
+from graphmerge.surgery.tensors import canonical_names, get_tensor, set_tensor
 
 __all__ = ["RepairPoint", "repair_points", "by_level", "targets", "repair", "moments"]
 
@@ -73,6 +74,8 @@ def _eps(n: fx.Node) -> float:
 def repair_points(traced: Traced, spaces: set[int]) -> list[RepairPoint]:
     """The points of `traced` where units of `spaces` enter a nonlinearity or a norm."""
     table = traced.space_table
+    canonical = canonical_names(traced.graph_module)
+    shared = {c for n, c in canonical.items() if n != c}  # tied tensors: read elsewhere too
     found: list[RepairPoint] = []
     for n in traced.graph.nodes:
         k = kind(n)
@@ -91,7 +94,8 @@ def repair_points(traced: Traced, spaces: set[int]) -> list[RepairPoint]:
                 continue
             dim = 1 if k == "conv" else len(shape) - 1
             point = RepairPoint(n.name, n.name, dim, dims.get(dim, -1), "fold", tensors)
-            if table.param_axes.get(tensors["weight"], {}).get(0) != point.space:
+            if table.param_axes.get(tensors["weight"], {}).get(0) != point.space or any(
+                    canonical.get(t, t) in shared for t in tensors.values()):
                 continue
         else:
             continue
