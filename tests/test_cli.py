@@ -47,3 +47,9 @@ def test_inspect_reads_and_converts_a_match_graph(tmp_path, capsys):
     assert (tmp_path / "g.graphml").stat().st_size > 0
     assert (tmp_path / "g.dot").read_text().startswith("graph match {")
     assert json.loads(saved.read_text())["graph"]["method"] == "zip"
+
+
+def test_inspect_refuses_an_oracle_that_checks_nothing(capsys):
+    assert main(["inspect", "mlp", "--check", "--trials", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "trials must be an int >= 1" in err and "Traceback" not in err

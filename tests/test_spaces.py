@@ -465,3 +465,11 @@ def test_a_plain_tensor_attribute_is_a_frozen_constant_and_the_oracle_runs_in_fl
     result = gm.merge([model, twin], [torch.randn(8, 6)], x, progress=False)
     assert torch.allclose(result.module(x), model(x), atol=1e-5)
     assert model.embeddings.dtype == torch.float32  # the caller's constant untouched
+
+
+@pytest.mark.parametrize("options", [{"trials": -1}, {"trials": 0}, {"trials": 2.5},
+                                     {"rtol": 0.0}, {"rtol": float("nan")}])
+def test_a_check_that_checks_nothing_is_refused(options):
+    model, x = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 3)
+    with pytest.raises(gm.ConfigError, match="trials must be|rtol must be"):
+        gm.check_spaces(model, x, **options)

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from graphmerge.errors import SpaceCheckError
+from graphmerge.errors import ConfigError, SpaceCheckError
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, eval_mode, run_nodes, set_eval
 from graphmerge.graph.spaces import SpaceTable
@@ -185,7 +185,12 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
 
     Raises:
         SpaceCheckError: naming the node, op and spaces that broke the function.
+        ConfigError: trials < 1 or rtol <= 0 (a check that checks nothing is refused).
     """
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"trials must be an int >= 1, got {trials!r}")
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
+        raise ConfigError(f"rtol must be a positive number, got {rtol!r}")
     inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                    for x in as_inputs(example_inputs))
     if traced is None:
