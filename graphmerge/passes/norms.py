@@ -4,7 +4,7 @@ recomputed (`norms="reset"`, as ZipIt and HET do)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,14 @@ from graphmerge.inputs import split_batch
 from graphmerge.match.statistics import unit_sums
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.surgery.repair import by_level, moments, repair, repair_points, targets
+from graphmerge.surgery.repair import (
+    RepairPoint,
+    by_level,
+    moments,
+    repair,
+    repair_points,
+    targets,
+)
 
 
 def reset_batch_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
@@ -67,11 +74,20 @@ def repair_module(ctx: MergeContext) -> int:
     wanted = {p.node: p.dim for p in points}
     per_model = [unit_sums(t.graph_module, wanted, ctx.batches, ctx.n_inputs, progress=progress,
                            desc=f"REPAIR targets, model {i}") for i, t in enumerate(ctx.traced)]
-    for level in by_level(points):
-        merged = unit_sums(ctx.module, {p.measure: p.dim for p in level}, ctx.batches,
-                           ctx.n_inputs, progress=progress, desc="REPAIR")
-        for p in level:
-            target = targets(p, [np.asarray(m) for m in plans[p.space].merge],
-                             [moments(*sums[p.node]) for sums in per_model])
-            repair(ctx.module, p, moments(*merged[p.measure]), target)
+    repair_levels(ctx, points, lambda p: p.measure, lambda p: targets(
+        [np.asarray(m) for m in plans[p.space].merge],
+        [moments(*sums[p.node]) for sums in per_model]))
     return len(points)
+
+
+def repair_levels(ctx: MergeContext, points: list[RepairPoint],
+                  measured_at: Callable[[RepairPoint], str],
+                  target: Callable[[RepairPoint], tuple[np.ndarray, np.ndarray]]) -> None:
+    """Correct `points` of the merged module level by level: one calibration pass per level
+    measures its points (at node `measured_at(p)`) after the levels above were corrected."""
+    for level in by_level(points):
+        nodes = {measured_at(p): p.dim for p in level}
+        now = unit_sums(ctx.module, nodes, ctx.batches, ctx.n_inputs,
+                        progress=ctx.config.progress, desc="REPAIR")
+        for p in level:
+            repair(ctx.module, p, moments(*now[measured_at(p)]), target(p))

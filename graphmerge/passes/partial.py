@@ -4,17 +4,16 @@ those layers are then corrected for the features the trunk now gives them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from graphmerge.match.statistics import unit_sums
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.passes.norms import reset_batch_norms
+from graphmerge.passes.norms import repair_levels, reset_batch_norms
 from graphmerge.passes.parameters import SpaceTransforms
 from graphmerge.surgery.partial import cut_node, split_at
 from graphmerge.surgery.repair import (
-    RepairPoint,
-    by_level,
     moments,
-    repair,
     repair_points,
 )
 
@@ -42,17 +41,11 @@ def _repair_tails(ctx: MergeContext, names: list[dict[str, str]], trunk: set[str
     """REPAIR in each model's own layers: its units' statistics there are set back to the
     model's own (its merge matrix after the cut is the identity)."""
     for i, (traced, where) in enumerate(zip(ctx.traced, names)):
-        points = [RepairPoint(p.node, p.measure, p.dim, p.space, p.kind,
-                              {role: f"model{i}.{t}" for role, t in p.tensors.items()}, p.eps,
-                              p.level)
+        points = [replace(p, tensors={role: f"model{i}.{t}" for role, t in p.tensors.items()})
                   for p in repair_points(traced, {s.id for s in traced.space_table})
                   if p.node not in trunk and p.measure in where]
         if not points:
             continue
         own = unit_sums(traced.graph_module, {p.node: p.dim for p in points}, ctx.batches,
                         ctx.n_inputs, progress=ctx.config.progress, desc=f"REPAIR model {i}")
-        for level in by_level(points):
-            now = unit_sums(ctx.module, {where[p.measure]: p.dim for p in level}, ctx.batches,
-                            ctx.n_inputs, progress=ctx.config.progress, desc="REPAIR")
-            for p in level:
-                repair(ctx.module, p, moments(*now[where[p.measure]]), moments(*own[p.node]))
+        repair_levels(ctx, points, lambda p: where[p.measure], lambda p: moments(*own[p.node]))

@@ -96,33 +96,44 @@ def split_at(merged: fx.GraphModule, models: Sequence[Traced], cut: fx.Node,
         if n.name not in trunk_names or n.op == "output":
             continue
         env[n.name] = copy_trunk(n, env)
-    outputs, names = [], []
+    outputs: list[list[fx.Node]] = []
+    names: list[dict[str, str]] = []
+    sequence = False
     for i, model in enumerate(models):
         prefix = f"model{i}"
         root.add_module(prefix, copy.deepcopy(model.graph_module))
         copy_tail = retarget(prefix)
         tail_env: dict[str, fx.Node] = {}
+        # nodes computed from the inputs cross the cut; parameters, constants and values made
+        # from them alone are the model's own in its tail
+        data: set[str] = set()
         for n in model.graph.nodes:
-            if n.name in trunk_names:
+            if n.op == "placeholder" or any(a.name in data for a in n.all_input_nodes):
+                data.add(n.name)
+            if n.name in trunk_names and n.name in data:
                 if any(u.name not in trunk_names for u in n.users) or n.op == "placeholder":
                     tail_env[n.name] = _into_model(graph, root, env[n.name], i, n.name, table,
                                                    unmerge, merged_spaces, models[i])
                 continue
             if n.op == "output":
                 out = n.args[0]
-                if not isinstance(out, fx.Node):
-                    raise ConfigError("a partial merge needs models with one tensor output; "
-                                      f"this one returns {type(out).__name__}")
-                outputs.append(tail_env[out.name])
+                leaves = list(out) if isinstance(out, (tuple, list)) else [out]
+                if not all(isinstance(a, fx.Node) for a in leaves):
+                    raise ConfigError("a partial merge needs models that return a tensor or a "
+                                      f"flat tuple of tensors; this one returns {out!r}")
+                outputs.append([tail_env[a.name] for a in leaves])
+                sequence = isinstance(out, (tuple, list))  # exported graphs return a tuple
                 continue
             tail_env[n.name] = copy_tail(n, tail_env)
         names.append({name: node.name for name, node in tail_env.items()})
-    if head_mode == "concat":
-        result = graph.call_function(torch.cat, (tuple(outputs), -1))
-    else:
-        stacked = graph.call_function(torch.stack, (tuple(outputs),))
-        result = graph.call_function(torch.mean, (stacked, 0))
-    graph.output(result)
+    results = []
+    for values in zip(*outputs):  # each output, across the models
+        if head_mode == "concat":
+            results.append(graph.call_function(torch.cat, (values, -1)))
+        else:
+            stacked = graph.call_function(torch.stack, (values,))
+            results.append(graph.call_function(torch.mean, (stacked, 0)))
+    graph.output(tuple(results) if sequence else results[0])
     module = fx.GraphModule(root, graph)
     module.graph.eliminate_dead_code()
     module.recompile()

@@ -21,7 +21,7 @@ is the identity: REPAIR keeps it exact on any data.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -113,14 +113,13 @@ def _levels(graph: fx.Graph, points: list[RepairPoint]) -> list[RepairPoint]:
         above = max((level[a.name] for a in n.all_input_nodes if a.name in level), default=-1)
         if n.name in at:
             p = at[n.name]
-            out.append(RepairPoint(p.node, p.measure, p.dim, p.space, p.kind, p.tensors, p.eps,
-                                   above + 1))
+            out.append(replace(p, level=above + 1))
             above += 1
         level[n.name] = above
     return out
 
 
-def targets(point: RepairPoint, merge: Sequence[np.ndarray],
+def targets(merge: Sequence[np.ndarray],
             moments: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """The merged units' target mean and std: Σ_i merge_i · (mean_i, std_i)."""
     mean = sum(m @ mu for m, (mu, _) in zip(merge, moments))
