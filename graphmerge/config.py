@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from graphmerge.errors import ConfigError
 from graphmerge.graph.capture import FRONTENDS
 from graphmerge.match.align import ALIGN_METHODS
@@ -42,7 +44,7 @@ class MergeConfig:
         >>> MergeConfig.from_dict({"metod": "zip"})
         Traceback (most recent call last):
         ...
-        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial
+        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory
     """
 
     method: str = "zip"
@@ -57,6 +59,10 @@ class MergeConfig:
     leaf_modules: Sequence[Any] = field(default_factory=tuple)
     progress: bool = True
     partial: Any = None
+    max_batches: int | None = None
+    max_samples: int | None = None
+    device: Any = None
+    max_memory: Any = None
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, sorted(MATCHERS))
@@ -76,6 +82,12 @@ class MergeConfig:
         MATCHERS[self.method].check_options(options)
         _check_width(self.width, self.method)
         _check_partial(self.partial)
+        for key in ("max_batches", "max_samples", "max_memory"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ConfigError(f"{key} must be None or an int >= 1, got {value!r}")
+        _check_device(self.device)
         if isinstance(self.leaf_modules, (str, type)) or not all(
                 isinstance(m, (str, type)) for m in self.leaf_modules):
             raise ConfigError("leaf_modules must be a list of module classes or qualified "
@@ -128,6 +140,27 @@ def _check_width_value(value: Any, key: str) -> None:
             math.isfinite(value) and value > 0):
         raise ConfigError(f"{key} must be a positive int (units) or float (ratio of the widest "
                           f"model's width), got {value!r}")
+
+
+def _check_device(device: Any) -> None:
+    """None (where the models are), or a torch device that exists on this machine."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device must be None or a torch device such as 'cpu' or 'cuda:0', "
+                          f"got {device!r}") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (
+            dev.index is not None and dev.index >= torch.cuda.device_count())):
+        raise ConfigError(f"device={device!r}: no such CUDA device on this machine "
+                          f"({torch.cuda.device_count()} found); use device='cpu'")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"device={device!r}: merges run on 'cpu' or a GPU ('cuda', 'mps', "
+                          f"'xpu'), not on {dev.type!r}")
+    if dev.type in ("mps", "xpu") and not getattr(torch, dev.type).is_available():
+        raise ConfigError(f"device={device!r} is not available on this machine; use "
+                          f"device='cpu'")
 
 
 def _check_partial(cut: Any) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,10 +14,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphmerge.calibration import Calibration
 from graphmerge.config import MergeConfig
 from graphmerge.errors import ConfigError, DataError
 from graphmerge.graph.capture import eval_mode
-from graphmerge.inputs import as_inputs, infer_input_count, split_batch
+from graphmerge.inputs import as_inputs, infer_input_count
 from graphmerge.match.align import StageAlignment
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
 from graphmerge.passes.context import SpacePlan
@@ -57,15 +59,33 @@ class MergeResult:
         return "\n".join(rows)
 
 
-def _batches(calibration: Any) -> list[Any]:
-    if calibration is None:
-        raise DataError("no calibration data: pass a DataLoader or a list of batches")
-    if isinstance(calibration, torch.Tensor):
-        raise DataError("calibration must be an iterable of batches (e.g. a DataLoader or "
-                        "[x[:128], x[128:256]]), not one tensor")
-    if isinstance(calibration, Iterator):
-        calibration = list(calibration)  # iterated more than once: statistics and norms
-    return calibration
+#: tracing, shape propagation and the permutation oracle run on at most this many samples
+EXAMPLE_SAMPLES = 8
+
+
+def _example(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The first calibration batch cut to `EXAMPLE_SAMPLES` samples: graphs are captured and
+    checked on a few samples, not on a whole batch (an input whose first dimension is not the
+    batch's is kept whole)."""
+    sizes = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0}
+    if len(sizes) != 1:
+        return inputs
+    return tuple(x[:EXAMPLE_SAMPLES] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                 for x in inputs)
+
+
+def _on_device(models: list[nn.Module], device: Any) -> list[nn.Module]:
+    """The models on `device`: copies of those elsewhere (the caller's are never moved)."""
+    if device is None:
+        return models
+    dev = torch.device(device)
+    out = []
+    for m in models:
+        tensors = [*m.parameters(), *m.buffers()]
+        here = all(t.device.type == dev.type and (dev.index is None or t.device == dev)
+                   for t in tensors)
+        out.append(m if here else copy.deepcopy(m).to(dev))
+    return out
 
 
 def _check_models(models: Sequence[nn.Module]) -> None:
@@ -117,7 +137,15 @@ def merge(
             frontend: how models are captured: "auto" (default: torch.fx, falling back to
                 torch.export), "fx" or "export"; a GraphModule is taken as given.
             leaf_modules: module classes or qualified names to keep opaque when tracing.
-            progress: progress bars on the calibration passes; default True.
+            progress: progress bars on the calibration passes (samples seen); default True.
+            max_batches, max_samples: read at most this many calibration batches / samples
+                (default: one pass over a finite iterable; an iterable without len(), such
+                as a generator or an endless stream, needs one of them).
+            device: run the merge there (e.g. "cuda"); default: where the models are. The
+                caller's models are copied, never moved.
+            max_memory: a bound in bytes on the feature statistics (8·d² per space of d
+                units summed over the models); spaces that do not fit together are measured
+                in several passes over the calibration data, with the same result.
             partial: None (default: merge everything) or a cut — a node name, a space id
                 (after the last node carrying it) or a fraction of depth (of the weighted
                 layers): the graph up to the cut is merged, after it every model keeps its
@@ -145,15 +173,18 @@ def merge(
     cfg = MergeConfig.from_dict({**(config or {}), **options})
     models = list(models)
     _check_models(models)
-    batches = _batches(calibration)
     t0 = time.perf_counter()
+    n_inputs = (len(as_inputs(example_inputs)) if example_inputs is not None
+                else infer_input_count(models[0]))
+    data = Calibration(calibration, n_inputs, max_batches=cfg.max_batches,
+                       max_samples=cfg.max_samples, device=cfg.device)
     if example_inputs is None:
-        first = next(iter(batches), None)
-        if first is None:
-            raise DataError("the calibration data is empty: pass at least one batch")
-        example_inputs = (first if isinstance(first, torch.Tensor)
-                          else split_batch(first, infer_input_count(models[0])))
-    ctx = MergeContext(models, batches, as_inputs(example_inputs), cfg)
+        example_inputs = _example(data.first())
+    elif cfg.device is not None:
+        example_inputs = tuple(x.to(cfg.device) if isinstance(x, torch.Tensor) else x
+                               for x in as_inputs(example_inputs))
+    models = _on_device(models, cfg.device)
+    ctx = MergeContext(models, data, as_inputs(example_inputs), cfg)
     with ExitStack() as stack:  # every module's own train/eval flag is restored afterwards
         for m in models:
             stack.enter_context(eval_mode(m))

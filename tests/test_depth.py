@@ -29,7 +29,7 @@ PAIRS = {
 
 
 def _trained_like(model: nn.Module) -> nn.Module:
-    reset_batch_norms(model, [X], 1, progress=False)
+    reset_batch_norms(model, [(X,)], progress=False)
     return model.eval()
 
 

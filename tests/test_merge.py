@@ -24,7 +24,7 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.weight.data.normal_(1, 0.2)
             m.bias.data.normal_(0, 0.2)
-    reset_batch_norms(model, [torch.randn(64, 1, 28, 28)], 1, progress=False)
+    reset_batch_norms(model, [(torch.randn(64, 1, 28, 28),)], progress=False)
     return model.eval()
 
 
@@ -75,7 +75,7 @@ def test_merging_a_permuted_bert_twin_recovers_it(method):
 def test_reset_norms_recovers_the_model_when_its_statistics_match_the_calibration_data():
     model = _randomise_bn(IMG_FAMILIES["resnet"]())
     calib = _calibration()
-    reset_batch_norms(model, calib, 1, progress=False)  # model's stats := calibration stats
+    reset_batch_norms(model, [(c,) for c in calib], progress=False)  # model's stats := calibration stats
     twin = gm.permute(model, calib[0], seed=1)
     result = gm.merge([model, twin], calib, heads="average", norms="reset", progress=False)
     x = torch.randn(8, 1, 28, 28)

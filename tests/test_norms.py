@@ -13,7 +13,7 @@ import graphmerge as gm
 from graphmerge.graph.oracle import output_error
 from graphmerge.lab.zoo.registry import builtin
 from graphmerge.match.statistics import unit_sums
-from graphmerge.surgery.repair import moments, repair_points, targets
+from graphmerge.surgery.repair import repair_points, targets
 
 ARCHS = {
     "resnet": dict(depths=[1, 1, 1], width=1),
@@ -63,12 +63,12 @@ def test_every_point_gets_its_target_statistics(method):
     points = repair_points(traced[0], set(plans))
     assert len(points) == 3  # the three hidden layers: ReLU, GELU, LayerNorm
     wanted = {p.node: p.dim for p in points}
-    sums = [unit_sums(t.graph_module, wanted, calibration, 1, progress=False) for t in traced]
-    after = unit_sums(result.module, wanted, calibration, 1, progress=False)
+    sums = [unit_sums(t.graph_module, wanted, _inputs(calibration), progress=False) for t in traced]
+    after = unit_sums(result.module, wanted, _inputs(calibration), progress=False)
     for p in points:
         mean, std = targets([np.asarray(m) for m in plans[p.space].merge],
-                            [moments(*s[p.node]) for s in sums])
-        got_mean, got_std = moments(*after[p.node])
+                            [s[p.node].moments() for s in sums])
+        got_mean, got_std = after[p.node].moments()
         np.testing.assert_allclose(got_mean, mean, atol=1e-4)
         np.testing.assert_allclose(got_std, std, rtol=1e-4, atol=1e-5)
 
@@ -95,11 +95,16 @@ def test_batch_norm_points_set_running_statistics():
     traced = gm.trace(a, x)
     (point,) = repair_points(traced, set(result.plans))
     assert point.kind == "batch_norm"
-    sums = [unit_sums(gm.trace(m, x).graph_module, {point.node: 1}, calibration, 1,
+    sums = [unit_sums(gm.trace(m, x).graph_module, {point.node: 1}, _inputs(calibration),
                       progress=False) for m in (a, b)]
     mean, std = targets([np.asarray(m) for m in result.plans[point.space].merge],
-                        [moments(*s[point.node]) for s in sums])
-    got = moments(*unit_sums(result.module, {point.node: 1}, calibration, 1,
-                             progress=False)[point.node])
+                        [s[point.node].moments() for s in sums])
+    got = unit_sums(result.module, {point.node: 1}, _inputs(calibration),
+                    progress=False)[point.node].moments()
     np.testing.assert_allclose(got[0], mean, atol=1e-4)
     np.testing.assert_allclose(got[1], std, rtol=1e-4, atol=1e-5)
+
+
+def _inputs(batches: list[torch.Tensor]) -> list[tuple[torch.Tensor]]:
+    """Calibration batches as the model-input tuples `unit_sums` reads."""
+    return [(b,) for b in batches]

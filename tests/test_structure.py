@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import graphmerge as gm
+from graphmerge.calibration import Calibration
 from graphmerge.passes import PIPELINE, MergeContext, PassOrderError, match_spaces
 
 PACKAGE = Path(gm.__file__).parent
@@ -119,7 +120,7 @@ def test_the_pipeline_is_one_ordered_list_whose_needs_come_first():
 
 def test_a_pass_run_too_early_names_the_missing_pass():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    ctx = MergeContext([model, model], [torch.randn(4, 3)], (torch.randn(4, 3),))
+    ctx = MergeContext([model, model], Calibration([torch.randn(4, 3)], 1), (torch.randn(4, 3),))
     with pytest.raises(PassOrderError, match="collect_statistics"):
         match_spaces(ctx)
 

@@ -21,7 +21,7 @@ FAMILIES = {
 
 def _trained_like(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """BatchNorm statistics of real inputs (as after training), so units are not constant."""
-    reset_batch_norms(model, [x], 1, progress=False)
+    reset_batch_norms(model, [(x,)], progress=False)
     return model.eval()
 
 

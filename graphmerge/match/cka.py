@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from graphmerge.calibration import all_reduce
 from graphmerge.errors import ConfigError, DataError
 
 __all__ = ["CKAAccumulator", "linear_cka", "hsic_unbiased", "MIN_BATCH"]
@@ -194,6 +195,15 @@ class CKAAccumulator:
         self.batches += 1
         self.samples += b
         log.debug("CKA batch %d: %d samples, %d x %d units", self.batches, b, self.m, self.n)
+
+    def all_reduce(self) -> None:
+        """Sum the accumulated HSICs over the processes of torch.distributed (each rank has
+        added its own batches; a rank's pooled remainder of < MIN_BATCH samples is dropped)."""
+        state = [torch.from_numpy(a) for a in (self._cross, self._self_a, self._self_b,
+                                               self._raw_a, self._raw_b)]
+        counts = torch.tensor([float(self.batches), float(self.samples)], dtype=torch.float64)
+        all_reduce(*state, counts)
+        self.batches, self.samples = int(counts[0]), int(counts[1])
 
     # -- results -----------------------------------------------------------------------------
 

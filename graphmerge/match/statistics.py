@@ -17,15 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-from tqdm.auto import tqdm
 
-from graphmerge.errors import DataError, GraphmergeError
+from graphmerge.calibration import all_reduce, with_progress
+from graphmerge.errors import ConfigError, DataError, GraphmergeError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import set_eval
-from graphmerge.inputs import split_batch
+from graphmerge.graph.lockstep import run_lockstep
 from graphmerge.match.matchers import correlation_from_moments
+from graphmerge.surgery.repair import moments
 
-__all__ = ["SpaceStats", "feature_module", "collect_stats", "unit_sums"]
+__all__ = ["SpaceStats", "UnitStats", "feature_module", "collect_stats", "unit_sums",
+           "statistics_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +38,38 @@ TIE_BREAK = 1e-6
 
 @dataclass
 class SpaceStats:
-    """Streamed moments of one space's concatenated features. Memory O(d²)."""
+    """Streamed moments of one space's concatenated features. Memory 8·(d² + d) bytes."""
 
     widths: list[int]
-    sum_x: np.ndarray = field(init=False)
-    sum_xx: np.ndarray = field(init=False)
     count: int = 0
-
-    def __post_init__(self) -> None:
-        d = sum(self.widths)
-        self.sum_x = np.zeros(d)
-        self.sum_xx = np.zeros((d, d))
+    _sx: torch.Tensor | None = field(default=None, repr=False)
+    _sxx: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
-        """x: [n, d] features of all models side by side."""
+        """x: [n, d] features of all models side by side (summed in float64)."""
         x = x.detach().double()
-        self.sum_x += x.sum(0).numpy()
-        self.sum_xx += (x.T @ x).numpy()
+        if self._sx is None:
+            d = sum(self.widths)
+            self._sx = torch.zeros(d, dtype=torch.float64, device=x.device)
+            self._sxx = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+        self._sx += x.sum(0)
+        self._sxx.addmm_(x.T, x)
         self.count += x.shape[0]
+
+    @property
+    def sum_x(self) -> np.ndarray:
+        return self._sx.cpu().numpy() if self._sx is not None else np.zeros(sum(self.widths))
+
+    @property
+    def sum_xx(self) -> np.ndarray:
+        if self._sxx is None:
+            return np.zeros((sum(self.widths),) * 2)
+        return self._sxx.cpu().numpy()
+
+    def all_reduce(self) -> None:
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        all_reduce(self._sx, self._sxx, count)
+        self.count = int(count.item())
 
     def correlation(self) -> np.ndarray:
         """[d, d] correlation; a constant unit (relative to the scale of its model's units)
@@ -61,13 +77,48 @@ class SpaceStats:
         (`correlation_from_moments`). Exact ties (units that are affine functions of each
         other on the data, e.g. in a rank-deficient layer) are broken toward units of equal
         mean and spread, by at most `TIE_BREAK`."""
-        corr = correlation_from_moments(self.sum_x, self.sum_xx, self.count,
-                                        widths=self.widths)
-        mean = self.sum_x / self.count
-        std = np.sqrt(np.clip(np.diag(self.sum_xx) / self.count - mean ** 2, 0.0, None))
+        sum_x, sum_xx = self.sum_x, self.sum_xx
+        corr = correlation_from_moments(sum_x, sum_xx, self.count, widths=self.widths)
+        mean = sum_x / self.count
+        std = np.sqrt(np.clip(np.diag(sum_xx) / self.count - mean ** 2, 0.0, None))
         gap = np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])
         scale = np.abs(mean)[:, None] + np.abs(mean)[None, :] + std[:, None] + std[None, :]
         return corr - TIE_BREAK * gap / np.maximum(scale, 1e-12)
+
+
+@dataclass
+class UnitStats:
+    """Streamed per-unit Σx and Σx² (float64) of one node's units."""
+
+    sum_x: torch.Tensor | float = 0.0
+    sum_xx: torch.Tensor | float = 0.0
+    count: int = 0
+
+    def add(self, value: torch.Tensor, dim: int) -> None:
+        """The units on axis `dim` of `value`, every other position a sample. The batch's
+        mean and centred second moment are taken in the value's dtype (no cancellation), and
+        added to the float64 sums."""
+        value = value.detach()
+        dim = dim % value.dim()
+        others = [d for d in range(value.dim()) if d != dim]
+        n = value.numel() // max(value.shape[dim], 1)
+        mean = value.mean(others, keepdim=True)
+        centred = value - mean
+        m2 = (centred * centred).sum(others).double()
+        mean = mean.reshape(-1).double()
+        self.sum_x = self.sum_x + n * mean
+        self.sum_xx = self.sum_xx + m2 + n * mean * mean
+        self.count += n
+
+    def all_reduce(self) -> None:
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        all_reduce(self.sum_x, self.sum_xx, count)
+        self.count = int(count.item())
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-unit mean and std."""
+        return moments(np.asarray(torch.as_tensor(self.sum_x).cpu()),
+                       np.asarray(torch.as_tensor(self.sum_xx).cpu()), self.count)
 
 
 def feature_module(gm: fx.GraphModule, nodes: Sequence[str]) -> fx.GraphModule:
@@ -92,114 +143,159 @@ def _piece(value: Any, k: int) -> Any:
     return value[k]
 
 
-def _features(value: torch.Tensor, dim: int) -> torch.Tensor:
-    """[..., d, ...] -> [n, d] with every other position a sample."""
-    return value.movedim(dim, -1).reshape(-1, value.shape[dim])
+def unit_rows(value: torch.Tensor, dim: int, rows: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """[..., d, ...] -> [n, d] with every other position a sample (only the positions `rows`
+    of them, in that order, when given: nothing else is copied)."""
+    moved = value.movedim(dim, -1)
+    if rows is None:
+        return moved.reshape(-1, value.shape[dim])
+    return moved[torch.unravel_index(rows.to(value.device), moved.shape[:-1])]
 
 
 def collect_stats(
     modules: Sequence[fx.GraphModule],
     reads: dict[Any, list[list[NodeAxis]]],
-    batches: Iterable[Any],
-    n_inputs: int,
+    calibration: Iterable[tuple[Any, ...]],
     *,
+    units: dict[str, int] | None = None,
+    widths: dict[Any, int] | None = None,
     max_rows: int = 8192,
+    max_memory: int | None = None,
     progress: bool = True,
-) -> dict[Any, SpaceStats]:
-    """Stream Σx and Σxxᵀ of every space's features over the calibration batches.
+) -> tuple[dict[Any, SpaceStats], list[dict[str, UnitStats]]]:
+    """Stream Σx and Σxxᵀ of every space's features over the calibration data, and per-unit
+    sums at `units`, for every model at once: each model runs once per batch.
 
     Args:
         modules: one traced GraphModule per model (same topology), run in eval mode.
         reads: space key -> per model, the node axes to read (same node names in every model).
-        batches: calibration batches (see `split_batch`).
-        n_inputs: number of model inputs at the front of each batch.
+        calibration: model inputs per batch (a `graphmerge.calibration.Calibration`).
+        units: {node name: unit axis} whose per-unit sums are wanted in every model (REPAIR's
+            targets); collected in the first pass.
+        widths: space key -> d = Σ_i d_i, needed with `max_memory`.
         max_rows: at most this many sample rows per space and batch; larger feature maps are
             subsampled with the same rows in every model.
+        max_memory: bound in bytes on the space statistics held at once (8·d² per space of
+            d = Σ_i d_i units); more spaces are measured over several passes, each space
+            exactly as in one pass.
+
+    Returns:
+        the space statistics, and per model {node: UnitStats}.
 
     Raises:
-        DataError: no batches, non-finite inputs or activations (naming model and node).
+        DataError: no batches, non-finite activations (naming model and node).
+        ConfigError: one space alone needs more than max_memory.
     """
-    names = sorted({a.node for per_model in reads.values() for axes in per_model for a in axes})
-    runners = [set_eval(feature_module(gm, names)) for gm in modules]
+    groups = _groups(sorted(reads, key=str), widths or {}, max_memory)
+    for m in modules:
+        set_eval(m)
     stats: dict[Any, SpaceStats] = {}
-    n_batches = 0
-    bar = tqdm(batches, desc="calibration statistics", unit="batch", disable=not progress,
-               leave=False)
-    with torch.no_grad():
-        for b, batch in enumerate(bar):
-            inputs = split_batch(batch, n_inputs)
-            for x in inputs:
-                if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(
-                        x).all():
-                    raise DataError(f"calibration batch {b} contains NaN or infinite values")
-            results = []
-            for i, run in enumerate(runners):
-                try:
-                    results.append(run(*inputs))
-                except Exception as e:
-                    raise DataError(
-                        f"model {i} failed on calibration batch {b} (input shapes "
-                        f"{[tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]}): "
-                        f"{type(e).__name__}: {e}. Calibration batches must have the shape of "
-                        f"the example inputs (any batch size).") from e
-            for i, (_, feats) in enumerate(results):
-                for name, v in feats.items():
-                    if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(
-                            v).all():
-                        raise DataError(
-                            f"model {i} produces NaN/inf at node `{name}` on calibration batch "
-                            f"{b}; check the model's weights and the input scaling")
-            for key, per_model in reads.items():
-                rows = []
-                for axes_i, (_, feats) in zip(per_model, results):
-                    rows.append(torch.cat([_features(feats[a.node], a.dim) for a in axes_i]))
-                n = rows[0].shape[0]
-                if n > max_rows:
-                    g = torch.Generator().manual_seed(zlib.crc32(f"{key}/{b}".encode()))
-                    idx = torch.randperm(n, generator=g)[:max_rows]
-                    rows = [r[idx] for r in rows]
-                if key not in stats:
-                    stats[key] = SpaceStats([r.shape[1] for r in rows])
-                stats[key].add(torch.cat(rows, dim=1))
-            n_batches += 1
-    if n_batches == 0:
-        raise DataError("the calibration data is empty: pass at least one batch "
-                        "(e.g. a DataLoader over a few hundred training inputs)")
-    _all_reduce(stats)
-    log.debug("collected statistics of %d spaces over %d batches", len(stats), n_batches)
-    return stats
+    sums: list[dict[str, UnitStats]] = [{name: UnitStats() for name in units or {}}
+                                        for _ in modules]
+    for g, keys in enumerate(groups):
+        taps: dict[str, list[tuple[Any, int, NodeAxis]]] = {}  # node -> (space, read, axis)
+        for key in keys:
+            for r, axis in enumerate(reads[key][0]):
+                taps.setdefault(axis.node.partition("#")[0], []).append((key, r, axis))
+        wanted = {**(units or {})} if g == 0 else {}
+        desc = "calibration statistics" + (f" ({g + 1}/{len(groups)})" if len(groups) > 1
+                                           else "")
+        for b, inputs in with_progress(calibration, desc, progress):
+            def visit(n: fx.Node, values: list[Any]) -> bool:
+                for key, r, axis in taps.get(n.name, ()):
+                    piece = axis.node.partition("#")[2]
+                    per_model = [v[int(piece)] if piece else v for v in values]
+                    gen = torch.Generator().manual_seed(zlib.crc32(f"{key}/{r}/{b}".encode()))
+                    idx = _subsample(per_model[0], axis.dim, max_rows, gen)
+                    rows = [unit_rows(v, axis.dim, idx) for v in per_model]
+                    if key not in stats:
+                        stats[key] = SpaceStats([x.shape[1] for x in rows])
+                    stats[key].add(torch.cat(rows, dim=1))
+                if n.name in wanted:
+                    for own, v in zip(sums, values):
+                        own[n.name].add(v, wanted[n.name])
+                return False
+
+            run_lockstep(modules, [inputs] * len(modules), visit,
+                         what=lambda i, b=b: f"model {i} on calibration batch {b}")
+    for s in [*stats.values(), *(u for own in sums for u in own.values())]:
+        s.all_reduce()
+    _check_finite(stats, reads, sums)
+    log.debug("collected statistics of %d spaces in %d pass(es)", len(stats), len(groups))
+    return stats, sums
 
 
-def unit_sums(module: fx.GraphModule, points: dict[str, int], batches: Iterable[Any],
-              n_inputs: int, *, progress: bool = True,
-              desc: str = "unit statistics") -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-    """Per unit Σx and Σx² (float64) and the sample count at each node {name: unit axis}, every
-    other position a sample: one pass of `module` over the batches."""
+def _subsample(value: torch.Tensor, dim: int, max_rows: int,
+               gen: torch.Generator) -> torch.Tensor | None:
+    """At most `max_rows` random sample positions of `value` (None: all of them)."""
+    n = value.numel() // max(value.shape[dim], 1)
+    if n <= max_rows:
+        return None
+    return torch.randperm(n, generator=gen)[:max_rows]
+
+
+def _check_finite(stats: dict[Any, SpaceStats], reads: dict[Any, list[list[NodeAxis]]],
+                  sums: list[dict[str, UnitStats]]) -> None:
+    """NaN/inf in the features, found in their sums: named by model and node."""
+    for key, s in stats.items():
+        bad = ~torch.isfinite(s._sx) | ~torch.isfinite(s._sxx).all(0)
+        if bool(bad.any()):
+            model = int(np.searchsorted(np.cumsum(s.widths), int(bad.nonzero()[0, 0]),
+                                        side="right"))
+            nodes = ", ".join(f"`{a.node}`" for a in reads[key][model])
+            raise DataError(f"model {model} produces NaN/inf at node {nodes} on the "
+                            f"calibration data; check the model's weights and the input "
+                            f"scaling")
+    for i, own in enumerate(sums):
+        for name, u in own.items():
+            if not bool(torch.isfinite(torch.as_tensor(u.sum_xx)).all()):
+                raise DataError(f"model {i} produces NaN/inf at node `{name}` on the "
+                                f"calibration data; check the model's weights and the input "
+                                f"scaling")
+
+
+def statistics_bytes(width: int) -> int:
+    """Memory of one space's statistics: Σxxᵀ and Σx in float64 for d = Σ_i d_i units."""
+    return 8 * (width * width + width)
+
+
+def _groups(keys: list[Any], widths: dict[Any, int], max_memory: int | None
+            ) -> list[list[Any]]:
+    """The spaces in passes whose statistics fit in `max_memory` together (one pass without
+    a bound), in a fixed order."""
+    if max_memory is None:
+        return [keys]
+    sizes = {k: statistics_bytes(widths[k]) for k in keys}
+    too_big = [k for k in keys if sizes[k] > max_memory]
+    if too_big:
+        raise ConfigError(f"max_memory={max_memory:,} bytes is less than the statistics of "
+                          f"space {too_big[0]} alone ({sizes[too_big[0]]:,} bytes = 8·(d²+d) "
+                          f"for its d = {widths[too_big[0]]} units over all models); raise "
+                          f"max_memory")
+    groups: list[list[Any]] = [[]]
+    used = 0
+    for k in keys:
+        if groups[-1] and used + sizes[k] > max_memory:
+            groups.append([])
+            used = 0
+        groups[-1].append(k)
+        used += sizes[k]
+    return groups
+
+
+def unit_sums(module: fx.GraphModule, points: dict[str, int],
+              calibration: Iterable[tuple[Any, ...]], *, progress: bool = True,
+              desc: str = "unit statistics") -> dict[str, UnitStats]:
+    """Per unit Σx and Σx² (float64) at each node {name: unit axis}, every other position a
+    sample: one pass of `module` over the calibration data (all-reduced across processes)."""
     run = set_eval(feature_module(module, sorted(points)))
-    sums: dict[str, list] = {}
+    sums = {name: UnitStats() for name in points}
     with torch.no_grad():
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-            _, feats = run(*split_batch(batch, n_inputs))
+        for _, inputs in with_progress(calibration, desc, progress):
+            _, feats = run(*inputs)
             for name, dim in points.items():
-                x = _features(feats[name], dim).double()
-                entry = sums.setdefault(name, [0.0, 0.0, 0])
-                entry[0] = entry[0] + x.sum(0).numpy()
-                entry[1] = entry[1] + (x * x).sum(0).numpy()
-                entry[2] += x.shape[0]
-    return {name: (np.asarray(a), np.asarray(b), n) for name, (a, b, n) in sums.items()}
-
-
-def _all_reduce(stats: dict[Any, SpaceStats]) -> None:
-    """Sum the moments over processes when torch.distributed is initialised."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for key in sorted(stats, key=str):
-        s = stats[key]
-        for arr in (s.sum_x, s.sum_xx):
-            t = torch.from_numpy(arr)
-            dist.all_reduce(t)
-            arr[...] = t.numpy()
-        c = torch.tensor([s.count], dtype=torch.float64)
-        dist.all_reduce(c)
-        s.count = int(c.item())
+                sums[name].add(feats[name], dim)
+    for s in sums.values():
+        s.all_reduce()
+    return sums

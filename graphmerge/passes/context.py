@@ -11,11 +11,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphmerge.calibration import Calibration
 from graphmerge.config import MergeConfig
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import Traced
 from graphmerge.match.align import StageAlignment
-from graphmerge.match.statistics import SpaceStats
+from graphmerge.match.statistics import SpaceStats, UnitStats
 
 __all__ = ["SpacePlan", "MergeContext"]
 
@@ -40,7 +41,7 @@ class MergeContext:
     provides them (see `graphmerge.passes.manager`); a pass that needs one checks it first."""
 
     models: list[nn.Module]
-    batches: list[Any]
+    calibration: Calibration
     example_inputs: tuple[Any, ...]
     config: MergeConfig = field(default_factory=MergeConfig)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -51,6 +52,7 @@ class MergeContext:
     paired: bool | None = None                              # pair_models
     stats: dict[int, SpaceStats] | None = None              # collect_statistics
     reads: dict[int, list[list[NodeAxis]]] | None = None    # collect_statistics
+    unit_stats: list[dict[str, UnitStats]] | None = None    # collect_statistics (REPAIR)
     plans: dict[int, SpacePlan] | None = None               # match_spaces, attach_heads
     head_mode: str | None = None                            # attach_heads
     merged_state: dict[str, torch.Tensor] | None = None     # merge_parameters

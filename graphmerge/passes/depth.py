@@ -15,8 +15,8 @@ import logging
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from graphmerge.calibration import with_progress
 from graphmerge.errors import MismatchError
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, set_eval
@@ -28,7 +28,6 @@ from graphmerge.graph.stages import (
     find_stages,
     trunk,
 )
-from graphmerge.inputs import split_batch
 from graphmerge.match.align import StageAlignment, align
 from graphmerge.match.cka import CKAAccumulator
 from graphmerge.match.statistics import feature_module
@@ -104,20 +103,19 @@ def _align(ctx: MergeContext, measure: bool) -> None:
     acc = {(a.stage, i): CKAAccumulator(a.depths[a.reference], a.depths[i]) for a, i in todo}
     if acc:
         with torch.no_grad():
-            for batch in tqdm(ctx.batches, desc="unit CKA", disable=not ctx.config.progress,
-                              leave=False):
-                inputs = split_batch(batch, ctx.n_inputs)
+            for _, inputs in with_progress(ctx.calibration, "unit CKA", ctx.config.progress):
                 feats = {i: run(*inputs)[1] for i, run in runners.items()}
                 for (s, i), cka in acc.items():
                     r = alignments[s].reference
                     cka.update([feats[r][u.output] for u in units[r, s]],
                                [feats[i][u.output] for u in units[i, s]])
     for (s, i), cka in acc.items():
+        cka.all_reduce()
         a = alignments[s]
         a.cka[i] = cka.result()
         a.positions[i] = align(a.cka[i], ctx.config.align)
     ctx.models, ctx.traced = list(models), list(traced)
-    calibration = [split_batch(b, ctx.n_inputs) for b in ctx.batches]
+    calibration = ctx.calibration.unsharded()  # read only by post-norm fits
     target = topology(ref)
     for i in range(n):
         if topology(traced[i]) == target:

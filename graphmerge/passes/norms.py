@@ -4,32 +4,36 @@ recomputed (`norms="reset"`, as ZipIt and HET do)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
-from tqdm.auto import tqdm
 
+from graphmerge.calibration import all_reduce, distributed, with_progress
 from graphmerge.graph.capture import set_eval
-from graphmerge.inputs import split_batch
-from graphmerge.match.statistics import unit_sums
+from graphmerge.graph.lockstep import OverBudget, nbytes, run_lockstep
+from graphmerge.match.statistics import UnitStats, unit_sums
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 from graphmerge.surgery.repair import (
     RepairPoint,
     by_level,
-    moments,
     repair,
     repair_points,
     targets,
 )
 
+log = logging.getLogger(__name__)
 
-def reset_batch_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
-                progress: bool = True) -> int:
-    """Cumulative-average BatchNorm statistics over `batches`; returns the number of norms reset.
+
+def reset_batch_norms(module: nn.Module, calibration: Iterable[tuple[Any, ...]],
+                      progress: bool = True) -> int:
+    """Cumulative-average BatchNorm statistics over the calibration data (averaged over the
+    processes under torch.distributed); returns the number of norms reset.
 
     Only the norms run in train mode; everything else (dropout) stays in eval mode.
     """
@@ -44,50 +48,92 @@ def reset_batch_norms(module: nn.Module, batches: Iterable[Any], n_inputs: int,
         m.momentum = None  # cumulative moving average
         m.train()
     with torch.no_grad():
-        for batch in tqdm(batches, desc="reset norms", unit="batch", disable=not progress,
-                          leave=False):
-            module(*split_batch(batch, n_inputs))
+        for _, inputs in with_progress(calibration, "reset norms", progress):
+            module(*inputs)
+        for m in norms if distributed()[1] > 1 else ():  # ranks' means → the mean of all
+            n = m.num_batches_tracked.to(m.running_mean.dtype)
+            mean, var, count = m.running_mean * n, m.running_var * n, n.reshape(1).clone()
+            all_reduce(mean, var, count)
+            m.running_mean.copy_(mean / count)
+            m.running_var.copy_(var / count)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     set_eval(module)
     return len(norms)
 
 
-@merge_pass(needs=("module",), provides=("norms_done",))
+@merge_pass(needs=("module", "unit_stats"), provides=("norms_done",))
 def correct_norms(ctx: MergeContext) -> None:
     """Apply the configured norm correction to the merged module."""
     if ctx.config.norms == "reset":
-        reset_batch_norms(ctx.module, ctx.batches, ctx.n_inputs, progress=ctx.config.progress)
+        reset_batch_norms(ctx.module, ctx.calibration, progress=ctx.config.progress)
     elif ctx.config.norms == "repair":
         repair_module(ctx)
     ctx.norms_done = ctx.config.norms
 
 
 def repair_module(ctx: MergeContext) -> int:
-    """REPAIR every point of the merged spaces, level by level; returns the number of points."""
+    """REPAIR every point of the merged spaces; returns the number of points."""
     plans = {sid: p for sid, p in ctx.plans.items()
              if ctx.traced[0].space_table[sid].derived is None}
     points = repair_points(ctx.traced[0], set(plans))
-    if not points:
-        return 0
-    progress = ctx.config.progress
-    wanted = {p.node: p.dim for p in points}
-    per_model = [unit_sums(t.graph_module, wanted, ctx.batches, ctx.n_inputs, progress=progress,
-                           desc=f"REPAIR targets, model {i}") for i, t in enumerate(ctx.traced)]
-    repair_levels(ctx, points, lambda p: p.measure, lambda p: targets(
-        [np.asarray(m) for m in plans[p.space].merge],
-        [moments(*sums[p.node]) for sums in per_model]))
+    if points:
+        repair_in_order(ctx, points, lambda p: p.measure, lambda p: targets(
+            [np.asarray(m) for m in plans[p.space].merge],
+            [own[p.node].moments() for own in ctx.unit_stats]))
     return len(points)
 
 
-def repair_levels(ctx: MergeContext, points: list[RepairPoint],
-                  measured_at: Callable[[RepairPoint], str],
-                  target: Callable[[RepairPoint], tuple[np.ndarray, np.ndarray]]) -> None:
-    """Correct `points` of the merged module level by level: one calibration pass per level
-    measures its points (at node `measured_at(p)`) after the levels above were corrected."""
+#: activations held for REPAIR's single pass when max_memory is not set (bytes)
+ACTIVATION_BUDGET = 2 << 30
+
+
+def repair_in_order(ctx: MergeContext, points: list[RepairPoint],
+                    measured_at: Callable[[RepairPoint], str],
+                    target: Callable[[RepairPoint], tuple[np.ndarray, np.ndarray]]) -> None:
+    """Correct `points` of the merged module so that each is measured (at node
+    `measured_at(p)`) after every point above it was corrected.
+
+    The module runs node by node over all calibration batches at once, holding their live
+    activations: one forward pass. When they would exceed `max_memory` (default
+    `ACTIVATION_BUDGET`), and under torch.distributed, one pass per level of points instead
+    (`by_level`)."""
+    budget = ctx.config.max_memory or ACTIVATION_BUDGET
+    if distributed()[1] == 1:
+        try:
+            return _one_pass(ctx.module, points, measured_at, target, ctx.calibration, budget)
+        except OverBudget:
+            log.info("REPAIR: the calibration activations exceed %d bytes; one pass per "
+                     "level", budget)
     for level in by_level(points):
         nodes = {measured_at(p): p.dim for p in level}
-        now = unit_sums(ctx.module, nodes, ctx.batches, ctx.n_inputs,
-                        progress=ctx.config.progress, desc="REPAIR")
+        now = unit_sums(ctx.module, nodes, ctx.calibration, progress=ctx.config.progress,
+                        desc="REPAIR")
         for p in level:
-            repair(ctx.module, p, moments(*now[measured_at(p)]), target(p))
+            repair(ctx.module, p, now[measured_at(p)].moments(), target(p))
+
+
+def _one_pass(module: fx.GraphModule, points: list[RepairPoint],
+              measured_at: Callable[[RepairPoint], str],
+              target: Callable[[RepairPoint], tuple[np.ndarray, np.ndarray]],
+              calibration: Iterable[tuple[Any, ...]], budget: int) -> None:
+    at: dict[str, list[RepairPoint]] = {}
+    for p in points:
+        at.setdefault(measured_at(p), []).append(p)
+    batches, held = [], 0
+    for inputs in calibration:
+        batches.append(inputs)
+        held += nbytes(inputs)
+        if held > budget:
+            raise OverBudget
+
+    def visit(n: fx.Node, values: list[Any]) -> bool:
+        for p in at.get(n.name, ()):
+            sums = UnitStats()
+            for v in values:
+                sums.add(v, p.dim)
+            repair(module, p, sums.moments(), target(p))
+        return any(p.kind == "fold" for p in at.get(n.name, ()))  # it reads the new weights
+
+    run_lockstep([set_eval(module)] * len(batches), batches, visit, max_bytes=budget,
+                 what=lambda b: f"the merged module on calibration batch {b}")

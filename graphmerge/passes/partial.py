@@ -6,16 +6,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from graphmerge.match.statistics import unit_sums
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.passes.norms import repair_levels, reset_batch_norms
+from graphmerge.passes.norms import repair_in_order, reset_batch_norms
 from graphmerge.passes.parameters import SpaceTransforms
 from graphmerge.surgery.partial import cut_node, split_at
-from graphmerge.surgery.repair import (
-    moments,
-    repair_points,
-)
+from graphmerge.surgery.repair import repair_points
 
 
 @merge_pass(needs=("module", "norms_done", "plans", "head_mode"), provides=("cut",))
@@ -31,7 +27,7 @@ def split_partial(ctx: MergeContext) -> None:
                                  ctx.head_mode)
     ctx.cut = cut.name
     if ctx.config.norms == "reset":  # every BatchNorm, the models' own ones included
-        reset_batch_norms(ctx.module, ctx.batches, ctx.n_inputs, progress=ctx.config.progress)
+        reset_batch_norms(ctx.module, ctx.calibration, progress=ctx.config.progress)
     elif ctx.config.norms == "repair":
         order = [n.name for n in ctx.traced[0].graph.nodes]
         _repair_tails(ctx, names, set(order[:order.index(cut.name) + 1]))
@@ -46,6 +42,6 @@ def _repair_tails(ctx: MergeContext, names: list[dict[str, str]], trunk: set[str
                   if p.node not in trunk and p.measure in where]
         if not points:
             continue
-        own = unit_sums(traced.graph_module, {p.node: p.dim for p in points}, ctx.batches,
-                        ctx.n_inputs, progress=ctx.config.progress, desc=f"REPAIR model {i}")
-        repair_levels(ctx, points, lambda p: where[p.measure], lambda p: moments(*own[p.node]))
+        own = ctx.unit_stats[i]
+        repair_in_order(ctx, points, lambda p: where[p.measure],
+                        lambda p: own[p.node].moments())

@@ -7,6 +7,7 @@ from graphmerge.graph.spaces import Space, SpaceTable
 from graphmerge.match.statistics import collect_stats
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
+from graphmerge.surgery.repair import repair_points
 
 __all__ = ["collect_statistics", "mergeable", "head_projections"]
 
@@ -36,9 +37,10 @@ def _reads(space: Space, inserted: set[str]) -> list:
     return kept or list(space.reads)
 
 
-@merge_pass(needs=("paired", "alignments"), provides=("reads", "stats"))
+@merge_pass(needs=("paired", "alignments"), provides=("reads", "stats", "unit_stats"))
 def collect_statistics(ctx: MergeContext) -> None:
-    """Moments of every mergeable space's features and of the attention projections."""
+    """Moments of every mergeable space's features and of the attention projections, and
+    (for REPAIR) per-unit sums at every repair point of the models: one pass."""
     tables = [t.space_table for t in ctx.traced]
     inserted = {n for a in ctx.alignments for n in a.inserted}
     ctx.reads = {s.id: [_reads(s, inserted) for _ in tables] for s in mergeable(tables[0])}
@@ -47,5 +49,11 @@ def collect_statistics(ctx: MergeContext) -> None:
             reads = [a for k in krons if k not in tables[0].head_groups  # (heads × dim)
                      for a in _reads(tables[0][k], inserted)]
             ctx.reads[krons[0]] = [reads for _ in tables]
-    ctx.stats = collect_stats([t.graph_module for t in ctx.traced], ctx.reads, ctx.batches,
-                              ctx.n_inputs, progress=ctx.config.progress)
+    units = {}
+    if ctx.config.norms == "repair":  # REPAIR's targets (every space: partial tails too)
+        units = {p.node: p.dim for p in repair_points(ctx.traced[0],
+                                                      {s.id for s in tables[0]})}
+    widths = {k: sum(t[k].width for t in tables) for k in ctx.reads}
+    ctx.stats, ctx.unit_stats = collect_stats(
+        [t.graph_module for t in ctx.traced], ctx.reads, ctx.calibration, units=units,
+        widths=widths, max_memory=ctx.config.max_memory, progress=ctx.config.progress)

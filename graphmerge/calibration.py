@@ -1,0 +1,181 @@
+"""The calibration data of a merge, streamed: any iterable of batches, read batch by batch.
+
+`Calibration` wraps what the user passed (a DataLoader, a list, a generator, an endless
+stream) and is what every pass iterates. Iterating it yields the model inputs of one batch
+(labels dropped, moved to the merge's device), within the limits `max_batches` and
+`max_samples` (the last batch is cut to fit). It never holds more than one batch, except for a
+one-shot iterator (a generator: it cannot be read twice, and a merge reads the data more than
+once), whose batches within the limits are kept.
+
+Under `torch.distributed`, batch b goes to rank b mod world size: every rank reads its shard,
+and the passes all-reduce their sums (`all_reduce`), so N processes compute what one does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from graphmerge.errors import ConfigError, DataError
+from graphmerge.inputs import split_batch
+
+__all__ = ["Calibration", "all_reduce", "distributed", "with_progress"]
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the processes, in place (nothing to do in one process)."""
+    if distributed()[1] == 1:
+        return
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+
+
+def with_progress(calibration: Iterable[Any], desc: str, enabled: bool = True
+                  ) -> Iterator[tuple[int, Any]]:
+    """(batch index, model inputs) of `calibration` with a progress bar counting samples; any
+    other iterable of model-input tuples is enumerated as it is."""
+    if isinstance(calibration, Calibration):
+        return calibration.progress(desc, enabled)
+    return enumerate(calibration)
+
+
+def _batch_size(inputs: tuple[Any, ...]) -> int:
+    sizes = [x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    return int(sizes[0]) if sizes else 1
+
+
+def _cut(inputs: tuple[Any, ...], n: int) -> tuple[Any, ...]:
+    """The first n samples of every batched tensor input."""
+    size = _batch_size(inputs)
+    return tuple(x[:n] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == size
+                 else x for x in inputs)
+
+
+class Calibration:
+    """Calibration batches, streamed (see the module docstring).
+
+    Args:
+        data: an iterable of batches; a batch is a tensor or a tuple whose first `n_inputs`
+            items are the model inputs (labels may follow).
+        n_inputs: how many model inputs start each batch.
+        max_batches, max_samples: read at most this many batches / samples (None: no limit).
+            An iterable without `len()` needs one of them: it may be endless.
+        device: where the inputs are moved (None: left where they are).
+
+    Raises:
+        DataError: no data, a single tensor instead of batches.
+        ConfigError: a bad limit, or an iterable without len() and no limit.
+    """
+
+    def __init__(self, data: Iterable[Any], n_inputs: int, *, max_batches: int | None = None,
+                 max_samples: int | None = None, device: torch.device | str | None = None
+                 ) -> None:
+        if data is None:
+            raise DataError("no calibration data: pass a DataLoader or a list of batches")
+        if isinstance(data, torch.Tensor):
+            raise DataError("calibration must be an iterable of batches (e.g. a DataLoader or "
+                            "[x[:128], x[128:256]]), not one tensor")
+        if not isinstance(data, Iterable):
+            raise DataError(f"calibration must be an iterable of batches (a DataLoader, a list "
+                            f"or a generator), got {type(data).__name__}")
+        for key, value in (("max_batches", max_batches), ("max_samples", max_samples)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ConfigError(f"{key} must be None or an int >= 1, got {value!r}")
+        if max_batches is None and max_samples is None and not _sized(data):
+            raise ConfigError(
+                f"the calibration data ({type(data).__name__}) has no len(), so it may be "
+                f"endless: pass max_batches= or max_samples= to say how much to read, or a list "
+                f"or DataLoader")
+        self.n_inputs = n_inputs
+        self.max_batches, self.max_samples = max_batches, max_samples
+        self.device = None if device is None else torch.device(device)
+        self._data = data
+        self._kept: list[tuple[Any, ...]] | None = None
+        if isinstance(data, Iterator):  # one-shot: read once, keep the batches in the limits
+            self._kept = list(self._read(data))
+        self.samples: int | None = None  # samples per pass (this rank's share), once known
+
+    def _read(self, data: Iterable[Any]) -> Iterator[tuple[Any, ...]]:
+        """Model inputs of each batch, within the limits, on the device."""
+        seen = 0
+        for b, batch in enumerate(data):
+            if self.max_batches is not None and b >= self.max_batches:
+                return
+            inputs = split_batch(batch, self.n_inputs)
+            if self.max_samples is not None:
+                if seen >= self.max_samples:
+                    return
+                if seen + _batch_size(inputs) > self.max_samples:
+                    inputs = _cut(inputs, self.max_samples - seen)
+            seen += _batch_size(inputs)
+            if self.device is not None:
+                inputs = tuple(x.to(self.device) if isinstance(x, torch.Tensor) else x
+                               for x in inputs)
+            yield inputs
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        """This rank's batches (all of them in one process), checked and counted."""
+        return (inputs for _, inputs in self.indexed())
+
+    def indexed(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """This rank's batches with their index in the whole stream."""
+        return self._batches(*distributed())
+
+    def unsharded(self) -> Iterator[tuple[Any, ...]]:
+        """Every batch, on every rank: for the few fits that cannot be summed over ranks."""
+        return (inputs for _, inputs in self._batches(0, 1))
+
+    def _batches(self, rank: int, world: int) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        count = 0
+        source = self._kept if self._kept is not None else self._read(self._data)
+        for b, inputs in enumerate(source):
+            if b % world != rank:
+                continue
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(
+                        torch.isfinite(x).all()):
+                    raise DataError(f"calibration batch {b} contains NaN or infinite values")
+            count += _batch_size(inputs)
+            yield b, inputs
+        if count == 0 and world == 1:
+            raise DataError("the calibration data is empty: pass at least one batch "
+                            "(e.g. a DataLoader over a few hundred training inputs)")
+        self.samples = count
+
+    def first(self) -> tuple[Any, ...]:
+        """The model inputs of the first batch (the default example inputs)."""
+        source = self._kept if self._kept is not None else self._read(self._data)
+        for inputs in source:
+            return inputs
+        raise DataError("the calibration data is empty: pass at least one batch")
+
+    def progress(self, desc: str, enabled: bool = True
+                 ) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """`indexed()` with a progress bar counting samples."""
+        with tqdm(desc=desc, unit="sample", total=self.samples, disable=not enabled,
+                  leave=False) as bar:
+            for b, inputs in self.indexed():
+                yield b, inputs
+                bar.update(_batch_size(inputs))
+
+
+def _sized(data: Any) -> bool:
+    if not isinstance(data, Sized):
+        return False
+    try:
+        len(data)
+    except TypeError:  # e.g. a DataLoader over an IterableDataset
+        return False
+    return True
