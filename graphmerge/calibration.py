@@ -13,10 +13,12 @@ and the passes all-reduce their sums (`all_reduce`), so N processes compute what
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import torch
+import torch.utils.data
 from tqdm.auto import tqdm
 
 from graphmerge.errors import ConfigError, DataError
@@ -98,6 +100,11 @@ class Calibration:
                 f"the calibration data ({type(data).__name__}) has no len(), so it may be "
                 f"endless: pass max_batches= or max_samples= to say how much to read, or a list "
                 f"or DataLoader")
+        if isinstance(getattr(data, "sampler", None), torch.utils.data.RandomSampler):
+            warnings.warn("the calibration DataLoader shuffles: every pass over it (statistics, "
+                          "then REPAIR or BatchNorm reset) sees other batches, and processes "
+                          "under torch.distributed see different orders; pass shuffle=False",
+                          stacklevel=3)
         self.n_inputs = n_inputs
         self.max_batches, self.max_samples = max_batches, max_samples
         self.device = None if device is None else torch.device(device)
@@ -133,9 +140,16 @@ class Calibration:
         """This rank's batches with their index in the whole stream."""
         return self._batches(*distributed())
 
-    def unsharded(self) -> Iterator[tuple[Any, ...]]:
-        """Every batch, on every rank: for the few fits that cannot be summed over ranks."""
-        return (inputs for _, inputs in self._batches(0, 1))
+    def unsharded(self) -> Iterable[tuple[Any, ...]]:
+        """Every batch, on every rank (re-iterable): for fits that cannot be summed over
+        ranks."""
+        batches = self._batches
+
+        class Every:
+            def __iter__(self) -> Iterator[tuple[Any, ...]]:
+                return (inputs for _, inputs in batches(0, 1))
+
+        return Every()
 
     def _batches(self, rank: int, world: int) -> Iterator[tuple[int, tuple[Any, ...]]]:
         count = 0

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from graphmerge.calibration import Calibration
 from graphmerge.config import MergeConfig
 from graphmerge.graph.capture import eval_mode
 from graphmerge.inputs import as_inputs
@@ -120,7 +121,7 @@ def plan_merge(models: Sequence[nn.Module], example_inputs: Any,
         config = {f: getattr(config, f) for f in config.__dataclass_fields__}
     cfg = MergeConfig.from_dict({**(config or {}), **options})
     inputs = as_inputs(example_inputs)
-    ctx = MergeContext(list(models), [inputs], inputs, cfg)
+    ctx = MergeContext(list(models), Calibration([inputs], len(inputs)), inputs, cfg)
     with ExitStack() as stack:
         for m in models:
             stack.enter_context(eval_mode(m))

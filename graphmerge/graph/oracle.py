@@ -26,7 +26,7 @@ from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors
 
 __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
-           "output_error"]
+           "output_error", "to_double"]
 
 
 def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -194,7 +194,7 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                    for x in as_inputs(example_inputs))
     if traced is None:
-        model64 = set_eval(_double(copy.deepcopy(model)))
+        model64 = set_eval(to_double(copy.deepcopy(model)))
         traced = trace(model64, inputs, frontend=frontend, leaf_modules=leaf_modules)
     table = traced.space_table
     gm = set_eval(traced.graph_module)
@@ -216,7 +216,7 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     return OracleReport(trials, len(table.free), len(table) - len(table.free), changed, worst)
 
 
-def _double(model: nn.Module) -> nn.Module:
+def to_double(model: nn.Module) -> nn.Module:
     """`model` in float64, plain tensor attributes (constants the forward reads) included."""
     model.double()
     for m in model.modules():

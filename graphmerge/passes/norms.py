@@ -56,6 +56,7 @@ def reset_batch_norms(module: nn.Module, calibration: Iterable[tuple[Any, ...]],
             all_reduce(mean, var, count)
             m.running_mean.copy_(mean / count)
             m.running_var.copy_(var / count)
+            m.num_batches_tracked.fill_(int(count.item()))
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     set_eval(module)

@@ -12,9 +12,10 @@ The points are found in the graph, never from names:
   tied to another layer's: the affine correction is folded into its rows and bias (without a
   bias, only the scale).
 
-A point's correction changes what later points see, so the points are corrected level by
-level (a point's level: the longest chain of points above it), one pass over the calibration
-data per level. When the merged module equals an input model (a self-merge), every correction
+A point's correction changes what later points see, so each point is measured after every
+point above it was corrected: in graph order over all calibration batches at once (one forward
+pass, `graphmerge.passes.norms.repair_in_order`), or level by level (a point's level: the
+longest chain of points above it), one pass over the data per level. When the merged module equals an input model (a self-merge), every correction
 is the identity: REPAIR keeps it exact on any data.
 """
 

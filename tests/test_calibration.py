@@ -1,0 +1,119 @@
+"""Calibration data streamed: limits, one-shot and endless iterables, memory bounds, devices,
+and torch.distributed (two processes under torchrun give the one-process merge)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphmerge as gm
+from graphmerge.calibration import Calibration
+from graphmerge.errors import ConfigError, DataError
+from graphmerge.lab.zoo.resnet import resnet
+
+HERE = Path(__file__).resolve().parent
+
+
+def _models(depths=((1, 1, 1), (1, 1, 1))) -> list[torch.nn.Module]:
+    out = []
+    for seed, d in enumerate(depths):
+        torch.manual_seed(seed)
+        out.append(resnet(depths=d, width=1).eval())
+    return out
+
+
+def _batches(n: int = 5, size: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(size, 1, 12, 12, generator=g) for _ in range(n)]
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.0) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        torch.allclose(sa[k].double(), sb[k].double(), rtol=0, atol=atol) for k in sa)
+
+
+def test_limits_read_the_same_samples_from_any_iterable():
+    models, data = _models(), _batches()
+    cut = [*data[:2], data[2][:8]]  # 40 samples
+    reference = gm.merge(models, cut, progress=False).module
+    generator = (x for x in data)
+    by_samples = gm.merge(models, generator, max_samples=40, progress=False).module
+    endless = itertools.cycle(cut)
+    by_batches = gm.merge(models, endless, max_batches=3, progress=False).module
+    assert _same(reference, by_samples) and _same(reference, by_batches)
+
+
+def test_an_iterable_without_length_needs_a_limit():
+    with pytest.raises(ConfigError, match="max_batches= or max_samples="):
+        gm.merge(_models(), itertools.repeat(_batches(1)[0]), progress=False)
+    with pytest.raises(ConfigError, match="max_samples must be None or an int >= 1"):
+        gm.merge(_models(), _batches(), max_samples=0, progress=False)
+
+
+def test_calibration_counts_samples_and_refuses_empty_data():
+    cal = Calibration([(x, 0) for x in _batches(3)], 1, max_samples=40)
+    seen = [x.shape[0] for _, (x,) in cal.progress("test", enabled=False)]
+    assert seen == [16, 16, 8] and cal.samples == 40
+    with pytest.raises(DataError, match="empty"):
+        list(Calibration([], 1))
+
+
+def test_a_memory_bound_measures_spaces_in_several_passes_with_the_same_result():
+    models, data = _models(), _batches()
+    one = gm.merge(models, data, progress=False)
+    # a bound below the sum of all spaces' statistics but above the largest single space
+    bound = gm.merge(models, data, max_memory=200_000, progress=False)
+    assert _same(one.module, bound.module, atol=1e-6)
+    with pytest.raises(ConfigError, match="raise max_memory"):
+        gm.merge(models, data, max_memory=100, progress=False)
+
+
+def test_devices_are_validated_and_the_callers_models_stay_put():
+    models, data = _models(), _batches(2)
+    before = [m.state_dict() for m in models]
+    on_cpu = gm.merge(models, data, device="cpu", progress=False)
+    assert next(on_cpu.module.parameters()).device.type == "cpu"
+    assert all(torch.equal(before[i][k], v) for i, m in enumerate(models)
+               for k, v in m.state_dict().items())
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no such CUDA device"):
+            gm.merge(models, data, device="cuda", progress=False)
+    with pytest.raises(ConfigError, match="device"):
+        gm.merge(models, data, device="meta", progress=False)
+    with pytest.raises(ConfigError, match="device must be"):
+        gm.merge(models, data, device="gpu please", progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_under_torchrun_give_the_one_process_merge(tmp_path):
+    """Each rank reads its shard; moments, CKA, REPAIR and BatchNorm statistics are
+    all-reduced. A depth-heterogeneous pair, so CKA alignment runs too."""
+    depths = ((1, 1, 1), (2, 2, 2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), str(HERE / "distributed_merge.py"), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for norms in ("repair", "reset"):
+        single = gm.merge(_models(depths), _batches(6), norms=norms, progress=False).module
+        shared = torch.load(tmp_path / f"{norms}.pt", weights_only=True)
+        ours = single.state_dict()
+        assert shared.keys() == ours.keys()
+        worst = max(float(((ours[k].double() - shared[k].double()).abs()
+                           / ours[k].double().abs().clamp_min(1)).max()) for k in ours)
+        # REPAIR: float64 sums, the same parameters; reset: torch's float32 running
+        # averages, summed in another order (an ulp)
+        assert worst <= (1e-12 if norms == "repair" else 1e-6), (norms, worst)
