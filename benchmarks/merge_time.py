@@ -179,11 +179,12 @@ def render(record: dict) -> str:
                  f"size: time ∝ width^{growth['width_exponent']:.2f} (3 hidden layers) and "
                  f"∝ depth^{growth['depth_exponent']:.2f} (width 512).", "",
                  "| width | merge | | depth | merge |", "|---|---|---|---|---|"]
-        for i in range(max(len(growth["width"]), len(growth["depth"]))):
-            w = growth["width"][i] if i < len(growth["width"]) else None
-            d = growth["depth"][i] if i < len(growth["depth"]) else None
-            rows.append(f"| {w['size'] if w else ''} | {f'{w['merge_s']:.2f} s' if w else ''} "
-                        f"| | {d['size'] if d else ''} | {f'{d['merge_s']:.2f} s' if d else ''} |")
+        cells = {key: [(str(r["size"]), f"{r['merge_s']:.2f} s") for r in growth[key]]
+                 for key in ("width", "depth")}
+        for i in range(max(len(cells["width"]), len(cells["depth"]))):
+            w = cells["width"][i] if i < len(cells["width"]) else ("", "")
+            d = cells["depth"][i] if i < len(cells["depth"]) else ("", "")
+            rows.append(f"| {w[0]} | {w[1]} | | {d[0]} | {d[1]} |")
         rows += ["", "![growth](merge_growth.png)", ""]
     return "\n".join(rows)
 
