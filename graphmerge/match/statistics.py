@@ -46,15 +46,24 @@ class SpaceStats:
     _sxx: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
-        """x: [n, d] features of all models side by side (summed in float64)."""
-        x = x.detach().double()
+        """x: [n, d] features of all models side by side. The batch's centred products are
+        taken in the features' dtype (float32 or wider: fast, and centred, so no
+        cancellation), then added into the float64 sums."""
+        x = x.detach()
+        if not x.is_floating_point() or x.element_size() < 4:
+            x = x.float()
         if self._sx is None:
             d = sum(self.widths)
             self._sx = torch.zeros(d, dtype=torch.float64, device=x.device)
             self._sxx = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        self._sx += x.sum(0)
-        self._sxx.addmm_(x.T, x)
-        self.count += x.shape[0]
+        n = x.shape[0]
+        mean = x.mean(0, keepdim=True)
+        centred = x - mean
+        mean = mean.reshape(-1).double()
+        self._sx += n * mean
+        self._sxx += (centred.T @ centred).double()
+        self._sxx.addr_(mean, mean, alpha=n)
+        self.count += n
 
     @property
     def sum_x(self) -> np.ndarray:
@@ -174,8 +183,8 @@ def collect_stats(
         units: {node name: unit axis} whose per-unit sums are wanted in every model (REPAIR's
             targets); collected in the first pass.
         widths: space key -> d = Σ_i d_i, needed with `max_memory`.
-        max_rows: at most this many sample rows per space and batch; larger feature maps are
-            subsampled with the same rows in every model.
+        max_rows: at most this many sample rows per space and batch, shared equally by its
+            reads; larger feature maps are subsampled with the same rows in every model.
         max_memory: bound in bytes on the space statistics held at once (8·d² per space of
             d = Σ_i d_i units); more spaces are measured over several passes, each space
             exactly as in one pass.
@@ -207,7 +216,8 @@ def collect_stats(
                     piece = axis.node.partition("#")[2]
                     per_model = [v[int(piece)] if piece else v for v in values]
                     gen = torch.Generator().manual_seed(zlib.crc32(f"{key}/{r}/{b}".encode()))
-                    idx = _subsample(per_model[0], axis.dim, max_rows, gen)
+                    quota = max(1, max_rows // len(reads[key][0]))  # rows per read
+                    idx = _subsample(per_model[0], axis.dim, quota, gen)
                     rows = [unit_rows(v, axis.dim, idx) for v in per_model]
                     if key not in stats:
                         stats[key] = SpaceStats([x.shape[1] for x in rows])
