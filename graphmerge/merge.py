@@ -15,7 +15,7 @@ from torch import nn
 
 from graphmerge.config import MergeConfig
 from graphmerge.errors import ConfigError, DataError
-from graphmerge.graph.capture import eval_mode
+from graphmerge.graph.capture import check_materialized, eval_mode
 from graphmerge.inputs import as_inputs, infer_input_count, split_batch
 from graphmerge.match.align import StageAlignment
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
@@ -74,6 +74,7 @@ def _check_models(models: Sequence[nn.Module]) -> None:
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise ConfigError(f"model {i} is a {type(m).__name__}, not an nn.Module")
+        check_materialized(m, f"model {i}")
         for name, p in m.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise DataError(f"model {i} has NaN/inf values in `{name}`; it cannot be merged")
@@ -142,6 +143,9 @@ def merge(
     """
     if isinstance(config, MergeConfig):
         config = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    elif config is not None and not isinstance(config, Mapping):
+        raise ConfigError(f"config must be a MergeConfig or a mapping of its options, got "
+                          f"{type(config).__name__}")
     cfg = MergeConfig.from_dict({**(config or {}), **options})
     models = list(models)
     _check_models(models)

@@ -26,7 +26,7 @@ from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors
 
 __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
-           "output_error"]
+           "output_error", "check_seed"]
 
 
 def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -109,6 +109,7 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
         >>> torch.allclose(m(x), p(x), atol=1e-6), torch.equal(m[0].weight, p[0].weight)
         (True, False)
     """
+    check_seed(seed)
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs, frontend=frontend, leaf_modules=leaf_modules).space_table
     out = copy.deepcopy(model)
@@ -121,6 +122,13 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
             f"{rtol:.0e}) although the node-by-node oracle found no broken op in float64; the "
             f"model may compute in low precision or read its parameters outside the graph.")
     return out
+
+
+def check_seed(seed: Any) -> int:
+    """A random seed: an int (not a bool); ConfigError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    return seed
 
 
 def output_error(a: nn.Module, b: nn.Module, inputs: tuple[Any, ...]) -> float:

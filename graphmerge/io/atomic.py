@@ -35,7 +35,10 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     target = Path(path)
     if not target.parent.is_dir():
         raise ConfigError(f"cannot write {target}: directory {target.parent} does not exist")
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    except OSError as e:
+        raise _unwritable(target, e) from e
     os.close(fd)
     tmp = Path(name)
     try:
@@ -67,7 +70,11 @@ def atomic_folder(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
         raise ConfigError(f"cannot write {target}: directory {target.parent} does not exist; "
                           f"create it first.")
     _check_destination(target, overwrite)
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        build = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp",
+                                      dir=target.parent))
+    except OSError as e:
+        raise _unwritable(target, e) from e
     try:
         yield build
         _check_destination(target, overwrite)  # again: the folder may have appeared meanwhile
@@ -87,6 +94,12 @@ def atomic_folder(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
+
+
+def _unwritable(target: Path, error: OSError) -> ConfigError:
+    """The error for a destination whose directory refuses new files."""
+    return ConfigError(f"cannot write {target}: {error.strerror or error} in {target.parent} "
+                       f"(check its permissions and free space, or choose another destination)")
 
 
 def _check_destination(target: Path, overwrite: bool) -> None:

@@ -3,12 +3,19 @@ calibration data that accumulates their feature moments (`graphmerge.match.stati
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from graphmerge.errors import DataError
 from graphmerge.graph.spaces import Space, SpaceTable
+from graphmerge.inputs import split_batch
 from graphmerge.match.statistics import collect_stats
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 
-__all__ = ["collect_statistics", "mergeable", "head_projections"]
+__all__ = ["collect_statistics", "mergeable", "head_projections", "check_signal"]
 
 
 def mergeable(table: SpaceTable) -> list[Space]:
@@ -47,5 +54,48 @@ def collect_statistics(ctx: MergeContext) -> None:
             reads = [a for k in krons if k not in tables[0].head_groups  # (heads × dim)
                      for a in _reads(tables[0][k], inserted)]
             ctx.reads[krons[0]] = [reads for _ in tables]
+    check_signal(ctx.batches, ctx.n_inputs)
     ctx.stats = collect_stats([t.graph_module for t in ctx.traced], ctx.reads, ctx.batches,
                               ctx.n_inputs, progress=ctx.config.progress)
+
+
+def check_signal(batches: Iterable[Any], n_inputs: int) -> None:
+    """Refuse calibration data whose samples are all the same (all-zero or constant inputs, a
+    single example): every activation is then constant, every correlation 0 or 1 by
+    convention, and the matching meaningless. One pass over the inputs, no model run; it stops
+    at the first sample that differs from the first. Batches without a tensor input are not
+    judged.
+
+    (The statistics cannot tell: a space's reads — a producer's output and what its consumers
+    read — are stacked as samples, so a unit varies between them even on constant data.)
+
+    Raises:
+        DataError: saying the data carry no signal and what to pass instead, or that every
+            batch is empty.
+    """
+    first: list[torch.Tensor] | None = None
+    samples = seen = 0
+    for batch in batches:
+        seen += 1
+        inputs = [x for x in split_batch(batch, n_inputs)
+                  if isinstance(x, torch.Tensor) and x.dim() > 0]
+        if not inputs:
+            return  # nothing to compare: let the statistics speak
+        if len(inputs[0]) == 0:
+            continue
+        if first is None:
+            first = [x[:1] for x in inputs]
+        if len(inputs) != len(first) or any(
+                x.shape[1:] != f.shape[1:] or not bool((x == f).all())
+                for x, f in zip(inputs, first)):
+            return
+        samples += len(inputs[0])
+    if first is None:  # no batch (the statistics pass says so) or only empty ones
+        if seen:
+            raise DataError(f"the calibration data is empty: its {seen} batch(es) have size 0")
+        return
+    if samples:
+        raise DataError(
+            f"the calibration data carry no signal: all {samples} samples are the same (e.g. "
+            f"all zeros or one example), so every activation is constant. Pass real inputs of "
+            f"the models' task, e.g. a few hundred training examples.")

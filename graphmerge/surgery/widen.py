@@ -9,6 +9,7 @@ so the wider model computes the same function. Used to test heterogeneous-width 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from graphmerge.errors import ConfigError, GraphmergeError
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import set_eval
-from graphmerge.graph.oracle import output_error
+from graphmerge.graph.oracle import check_seed, output_error
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors, set_tensor, sync_module_attributes
@@ -33,8 +34,10 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     width: duplicating units would change the statistics. A width held outside the graph (a
     module attribute the forward code reads) cannot be rewritten: such a model is refused.
     """
-    if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra < 0:
+    if isinstance(extra, bool) or not isinstance(extra, (int, float)) or not (
+            math.isfinite(extra) and extra >= 0):
         raise ConfigError(f"extra must be a non-negative ratio or number of units, got {extra!r}")
+    check_seed(seed)
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs).space_table
     g = torch.Generator().manual_seed(seed)
