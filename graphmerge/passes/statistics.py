@@ -4,18 +4,21 @@ calibration data that accumulates their feature moments (`graphmerge.match.stati
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from graphmerge.errors import DataError
+from graphmerge.errors import DataError, GraphmergeError
+from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.spaces import Space, SpaceTable
 from graphmerge.inputs import split_batch
 from graphmerge.match.statistics import collect_stats
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 
-__all__ = ["collect_statistics", "mergeable", "head_projections", "check_signal"]
+__all__ = ["collect_statistics", "mergeable", "head_projections", "check_signal",
+           "aligned_reads"]
 
 
 def mergeable(table: SpaceTable) -> list[Space]:
@@ -43,12 +46,41 @@ def _reads(space: Space, inserted: set[str]) -> list:
     return kept or list(space.reads)
 
 
+def aligned_reads(table: SpaceTable, space: Space) -> list[NodeAxis]:
+    """The reads of `space` whose samples correspond across models: every other axis of the
+    value read keeps the identity (batch, positions, frozen channels). A transformable axis
+    among them (the channels of a token-mixing MLP, read as its hidden units' samples) is laid
+    out differently in each model, so its rows cannot be compared.
+
+    Raises:
+        GraphmergeError: every read of the space is of that kind; the space cannot be matched.
+    """
+    def aligned(read: NodeAxis) -> bool:
+        dims = table.node_axes.get(read.node, {})
+        return all(table[sid].frozen for d, sid in dims.items() if d != read.dim)
+
+    kept = [r for r in space.reads if aligned(r)]
+    if space.reads and not kept:
+        read = space.reads[0]
+        other = next(sid for d, sid in sorted(table.node_axes[read.node].items())
+                     if d != read.dim and not table[sid].frozen)
+        raise GraphmergeError(
+            f"space {space.id} (width {space.width}) is only read at `{read.node}`, where "
+            f"space {other} lies along the samples: its units cannot be compared sample by "
+            f"sample between models. Trace the module that mixes over that axis as a leaf "
+            f"(leaf_modules=[...]) to freeze its axes.")
+    return kept
+
+
 @merge_pass(needs=("paired", "alignments"), provides=("reads", "stats"))
 def collect_statistics(ctx: MergeContext) -> None:
     """Moments of every mergeable space's features and of the attention projections."""
     tables = [t.space_table for t in ctx.traced]
     inserted = {n for a in ctx.alignments for n in a.inserted}
-    ctx.reads = {s.id: [_reads(s, inserted) for _ in tables] for s in mergeable(tables[0])}
+    ctx.reads = {}
+    for s in mergeable(tables[0]):
+        s = replace(s, reads=aligned_reads(tables[0], s))
+        ctx.reads[s.id] = [_reads(s, inserted) for _ in tables]
     for by_dim in head_projections(tables[0]).values():  # keyed by each dim's first projection
         for krons in by_dim.values():
             reads = [a for k in krons if k not in tables[0].head_groups  # (heads × dim)
