@@ -21,7 +21,7 @@ from graphmerge.match.align import StageAlignment
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
 from graphmerge.passes.context import SpacePlan
 
-__all__ = ["merge", "MergeResult"]
+__all__ = ["merge", "MergeResult", "check_models"]
 
 @dataclass
 class MergeResult:
@@ -68,7 +68,13 @@ def _batches(calibration: Any) -> list[Any]:
     return calibration
 
 
-def _check_models(models: Sequence[nn.Module]) -> None:
+def check_models(models: Sequence[nn.Module]) -> None:
+    """At least two nn.Modules with values (not on the meta device), all finite.
+
+    Raises:
+        ConfigError: fewer than two models, or one that is not an nn.Module.
+        DataError: a tensor on the meta device, or NaN/inf values (naming model and tensor).
+    """
     if len(models) < 2:
         raise ConfigError(f"merge needs at least 2 models, got {len(models)}")
     for i, m in enumerate(models):
@@ -141,14 +147,9 @@ def merge(
         >>> torch.allclose(res.module(x), a(x), atol=1e-5)
         True
     """
-    if isinstance(config, MergeConfig):
-        config = {f: getattr(config, f) for f in config.__dataclass_fields__}
-    elif config is not None and not isinstance(config, Mapping):
-        raise ConfigError(f"config must be a MergeConfig or a mapping of its options, got "
-                          f"{type(config).__name__}")
-    cfg = MergeConfig.from_dict({**(config or {}), **options})
+    cfg = MergeConfig.of(config, **options)
     models = list(models)
-    _check_models(models)
+    check_models(models)
     batches = _batches(calibration)
     t0 = time.perf_counter()
     if example_inputs is None:

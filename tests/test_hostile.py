@@ -475,6 +475,51 @@ def case_merge_batches_with_labels(env):
     merge(env.two(), [(x4(8, s), torch.zeros(8, dtype=torch.long)) for s in range(2)])
 
 
+@case("models")
+def case_merge_example_inputs_of_another_shape(env):
+    merge(env.two(), [x4()], torch.randn(4, 6))
+
+
+@case("models")
+def case_merge_float64_and_float32_models(env):
+    merge([env.mlp(), env.watch(mlp(1).double())], [x4()])
+
+
+@case("models")
+def case_plan_one_model(env):
+    gm.plan_merge([env.mlp()], x4())
+
+
+@case("models")
+def case_plan_meta_device(env):
+    gm.plan_merge([env.mlp(), env.watch(mlp(1).to("meta"))], x4())
+
+
+@case("models")
+def case_check_spaces_untraceable(env):
+    gm.check_spaces(env.watch(Untraceable()), x4())
+
+
+@case("models", expect="ok")
+def case_merge_graph_modules(env):
+    a = env.mlp()
+    traced = gm.trace(a, x4()).graph_module
+    merge([traced, gm.permute(a, x4())], [x4()])
+
+
+@case("models", expect="ok")
+def case_merge_models_with_gradients(env):
+    a, b = env.two()
+    for m in (a, b):
+        m(x4()).sum().backward()
+    merge([a, b], [x4()])
+
+
+@case("models", expect="ok")
+def case_save_a_plain_module(env):
+    gm.save_module(env.mlp(), env.dir / "saved")
+
+
 # every module's own train/eval flag comes back (a frozen BatchNorm in a training model)
 
 @case("models", expect="ok")
@@ -607,6 +652,16 @@ def case_calibration_of_strings(env):
 @case("calibration", expect="ok")
 def case_calibration_of_another_image_size(env):  # the model pools: any size goes
     merge(env.two(convnet), [img(4)], torch.randn(4, 2, 7, 7))
+
+
+@case("calibration")
+def case_calibration_dict_batches(env):
+    merge(env.two(), [{"x": x4()}], x4())
+
+
+@case("calibration")
+def case_export_int_inputs_to_a_float_model(env):
+    gm.export_onnx(env.mlp(), torch.ones(4, 4, dtype=torch.long), env.out("m.onnx"))
 
 
 @case("calibration")
@@ -845,6 +900,18 @@ def case_load_state_a_list(env):
 def case_load_state_unknown_suffix(env):
     (env.dir / "w.npz").write_bytes(b"PK")
     gm.load_state(env.dir / "w.npz")
+
+
+@case("files")
+def case_load_state_a_folder_without_weights(env):
+    (env.dir / "folder").mkdir()
+    gm.load_state(env.dir / "folder")
+
+
+@case("files")
+def case_read_match_graph_a_folder(env):
+    (env.dir / "g.json").mkdir()
+    read_match_graph(env.dir / "g.json")
 
 
 @case("files")
