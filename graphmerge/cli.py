@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, or user code failing where we did not expect it
         if args.verbose:
             traceback.print_exc()
-        print(f"graphmerge: error: unexpected {type(e).__name__}: {e} (run with -v for the "
+        print(f"graphmerge: error: unexpected {summarize(e)} (run with -v for the "
               f"traceback)", file=sys.stderr)
         return 1
 

@@ -278,7 +278,7 @@ def console(*args: str, cwd: Path) -> Cli:
         sys.executable, "-c", "from graphmerge.cli import main; raise SystemExit(main())"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=120)
+                         check=False, timeout=120)
     return Cli(run.returncode, run.stderr)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch.fx as fx
 
-from graphmerge.errors import GraphmergeError
+from graphmerge.errors import GraphmergeError, summarize
 from graphmerge.graph.axes import Cat, Freeze, Keep, Kron, NodeAxis, ParamAxis, Same
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.rules import RULES, Op, rule_for
@@ -289,7 +289,7 @@ class _Builder:
             except Exception as e:
                 raise GraphmergeError(
                     f"the axis rule for `{op.name}` failed at node `{n.name}`: "
-                    f"{type(e).__name__}: {e}. Trace that block as a leaf module to freeze it, "
+                    f"{summarize(e)}. Trace that block as a leaf module to freeze it, "
                     f"or fix the rule in graphmerge/graph/rules/."
                 ) from e
             for a in touched:

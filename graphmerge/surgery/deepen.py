@@ -34,7 +34,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphmerge.errors import GraphmergeError, InexactExpansionWarning, MismatchError
+from graphmerge.errors import (
+    GraphmergeError,
+    InexactExpansionWarning,
+    MismatchError,
+    summarize,
+)
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, set_eval
 from graphmerge.graph.kinds import identity_on, kind, node_key, tensor_args, value_range
@@ -374,8 +379,7 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
         err = output_error(model, gm, inputs)
     except Exception as e:  # a width the graph does not hold (a module attribute)
         raise GraphmergeError(
-            f"the expanded {type(model).__name__} does not run ({type(e).__name__}: "
-            f"{str(e)[:200]}): a width is held outside the graph's shape constants (a module "
+            f"the expanded {type(model).__name__} does not run ({summarize(e)}): a width is held outside the graph's shape constants (a module "
             f"attribute such as nn.MultiheadAttention's embed_dim, or a size computed in "
             f"Python such as d // heads); deepen towards a reference of the model's widths") from e
     if post:

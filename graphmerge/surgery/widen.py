@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphmerge.errors import ConfigError, GraphmergeError
+from graphmerge.errors import ConfigError, GraphmergeError, summarize
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import set_eval
 from graphmerge.graph.oracle import check_seed, output_error
@@ -79,8 +79,7 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
         err = output_error(model, wide, inputs)
     except Exception as e:  # a width the forward code reads from elsewhere
         raise GraphmergeError(
-            f"the widened {type(model).__name__} does not run ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:160]}): a width is held outside the graph (e.g. a "
+            f"the widened {type(model).__name__} does not run ({summarize(e)}): a width is held outside the graph (e.g. a "
             f"module attribute read by forward); widen() cannot rewrite it") from e
     if err > rtol:
         raise GraphmergeError(f"widening changed the model's outputs (relative error {err:.1e}); "
