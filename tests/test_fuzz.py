@@ -194,11 +194,12 @@ class Tied(nn.Module):
 
 
 class Attention(nn.Module):
-    """x + proj(softmax(q kᵀ / √d) v) over `heads` heads of `d` dims, x: [B, T, C]."""
+    """x + proj(softmax(q kᵀ / √d) v) over `heads` heads of `d` dims, x: [B, T, C]; written
+    out with matmuls, or with F.scaled_dot_product_attention (`sdpa`)."""
 
-    def __init__(self, c: int, d: int, heads: int) -> None:
+    def __init__(self, c: int, d: int, heads: int, sdpa: bool = False) -> None:
         super().__init__()
-        self.heads, self.d = heads, d
+        self.heads, self.d, self.sdpa = heads, d, sdpa
         self.q, self.k, self.v = (nn.Linear(c, heads * d) for _ in range(3))
         self.proj = nn.Linear(heads * d, c)
 
@@ -206,9 +207,23 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = (f(x).view(b, t, self.heads, self.d).transpose(1, 2)
                    for f in (self.q, self.k, self.v))
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.d), dim=-1)
-        out = (att @ v).transpose(1, 2).reshape(b, t, self.heads * self.d)
-        return x + self.proj(out)
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.d), dim=-1) @ v
+        return x + self.proj(out.transpose(1, 2).reshape(b, t, self.heads * self.d))
+
+
+class TiedPair(nn.Module):
+    """Two layers sharing one weight (and each its own bias): b.weight is a.weight."""
+
+    def __init__(self, c: int, act: str) -> None:
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(c, c), nn.Linear(c, c), ACTS[act]()
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.act(self.b(self.act(self.a(x))))
 
 
 class Conv(nn.Module):
@@ -277,7 +292,7 @@ def block(spec: BlockSpec, c: int, mode: str) -> tuple[nn.Module, int]:
     if k == "functional":
         return Functional(c, w, act), w
     if k == "tied":
-        return Tied(c, act), c
+        return (TiedPair(c, act) if o % 2 else Tied(c, act)), c
     if k == "reshape":
         return Reshape(c, w, act, bool(o % 2)), 2 * w
     if k == "chunk":
@@ -287,7 +302,7 @@ def block(spec: BlockSpec, c: int, mode: str) -> tuple[nn.Module, int]:
     if k == "token_mix":
         return TokenMix(INPUTS["seq"][0], w, act), c
     if k == "attention":
-        return Attention(c, max(1, w // 2), 1 + o % 2), c
+        return Attention(c, max(1, w // 2), 1 + o % 2, sdpa=o >= 3), c
     if k == "conv":
         return Conv(c, w, act, dims, bn=bool(o % 2)), w
     if k == "depthwise":
@@ -440,7 +455,7 @@ def test_the_generator_covers_every_block_and_runs():
     """Every block of every kind of model builds and runs (the strategy can draw it)."""
     for mode, kinds in BLOCKS.items():
         for kind in kinds:
-            for option in range(2):
+            for option in range(6):
                 spec = Spec(mode, (BlockSpec(kind, 4, "relu", option),), "flatten")
                 assert build(spec, 0)(data(spec, 2, 0)).shape == (2, 3)
 
