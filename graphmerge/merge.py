@@ -68,13 +68,18 @@ def _batches(calibration: Any) -> list[Any]:
     return calibration
 
 
-def check_models(models: Sequence[nn.Module]) -> None:
-    """At least two nn.Modules with values (not on the meta device), all finite.
+def check_models(models: Any) -> list[nn.Module]:
+    """The models as a list: at least two nn.Modules with values (not on the meta device), all
+    finite.
 
     Raises:
-        ConfigError: fewer than two models, or one that is not an nn.Module.
+        ConfigError: not a list of models, fewer than two, or one that is not an nn.Module.
         DataError: a tensor on the meta device, or NaN/inf values (naming model and tensor).
     """
+    if isinstance(models, nn.Module) or not isinstance(models, Iterable):
+        raise ConfigError(f"models must be a list of nn.Modules, got "
+                          f"{type(models).__name__}")
+    models = list(models)
     if len(models) < 2:
         raise ConfigError(f"merge needs at least 2 models, got {len(models)}")
     for i, m in enumerate(models):
@@ -84,6 +89,7 @@ def check_models(models: Sequence[nn.Module]) -> None:
         for name, p in m.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise DataError(f"model {i} has NaN/inf values in `{name}`; it cannot be merged")
+    return models
 
 
 def merge(
@@ -148,8 +154,7 @@ def merge(
         True
     """
     cfg = MergeConfig.of(config, **options)
-    models = list(models)
-    check_models(models)
+    models = check_models(models)
     batches = _batches(calibration)
     t0 = time.perf_counter()
     if example_inputs is None:

@@ -118,8 +118,7 @@ def plan_merge(models: Sequence[nn.Module], example_inputs: Any,
         [([16, 8], 16)]
     """
     cfg = MergeConfig.of(config, **options)
-    models = list(models)
-    check_models(models)
+    models = check_models(models)
     inputs = as_inputs(example_inputs)
     ctx = MergeContext(models, [inputs], inputs, cfg)
     with ExitStack() as stack:

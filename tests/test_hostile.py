@@ -520,6 +520,26 @@ def case_save_a_plain_module(env):
     gm.save_module(env.mlp(), env.dir / "saved")
 
 
+@case("models")
+def case_merge_models_none(env):
+    merge(None, [x4()])
+
+
+@case("models")
+def case_merge_one_module_not_a_list(env):
+    merge(env.mlp(), [x4()])
+
+
+@case("models")
+def case_check_spaces_traced_not_a_trace(env):
+    gm.check_spaces(env.mlp(), x4(), traced="trace")
+
+
+@case("models")
+def case_deepen_positions_not_lists(env):
+    gm.deepen(env.mlp(), x4(), env.mlp(1), positions="0,2")
+
+
 # every module's own train/eval flag comes back (a frozen BatchNorm in a training model)
 
 @case("models", expect="ok")
@@ -772,6 +792,36 @@ def case_export_opset_not_an_int(env):
     gm.export_onnx(env.mlp(), x4(), env.out("m.onnx"), opset="18")
 
 
+@case("options")
+def case_permute_rtol_a_string(env):
+    gm.permute(env.mlp(), x4(), rtol="tight")
+
+
+@case("options")
+def case_permute_rtol_nan(env):
+    gm.permute(env.mlp(), x4(), rtol=float("nan"))
+
+
+@case("options")
+def case_widen_rtol_nan(env):
+    gm.widen(env.mlp(), x4(), rtol=float("nan"))
+
+
+@case("options")
+def case_trace_concrete_args_a_string(env):
+    gm.trace(env.mlp(), x4(), concrete_args="x")
+
+
+@case("options")
+def case_export_dynamic_batch_a_string(env):
+    gm.export_onnx(env.mlp(), x4(), env.out("m.onnx"), dynamic_batch="no")
+
+
+@case("options")
+def case_save_overwrite_a_string(env):
+    gm.save_module(env.mlp(), env.out("saved"), overwrite="no")
+
+
 # files
 
 @case("files")
@@ -912,6 +962,33 @@ def case_load_state_a_folder_without_weights(env):
 def case_read_match_graph_a_folder(env):
     (env.dir / "g.json").mkdir()
     read_match_graph(env.dir / "g.json")
+
+
+@case("files")
+def case_export_path_none(env):
+    gm.export_onnx(env.mlp(), x4(), None)
+
+
+@case("files")
+def case_save_folder_none(env):
+    gm.save_module(env.mlp(), None)
+
+
+@case("files")
+def case_load_state_none(env):
+    gm.load_state(None)
+
+
+@case("files")
+def case_load_module_none(env):
+    gm.load_module(None)
+
+
+@case("files")
+def case_write_match_graph_path_none(env):
+    import networkx as nx
+
+    write_match_graph(nx.Graph(), None)
 
 
 @case("files")

@@ -279,6 +279,9 @@ def capture(
         raise ConfigError(f"unknown frontend {frontend!r}; valid: {', '.join(FRONTENDS)}")
     check_materialized(model)
     leaf_modules = check_leaf_modules(model, leaf_modules)
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise ConfigError(f"concrete_args must be a dict of forward argument names to values, "
+                          f"got {concrete_args!r}")
     inputs = as_inputs(example_inputs)
     with eval_mode(model):
         if isinstance(model, fx.GraphModule):

@@ -8,6 +8,7 @@ transformed by its spaces' permutations, and names the first op that breaks.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors
 
 __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
-           "output_error", "check_seed"]
+           "output_error", "check_seed", "check_tolerance"]
 
 
 def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -110,6 +111,7 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
         (True, False)
     """
     check_seed(seed)
+    check_tolerance(rtol)
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs, frontend=frontend, leaf_modules=leaf_modules).space_table
     out = copy.deepcopy(model)
@@ -122,6 +124,14 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
             f"{rtol:.0e}) although the node-by-node oracle found no broken op in float64; the "
             f"model may compute in low precision or read its parameters outside the graph.")
     return out
+
+
+def check_tolerance(rtol: Any, what: str = "rtol") -> float:
+    """A positive finite tolerance; ConfigError otherwise (a NaN one would accept anything)."""
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (
+            math.isfinite(rtol) and rtol > 0):
+        raise ConfigError(f"{what} must be a positive number, got {rtol!r}")
+    return float(rtol)
 
 
 def check_seed(seed: Any) -> int:
@@ -197,8 +207,10 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     """
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials must be an int >= 1, got {trials!r}")
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
-        raise ConfigError(f"rtol must be a positive number, got {rtol!r}")
+    check_tolerance(rtol)
+    if traced is not None and not isinstance(traced, Traced):
+        raise ConfigError(f"traced must be what graphmerge.trace returns, got "
+                          f"{type(traced).__name__}")
     inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                    for x in as_inputs(example_inputs))
     if traced is None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from graphmerge.errors import ConfigError, DataError, GraphmergeError, summarize
 from graphmerge.graph.capture import check_materialized
-from graphmerge.io.atomic import atomic_folder
+from graphmerge.io.atomic import as_path, atomic_folder
 
 __all__ = ["save_module", "load_module", "load_state", "safetensors_ready", "WEIGHTS_FILE"]
 
@@ -198,7 +198,7 @@ def save_module(
     if not isinstance(module_name, str) or not module_name.isidentifier():
         raise ConfigError(f"module_name must be a Python identifier, got {module_name!r}.")
     check_materialized(module, f"the {type(module).__name__} to save")
-    target = Path(folder)
+    target = as_path(folder, "folder")
     with atomic_folder(target, overwrite) as build_dir:
         metadata = {"format": "pt", "module_class": type(module).__qualname__}
         if isinstance(module, torch.fx.GraphModule):
@@ -228,7 +228,7 @@ def load_module(folder: str | os.PathLike[str]) -> nn.Module:
 
     from safetensors import safe_open
 
-    root = Path(folder).resolve()
+    root = as_path(folder, "folder").resolve()
     init, weights = root / "__init__.py", root / WEIGHTS_FILE
     if not init.is_file() or not weights.is_file():
         raise DataError(f"{root} is not a folder written by save_module for a GraphModule "
@@ -274,7 +274,7 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             safetensors); a file that holds something other than a flat name -> tensor dict.
         DataError: the file is missing or corrupt.
     """
-    file = Path(path)
+    file = as_path(path)
     if file.is_dir():
         file = file / WEIGHTS_FILE
     if not file.is_file():

@@ -10,7 +10,7 @@ from typing import Any
 import networkx as nx
 
 from graphmerge.errors import ConfigError, DataError, summarize
-from graphmerge.io.atomic import write_text_atomic
+from graphmerge.io.atomic import as_path, write_text_atomic
 
 __all__ = ["write_match_graph", "read_match_graph"]
 
@@ -25,7 +25,7 @@ def write_match_graph(g: nx.Graph, path: str | os.PathLike) -> Path:
     if not isinstance(g, nx.Graph):
         raise ConfigError(f"write_match_graph needs a networkx graph (MergeResult.match_graph), "
                           f"got {type(g).__name__}")
-    path = Path(path)
+    path = as_path(path)
     suffix = path.suffix.lower()
     if suffix == ".graphml":
         text = "\n".join(nx.generate_graphml(g))
@@ -50,7 +50,7 @@ def read_match_graph(path: str | os.PathLike) -> nx.Graph:
         ConfigError: another suffix.
         DataError: the file is missing, unreadable, or not a match graph.
     """
-    path = Path(path)
+    path = as_path(path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".graphml"):
         raise ConfigError(f"can read match graphs from .json or .graphml, not {path.suffix!r}")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from graphmerge.errors import ConfigError, DataError, GraphmergeError, summarize
 from graphmerge.graph.capture import check_materialized, eval_mode, quiet_export
 from graphmerge.inputs import tensor_inputs
-from graphmerge.io.atomic import atomic_file
+from graphmerge.io.atomic import as_path, atomic_file, check_flag
 
 __all__ = ["ExportReport", "export_onnx"]
 
@@ -201,8 +201,9 @@ def export_onnx(
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
         raise ConfigError(f"opset must be None or an int ONNX opset version, got {opset!r}.")
     check_materialized(module, f"the {type(module).__name__} to export")
+    check_flag(dynamic_batch, "dynamic_batch")
     inputs = tensor_inputs(example_inputs, "example_inputs")
-    target = Path(path)
+    target = as_path(path, "path")
     if not target.parent.is_dir():
         raise ConfigError(
             f"cannot write {target}: directory {target.parent} does not exist; create it first."

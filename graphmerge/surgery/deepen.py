@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphmerge.errors import (
+    ConfigError,
     GraphmergeError,
     InexactExpansionWarning,
     MismatchError,
@@ -410,6 +411,15 @@ def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
     model's units in the reference's stage s (default: evenly, first and last fixed). Computes
     exactly the function of `model`, except for post-norm units, whose norms are fitted on
     `calibration` (see `expand`)."""
+    if positions is not None and (isinstance(positions, (str, bytes)) or not all(
+            isinstance(p, Sequence) and not isinstance(p, str)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+            for p in positions)):
+        raise ConfigError(f"positions must be one list of unit indices per stage of the "
+                          f"reference (e.g. [[0, 2]]), got {positions!r}")
+    if isinstance(calibration, (torch.Tensor, str)) or not isinstance(calibration, Iterable):
+        raise ConfigError("calibration must be a list of batches (e.g. [x[:64], x[64:]]), got "
+                          f"{type(calibration).__name__}")
     traced = trace(model, example_inputs, frontend=frontend)
     ref = trace(reference, example_inputs, frontend=frontend)
     if topology(traced) == topology(ref):

@@ -18,7 +18,7 @@ from torch import nn
 from graphmerge.errors import ConfigError, GraphmergeError, summarize
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import set_eval
-from graphmerge.graph.oracle import check_seed, output_error
+from graphmerge.graph.oracle import check_seed, check_tolerance, output_error
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors, set_tensor, sync_module_attributes
@@ -38,6 +38,7 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
             math.isfinite(extra) and extra >= 0):
         raise ConfigError(f"extra must be a non-negative ratio or number of units, got {extra!r}")
     check_seed(seed)
+    check_tolerance(rtol)
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs).space_table
     g = torch.Generator().manual_seed(seed)
