@@ -558,6 +558,12 @@ def case_check_spaces_keeps_training_flags(env):
 
 
 @case("models", expect="ok")
+def case_check_spaces_of_a_trace_keeps_training_flags(env):
+    model = env.watch(frozen_bn())
+    gm.check_spaces(model, img(), trials=1, traced=gm.trace(model, img()))
+
+
+@case("models", expect="ok")
 def case_merge_keeps_training_flags(env):
     merge([env.watch(frozen_bn(0)), env.watch(frozen_bn(1))], [img()])
 

@@ -201,6 +201,9 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     each of its axes permuted by its space (relative error < `rtol`). The first node that does
     not is reported with its op and spaces: that op's rule is wrong.
 
+    `traced`: the model's trace (`graphmerge.trace`) to check instead of a float64 trace of
+    its own; the check then runs in that trace's precision and inputs.
+
     Raises:
         SpaceCheckError: naming the node, op and spaces that broke the function.
         ConfigError: trials < 1 or rtol <= 0 (a check that checks nothing is refused).
@@ -211,13 +214,22 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     if traced is not None and not isinstance(traced, Traced):
         raise ConfigError(f"traced must be what graphmerge.trace returns, got "
                           f"{type(traced).__name__}")
-    inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                   for x in as_inputs(example_inputs))
+    inputs = as_inputs(example_inputs)
     if traced is None:
+        inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
+                       else x for x in inputs)
         model64 = set_eval(_double(copy.deepcopy(model)))
         traced = trace(model64, inputs, frontend=frontend, leaf_modules=leaf_modules)
     table = traced.space_table
-    gm = set_eval(traced.graph_module)
+    gm = traced.graph_module
+    with eval_mode(gm):  # a given trace shares its modules with the caller's model
+        changed, worst = _trials(gm, table, inputs, trials, rtol)
+    return OracleReport(trials, len(table.free), len(table) - len(table.free), changed, worst)
+
+
+def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], trials: int,
+            rtol: float) -> tuple[int, float]:
+    """Run the oracle's trials: (tensors changed, worst relative output error)."""
     reference = run_nodes(gm, inputs)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     changed, worst = 0, 0.0
@@ -233,7 +245,7 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
         for o in outs:
             if isinstance(reference[o.name], torch.Tensor):
                 worst = max(worst, _rel_error(reference[o.name], values[o.name]))
-    return OracleReport(trials, len(table.free), len(table) - len(table.free), changed, worst)
+    return changed, worst
 
 
 def _double(model: nn.Module) -> nn.Module:
