@@ -158,8 +158,9 @@ def merge(
     batches = _batches(calibration)
     t0 = time.perf_counter()
     if example_inputs is None:
-        first = next(iter(batches), None)
-        if first is None:
+        empty = object()
+        first = next(iter(batches), empty)
+        if first is empty:
             raise DataError("the calibration data is empty: pass at least one batch")
         example_inputs = (first if isinstance(first, torch.Tensor)
                           else split_batch(first, infer_input_count(models[0])))

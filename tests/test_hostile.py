@@ -536,6 +536,11 @@ def case_check_spaces_traced_not_a_trace(env):
 
 
 @case("models")
+def case_find_spaces_of_a_model(env):
+    gm.find_spaces(env.mlp())
+
+
+@case("models")
 def case_deepen_positions_not_lists(env):
     gm.deepen(env.mlp(), x4(), env.mlp(1), positions="0,2")
 
@@ -691,7 +696,24 @@ def case_export_int_inputs_to_a_float_model(env):
 
 
 @case("calibration")
-def case_export_wrong_input_shape(env):
+def case_calibration_a_none_batch(env):
+    merge(env.two(), [None])
+
+
+@case("calibration")
+def case_calibration_one_tensor_for_two_inputs(env):
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x, y):
+            return self.b(torch.relu(self.a(x) + self.a(y)))
+
+    merge([env.watch(Two()), env.watch(Two())], [x4()], (x4(), x4()))
+
+
+
     gm.export_onnx(env.mlp(), torch.randn(4, 5), env.out("m.onnx"))
 
 
