@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from graphmerge.errors import ConfigError, GraphmergeError
+from graphmerge.errors import ConfigError, GraphmergeError, summarize
 
 
 def _config(text: str | None) -> dict:
@@ -138,7 +138,28 @@ def _inspected(args: argparse.Namespace) -> tuple:
         return build_model(spec, Path.cwd(), args.model), (torch.randn(*args.input_shape),)
     from graphmerge.lab.zoo import builtin
 
-    return builtin(args.model, **_config(args.config))
+    kwargs = _config(args.config)
+    try:
+        return builtin(args.model, **kwargs)
+    except GraphmergeError:
+        raise
+    except Exception as e:  # the constructor refused its arguments
+        raise ConfigError(f"--config {json.dumps(kwargs)}: building {args.model} raised "
+                          f"{summarize(e)}; {_arguments(args.model)}") from e
+
+
+def _arguments(name: str) -> str:
+    """The constructor arguments of a built-in model, for an error message."""
+    import inspect
+
+    from graphmerge.lab.zoo import COMMUNITY, FAMILIES, PRETRAINED
+
+    make = {**FAMILIES, **COMMUNITY, **{k: v[0] for k, v in PRETRAINED.items()}}.get(name)
+    try:
+        names = list(inspect.signature(make).parameters)
+    except (TypeError, ValueError):
+        names = []
+    return f"its arguments: {', '.join(names)}" if names else "it takes no arguments"
 
 
 def _model_arg(names: list[str]):
@@ -271,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, or user code failing where we did not expect it
         if args.verbose:
             traceback.print_exc()
-        print(f"graphmerge: error: unexpected {type(e).__name__}: {e} (run with -v for the "
+        print(f"graphmerge: error: unexpected {summarize(e)} (run with -v for the "
               f"traceback)", file=sys.stderr)
         return 1
 

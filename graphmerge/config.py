@@ -103,6 +103,18 @@ class MergeConfig:
                                   f"{', '.join(valid)}")
         return cls(**options)
 
+    @classmethod
+    def of(cls, config: "MergeConfig | Mapping[str, Any] | None" = None,
+           **options: Any) -> "MergeConfig":
+        """A config from a MergeConfig or a mapping of its fields (or None), with `options`
+        overriding it: how `merge` and `plan_merge` read their arguments."""
+        if isinstance(config, MergeConfig):
+            config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        elif config is not None and not isinstance(config, Mapping):
+            raise ConfigError(f"config must be a MergeConfig or a mapping of its options, got "
+                              f"{type(config).__name__}")
+        return cls.from_dict({**(config or {}), **options})
+
     def matcher_options(self) -> dict[str, Any]:
         """The options passed to the matcher: its defaults, overridden by the ones given."""
         given = {"alpha": self.alpha, "beta": self.beta}

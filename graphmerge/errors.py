@@ -5,6 +5,9 @@ Every message says what went wrong, where (node, op, space, file), and what to d
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 __all__ = [
     "GraphmergeError",
     "TracingError",
@@ -13,6 +16,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "InexactExpansionWarning",
+    "summarize",
 ]
 
 
@@ -43,3 +47,32 @@ class DataError(GraphmergeError):
 class InexactExpansionWarning(UserWarning):
     """A depth expansion could not be exact (post-norm units) and was fitted instead; the
     message gives the error left per inserted unit."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CALL = re.compile(r'File "([^"]+)", line (\d+), in [^\n]+\n[ \t]+([^\n]+)')
+
+
+def summarize(error: BaseException, limit: int = 240) -> str:
+    """Another library's error in one line, for our messages: the innermost explicit cause
+    (`raise ... from`), `Type: first line of its message` without ANSI escapes, cut at `limit`
+    characters, and the user's line it names (`model.py:12: code`) when the message has one.
+
+    Example:
+        >>> summarize(ValueError("bad value\\nlong details\\n..."))
+        'ValueError: bad value'
+    """
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    text = _ANSI.sub("", str(error))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if len(first) > limit:
+        first = first[:limit - 1].rstrip() + "…"
+    out = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    calls = _CALL.findall(text)
+    if calls:
+        file, line, code = calls[-1]
+        out += f" (at {Path(file).name}:{line}: {code.strip()[:80]})"
+    return out

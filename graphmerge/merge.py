@@ -17,13 +17,13 @@ from torch import nn
 from graphmerge.calibration import Calibration
 from graphmerge.config import MergeConfig
 from graphmerge.errors import ConfigError, DataError
-from graphmerge.graph.capture import eval_mode
+from graphmerge.graph.capture import check_materialized, eval_mode
 from graphmerge.inputs import as_inputs, infer_input_count
 from graphmerge.match.align import StageAlignment
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
 from graphmerge.passes.context import SpacePlan
 
-__all__ = ["merge", "MergeResult"]
+__all__ = ["merge", "MergeResult", "check_models"]
 
 @dataclass
 class MergeResult:
@@ -88,15 +88,28 @@ def _on_device(models: list[nn.Module], device: Any) -> list[nn.Module]:
     return out
 
 
-def _check_models(models: Sequence[nn.Module]) -> None:
+def check_models(models: Any) -> list[nn.Module]:
+    """The models as a list: at least two nn.Modules with values (not on the meta device), all
+    finite.
+
+    Raises:
+        ConfigError: not a list of models, fewer than two, or one that is not an nn.Module.
+        DataError: a tensor on the meta device, or NaN/inf values (naming model and tensor).
+    """
+    if isinstance(models, nn.Module) or not isinstance(models, Iterable):
+        raise ConfigError(f"models must be a list of nn.Modules, got "
+                          f"{type(models).__name__}")
+    models = list(models)
     if len(models) < 2:
         raise ConfigError(f"merge needs at least 2 models, got {len(models)}")
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise ConfigError(f"model {i} is a {type(m).__name__}, not an nn.Module")
+        check_materialized(m, f"model {i}")
         for name, p in m.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise DataError(f"model {i} has NaN/inf values in `{name}`; it cannot be merged")
+    return models
 
 
 def merge(
@@ -168,11 +181,8 @@ def merge(
         >>> torch.allclose(res.module(x), a(x), atol=1e-5)
         True
     """
-    if isinstance(config, MergeConfig):
-        config = {f: getattr(config, f) for f in config.__dataclass_fields__}
-    cfg = MergeConfig.from_dict({**(config or {}), **options})
-    models = list(models)
-    _check_models(models)
+    cfg = MergeConfig.of(config, **options)
+    models = check_models(models)
     t0 = time.perf_counter()
     n_inputs = (len(as_inputs(example_inputs)) if example_inputs is not None
                 else infer_input_count(models[0]))

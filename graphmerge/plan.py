@@ -20,6 +20,7 @@ from graphmerge.calibration import Calibration
 from graphmerge.config import MergeConfig
 from graphmerge.graph.capture import eval_mode
 from graphmerge.inputs import as_inputs
+from graphmerge.merge import check_models
 from graphmerge.passes import (
     MergeContext,
     check_spaces,
@@ -117,11 +118,10 @@ def plan_merge(models: Sequence[nn.Module], example_inputs: Any,
         >>> [(r.widths, r.width) for r in plan.spaces]
         [([16, 8], 16)]
     """
-    if isinstance(config, MergeConfig):
-        config = {f: getattr(config, f) for f in config.__dataclass_fields__}
-    cfg = MergeConfig.from_dict({**(config or {}), **options})
+    cfg = MergeConfig.of(config, **options)
+    models = check_models(models)
     inputs = as_inputs(example_inputs)
-    ctx = MergeContext(list(models), Calibration([inputs], len(inputs)), inputs, cfg)
+    ctx = MergeContext(models, Calibration([inputs], len(inputs)), inputs, cfg)
     with ExitStack() as stack:
         for m in models:
             stack.enter_context(eval_mode(m))

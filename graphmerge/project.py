@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from graphmerge.config import MergeConfig
-from graphmerge.errors import ConfigError, DataError, GraphmergeError
+from graphmerge.errors import ConfigError, DataError, GraphmergeError, summarize
 from graphmerge.inputs import infer_input_count, split_batch
 from graphmerge.io.folder import load_state
 
@@ -278,10 +278,10 @@ def import_factory(spec: str, root: Path, where: str) -> Callable[..., Any]:
         if e.name and module_name.startswith(e.name):
             raise ConfigError(f"{where}: cannot import module {module_name!r} (no module "
                               f"named {e.name!r} in {root} or the working directory)") from e
-        raise ConfigError(f"{where}: importing {module_name!r} failed: {e}") from e
+        raise ConfigError(f"{where}: importing {module_name!r} failed: {summarize(e)}") from e
     except Exception as e:
         raise ConfigError(f"{where}: importing {module_name!r} raised "
-                          f"{type(e).__name__}: {e}{_origin(e)}") from e
+                          f"{summarize(e)}{_origin(e)}") from e
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -309,8 +309,8 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any], where: str, spec: str)
     except GraphmergeError:
         raise
     except Exception as e:
-        raise ConfigError(f"{where}: {spec}(**{kwargs}) raised {type(e).__name__}: "
-                          f"{e}{_origin(e)}") from e
+        raise ConfigError(f"{where}: {spec}(**{kwargs}) raised {summarize(e)}"
+                          f"{_origin(e)}") from e
 
 
 def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
@@ -355,8 +355,7 @@ def _read_tensor_file(path: Path, where: str) -> tuple[Tensor, ...]:
         else:
             value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"{where}: cannot read {path} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise DataError(f"{where}: cannot read {path} ({summarize(e)})") from e
     if isinstance(value, dict) and "x" in value:
         value = (value["x"], value["y"]) if "y" in value else (value["x"],)
     if isinstance(value, Tensor):

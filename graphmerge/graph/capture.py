@@ -8,10 +8,11 @@ table (`.space_table`, `.spaces`).
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,14 +20,21 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphmerge.errors import ConfigError, GraphmergeError, TracingError
+from graphmerge.errors import (
+    ConfigError,
+    DataError,
+    GraphmergeError,
+    TracingError,
+    summarize,
+)
 from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors
 
 if TYPE_CHECKING:
     from graphmerge.graph.spaces import Space, SpaceTable
 
-__all__ = ["Tracer", "Traced", "capture", "run_nodes", "eval_mode", "set_eval", "FRONTENDS"]
+__all__ = ["Tracer", "Traced", "capture", "run_nodes", "eval_mode", "set_eval", "FRONTENDS",
+           "check_materialized", "check_leaf_modules", "quiet_export"]
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +84,16 @@ def run_nodes(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
             except Exception as e:  # name the node that failed, keep the cause
                 raise TracingError(
                     f"running node `{n.name}` ({n.op} {_target_name(n)}) on the example inputs "
-                    f"failed: {type(e).__name__}: {e}. Check that example_inputs have the shapes "
+                    f"failed: {summarize(e)}. Check that example_inputs have the shapes "
                     f"and dtypes the model expects."
                 ) from e
             values[n.name] = out
             return out
 
+    recorder = _Recorder(gm)
+    recorder.extra_traceback = False  # our message names the node; fx would append the graph
     with torch.no_grad():
-        _Recorder(gm).run(*inputs)
+        recorder.run(*inputs)
     return values
 
 
@@ -146,6 +156,79 @@ def set_eval(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_materialized(model: nn.Module, what: str = "the model") -> None:
+    """Refuse a model whose parameters or buffers have no values (the `meta` device).
+
+    Raises:
+        DataError: naming the first such tensor and how to give it values.
+    """
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise DataError(
+                f"{what} has `{name}` on the meta device (a shape without values): "
+                f"materialise it first, e.g. model.to_empty(device='cpu') then "
+                f"model.load_state_dict(weights).")
+
+
+def check_leaf_modules(model: nn.Module, leaf_modules: Any) -> list[type[nn.Module] | str]:
+    """`leaf_modules` as a list, each entry a module class of which `model` has an instance or
+    the qualified name of one of its submodules (a GraphModule is captured as given: its
+    entries are only checked to be classes and names).
+
+    Raises:
+        ConfigError: not a list of classes and names, or an entry that matches no module of
+            the model (naming it and a few valid ones).
+    """
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable):
+        raise ConfigError(f"leaf_modules must be a list of module classes or qualified module "
+                          f"names, got {leaf_modules!r}")
+    leaves = list(leaf_modules)
+    named = {} if isinstance(model, fx.GraphModule) else dict(model.named_modules())
+    for leaf in leaves:
+        if not isinstance(leaf, str) and not (isinstance(leaf, type)
+                                              and issubclass(leaf, nn.Module)):
+            raise ConfigError(f"leaf_modules entries must be module classes or qualified module "
+                              f"names, got {leaf!r}")
+        if not named:
+            continue
+        if isinstance(leaf, type):
+            if not any(isinstance(m, leaf) for m in named.values()):
+                classes = sorted({type(m).__name__ for m in named.values()})
+                raise ConfigError(
+                    f"leaf_modules: {type(model).__name__} has no {leaf.__name__} module; "
+                    f"its module classes: {', '.join(classes[:8])}"
+                    f"{', …' if len(classes) > 8 else ''}")
+        elif leaf not in named or not leaf:
+            names = [n for n in named if n]
+            raise ConfigError(
+                f"leaf_modules: {type(model).__name__} has no submodule named {leaf!r}; "
+                f"its submodules: {', '.join(names[:8]) or 'none'}"
+                f"{', …' if len(names) > 8 else ''}")
+    return leaves
+
+
+#: loggers that torch.export writes to when it fails (a warning and the graph, many lines);
+#: our error says what failed instead
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export",
+                   "torch._export", "torch.onnx")
+
+
+@contextmanager
+def quiet_export() -> Iterator[None]:
+    """torch.export's own logging at ERROR for the duration (levels restored after), and the
+    partial graph it prints to stderr when it fails dropped."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Every submodule in eval mode for the duration; each one's own flag restored after."""
@@ -192,8 +275,13 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise TracingError(f"expected an nn.Module to trace, got {type(model).__name__}")
-    if frontend not in FRONTENDS:
+    if not isinstance(frontend, str) or frontend not in FRONTENDS:
         raise ConfigError(f"unknown frontend {frontend!r}; valid: {', '.join(FRONTENDS)}")
+    check_materialized(model)
+    leaf_modules = check_leaf_modules(model, leaf_modules)
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise ConfigError(f"concrete_args must be a dict of forward argument names to values, "
+                          f"got {concrete_args!r}")
     inputs = as_inputs(example_inputs)
     with eval_mode(model):
         if isinstance(model, fx.GraphModule):
@@ -206,7 +294,7 @@ def capture(
             except TracingError as e:
                 if frontend == "fx":
                     raise
-                why = str(e.__cause__ or e).splitlines()[0][:200]
+                why = summarize(e)
                 log.info("torch.fx could not trace %s (%s); capturing it with torch.export",
                          type(model).__name__, why)
                 try:
@@ -236,8 +324,7 @@ def _symbolic_trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module] | s
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:
         raise TracingError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}. {_HOW_TO_FIX}"
+            f"torch.fx could not trace {type(model).__name__}: {summarize(e)}. {_HOW_TO_FIX}"
         ) from e
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
@@ -254,13 +341,13 @@ def _export(model: nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
     for shapes in ([dynamic, None] if dynamic else [None]):
         try:
             # no_grad: code under torch.no_grad (rotary embeddings) stays in one flat graph
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), quiet_export():
                 warnings.simplefilter("ignore")
                 program = torch.export.export(model, inputs, strict=False,
                                               dynamic_shapes=shapes)
             return program.module()
         except Exception as e:  # a dynamic batch can fail where a static one works
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            errors.append(summarize(e))
     raise TracingError(
         f"torch.export could not capture {type(model).__name__}: {errors[-1]}. Check that the "
         f"model runs on the example inputs; data-dependent control flow needs torch.cond or "

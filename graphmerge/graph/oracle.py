@@ -8,6 +8,7 @@ transformed by its spaces' permutations, and names the first op that breaks.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors
 
 __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
-           "output_error", "to_double"]
+           "output_error", "check_seed", "check_tolerance", "to_double"]
 
 
 def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -109,6 +110,8 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
         >>> torch.allclose(m(x), p(x), atol=1e-6), torch.equal(m[0].weight, p[0].weight)
         (True, False)
     """
+    check_seed(seed)
+    check_tolerance(rtol)
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs, frontend=frontend, leaf_modules=leaf_modules).space_table
     out = copy.deepcopy(model)
@@ -121,6 +124,21 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
             f"{rtol:.0e}) although the node-by-node oracle found no broken op in float64; the "
             f"model may compute in low precision or read its parameters outside the graph.")
     return out
+
+
+def check_tolerance(rtol: Any, what: str = "rtol") -> float:
+    """A positive finite tolerance; ConfigError otherwise (a NaN one would accept anything)."""
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (
+            math.isfinite(rtol) and rtol > 0):
+        raise ConfigError(f"{what} must be a positive number, got {rtol!r}")
+    return float(rtol)
+
+
+def check_seed(seed: Any) -> int:
+    """A random seed: an int (not a bool); ConfigError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    return seed
 
 
 def output_error(a: nn.Module, b: nn.Module, inputs: tuple[Any, ...]) -> float:
@@ -183,21 +201,35 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     each of its axes permuted by its space (relative error < `rtol`). The first node that does
     not is reported with its op and spaces: that op's rule is wrong.
 
+    `traced`: the model's trace (`graphmerge.trace`) to check instead of a float64 trace of
+    its own; the check then runs in that trace's precision and inputs.
+
     Raises:
         SpaceCheckError: naming the node, op and spaces that broke the function.
         ConfigError: trials < 1 or rtol <= 0 (a check that checks nothing is refused).
     """
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials must be an int >= 1, got {trials!r}")
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
-        raise ConfigError(f"rtol must be a positive number, got {rtol!r}")
-    inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                   for x in as_inputs(example_inputs))
+    check_tolerance(rtol)
+    if traced is not None and not isinstance(traced, Traced):
+        raise ConfigError(f"traced must be what graphmerge.trace returns, got "
+                          f"{type(traced).__name__}")
+    inputs = as_inputs(example_inputs)
     if traced is None:
+        inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
+                       else x for x in inputs)
         model64 = set_eval(to_double(copy.deepcopy(model)))
         traced = trace(model64, inputs, frontend=frontend, leaf_modules=leaf_modules)
     table = traced.space_table
-    gm = set_eval(traced.graph_module)
+    gm = traced.graph_module
+    with eval_mode(gm):  # a given trace shares its modules with the caller's model
+        changed, worst = _trials(gm, table, inputs, trials, rtol)
+    return OracleReport(trials, len(table.free), len(table) - len(table.free), changed, worst)
+
+
+def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], trials: int,
+            rtol: float) -> tuple[int, float]:
+    """Run the oracle's trials: (tensors changed, worst relative output error)."""
     reference = run_nodes(gm, inputs)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     changed, worst = 0, 0.0
@@ -213,7 +245,7 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
         for o in outs:
             if isinstance(reference[o.name], torch.Tensor):
                 worst = max(worst, _rel_error(reference[o.name], values[o.name]))
-    return OracleReport(trials, len(table.free), len(table) - len(table.free), changed, worst)
+    return changed, worst
 
 
 def to_double(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch.fx as fx
 
-from graphmerge.errors import GraphmergeError
+from graphmerge.errors import GraphmergeError, summarize
 from graphmerge.graph.axes import Cat, Freeze, Keep, Kron, NodeAxis, ParamAxis, Same
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.rules import RULES, Op, rule_for
@@ -289,7 +289,7 @@ class _Builder:
             except Exception as e:
                 raise GraphmergeError(
                     f"the axis rule for `{op.name}` failed at node `{n.name}`: "
-                    f"{type(e).__name__}: {e}. Trace that block as a leaf module to freeze it, "
+                    f"{summarize(e)}. Trace that block as a leaf module to freeze it, "
                     f"or fix the rule in graphmerge/graph/rules/."
                 ) from e
             for a in touched:
@@ -632,5 +632,8 @@ def _data_nodes(graph: fx.Graph) -> set[str]:
 def find_spaces(traced: Traced) -> SpaceTable:
     """Group the axes of a traced model into spaces (see module docstring and DESIGN.md); the
     table is also stored on `traced` (`traced.space_table`)."""
+    if not isinstance(traced, Traced):
+        raise GraphmergeError(f"find_spaces needs a capture (graphmerge.graph.capture.capture, "
+                              f"or graphmerge.trace), got {type(traced).__name__}")
     traced.table = _Builder(traced).build()
     return traced.table

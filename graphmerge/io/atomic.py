@@ -14,9 +14,26 @@ from pathlib import Path
 
 from graphmerge.errors import ConfigError
 
-__all__ = ["atomic_file", "write_atomic", "write_text_atomic", "atomic_folder"]
+__all__ = ["atomic_file", "write_atomic", "write_text_atomic", "atomic_folder", "as_path",
+           "check_flag"]
 
 log = logging.getLogger(__name__)
+
+
+def as_path(path: object, what: str = "path") -> Path:
+    """`path` (a str or os.PathLike) as a Path; ConfigError naming `what` otherwise."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"{what} must be a file or folder path (str or pathlib.Path), got "
+                          f"{path!r}")
+    return Path(path)
+
+
+def check_flag(value: object, what: str) -> bool:
+    """`value` if it is True or False; ConfigError naming `what` otherwise (a truthy string
+    such as "no" must not count as yes)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be True or False, got {value!r}")
+    return value
 
 
 @contextmanager
@@ -32,10 +49,13 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
         >>> (d / "a.txt").read_text()
         'hi'
     """
-    target = Path(path)
+    target = as_path(path)
     if not target.parent.is_dir():
         raise ConfigError(f"cannot write {target}: directory {target.parent} does not exist")
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    except OSError as e:
+        raise _unwritable(target, e) from e
     os.close(fd)
     tmp = Path(name)
     try:
@@ -62,12 +82,17 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_folder(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on normal exit it becomes `path` (an
     existing folder is swapped out, then deleted, only if `overwrite`)."""
-    target = Path(path)
+    target = as_path(path)
+    check_flag(overwrite, "overwrite")
     if not target.parent.is_dir():
         raise ConfigError(f"cannot write {target}: directory {target.parent} does not exist; "
                           f"create it first.")
     _check_destination(target, overwrite)
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        build = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp",
+                                      dir=target.parent))
+    except OSError as e:
+        raise _unwritable(target, e) from e
     try:
         yield build
         _check_destination(target, overwrite)  # again: the folder may have appeared meanwhile
@@ -87,6 +112,12 @@ def atomic_folder(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
+
+
+def _unwritable(target: Path, error: OSError) -> ConfigError:
+    """The error for a destination whose directory refuses new files."""
+    return ConfigError(f"cannot write {target}: {error.strerror or error} in {target.parent} "
+                       f"(check its permissions and free space, or choose another destination)")
 
 
 def _check_destination(target: Path, overwrite: bool) -> None:

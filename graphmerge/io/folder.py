@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from graphmerge.errors import ConfigError, DataError, GraphmergeError
-from graphmerge.io.atomic import atomic_folder
+from graphmerge.errors import ConfigError, DataError, GraphmergeError, summarize
+from graphmerge.graph.capture import check_materialized
+from graphmerge.io.atomic import as_path, atomic_folder
 
 __all__ = ["save_module", "load_module", "load_state", "safetensors_ready", "WEIGHTS_FILE"]
 
@@ -194,9 +195,10 @@ def save_module(
     """
     if not isinstance(module, nn.Module):
         raise ConfigError(f"save_module needs a torch.nn.Module, got {type(module).__name__}.")
-    if not module_name.isidentifier():
+    if not isinstance(module_name, str) or not module_name.isidentifier():
         raise ConfigError(f"module_name must be a Python identifier, got {module_name!r}.")
-    target = Path(folder)
+    check_materialized(module, f"the {type(module).__name__} to save")
+    target = as_path(folder, "folder")
     with atomic_folder(target, overwrite) as build_dir:
         metadata = {"format": "pt", "module_class": type(module).__qualname__}
         if isinstance(module, torch.fx.GraphModule):
@@ -226,13 +228,16 @@ def load_module(folder: str | os.PathLike[str]) -> nn.Module:
 
     from safetensors import safe_open
 
-    root = Path(folder).resolve()
+    root = as_path(folder, "folder").resolve()
     init, weights = root / "__init__.py", root / WEIGHTS_FILE
     if not init.is_file() or not weights.is_file():
         raise DataError(f"{root} is not a folder written by save_module for a GraphModule "
                         f"(it needs __init__.py, module.py and {WEIGHTS_FILE}).")
-    with safe_open(str(weights), framework="pt") as f:
-        class_name = (f.metadata() or {}).get("module_name", "FxModule")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            class_name = (f.metadata() or {}).get("module_name", "FxModule")
+    except Exception as exc:
+        raise DataError(f"{weights} is not a readable safetensors file ({summarize(exc)}).") from exc
     name = f"_graphmerge_saved_{abs(hash(str(root))):x}"
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[
         str(root)])
@@ -241,6 +246,9 @@ def load_module(folder: str | os.PathLike[str]) -> nn.Module:
     try:
         spec.loader.exec_module(package)
         module = getattr(package, class_name)()
+    except Exception as exc:
+        raise DataError(f"the module saved in {root} could not be rebuilt ({summarize(exc)}); "
+                        f"its weights alone can be read with graphmerge.load_state.") from exc
     finally:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
@@ -266,7 +274,7 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             safetensors); a file that holds something other than a flat name -> tensor dict.
         DataError: the file is missing or corrupt.
     """
-    file = Path(path)
+    file = as_path(path)
     if file.is_dir():
         file = file / WEIGHTS_FILE
     if not file.is_file():
@@ -279,7 +287,7 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             state: Any = load_file(str(file), device="cpu")
         except Exception as exc:
             raise DataError(
-                f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc})."
+                f"{file} is not a readable safetensors file ({summarize(exc)})."
             ) from exc
     elif suffix in _PT_SUFFIXES:
         try:
@@ -291,11 +299,11 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 f"arbitrary objects. If you trust the file, convert it to safetensors once, e.g. "
                 f"safetensors.torch.save_file(torch.load(path, weights_only=False), "
                 f"'model.safetensors') (after extracting the state dict), and load that. "
-                f"Details: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                f"Details: {summarize(exc)}"
             ) from exc
         except Exception as exc:
             raise DataError(
-                f"{file} is not a readable torch checkpoint ({type(exc).__name__}: {exc})."
+                f"{file} is not a readable torch checkpoint ({summarize(exc)})."
             ) from exc
     else:
         raise ConfigError(

@@ -9,15 +9,23 @@ from typing import Any
 
 import networkx as nx
 
-from graphmerge.errors import ConfigError
-from graphmerge.io.atomic import write_text_atomic
+from graphmerge.errors import ConfigError, DataError, summarize
+from graphmerge.io.atomic import as_path, write_text_atomic
 
 __all__ = ["write_match_graph", "read_match_graph"]
 
 
 def write_match_graph(g: nx.Graph, path: str | os.PathLike) -> Path:
-    """Write as GraphML (.graphml), node-link JSON (.json) or Graphviz DOT (.dot), atomically."""
-    path = Path(path)
+    """Write as GraphML (.graphml), node-link JSON (.json) or Graphviz DOT (.dot), atomically.
+
+    Raises:
+        ConfigError: not a networkx graph, an unknown suffix, or a destination that cannot be
+            written.
+    """
+    if not isinstance(g, nx.Graph):
+        raise ConfigError(f"write_match_graph needs a networkx graph (MergeResult.match_graph), "
+                          f"got {type(g).__name__}")
+    path = as_path(path)
     suffix = path.suffix.lower()
     if suffix == ".graphml":
         text = "\n".join(nx.generate_graphml(g))
@@ -27,17 +35,34 @@ def write_match_graph(g: nx.Graph, path: str | os.PathLike) -> Path:
         text = _dot(g)
     else:
         raise ConfigError(f"unknown match-graph format {suffix!r}; use .graphml, .json or .dot")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: cannot create {path.parent} "
+                          f"({e.strerror or e})") from e
     return write_text_atomic(path, text)
 
 
 def read_match_graph(path: str | os.PathLike) -> nx.Graph:
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        return nx.node_link_graph(json.loads(path.read_text()), edges="edges")
-    if path.suffix.lower() == ".graphml":
+    """Read a match graph that `write_match_graph` wrote (.json or .graphml).
+
+    Raises:
+        ConfigError: another suffix.
+        DataError: the file is missing, unreadable, or not a match graph.
+    """
+    path = as_path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".graphml"):
+        raise ConfigError(f"can read match graphs from .json or .graphml, not {path.suffix!r}")
+    if not path.is_file():
+        raise DataError(f"match graph file {path} does not exist")
+    try:
+        if suffix == ".json":
+            return nx.node_link_graph(json.loads(path.read_text()), edges="edges")
         return nx.read_graphml(path)
-    raise ConfigError(f"can read match graphs from .json or .graphml, not {path.suffix!r}")
+    except Exception as e:
+        raise DataError(f"{path} is not a match graph written by graphmerge "
+                        f"({summarize(e)})") from e
 
 
 def _dot(g: nx.Graph) -> str:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from graphmerge.errors import ConfigError, GraphmergeError
-from graphmerge.graph.capture import eval_mode
+from graphmerge.errors import ConfigError, DataError, GraphmergeError, summarize
+from graphmerge.graph.capture import check_materialized, eval_mode, quiet_export
 from graphmerge.inputs import tensor_inputs
-from graphmerge.io.atomic import atomic_file
+from graphmerge.io.atomic import as_path, atomic_file, check_flag
 
 __all__ = ["ExportReport", "export_onnx"]
 
@@ -108,9 +108,20 @@ def _flatten_outputs(output: Any) -> list[Tensor]:
 
 
 def _torch_outputs(module: nn.Module, inputs: tuple[Tensor, ...]) -> list[np.ndarray]:
-    """Run ``module`` (already in eval mode) under no_grad; outputs as numpy arrays."""
-    with torch.no_grad():
-        out = module(*inputs)
+    """Run ``module`` (already in eval mode) under no_grad; outputs as numpy arrays.
+
+    Raises:
+        DataError: the module does not run on these inputs (shapes, dtypes).
+    """
+    try:
+        with torch.no_grad():
+            out = module(*inputs)
+    except Exception as exc:
+        raise DataError(
+            f"{type(module).__name__} does not run on inputs of shapes "
+            f"{[tuple(t.shape) for t in inputs]} ({summarize(exc)}); pass example inputs the "
+            f"module accepts."
+        ) from exc
     return [t.detach().cpu().numpy() for t in _flatten_outputs(out)]
 
 
@@ -187,8 +198,12 @@ def export_onnx(
         raise ConfigError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}.")
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
         raise ConfigError(f"atol must be a non-negative number, got {atol!r}.")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
+        raise ConfigError(f"opset must be None or an int ONNX opset version, got {opset!r}.")
+    check_materialized(module, f"the {type(module).__name__} to export")
+    check_flag(dynamic_batch, "dynamic_batch")
     inputs = tensor_inputs(example_inputs, "example_inputs")
-    target = Path(path)
+    target = as_path(path, "path")
     if not target.parent.is_dir():
         raise ConfigError(
             f"cannot write {target}: directory {target.parent} does not exist; create it first."
@@ -231,7 +246,7 @@ def _export_checked(
                 dynamic_batch,
             )
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), quiet_export():
                     warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
                     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
                     torch.onnx.export(
@@ -250,9 +265,9 @@ def _export_checked(
                 raise
             except Exception as exc:
                 raise GraphmergeError(
-                    f"torch.onnx.export failed for {type(module).__name__} "
-                    f"({type(exc).__name__}: {exc}). Check that the module runs under torch.export "
-                    f"with these inputs" + (" and a dynamic batch axis" if dynamic_batch else "") + "."
+                    f"torch.onnx.export failed for {type(module).__name__}: {summarize(exc)}. "
+                    f"Check that the module runs under torch.export with these inputs"
+                    + (" and a dynamic batch axis" if dynamic_batch else "") + "."
                 ) from exc
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise GraphmergeError(f"torch.onnx.export wrote no ONNX file for {target}.")
@@ -306,7 +321,7 @@ def _read_onnx_header(path: Path) -> tuple[int, tuple[str, ...], tuple[str, ...]
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise GraphmergeError(
-            f"the exported file {path} is not a readable ONNX model: {exc}"
+            f"the exported file {path} is not a readable ONNX model: {summarize(exc)}"
         ) from exc
     opset = next(
         (int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1
@@ -326,7 +341,8 @@ def _ort_session(path: Path) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise GraphmergeError(f"onnxruntime could not load the exported model: {exc}") from exc
+        raise GraphmergeError(
+            f"onnxruntime could not load the exported model: {summarize(exc)}") from exc
 
 
 def _run_ort(
@@ -348,7 +364,7 @@ def _run_ort(
     except Exception as exc:
         raise GraphmergeError(
             f"onnxruntime failed to run the exported model on a batch of {batch} "
-            f"({type(exc).__name__}: {exc})"
+            f"({summarize(exc)})"
             + ("; the batch axis is probably not dynamic." if resized else ".")
         ) from exc
 

@@ -11,7 +11,7 @@ import copy
 import torch
 import torch.fx as fx
 
-from graphmerge.errors import GraphmergeError
+from graphmerge.errors import GraphmergeError, summarize
 from graphmerge.graph.capture import set_eval
 from graphmerge.graph.literals import find_literals, merged_widths, resize_literals
 from graphmerge.passes.context import MergeContext
@@ -44,7 +44,7 @@ def compile_merged(ctx: MergeContext) -> None:
             out = gm(*ctx.example_inputs)
     except Exception as e:
         raise GraphmergeError(
-            f"the merged module does not run on the example inputs: {type(e).__name__}: {e}"
+            f"the merged module does not run on the example inputs: {summarize(e)}"
         ) from e
     outs = out if isinstance(out, (tuple, list)) else [out]
     if any(isinstance(o, torch.Tensor) and o.is_floating_point() and not torch.isfinite(o).all()

@@ -3,13 +3,22 @@ calibration data that accumulates their feature moments (`graphmerge.match.stati
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from graphmerge.errors import DataError, GraphmergeError
+from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.spaces import Space, SpaceTable
 from graphmerge.match.statistics import collect_stats
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 from graphmerge.surgery.repair import repair_points
 
-__all__ = ["collect_statistics", "mergeable", "head_projections"]
+__all__ = ["collect_statistics", "mergeable", "head_projections", "check_signal",
+           "aligned_reads"]
 
 
 def mergeable(table: SpaceTable) -> list[Space]:
@@ -37,18 +46,48 @@ def _reads(space: Space, inserted: set[str]) -> list:
     return kept or list(space.reads)
 
 
+def aligned_reads(table: SpaceTable, space: Space) -> list[NodeAxis]:
+    """The reads of `space` whose samples correspond across models: every other axis of the
+    value read keeps the identity (batch, positions, frozen channels). A transformable axis
+    among them (the channels of a token-mixing MLP, read as its hidden units' samples) is laid
+    out differently in each model, so its rows cannot be compared.
+
+    Raises:
+        GraphmergeError: every read of the space is of that kind; the space cannot be matched.
+    """
+    def aligned(read: NodeAxis) -> bool:
+        dims = table.node_axes.get(read.node, {})
+        return all(table[sid].frozen for d, sid in dims.items() if d != read.dim)
+
+    kept = [r for r in space.reads if aligned(r)]
+    if space.reads and not kept:
+        read = space.reads[0]
+        other = next(sid for d, sid in sorted(table.node_axes[read.node].items())
+                     if d != read.dim and not table[sid].frozen)
+        raise GraphmergeError(
+            f"space {space.id} (width {space.width}) is only read at `{read.node}`, where "
+            f"space {other} lies along the samples: its units cannot be compared sample by "
+            f"sample between models. Trace the module that mixes over that axis as a leaf "
+            f"(leaf_modules=[...]) to freeze its axes.")
+    return kept
+
+
 @merge_pass(needs=("paired", "alignments"), provides=("reads", "stats", "unit_stats"))
 def collect_statistics(ctx: MergeContext) -> None:
     """Moments of every mergeable space's features and of the attention projections, and
     (for REPAIR) per-unit sums at every repair point of the models: one pass."""
     tables = [t.space_table for t in ctx.traced]
     inserted = {n for a in ctx.alignments for n in a.inserted}
-    ctx.reads = {s.id: [_reads(s, inserted) for _ in tables] for s in mergeable(tables[0])}
+    ctx.reads = {}
+    for s in mergeable(tables[0]):
+        s = replace(s, reads=aligned_reads(tables[0], s))
+        ctx.reads[s.id] = [_reads(s, inserted) for _ in tables]
     for by_dim in head_projections(tables[0]).values():  # keyed by each dim's first projection
         for krons in by_dim.values():
             reads = [a for k in krons if k not in tables[0].head_groups  # (heads × dim)
                      for a in _reads(tables[0][k], inserted)]
             ctx.reads[krons[0]] = [reads for _ in tables]
+    check_signal(ctx.calibration)
     units = {}
     if ctx.config.norms == "repair":  # REPAIR's targets (every space: partial tails too)
         units = {p.node: p.dim for p in repair_points(ctx.traced[0],
@@ -57,3 +96,44 @@ def collect_statistics(ctx: MergeContext) -> None:
     ctx.stats, ctx.unit_stats = collect_stats(
         [t.graph_module for t in ctx.traced], ctx.reads, ctx.calibration, units=units,
         widths=widths, max_memory=ctx.config.max_memory, progress=ctx.config.progress)
+
+
+def check_signal(calibration: Iterable[tuple[Any, ...]]) -> None:
+    """Refuse calibration data whose samples are all the same (all-zero or constant inputs, a
+    single example): every activation is then constant, every correlation 0 or 1 by
+    convention, and the matching meaningless. One pass over the inputs, no model run; it stops
+    at the first sample that differs from the first. Batches without a tensor input are not
+    judged.
+
+    (The statistics cannot tell: a space's reads — a producer's output and what its consumers
+    read — are stacked as samples, so a unit varies between them even on constant data.)
+
+    Raises:
+        DataError: saying the data carry no signal and what to pass instead, or that every
+            batch is empty.
+    """
+    first: list[torch.Tensor] | None = None
+    samples = seen = 0
+    for batch in calibration:
+        seen += 1
+        inputs = [x for x in batch if isinstance(x, torch.Tensor) and x.dim() > 0]
+        if not inputs:
+            return  # nothing to compare: let the statistics speak
+        if len(inputs[0]) == 0:
+            continue
+        if first is None:
+            first = [x[:1] for x in inputs]
+        if len(inputs) != len(first) or any(
+                x.shape[1:] != f.shape[1:] or not bool((x == f).all())
+                for x, f in zip(inputs, first)):
+            return
+        samples += len(inputs[0])
+    if first is None:  # no batch (the statistics pass says so) or only empty ones
+        if seen:
+            raise DataError(f"the calibration data is empty: its {seen} batch(es) have size 0")
+        return
+    if samples:
+        raise DataError(
+            f"the calibration data carry no signal: all {samples} samples are the same (e.g. "
+            f"all zeros or one example), so every activation is constant. Pass real inputs of "
+            f"the models' task, e.g. a few hundred training examples.")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphmerge.errors import GraphmergeError, InexactExpansionWarning, MismatchError
+from graphmerge.errors import (
+    ConfigError,
+    GraphmergeError,
+    InexactExpansionWarning,
+    MismatchError,
+    summarize,
+)
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, set_eval
 from graphmerge.graph.kinds import identity_on, kind, node_key, tensor_args, value_range
@@ -374,8 +380,7 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
         err = output_error(model, gm, inputs)
     except Exception as e:  # a width the graph does not hold (a module attribute)
         raise GraphmergeError(
-            f"the expanded {type(model).__name__} does not run ({type(e).__name__}: "
-            f"{str(e)[:200]}): a width is held outside the graph's shape constants (a module "
+            f"the expanded {type(model).__name__} does not run ({summarize(e)}): a width is held outside the graph's shape constants (a module "
             f"attribute such as nn.MultiheadAttention's embed_dim, or a size computed in "
             f"Python such as d // heads); deepen towards a reference of the model's widths") from e
     if post:
@@ -406,6 +411,15 @@ def deepen(model: nn.Module, example_inputs: Any, reference: nn.Module,
     model's units in the reference's stage s (default: evenly, first and last fixed). Computes
     exactly the function of `model`, except for post-norm units, whose norms are fitted on
     `calibration` (see `expand`)."""
+    if positions is not None and (isinstance(positions, (str, bytes)) or not all(
+            isinstance(p, Sequence) and not isinstance(p, str)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+            for p in positions)):
+        raise ConfigError(f"positions must be one list of unit indices per stage of the "
+                          f"reference (e.g. [[0, 2]]), got {positions!r}")
+    if isinstance(calibration, (torch.Tensor, str)) or not isinstance(calibration, Iterable):
+        raise ConfigError("calibration must be a list of batches (e.g. [x[:64], x[64:]]), got "
+                          f"{type(calibration).__name__}")
     traced = trace(model, example_inputs, frontend=frontend)
     ref = trace(reference, example_inputs, frontend=frontend)
     if topology(traced) == topology(ref):

@@ -9,15 +9,16 @@ so the wider model computes the same function. Used to test heterogeneous-width 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from graphmerge.errors import ConfigError, GraphmergeError
+from graphmerge.errors import ConfigError, GraphmergeError, summarize
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import set_eval
-from graphmerge.graph.oracle import output_error
+from graphmerge.graph.oracle import check_seed, check_tolerance, output_error
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
 from graphmerge.surgery.tensors import named_tensors, set_tensor, sync_module_attributes
@@ -33,8 +34,11 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     width: duplicating units would change the statistics. A width held outside the graph (a
     module attribute the forward code reads) cannot be rewritten: such a model is refused.
     """
-    if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra < 0:
+    if isinstance(extra, bool) or not isinstance(extra, (int, float)) or not (
+            math.isfinite(extra) and extra >= 0):
         raise ConfigError(f"extra must be a non-negative ratio or number of units, got {extra!r}")
+    check_seed(seed)
+    check_tolerance(rtol)
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs).space_table
     g = torch.Generator().manual_seed(seed)
@@ -76,8 +80,7 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
         err = output_error(model, wide, inputs)
     except Exception as e:  # a width the forward code reads from elsewhere
         raise GraphmergeError(
-            f"the widened {type(model).__name__} does not run ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:160]}): a width is held outside the graph (e.g. a "
+            f"the widened {type(model).__name__} does not run ({summarize(e)}): a width is held outside the graph (e.g. a "
             f"module attribute read by forward); widen() cannot rewrite it") from e
     if err > rtol:
         raise GraphmergeError(f"widening changed the model's outputs (relative error {err:.1e}); "
