@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import itertools
 import os
 import re
 import subprocess
@@ -465,9 +466,34 @@ def case_merge_batches_of_one(env):
     merge([a, gm.permute(a, x4())], [x4(1, s) for s in range(8)])
 
 
-@case("models", expect="ok")
-def case_merge_generator_calibration(env):
-    merge(env.two(), (x4(8, s) for s in range(3)))
+@case("calibration")
+def case_merge_generator_calibration_without_a_limit(env):
+    merge(env.two(), (x4(8, s) for s in range(3)))  # no len(): it may be endless
+
+
+@case("calibration", expect="ok")
+def case_merge_generator_calibration_with_a_limit(env):
+    merge(env.two(), (x4(8, s) for s in range(3)), max_batches=3)
+
+
+@case("calibration", expect="ok")
+def case_merge_endless_calibration_with_a_limit(env):
+    merge(env.two(), itertools.cycle([x4(8, 0), x4(8, 1)]), max_samples=20)
+
+
+@case("options")
+def case_merge_max_samples_zero(env):
+    merge(env.two(), [x4(8)], max_samples=0)
+
+
+@case("options")
+def case_merge_max_memory_not_an_int(env):
+    merge(env.two(), [x4(8)], max_memory="2GB")
+
+
+@case("options")
+def case_merge_device_unknown(env):
+    merge(env.two(), [x4(8)], device="tpu")
 
 
 @case("models", expect="ok")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
+import torch
+
 from graphmerge.graph.oracle import check_spaces as run_oracle
 from graphmerge.graph.oracle import to_double
 from graphmerge.passes.context import MergeContext
@@ -24,8 +26,9 @@ def check_spaces(ctx: MergeContext) -> None:
         pass
     elif ctx.traced[0].frontend == "fx":
         copy64 = to_double(copy.deepcopy(ctx.traced[0].graph_module))
-        run_oracle(None, ctx.example_inputs, trials=1,
-                   traced=replace(ctx.traced[0], graph_module=copy64))
+        inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
+                       else x for x in ctx.example_inputs)
+        run_oracle(None, inputs, trials=1, traced=replace(ctx.traced[0], graph_module=copy64))
     else:
         run_oracle(ctx.models[0], ctx.example_inputs, trials=1,
                    leaf_modules=ctx.config.leaf_modules, frontend=ctx.config.frontend)
