@@ -169,6 +169,7 @@ def collect_stats(
     *,
     units: dict[str, int] | None = None,
     widths: dict[Any, int] | None = None,
+    pooled: dict[tuple[str, int], tuple[int, ...]] | None = None,
     max_rows: int = 8192,
     max_memory: int | None = None,
     progress: bool = True,
@@ -183,6 +184,8 @@ def collect_stats(
         units: {node name: unit axis} whose per-unit sums are wanted in every model (REPAIR's
             targets); collected in the first pass.
         widths: space key -> d = Σ_i d_i, needed with `max_memory`.
+        pooled: (node, dim) of a read -> axes its value is averaged over first (other
+            transformable axes, whose positions differ between models).
         max_rows: at most this many sample rows per space and batch, shared equally by its
             reads; larger feature maps are subsampled with the same rows in every model.
         max_memory: bound in bytes on the space statistics held at once (8·d² per space of
@@ -215,6 +218,9 @@ def collect_stats(
                 for key, r, axis in taps.get(n.name, ()):
                     piece = axis.node.partition("#")[2]
                     per_model = [v[int(piece)] if piece else v for v in values]
+                    over = (pooled or {}).get((axis.node, axis.dim))
+                    if over:
+                        per_model = [v.mean(over, keepdim=True) for v in per_model]
                     gen = torch.Generator().manual_seed(zlib.crc32(f"{key}/{r}/{b}".encode()))
                     quota = max(1, max_rows // len(reads[key][0]))  # rows per read
                     idx = _subsample(per_model[0], axis.dim, quota, gen)

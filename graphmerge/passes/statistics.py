@@ -4,12 +4,11 @@ calibration data that accumulates their feature moments (`graphmerge.match.stati
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from graphmerge.errors import DataError, GraphmergeError
+from graphmerge.errors import DataError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.spaces import Space, SpaceTable
 from graphmerge.match.statistics import collect_stats
@@ -46,30 +45,19 @@ def _reads(space: Space, inserted: set[str]) -> list:
     return kept or list(space.reads)
 
 
-def aligned_reads(table: SpaceTable, space: Space) -> list[NodeAxis]:
-    """The reads of `space` whose samples correspond across models: every other axis of the
-    value read keeps the identity (batch, positions, frozen channels). A transformable axis
-    among them (the channels of a token-mixing MLP, read as its hidden units' samples) is laid
-    out differently in each model, so its rows cannot be compared.
-
-    Raises:
-        GraphmergeError: every read of the space is of that kind; the space cannot be matched.
-    """
-    def aligned(read: NodeAxis) -> bool:
+def pooled_axes(table: SpaceTable, reads: list[NodeAxis]) -> dict[tuple[str, int], tuple]:
+    """Per read, the other transformable axes of the value it reads: (node, dim) → dims. Such an
+    axis (the channels of a token-mixing MLP, read as its hidden units' samples) is laid out
+    differently in each model, so its positions cannot be compared as samples; the features
+    are averaged over it first (a mean is the same under any permutation or merge of it)."""
+    out = {}
+    for read in reads:
         dims = table.node_axes.get(read.node, {})
-        return all(table[sid].frozen for d, sid in dims.items() if d != read.dim)
-
-    kept = [r for r in space.reads if aligned(r)]
-    if space.reads and not kept:
-        read = space.reads[0]
-        other = next(sid for d, sid in sorted(table.node_axes[read.node].items())
-                     if d != read.dim and not table[sid].frozen)
-        raise GraphmergeError(
-            f"space {space.id} (width {space.width}) is only read at `{read.node}`, where "
-            f"space {other} lies along the samples: its units cannot be compared sample by "
-            f"sample between models. Trace the module that mixes over that axis as a leaf "
-            f"(leaf_modules=[...]) to freeze its axes.")
-    return kept
+        others = tuple(sorted(d for d, sid in dims.items()
+                              if d != read.dim and not table[sid].frozen))
+        if others:
+            out[read.node, read.dim] = others
+    return out
 
 
 @merge_pass(needs=("paired", "alignments"), provides=("reads", "stats", "unit_stats"))
@@ -80,7 +68,6 @@ def collect_statistics(ctx: MergeContext) -> None:
     inserted = {n for a in ctx.alignments for n in a.inserted}
     ctx.reads = {}
     for s in mergeable(tables[0]):
-        s = replace(s, reads=aligned_reads(tables[0], s))
         ctx.reads[s.id] = [_reads(s, inserted) for _ in tables]
     for by_dim in head_projections(tables[0]).values():  # keyed by each dim's first projection
         for krons in by_dim.values():
@@ -93,8 +80,10 @@ def collect_statistics(ctx: MergeContext) -> None:
         units = {p.node: p.dim for p in repair_points(ctx.traced[0],
                                                       {s.id for s in tables[0]})}
     widths = {k: sum(t[k].width for t in tables) for k in ctx.reads}
+    pooled = pooled_axes(tables[0], [a for per_model in ctx.reads.values() for a in per_model[0]])
     ctx.stats, ctx.unit_stats = collect_stats(
         [t.graph_module for t in ctx.traced], ctx.reads, ctx.calibration, units=units,
+        pooled=pooled,
         widths=widths, max_memory=ctx.config.max_memory, progress=ctx.config.progress)
 
 
