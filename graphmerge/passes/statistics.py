@@ -17,7 +17,7 @@ from graphmerge.passes.manager import merge_pass
 from graphmerge.surgery.repair import repair_points
 
 __all__ = ["collect_statistics", "mergeable", "head_projections", "check_signal",
-           "aligned_reads"]
+           "pooled_axes"]
 
 
 def mergeable(table: SpaceTable) -> list[Space]:
