@@ -45,23 +45,29 @@ class SpaceStats:
     _sx: torch.Tensor | None = field(default=None, repr=False)
     _sxx: torch.Tensor | None = field(default=None, repr=False)
 
-    def add(self, x: torch.Tensor) -> None:
-        """x: [n, d] features of all models side by side. The batch's centred products are
-        taken in the features' dtype (float32 or wider: fast, and centred, so no
-        cancellation), then added into the float64 sums."""
-        x = x.detach()
-        if not x.is_floating_point() or x.element_size() < 4:
-            x = x.float()
+    def add(self, rows: Sequence[torch.Tensor]) -> None:
+        """rows: per model, its [n, d_i] features of the same n samples. Each batch's
+        centred products are taken in the features' dtype (float32 or wider: fast, and
+        centred, so no cancellation), block by block (the blocks below the diagonal are the
+        transposes of those above), then added into the float64 sums."""
+        rows = [r.detach() if r.is_floating_point() and r.element_size() >= 4
+                else r.detach().float() for r in rows]
         if self._sx is None:
             d = sum(self.widths)
-            self._sx = torch.zeros(d, dtype=torch.float64, device=x.device)
-            self._sxx = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        n = x.shape[0]
-        mean = x.mean(0, keepdim=True)
-        centred = x - mean
-        mean = mean.reshape(-1).double()
+            self._sx = torch.zeros(d, dtype=torch.float64, device=rows[0].device)
+            self._sxx = torch.zeros(d, d, dtype=torch.float64, device=rows[0].device)
+        n = rows[0].shape[0]
+        means = [r.mean(0, keepdim=True) for r in rows]
+        centred = [r - m for r, m in zip(rows, means)]
+        at = np.cumsum([0, *self.widths])
+        for i, a in enumerate(centred):
+            for j in range(i, len(centred)):
+                block = (a.T @ centred[j]).double()
+                self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]] += block
+                if j > i:
+                    self._sxx[at[j]:at[j + 1], at[i]:at[i + 1]] += block.T
+        mean = torch.cat(means, dim=1).reshape(-1).double()
         self._sx += n * mean
-        self._sxx += (centred.T @ centred).double()
         self._sxx.addr_(mean, mean, alpha=n)
         self.count += n
 
@@ -227,7 +233,7 @@ def collect_stats(
                     rows = [unit_rows(v, axis.dim, idx) for v in per_model]
                     if key not in stats:
                         stats[key] = SpaceStats([x.shape[1] for x in rows])
-                    stats[key].add(torch.cat(rows, dim=1))
+                    stats[key].add(rows)
                 if n.name in wanted:
                     for own, v in zip(sums, values):
                         own[n.name].add(v, wanted[n.name])
