@@ -12,7 +12,8 @@ depth 4, MLP 128, pre-norm (LayerNorm); AdamW.
 Rows: each model alone, the ensemble, weight averaging, permutation and zip with head-aware
 attention (the default: heads matched as wholes, each merged head's dims by its own transform),
 and permutation and zip with the heads kept in place (merge option attention="frozen": head h
-of A merged with head h of B, dim by dim; the residual stream and the MLPs merged as usual).
+of A merged with head h of B, dim by dim; the residual stream and the MLPs merged as usual),
+and zip with partial merges (cut after 1/3 and 2/3 of the weighted layers) for reference.
 Norms "repair" (the default) and "none"; "reset" only recomputes BatchNorm statistics and a ViT
 has none. Also checks that a self-merge with a permuted copy (heads and each head's dims
 permuted) is exact under the defaults.
@@ -47,7 +48,9 @@ VARIANTS = {"average": {"method": "average"},
             "permute": {"method": "permute"},
             "zip": {"method": "zip"},
             "permute, heads frozen": {"method": "permute", "attention": "frozen"},
-            "zip, heads frozen": {"method": "zip", "attention": "frozen"}}
+            "zip, heads frozen": {"method": "zip", "attention": "frozen"},
+            "zip, partial 1/3": {"method": "zip", "partial": 1 / 3},
+            "zip, partial 2/3": {"method": "zip", "partial": 2 / 3}}
 VIT = {"patch_size": 7, "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128}
 TRAIN = {"optimizer": "adam", "lr": 1e-3}
 
@@ -144,8 +147,7 @@ def render(record: dict, out: Path) -> None:
         return next(r["joint"] for r in rows if r["method"] == method and r["norms"] == norms)
 
     summary = [f"- {m} (repair): joint {joint(m):.1%} = {joint(m) / ens:.1%} of the ensemble's"
-               for m in ("average", "permute", "zip", "permute, heads frozen",
-                         "zip, heads frozen")]
+               for m in VARIANTS]
     c = record["self_merge"]
     md = ["# Merge quality: Fashion-MNIST 5+5, ViT pair", "",
           f"ViT: patch {v['patch_size']} (16 tokens + [cls]), dim {v['dim']}, {v['heads']} heads, "
@@ -164,7 +166,10 @@ def render(record: dict, out: Path) -> None:
           "stream, MLP) is matched as usual. The default (`attention=\"heads\"`) matches heads "
           "as wholes and each merged head's dims by its own transform. Norms: `repair` "
           "(default) and `none`; `reset` recomputes BatchNorm statistics only and a ViT has "
-          "none (LayerNorm only).", "",
+          "none (LayerNorm only). Partial merges (zip, cut after 1/3 or 2/3 of the weighted "
+          "layers: the graph up to the cut merged, after it each model keeps its own layers, "
+          "fed through its unmerge matrices) are shown for reference; they have more "
+          "parameters.", "",
           f"Command: `{record['command'].strip()}`  ",
           f"torch {record['torch']}, {record['machine']}, 1 thread, wall time "
           f"{record['wall_minutes']:.1f} min", "",
