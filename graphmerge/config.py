@@ -19,7 +19,7 @@ from graphmerge.graph.capture import FRONTENDS
 from graphmerge.match.align import ALIGN_METHODS
 from graphmerge.match.matchers import MATCHERS
 
-__all__ = ["MergeConfig", "HEAD_MODES", "NORM_MODES"]
+__all__ = ["MergeConfig", "HEAD_MODES", "NORM_MODES", "ATTENTION_MODES"]
 
 #: heads="average" (default): the merged model keeps model 0's interface, outputs averaged;
 #: "concat": every model keeps its head and the logits are concatenated (disjoint tasks).
@@ -29,6 +29,11 @@ HEAD_MODES = ("average", "concat")
 #: "reset": recompute BatchNorm statistics on the calibration data; "none": keep the merged
 #: statistics.
 NORM_MODES = ("repair", "reset", "none")
+#: attention="heads" (default): attention heads are matched as wholes and each merged head's
+#: dims by its own transform (`graphmerge.match.heads`); "frozen": the heads and head dims keep
+#: the identity (head h of every model merged with head h, dim by dim), the rest is merged as
+#: usual — the baseline that ignores where the heads are.
+ATTENTION_MODES = ("heads", "frozen")
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class MergeConfig:
         >>> MergeConfig.from_dict({"metod": "zip"})
         Traceback (most recent call last):
         ...
-        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory
+        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory, attention
     """
 
     method: str = "zip"
@@ -63,12 +68,14 @@ class MergeConfig:
     max_samples: int | None = None
     device: Any = None
     max_memory: Any = None
+    attention: str = "heads"
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, sorted(MATCHERS))
         _one_of("heads", self.heads, HEAD_MODES)
         _one_of("align", self.align, ALIGN_METHODS)
         _one_of("norms", self.norms, NORM_MODES)
+        _one_of("attention", self.attention, ATTENTION_MODES)
         _one_of("frontend", self.frontend, FRONTENDS)
         for key in ("check", "progress"):
             if not isinstance(getattr(self, key), bool):

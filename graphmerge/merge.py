@@ -165,6 +165,10 @@ def merge(
                 own layers, fed through its unmerge matrices; outputs averaged or, with
                 heads="concat", concatenated. More parameters, higher accuracy (ZipIt!'s
                 partial zipping).
+            attention: "heads" (default: attention heads are matched as wholes, each merged
+                head's dims by its own transform) or "frozen" (heads and head dims keep the
+                identity: head h of every model is merged with head h, dim by dim; the rest
+                is merged as usual; a baseline that ignores the heads).
 
     Returns:
         MergeResult with `.module` (an eval-mode GraphModule), `.match_graph`, `.summary`.

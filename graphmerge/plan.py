@@ -135,7 +135,7 @@ def plan_merge(models: Sequence[nn.Module], example_inputs: Any,
                          for i, d in enumerate(a.depths) if 0 < d < a.depths[a.reference]})
               for a in ctx.alignments]
     tables = [t.space_table for t in ctx.traced]
-    heads = head_projections(tables[0])
+    heads = head_projections(tables[0], cfg.attention)
     merged = [s.id for s in mergeable(tables[0])]
     check_width_spaces(cfg.width, set(merged), set(heads))
     rows = []

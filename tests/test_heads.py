@@ -244,3 +244,22 @@ def test_grouped_query_attention_with_rotary_embeddings(frontend):
     assert any(s["widths"] == [2, 3] for s in result.spaces)
     out = result.module(calibration[0])
     assert out.shape == (8, 6, 5) and torch.isfinite(out).all()
+
+
+def test_frozen_attention_keeps_heads_in_place():
+    """attention="frozen": heads and head dims keep the identity. A twin whose heads are
+    permuted no longer merges back; a twin permuted everywhere but in the attention does, and
+    no plan is made for a heads space or a projection."""
+    model, x = _vit()
+    calibration = [torch.randn(16, *x.shape[1:]) for _ in range(3)]
+    twin = _per_head_permuted(model, seed=3)
+    options = dict(heads="average", norms="none", progress=False, attention="frozen")
+    result = gm.merge([model, twin], calibration, x, **options)
+    table = gm.trace(model, x).space_table
+    projections = {sid for h, ks in table.heads.items() for k, d in ks for sid in (h, k, d)}
+    assert not projections & set(result.plans)
+    assert output_error(model, result.module, (calibration[0],)) > 1e-3
+    same = gm.merge([model, model], calibration, x, **options)
+    assert output_error(model, same.module, (calibration[0],)) < 1e-5
+    with pytest.raises(gm.ConfigError, match="unknown attention 'head'; valid: heads, frozen"):
+        gm.merge([model, twin], calibration, x, attention="head", progress=False)

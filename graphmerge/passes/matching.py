@@ -47,11 +47,12 @@ def match_spaces(ctx: MergeContext) -> None:
     """Run the configured matcher on every merged space's correlation matrix."""
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
-    check_width_spaces(cfg.width, set(ctx.stats), set(ctx.traced[0].space_table.heads))
+    check_width_spaces(cfg.width, set(ctx.stats), set(head_projections(
+        ctx.traced[0].space_table, cfg.attention)))
     options = cfg.matcher_options()
     ctx.plans = {}
     tables = [t.space_table for t in ctx.traced]
-    heads = head_projections(tables[0])
+    heads = head_projections(tables[0], cfg.attention)
     projections = {by_dim[d][0] for by_dim in heads.values() for d in by_dim}
     for sid, st in ctx.stats.items():
         if sid in projections:

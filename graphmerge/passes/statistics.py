@@ -27,11 +27,15 @@ def mergeable(table: SpaceTable) -> list[Space]:
     return [s for s in table if not s.frozen and s.derived is None and s.id not in grouped]
 
 
-def head_projections(table: SpaceTable) -> dict[int, dict[int, list[int]]]:
+def head_projections(table: SpaceTable, attention: str = "heads"
+                     ) -> dict[int, dict[int, list[int]]]:
     """Per heads space, its projections (kron spaces) by head dim: {heads: {dim: [krons]}};
     the first of each is laid out heads × dim (its statistics score the heads), grouped
-    queries (heads × group × dim) come last."""
+    queries (heads × group × dim) come last. None with attention="frozen" (heads and head
+    dims keep the identity)."""
     out: dict[int, dict[int, list[int]]] = {}
+    if attention == "frozen":
+        return out
     for h, ks in table.heads.items():
         for k, d in sorted(ks, key=lambda kd: kd[0] in table.head_groups):
             out.setdefault(h, {}).setdefault(d, []).append(k)
@@ -69,7 +73,7 @@ def collect_statistics(ctx: MergeContext) -> None:
     ctx.reads = {}
     for s in mergeable(tables[0]):
         ctx.reads[s.id] = [_reads(s, inserted) for _ in tables]
-    for by_dim in head_projections(tables[0]).values():  # keyed by each dim's first projection
+    for by_dim in head_projections(tables[0], ctx.config.attention).values():  # per dim's first
         for krons in by_dim.values():
             reads = [a for k in krons if k not in tables[0].head_groups  # (heads × dim)
                      for a in _reads(tables[0][k], inserted)]
