@@ -158,7 +158,9 @@ def merge(
                 caller's models are copied, never moved.
             max_memory: a bound in bytes on the feature statistics (8·d² per space of d
                 units summed over the models); spaces that do not fit together are measured
-                in several passes over the calibration data, with the same result.
+                in several passes over the calibration data, with the same result. It also
+                bounds the activations REPAIR holds for its single pass (default 2 GiB; past
+                it, one pass per level).
             partial: None (default: merge everything) or a cut — a node name, a space id
                 (after the last node carrying it) or a fraction of depth (of the weighted
                 layers): the graph up to the cut is merged, after it every model keeps its
