@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 from _protocol import NORMS, mean_rows, plot, score, table
+from heterogeneous import arch
 
 from graphmerge.io.atomic import write_text_atomic
 from graphmerge.lab.data import fashion_mnist_tasks, load_fashion_mnist
-from graphmerge.lab.experiment import TaskPairConfig, calibration_batches, train_model
+from graphmerge.lab.experiment import calibration_batches, train_model
 
 HERE = Path(__file__).resolve().parent
 D1, D2, D4 = [1, 1, 1], [2, 2, 2], [4, 4, 4]
@@ -42,11 +43,6 @@ EXPERIMENTS = {
     "width: ×1 ⊕ ×2, 2-2-2": ((D2, 1), (D2, 2), ZIP, (D2, 2)),
     "depth + width: 1-1-1 ×1 ⊕ 2-2-2 ×2": ((D1, 1), (D2, 2), ALIGN, (D2, 2)),
 }
-
-
-def arch(depths, width, epochs):
-    return TaskPairConfig(model={"depths": depths, "width": width, "stem_stride": 2},
-                          epochs=epochs)
 
 
 def main() -> None:
