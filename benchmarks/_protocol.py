@@ -31,6 +31,18 @@ EMBED_DIM, SCALE, CLASSES = 64, 16.0, 10
 NORMS = ("repair", "reset", "none")
 
 
+def fashion_mnist_setup(seed_pairs: str) -> tuple[list, torch.Tensor, torch.Tensor, list, list]:
+    """The 5+5 Fashion-MNIST protocol: tasks, the 10k test set, the 400 calibration images,
+    and the seed pairs parsed from "0,1;2,3"."""
+    from graphmerge.lab.data import fashion_mnist_tasks, load_fashion_mnist
+    from graphmerge.lab.experiment import calibration_batches
+
+    tasks = fashion_mnist_tasks("halves")
+    x_test, y_test = load_fashion_mnist("test")
+    pairs = [tuple(int(s) for s in pair.split(",")) for pair in seed_pairs.split(";")]
+    return tasks, x_test, y_test, calibration_batches(tasks), pairs
+
+
 def class_embeddings(seed: int = 0) -> torch.Tensor:
     """[10, 64] orthonormal rows, fixed by the seed."""
     g = torch.Generator().manual_seed(seed)

@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from _protocol import NORMS, mean_rows, plot, score, table
+from _protocol import NORMS, fashion_mnist_setup, mean_rows, plot, score, table
 from heterogeneous import arch
 
 from graphmerge.io.atomic import write_text_atomic
-from graphmerge.lab.data import fashion_mnist_tasks, load_fashion_mnist
-from graphmerge.lab.experiment import calibration_batches, train_model
+from graphmerge.lab.experiment import train_model
 
 HERE = Path(__file__).resolve().parent
 D1, D2, D4 = [1, 1, 1], [2, 2, 2], [4, 4, 4]
@@ -63,10 +62,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t_start = time.perf_counter()
-    tasks = fashion_mnist_tasks("halves")
-    x_test, y_test = load_fashion_mnist("test")
-    calibration = calibration_batches(tasks)
-    pairs = [tuple(int(s) for s in pair.split(",")) for pair in args.seed_pairs.split(";")]
+    tasks, x_test, y_test, calibration, pairs = fashion_mnist_setup(args.seed_pairs)
     cache, e = Path(args.cache), args.epochs
     names = list(EXPERIMENTS)
     record, reference_rows = {}, {}

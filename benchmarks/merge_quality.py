@@ -32,11 +32,17 @@ import time
 from pathlib import Path
 
 import torch
-from _protocol import embedding_model, mean_rows, plot, score, table
+from _protocol import (
+    embedding_model,
+    fashion_mnist_setup,
+    mean_rows,
+    plot,
+    score,
+    table,
+)
 
 from graphmerge.io.atomic import write_text_atomic
-from graphmerge.lab.data import fashion_mnist_tasks, load_fashion_mnist
-from graphmerge.lab.experiment import TaskPairConfig, calibration_batches, train_model
+from graphmerge.lab.experiment import TaskPairConfig, train_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,10 +64,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
-    tasks = fashion_mnist_tasks("halves")
-    x_test, y_test = load_fashion_mnist("test")
-    calibration = calibration_batches(tasks)
-    pairs = [tuple(int(s) for s in pair.split(",")) for pair in args.seed_pairs.split(";")]
+    tasks, x_test, y_test, calibration, pairs = fashion_mnist_setup(args.seed_pairs)
     cache = Path(args.cache)
     results, record = {}, {}
     for protocol in args.protocols.split(","):

@@ -34,12 +34,18 @@ import time
 from pathlib import Path
 
 import torch
-from _protocol import embedding_model, mean_rows, plot, score, table
+from _protocol import (
+    embedding_model,
+    fashion_mnist_setup,
+    mean_rows,
+    plot,
+    score,
+    table,
+)
 
 import graphmerge as gm
 from graphmerge.io.atomic import write_text_atomic
-from graphmerge.lab.data import fashion_mnist_tasks, load_fashion_mnist
-from graphmerge.lab.experiment import TaskPairConfig, calibration_batches
+from graphmerge.lab.experiment import TaskPairConfig
 from graphmerge.lab.training import predict_logits
 
 HERE = Path(__file__).resolve().parent
@@ -90,10 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.smoke:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     t_start = time.perf_counter()
-    tasks = fashion_mnist_tasks("halves")
-    x_test, y_test = load_fashion_mnist("test")
-    calibration = calibration_batches(tasks)
-    pairs = [tuple(int(s) for s in pair.split(",")) for pair in args.seed_pairs.split(";")]
+    tasks, x_test, y_test, calibration, pairs = fashion_mnist_setup(args.seed_pairs)
     vit = VIT
     if args.smoke:
         x_test, y_test = x_test[:500], y_test[:500]
