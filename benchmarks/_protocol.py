@@ -31,16 +31,20 @@ EMBED_DIM, SCALE, CLASSES = 64, 16.0, 10
 NORMS = ("repair", "reset", "none")
 
 
-def fashion_mnist_setup(seed_pairs: str) -> tuple[list, torch.Tensor, torch.Tensor, list, list]:
-    """The 5+5 Fashion-MNIST protocol: tasks, the 10k test set, the 400 calibration images,
-    and the seed pairs parsed from "0,1;2,3"."""
+def fashion_mnist_setup(seed_groups: str, num_tasks: int = 2
+                        ) -> tuple[list, torch.Tensor, torch.Tensor, list, list]:
+    """The Fashion-MNIST disjoint-task protocol (5+5 classes, or 4+3+3 for three tasks):
+    tasks, the 10k test set, the 400 calibration images, and the seed groups parsed from
+    "0,1;2,3" (one seed per task in each group)."""
     from graphmerge.lab.data import fashion_mnist_tasks, load_fashion_mnist
     from graphmerge.lab.experiment import calibration_batches
 
-    tasks = fashion_mnist_tasks("halves")
+    tasks = fashion_mnist_tasks("halves", num_tasks=num_tasks)
     x_test, y_test = load_fashion_mnist("test")
-    pairs = [tuple(int(s) for s in pair.split(",")) for pair in seed_pairs.split(";")]
-    return tasks, x_test, y_test, calibration_batches(tasks), pairs
+    groups = [tuple(int(s) for s in group.split(",")) for group in seed_groups.split(";")]
+    if any(len(g) != num_tasks for g in groups):
+        raise SystemExit(f"each seed group needs {num_tasks} seeds, one per task: {seed_groups!r}")
+    return tasks, x_test, y_test, calibration_batches(tasks), groups
 
 
 def class_embeddings(seed: int = 0) -> torch.Tensor:
@@ -135,7 +139,7 @@ def score(models, tasks, calibration, protocol, x_test, y_test, variants=None, n
 
     logits = [predict_logits(m, x_test) for m in models]
     for i, (m, lg) in enumerate(zip(models, logits)):
-        row(f"model {'AB'[i]} alone", m, single_model_logits(lg, i, classes) if concat else lg)
+        row(f"model {chr(ord('A') + i)} alone", m, single_model_logits(lg, i, classes) if concat else lg)
     if concat:
         ensemble = ensemble_logits(logits)
     else:
@@ -171,20 +175,22 @@ def table(rows, ensemble_joint, extra=()):
     """Markdown rows: joint (± half-range), as a share of the ensemble's, per task, params,
     MFLOPs; `extra` = [(header, row key, format)] columns appended; a row with "error" shows
     it instead of the accuracies."""
-    head = ["method", "norms", "joint", "of ensemble", "task A", "task B", "task mean",
-            "params", "MFLOPs", *(h for h, _, _ in extra)]
+    n_tasks = max((len(r["per_task"]) for r in rows if not r.get("error")), default=2)
+    tasks = [f"task {chr(ord('A') + t)}" for t in range(n_tasks)]
+    head = ["method", "norms", "joint", "of ensemble", *tasks, "task mean", "params", "MFLOPs",
+            *(h for h, _, _ in extra)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         more = [fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in extra]
         if r.get("error"):
             cells = [r["method"], r["norms"] or "-", f"refused: {r['error']}",
-                     *["-"] * 6, *more]
+                     *["-"] * (4 + n_tasks), *more]
             lines.append("| " + " | ".join(cells) + " |")
             continue
         spread = f" ± {r['spread']:.1%}" if "spread" in r else ""
         cells = [r["method"], r["norms"] or "-", f"{r['joint']:.1%}{spread}",
-                 f"{r['joint'] / ensemble_joint:.1%}", f"{r['per_task'][0]:.1%}",
-                 f"{r['per_task'][1]:.1%}", f"{r['task_mean']:.1%}", f"{r['params']:,}",
+                 f"{r['joint'] / ensemble_joint:.1%}", *(f"{a:.1%}" for a in r["per_task"]),
+                 f"{r['task_mean']:.1%}", f"{r['params']:,}",
                  f"{r['flops'] / 1e6:.1f}", *more]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -198,9 +204,13 @@ def plot(results, path: Path, norms=NORMS, ylabel="joint accuracy (10 classes)",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.2), squeeze=False)
+    cols = min(len(results), 3)
+    nrows = -(-len(results) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
     width = 0.8 / len(norms)
-    for ax, (name, rows) in zip(axes[0], results.items()):
+    for ax, (name, rows) in zip(axes.flat, results.items()):
         ens = next(r["joint"] for r in rows if r["method"] == "ensemble")
         merges = [r for r in rows if r["norms"]]
         names = list(dict.fromkeys(r["method"] for r in merges))

@@ -14,7 +14,7 @@ and the passes all-reduce their sums (`all_reduce`), so N processes compute what
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -70,7 +70,8 @@ class Calibration:
     Args:
         data: an iterable of batches; a batch is a tensor or a tuple whose first `n_inputs`
             items are the model inputs (labels may follow).
-        n_inputs: how many model inputs start each batch.
+        n_inputs: how many model inputs start each batch, or a function of the first batch
+            that says.
         max_batches, max_samples: read at most this many batches / samples (None: no limit).
             An iterable without `len()` needs one of them: it may be endless.
         device: where the inputs are moved (None: left where they are).
@@ -80,7 +81,7 @@ class Calibration:
         ConfigError: a bad limit, or an iterable without len() and no limit.
     """
 
-    def __init__(self, data: Iterable[Any], n_inputs: int, *, max_batches: int | None = None,
+    def __init__(self, data: Iterable[Any], n_inputs: int | Callable[[Any], int], *, max_batches: int | None = None,
                  max_samples: int | None = None, device: torch.device | str | None = None
                  ) -> None:
         if data is None:
@@ -120,6 +121,8 @@ class Calibration:
         for b, batch in enumerate(data):
             if self.max_batches is not None and b >= self.max_batches:
                 return
+            if callable(self.n_inputs):
+                self.n_inputs = self.n_inputs(batch)
             inputs = split_batch(batch, self.n_inputs)
             if self.max_samples is not None:
                 if seen >= self.max_samples:

@@ -54,14 +54,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out, overwrite=args.force) as build:
-        result = merge(loaded.models, loaded.calibration, config=cfg)
+        result = merge(loaded.models, loaded.calibration, inputs, config=cfg)
         scores, timings = [], dict(loaded.seconds)
         if loaded.evaluation is not None:
             t0 = time.perf_counter()
             named = [(row["name"], m) for row, m in zip(loaded.rows, loaded.models)]
             for name, model in [*named, ("merged", result.module)]:
                 scores.append({"model": name, "accuracy": accuracy(
-                    model, loaded.evaluation, cfg.progress, f"evaluate {name}")})
+                    model, loaded.evaluation, loaded.n_inputs, cfg.progress,
+                    f"evaluate {name}")})
             timings["evaluate"] = time.perf_counter() - t0
         checks = {"permutation oracle on model 0": True} if cfg.check else {}
         write_outputs(build, result, inputs, title=project.title or f"graphmerge merge "
@@ -126,7 +127,8 @@ def _inspected(args: argparse.Namespace) -> tuple:
         model = build_model(project.models[args.index], project.root,
                             f"models[{args.index}]")
         batch = load_batches(project.calibration, project.root, "calibration")[0]
-        return model, split_batch(batch, infer_input_count(model))
+        return model, split_batch(batch, project.calibration.inputs
+                                  or infer_input_count(model, batch))
     if ":" in args.model:
         from graphmerge.project import build_model, model_spec
 

@@ -3,7 +3,7 @@
 - `as_inputs(x)`: one input or a tuple of positional inputs → a tuple (anything goes).
 - `tensor_inputs(x, what)`: a tensor or tensors sharing a batch dimension → a tuple, checked.
 - `split_batch(batch, n)`: the first `n` items of a calibration batch (labels may follow).
-- `infer_input_count(model)`: how many positional inputs `model.forward` requires.
+- `infer_input_count(model, batch)`: how many items of a batch are `model.forward`'s inputs.
 """
 
 from __future__ import annotations
@@ -72,13 +72,31 @@ def split_batch(batch: Any, n_inputs: int) -> tuple[Any, ...]:
         f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}")
 
 
-def infer_input_count(model: nn.Module) -> int:
-    """The number of positional arguments `model.forward` requires (at least 1)."""
+def infer_input_count(model: nn.Module, batch: Any = None) -> int:
+    """How many leading items of a calibration `batch` are inputs of `model.forward`: the
+    positional arguments it requires, when that is all it takes or the batch has no more items.
+
+    Raises:
+        ConfigError: the signature cannot be read, or the batch has more items than forward
+            requires and forward takes optional inputs too, so whether an extra item is an
+            input (an attention mask) or a label cannot be told.
+    """
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError) as e:
         raise ConfigError("cannot read the model's forward signature; pass example_inputs"
                           ) from e
-    n = sum(1 for p in params if p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-    return max(n, 1)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = max(sum(1 for p in positional if p.default is inspect.Parameter.empty), 1)
+    most = (None if any(p.kind is p.VAR_POSITIONAL for p in params)
+            else max(len(positional), required))
+    items = len(batch) if isinstance(batch, (tuple, list)) else 1
+    if items > required and (most is None or most > required):
+        takes = "any number of" if most is None else f"up to {most}"
+        raise ConfigError(
+            f"{type(model).__name__}.forward requires {required} positional input(s) and takes "
+            f"{takes}, and the calibration batches have {items} items: whether items after "
+            f"the first {required} are inputs (e.g. an attention mask) or labels cannot be "
+            f"told. Say how many are inputs: pass example_inputs= to merge (its length counts "
+            f"them), or set `inputs:` under calibration in a config file")
+    return required

@@ -191,7 +191,7 @@ def merge(
     models = check_models(models)
     t0 = time.perf_counter()
     n_inputs = (len(as_inputs(example_inputs)) if example_inputs is not None
-                else infer_input_count(models[0]))
+                else lambda batch: infer_input_count(models[0], batch))
     data = Calibration(calibration, n_inputs, max_batches=cfg.max_batches,
                        max_samples=cfg.max_samples, device=cfg.device)
     if example_inputs is None:

@@ -139,6 +139,7 @@ class DataSpec(_Strict):
     files: str | list[str] | None = None
     limit: PositiveInt | None = None
     batch_size: PositiveInt | None = None
+    inputs: PositiveInt | None = None
 
     @field_validator("factory")
     @classmethod
@@ -418,10 +419,11 @@ class Loaded:
     calibration: list[Any]
     evaluation: list[Any] | None
     seconds: dict[str, float]
+    n_inputs: int  # model inputs at the start of every batch
 
     def example_inputs(self, n: int = 8) -> tuple[Any, ...]:
         """The first `n` examples of the first calibration batch, as model inputs."""
-        inputs = split_batch(self.calibration[0], infer_input_count(self.models[0]))
+        inputs = split_batch(self.calibration[0], self.n_inputs)
         return tuple(t[:n] if isinstance(t, Tensor) else t for t in inputs)
 
 
@@ -465,14 +467,14 @@ def load(project: Project) -> Loaded:
     calibration = load_batches(project.calibration, root, "calibration", default_limit=512)
     evaluation = (None if project.eval is None else
                   load_batches(project.eval, root, "eval"))
+    n = project.calibration.inputs or infer_input_count(models[0], calibration[0])
     if evaluation is not None:
-        n = infer_input_count(models[0])
         bad = next((b for b in evaluation if isinstance(b, Tensor) or len(b) <= n), None)
         if bad is not None:
             raise DataError(f"eval: batches need labels after the {n} model input(s), e.g. "
                             f"(x, y); got {_describe(bad)}")
     return Loaded(models, rows, calibration, evaluation,
-                  {"load models": t1 - t0, "load data": time.perf_counter() - t1})
+                  {"load models": t1 - t0, "load data": time.perf_counter() - t1}, n)
 
 
 def _describe(batch: Any) -> str:
@@ -481,11 +483,10 @@ def _describe(batch: Any) -> str:
     return f"a {type(batch).__name__} of {len(batch)} item(s)"
 
 
-def accuracy(model: nn.Module, batches: list[Any], progress: bool = True,
+def accuracy(model: nn.Module, batches: list[Any], n_inputs: int, progress: bool = True,
              desc: str = "evaluate") -> float:
     """Fraction of examples whose argmax over the last axis of the (first) output is the
-    label; batches are (inputs..., labels)."""
-    n_inputs = infer_input_count(model)
+    label; batches are (`n_inputs` inputs..., labels)."""
     right = total = 0
     with torch.no_grad():
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):

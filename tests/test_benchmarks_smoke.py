@@ -40,3 +40,34 @@ def test_bbc_minilm_smoke(tmp_path):
     for r in rows.values():
         assert r.get("error") or 0 <= r["probe"] <= 1
     assert rows["zip"].get("alignments")  # the 2-layer model was expanded to 3
+
+
+def test_heterogeneous_norms_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    import heterogeneous_norms
+
+    saved = {"experiments": {"kept": {"archs": [[[1], 1], [[2], 1]], "reference": [[2], 1],
+                                       "seeds": [[0, 1]], "runs": [], "reference_runs": [],
+                                       "mean": [{"method": "ensemble", "norms": "", "joint": 0.5,
+                                                 "per_task": [0.9, 0.9], "task_mean": 0.9,
+                                                 "params": 1, "flops": 1},
+                                                {"method": "zip", "norms": "repair",
+                                                 "joint": 0.5, "per_task": [0.9, 0.8],
+                                                 "task_mean": 0.85, "params": 1, "flops": 1}],
+                                       "epochs": 5, "command": "earlier", "wall_minutes": None}},
+             "torch": "x", "machine": "y"}
+    for r in ("reset", "none"):
+        saved["experiments"]["kept"]["mean"].append({**saved["experiments"]["kept"]["mean"][1],
+                                                     "norms": r})
+    saved["experiments"]["kept"]["reference_mean"] = saved["experiments"]["kept"]["mean"]
+    (tmp_path / "heterogeneous_norms.json").write_text(json.dumps(saved))
+    heterogeneous_norms.main(["--smoke", "--experiments", "3,4", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "heterogeneous_norms.json").read_text())
+    assert "kept" in record["experiments"]  # rows not rerun stay
+    three = record["experiments"]["3 models: 1-1-1 ×2, 2-2-2 ×2, 2-2-2 ×1"]
+    methods = {(r["method"], r["norms"]) for r in three["mean"]}
+    assert {("model C alone", ""), ("zip, LMA", "repair"), ("zip, uniform", "none")} <= methods
+    assert all(len(r["per_task"]) == 3 for r in three["mean"])
+    md = (tmp_path / "heterogeneous_norms.md").read_text()
+    assert "| task C |" in md and "width: ×2 ⊕ ×4, 2-2-2, zip, reset" in md
+    assert (tmp_path / "heterogeneous_norms.png").is_file()

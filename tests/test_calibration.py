@@ -117,3 +117,37 @@ def test_two_processes_under_torchrun_give_the_one_process_merge(tmp_path):
         # REPAIR: float64 sums, the same parameters; reset: torch's float32 running
         # averages, summed in another order (an ulp)
         assert worst <= (1e-12 if norms == "repair" else 1e-6), (norms, worst)
+
+
+class _Masked(torch.nn.Module):
+    """forward(x, mask=None): an optional second input, like a transformers model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x, mask=None):
+        h = torch.relu(self.a(x))
+        return self.b(h if mask is None else h * mask)
+
+
+def test_extra_batch_items_of_a_model_with_optional_inputs_are_not_guessed():
+    """(x, mask) batches for forward(x, mask=None): the mask must not be taken for a label
+    (the merged model would silently drop it), nor a label for a mask."""
+    torch.manual_seed(0)
+    model = _Masked()
+    batches = [(torch.randn(16, 6), (torch.rand(16, 8) > 0.5).float()) for _ in range(2)]
+    twin = gm.permute(model, batches[0], seed=1)
+    with pytest.raises(ConfigError, match=r"requires 1 positional input\(s\) and takes up to 2, "
+                                          r"and the calibration batches have 2 items.*"
+                                          r"example_inputs="):
+        gm.merge([model, twin], batches, progress=False)
+    result = gm.merge([model, twin], batches, batches[0], progress=False)
+    placeholders = [n for n in result.module.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == 2
+    with torch.no_grad():
+        assert torch.allclose(result.module(*batches[1]), model(*batches[1]), atol=1e-5)
+    # a model without optional inputs: the items after its inputs are labels, as before
+    plain = _models()
+    labelled = [(x, torch.zeros(len(x), dtype=torch.long)) for x in _batches(2)]
+    gm.merge(plain, labelled, progress=False)

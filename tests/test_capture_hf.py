@@ -101,6 +101,31 @@ def test_transformers_model_across_depths(name):
     _assert_unchanged(before, model)
 
 
+@pytest.mark.parametrize("name", list(hf_models.HF_MODELS))
+def test_one_block_models_deepen_and_merge(name):
+    """A model of one block computes, once, values that every block of a deeper model reads
+    (an attention mask, a padding mask): they are the trunk's in both, so a one-block model
+    lines up with a deeper one. T5 computes its position bias inside the first block and
+    hands it on: with one block that cannot be told from a per-block value, and is refused."""
+    model, x = hf_models.HF_MODELS[name](layers=1)
+    reference, _ = hf_models.HF_MODELS[name](seed=1, layers=2)
+    calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(2)]
+    if name == "t5_encoder":
+        with pytest.raises(gm.MismatchError, match="outside their units of depth"):
+            gm.deepen(model, x, reference, calibration=calibration)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gm.InexactExpansionWarning)
+        deep = gm.deepen(model, x, reference, calibration=calibration)
+        result = gm.merge([reference, model], calibration, x, heads="average", norms="none",
+                          progress=False)
+    post_norm = name in ("bert", "distilbert")
+    assert output_error(model, deep, calibration[0]) < (1e-3 if post_norm else TOL)
+    assert [a.depths for a in result.alignments if len(set(a.depths)) > 1] == [[2, 1]]
+    out = result.module(*calibration[0])
+    assert out.shape == reference(*calibration[0]).shape and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("name", sorted(hf_models.HF_MODELS))
 def test_transformers_models_with_different_head_counts_merge(name):
     """4 heads of width 8 merged with 6 heads of width 8 (hidden 32 and 48): heads are matched

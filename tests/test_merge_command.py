@@ -97,6 +97,17 @@ def make(depth=2):
 def calibration():
     g = torch.Generator().manual_seed(0)
     return [torch.randn(32, 6, generator=g) for _ in range(2)]
+
+class Gated(Net):
+    def forward(self, x, gate=None):
+        return super().forward(x if gate is None else x * gate)
+
+def make_gated(depth=2):
+    return Gated(depth)
+
+def gated_calibration():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(32, 6, generator=g), torch.rand(32, 6, generator=g)) for _ in range(2)]
 '''
 NETS: dict = {}
 exec(MODELS_PY, NETS)  # the same model class, for writing its checkpoints here
@@ -313,3 +324,23 @@ def test_data_from_the_built_in_dataset_files_and_limits(project):
     spec = DataSpec.model_validate({"files": ["test.pt"], "batch_size": 16, "limit": 36},
                                    context={"root": project})
     assert [len(x) for x, _ in load_batches(spec, project, "calibration")] == [16, 16, 4]
+
+
+def test_calibration_inputs_say_how_many_batch_items_are_inputs(project, tmp_path, capsys,
+                                                                fresh_imports):
+    """A model with an optional input and two-item batches: refused until `inputs:` says."""
+    config = _with(_set("calibration.factory", "nets:gated_calibration"))
+    for m in config["models"]:
+        m["factory"] = "nets:make_gated"
+    config.pop("eval")
+    path = project / "gated.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), "-o", str(tmp_path / "a"), "-q"]) == 2
+    assert "set `inputs:` under calibration" in capsys.readouterr().err
+    config["calibration"]["inputs"] = 2
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), "-o", str(tmp_path / "b"), "-q"]) == 0
+    merged = graphmerge.load_module(tmp_path / "b" / "merged")
+    x = torch.randn(4, 6)
+    with torch.no_grad():  # the gate is an input of the merged model, and it is read
+        assert not torch.allclose(merged(x, torch.zeros(4, 6)), merged(x, torch.ones(4, 6)))

@@ -146,15 +146,29 @@ class _Graph:
         return all(u in inside for n in self._stream(start, window) if n is not end
                    for u in n.users)
 
-    def members(self, start: fx.Node, end: fx.Node) -> list[fx.Node]:
+    def members(self, start: fx.Node, end: fx.Node, shared: bool = False) -> list[fx.Node]:
         """The nodes of the unit from `start` (excluded) to `end`: what is computed from the
         stream, and what only the unit reads (a causal mask sliced inside the block). A value
         read later too (an attention mask or a batch size computed once for every block) is
-        the trunk's."""
+        the trunk's. With `shared`, so is what only the unit reads but computes from a value
+        of the trunk (the attention mask of a model with one block: one computed once for
+        every block in a deeper model of its family), and what only such values read."""
         window = self.window(start, end)
         stream = self._stream(start, window)
+        outside: set[fx.Node] = set()
+        if shared:
+            inside = set(window)
+            for n in window:
+                if n not in stream and any(a in outside or (a not in inside and a is not start)
+                                           for a in n.all_input_nodes if a.op != "get_attr"):
+                    outside.add(n)
+            for n in reversed(window):
+                if n not in stream and n.users and all(u in outside for u in n.users):
+                    outside.add(n)
         members: set[fx.Node] = set()
         for n in reversed(window):
+            if n in outside and n is not end:
+                continue
             if n in stream or n is end or (n.users and all(u in members for u in n.users)) or (
                     not n.users and any(a in stream for a in n.all_input_nodes)):  # a check
                 members.add(n)
@@ -177,8 +191,9 @@ def _signature(nodes: Iterable[fx.Node]) -> tuple:
     return tuple(node_key(n) for n in nodes)
 
 
-def _residual_units(g: _Graph) -> list[list[Unit]]:
-    """Chains of residual units, each a list of units (one per add)."""
+def _residual_units(g: _Graph, shared: bool) -> list[list[Unit]]:
+    """Chains of residual units, each a list of units (one per add); `shared` as in
+    `_Graph.members`."""
     found = []  # (skip, add, post ops)
     for n in g.nodes:
         operands = [a for a in n.args if isinstance(a, fx.Node)]
@@ -208,10 +223,10 @@ def _residual_units(g: _Graph) -> list[list[Unit]]:
             chains.append([item])
     out = []
     for chain in chains:
-        _trim_last(g, chain)
+        _trim_last(g, chain, shared)
         units = []
         for skip, add, post in chain:
-            nodes = g.members(skip, post[-1] if post else add)
+            nodes = g.members(skip, post[-1] if post else add, shared)
             units.append(Unit(skip.name, nodes[-1].name, [m.name for m in nodes], "residual",
                               _signature(nodes)))
         out.append(units)
@@ -240,13 +255,14 @@ def _follows(item: list, skip: fx.Node) -> bool:
     return skip is add or skip in post
 
 
-def _trim_last(g: _Graph, chain: list[list]) -> None:
+def _trim_last(g: _Graph, chain: list[list], shared: bool) -> None:
     """The last unit of a chain has no next skip to end at: it keeps the post ops its chain's
     other units have (the previous one of its op sequence, else the one before it); a lone unit
     keeps only activations (a final norm belongs to the trunk)."""
     skip, add, post = chain[-1]
-    body = _signature(g.members(skip, add))
-    like = [c for c in chain[:-1] if _signature(g.members(c[0], c[1])) == body] or chain[:-1]
+    body = _signature(g.members(skip, add, shared))
+    like = [c for c in chain[:-1] if _signature(g.members(c[0], c[1], shared)) == body] \
+        or chain[:-1]
     if like:
         n = len(like[-1][2])
         keep = [kind(p) for p in like[-1][2]]
@@ -307,11 +323,12 @@ def _group(chain: Sequence[Unit]) -> list[Unit]:
             for k in range(0, len(chain), p)]
 
 
-def find_stages(traced: Traced, plain: bool = True) -> list[Stage]:
+def find_stages(traced: Traced, plain: bool = True, shared: bool = False) -> list[Stage]:
     """The stages of a traced model in graph order (see the module docstring); residual ones
-    only if not `plain`."""
+    only if not `plain`; with `shared`, what a unit alone reads but computes from the trunk's
+    values is the trunk's (see `_Graph.members`)."""
     g = _Graph(traced)
-    residual = _residual_units(g)
+    residual = _residual_units(g, shared)
     taken = {n for chain in residual for u in chain for n in u.nodes}
     chains = residual + (_plain_units(g, taken) if plain else [])
     chains.sort(key=lambda c: g.order[traced.node(c[0].input)])
@@ -366,23 +383,27 @@ def check_trunks(ref: Traced, ref_stages: Sequence[Stage], other: Traced,
 
 
 def aligned_stages(traced: Sequence[Traced], check: Callable[[list[list[Stage]], int], None]
-                   ) -> tuple[list[list[Stage]], int, bool]:
-    """The stages of every model, the reference (the model with the most units) and whether
-    plain units were kept, such that `check(stages, reference)` passes: first with plain units,
-    then without them (a layer that keeps its width by coincidence is a plain unit in one model
-    and trunk in another).
+                   ) -> tuple[list[list[Stage]], int, dict[str, bool]]:
+    """The stages of every model, the reference (the model with the most units) and the
+    keyword arguments of `find_stages` that found them, such that `check(stages, reference)`
+    passes. Tried in turn: with plain units, then without them (a layer that keeps its width by
+    coincidence is a plain unit in one model and trunk in another); then each again with
+    values computed from the trunk kept out of units (an attention mask computed once is read
+    by the only block of a one-block model, by every block of a deeper one).
 
     Raises:
-        MismatchError: the first failure of `check`, when both fail.
+        MismatchError: the first failure of `check`, when all fail.
     """
     first: MismatchError | None = None
-    for plain in (True, False):
-        stages = [find_stages(t, plain) for t in traced]
-        ref = max(range(len(traced)), key=lambda i: sum(s.depth for s in stages[i]))
-        try:
-            check(stages, ref)
-            return stages, ref, plain
-        except MismatchError as e:
-            first = first or e
+    for shared in (False, True):
+        for plain in (True, False):
+            mode = {"plain": plain, "shared": shared}
+            stages = [find_stages(t, **mode) for t in traced]
+            ref = max(range(len(traced)), key=lambda i: sum(s.depth for s in stages[i]))
+            try:
+                check(stages, ref)
+                return stages, ref, mode
+            except MismatchError as e:
+                first = first or e
     assert first is not None
     raise first

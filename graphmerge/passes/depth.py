@@ -72,12 +72,12 @@ def _align(ctx: MergeContext, measure: bool) -> None:
             except MismatchError as e:
                 raise MismatchError(f"model {i} cannot be aligned to model {base}: {e}") from e
 
-    stages, base, plain = aligned_stages(traced, check)
+    stages, base, mode = aligned_stages(traced, check)
     by = [{st.anchor: st for st in stages[i]} for i in range(n)]
     anchors = sorted({a for b in by for a in b})
     depth = {a: [b[a].depth if a in b else 0 for b in by] for a in anchors}
     deepest = {a: max(range(n), key=lambda i: depth[a][i]) for a in anchors}
-    ref, ref_stages = _deepest_graph(ctx, stages, base, plain, by, depth, deepest)
+    ref, ref_stages = _deepest_graph(ctx, stages, base, mode, by, depth, deepest)
     if [(st.anchor, st.depth) for st in ref_stages] != [(a, max(depth[a])) for a in anchors]:
         raise MismatchError("could not build one graph as deep as the deepest model in every "
                             "stage: the models' stages do not line up")
@@ -135,7 +135,7 @@ def _align(ctx: MergeContext, measure: bool) -> None:
                  {a.name: a.positions[i] for a in alignments})
 
 
-def _deepest_graph(ctx: MergeContext, stages: list[list[Stage]], base: int, plain: bool,
+def _deepest_graph(ctx: MergeContext, stages: list[list[Stage]], base: int, mode: dict,
                    by: list[dict], depth: dict, deepest: dict) -> tuple[Traced, list[Stage]]:
     """The graph every model is expanded to: model `base` (the one with the most units) where
     it is the deepest in every stage; else its graph with units of the deepest model spliced
@@ -171,7 +171,7 @@ def _deepest_graph(ctx: MergeContext, stages: list[list[Stage]], base: int, plai
                   frontend=ctx.config.frontend, leaf_modules=ctx.config.leaf_modules)
     log.info("no model is the deepest in every stage: model %d grown by %d units", base,
              sum(i.count for i in insertions))
-    return grown, find_stages(grown, plain)
+    return grown, find_stages(grown, **mode)
 
 
 def _norm_owners(traced: Traced, stage: Stage) -> set[str]:
