@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--render", action="store_true",
                    help="only rewrite the .md and .png from the measured .json")
     p.add_argument("--smoke", action="store_true",
-                   help="untrained models, 500 test images, one seed group (tests)")
+                   help="untrained models, 500 test images, one seed group, one variant (tests)")
     args = p.parse_args(argv)
     out = Path(args.out)
     saved = out / "heterogeneous_norms.json"
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         name = names[k]
         archs, variants, ref = EXPERIMENTS[name]
         tasks, x_test, y_test, calibration, groups = setups[len(archs)]
+        if args.smoke:
+            variants = dict(list(variants.items())[:1])
         hetero, homo = [], []
         for seeds in groups:
             models = [model(a, t, s) for a, t, s in zip(archs, tasks, seeds)]
