@@ -832,6 +832,11 @@ def case_widen_extra_negative(env):
 
 
 @case("options")
+def case_widen_extra_too_large_for_memory(env):
+    gm.widen(env.mlp(), x4(), extra=10**12)
+
+
+@case("options")
 def case_widen_extra_a_string(env):
     gm.widen(env.mlp(), x4(), extra="half")
 

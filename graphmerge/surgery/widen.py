@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Any
 
 import torch
@@ -46,11 +47,14 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     # attention heads keep their number and width: a head count is often a module attribute
     # (x.view(b, t, self.heads, d)), and queries · keys sums over the head dim
     heads = {sid for h, ks in table.heads.items() for sid in (h, *(d for _, d in ks))}
+    added = {s.id: 0 if s.frozen or s.reduced or s.id in heads else (
+        extra if isinstance(extra, int) else round(extra * s.width))
+        for s in table if s.derived is None}
+    _check_size(model, table, added, extra)
     for s in table:
         if s.derived is not None:
             continue
-        n_extra = 0 if s.frozen or s.reduced or s.id in heads else (
-            extra if isinstance(extra, int) else round(extra * s.width))
+        n_extra = added[s.id]
         index = torch.cat([torch.arange(s.width), torch.randint(0, s.width, (n_extra,),
                                                                 generator=g)])
         copies = torch.bincount(index, minlength=s.width).double()
@@ -86,3 +90,25 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
         raise GraphmergeError(f"widening changed the model's outputs (relative error {err:.1e}); "
                               f"a space is normalised in a way widen() does not detect")
     return wide
+
+
+def _check_size(model: nn.Module, table: Any, added: dict[int, int], extra: float) -> None:
+    """Refuse before allocating when the widened parameters (counting only the spaces widened
+    directly: a lower bound) would not fit in the memory this machine has free."""
+    named = named_tensors(model)
+    need = 0
+    for name, dims in table.param_axes.items():
+        t = named[name]
+        grow = 1.0
+        for sid in dims.values():
+            if sid in added:
+                grow *= 1 + added[sid] / table[sid].width
+        need += t.numel() * t.element_size() * grow
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: no bound known
+        return
+    if need > free:
+        raise ConfigError(f"widening by extra={extra!r} would need at least "
+                          f"{need / 2**30:.3g} GiB of parameters, more than the "
+                          f"{free / 2**30:.1f} GiB of memory free; choose a smaller extra")
