@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from tqdm.auto import tqdm
 
 from graphmerge.calibration import all_reduce, distributed, with_progress
 from graphmerge.graph.capture import set_eval
@@ -102,7 +103,8 @@ def repair_in_order(ctx: MergeContext, points: list[RepairPoint],
     budget = ctx.config.max_memory or ACTIVATION_BUDGET
     if distributed()[1] == 1:
         try:
-            return _one_pass(ctx.module, points, measured_at, target, ctx.calibration, budget)
+            return _one_pass(ctx.module, points, measured_at, target, ctx.calibration, budget,
+                             ctx.config.progress)
         except OverBudget:
             log.info("REPAIR: the calibration activations exceed %d bytes; one pass per "
                      "level", budget)
@@ -117,7 +119,7 @@ def repair_in_order(ctx: MergeContext, points: list[RepairPoint],
 def _one_pass(module: fx.GraphModule, points: list[RepairPoint],
               measured_at: Callable[[RepairPoint], str],
               target: Callable[[RepairPoint], tuple[np.ndarray, np.ndarray]],
-              calibration: Iterable[tuple[Any, ...]], budget: int) -> None:
+              calibration: Iterable[tuple[Any, ...]], budget: int, progress: bool) -> None:
     at: dict[str, list[RepairPoint]] = {}
     for p in points:
         at.setdefault(measured_at(p), []).append(p)
@@ -129,6 +131,7 @@ def _one_pass(module: fx.GraphModule, points: list[RepairPoint],
             raise OverBudget
 
     def visit(n: fx.Node, values: list[Any]) -> bool:
+        bar.update(1)
         for p in at.get(n.name, ()):
             sums = UnitStats()
             for v in values:
@@ -136,5 +139,8 @@ def _one_pass(module: fx.GraphModule, points: list[RepairPoint],
             repair(module, p, sums.moments(), target(p))
         return any(p.kind == "fold" for p in at.get(n.name, ()))  # it reads the new weights
 
-    run_lockstep([set_eval(module)] * len(batches), batches, visit, max_bytes=budget,
-                 what=lambda b: f"the merged module on calibration batch {b}")
+    nodes = sum(1 for n in module.graph.nodes if n.op != "output")
+    with tqdm(total=nodes, desc="REPAIR (all batches at once)", unit="node",
+              disable=not progress, leave=False) as bar:
+        run_lockstep([set_eval(module)] * len(batches), batches, visit, max_bytes=budget,
+                     what=lambda b: f"the merged module on calibration batch {b}")
