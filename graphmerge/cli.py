@@ -5,13 +5,15 @@ with a report), `graphmerge inspect` (space table, space graph, match graph) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from graphmerge.errors import ConfigError, GraphmergeError, summarize
 
@@ -28,8 +30,44 @@ def _config(text: str | None) -> dict:
     return value
 
 
+@contextlib.contextmanager
+def _ranks(device: str | None) -> Iterator[tuple[int, str | None]]:
+    """(this process's rank, its device). Launched by torchrun (WORLD_SIZE > 1), a process
+    group for the run: gloo on CPU, NCCL with a device "cuda" made this rank's local GPU."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield 0, device
+        return
+    import torch.distributed as dist
+
+    cuda = device is not None and device.startswith("cuda")
+    if cuda and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank(), device
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Validate the config, load the models and data, merge, write OUT/ atomically."""
+    """Validate the config, load the models and data, merge, write OUT/ atomically. Under
+    torchrun every rank merges with its share of the calibration batches; rank 0 evaluates
+    and writes."""
+    from graphmerge.project import load_project
+
+    project = load_project(args.config)
+    device = project.merge.get("device")
+    with _ranks(None if device is None else str(device)) as (rank, device):
+        return _merge_command(args, project, rank, device)
+
+
+def _merge_command(args: argparse.Namespace, project: Any, rank: int, device: str | None) -> int:
     import dataclasses
     import time
 
@@ -37,17 +75,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from graphmerge.io.report import LOAD_CALL, write_outputs
     from graphmerge.merge import merge
     from graphmerge.plan import plan_merge
-    from graphmerge.project import accuracy, load, load_project
+    from graphmerge.project import accuracy, load
 
-    project = load_project(args.config)
     out = Path(args.out)
     taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if taken and not args.force and not args.dry_run:
         raise ConfigError(f"{out} already exists; pass --force to replace it (only once the "
                           f"new run has succeeded), or choose another -o")
     loaded = load(project)
-    cfg = project.merge_config(progress=not args.quiet)
+    cfg = dataclasses.replace(project.merge_config(progress=not args.quiet and rank == 0),
+                              device=device)
     inputs = loaded.example_inputs()
+    if rank != 0:  # the other ranks add their shares of the statistics, and stop
+        if not args.dry_run:
+            merge(loaded.models, loaded.calibration, inputs, config=cfg)
+        return 0
     if args.dry_run:
         print(plan_merge(loaded.models, inputs, cfg).format())
         print(f"dry run: nothing written{f' ({out} exists: a run needs --force)' if taken else ''}")

@@ -188,7 +188,7 @@ BAD = {
                              r"'undefined_name' is not defined \(broken.py:2\)"),
     "factory name missing": (_set("models.0.factory", "nets:mkae"),
                              r"models\[0\].factory: module 'nets' .* has no 'mkae'; its "
-                             r"callables: Net, calibration, make"),
+                             r"callables: Gated, Net, calibration, gated_calibration, make, make_gated"),
     "factory kwargs wrong": (_set("models.0.kwargs", {"deep": 1}),
                              r"models\[0\].factory: nets:make\(\*\*\{'deep': 1\}\) raised "
                              r"TypeError"),
@@ -345,3 +345,28 @@ def test_calibration_inputs_say_how_many_batch_items_are_inputs(project, tmp_pat
     x = torch.randn(4, 6)
     with torch.no_grad():  # the gate is an input of the merged model, and it is read
         assert not torch.allclose(merged(x, torch.zeros(4, 6)), merged(x, torch.ones(4, 6)))
+
+
+def test_the_merge_command_under_torchrun_gives_the_one_process_merge(project, tmp_path):
+    """Two ranks: each merges with its share of the calibration batches (statistics and CKA
+    all-reduced); rank 0 alone evaluates and writes OUT/."""
+    from safetensors.torch import load_file
+    from test_calibration import _free_port
+
+    config = project / "torchrun.yaml"
+    config.write_text(yaml.safe_dump(valid()))
+    one = graphmerge_cli("merge", str(config), "-o", str(tmp_path / "one"), "-q", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), "-m", "graphmerge.cli", "merge", str(config),
+         "-o", str(tmp_path / "two"), "-q"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 only
+    a = load_file(str(tmp_path / "one" / "merged" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "merged" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst < 1e-5, worst
+    assert json.loads((tmp_path / "two" / "result.json").read_text())["scores"]
