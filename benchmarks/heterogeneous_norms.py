@@ -142,9 +142,11 @@ def render(record: dict, out: Path) -> None:
                     gap = r["joint"] - ref["joint"]
                     verdict = ("above" if gap > 0 else "within 1 point" if gap >= -0.01
                                else "missed")
-                    targets.append(f"- {name}, {r['method']}, {norms}: {r['joint']:.1%} vs "
-                                   f"homogeneous {ref_name} {ref['joint']:.1%}: {gap:+.1%} "
-                                   f"({verdict})")
+                    targets.append(f"- {name}, {r['method']}, {norms}: {r['joint']:.1%} "
+                                   f"(± {r['spread']:.1%}) vs homogeneous {ref_name} "
+                                   f"{ref['joint']:.1%} (± {ref['spread']:.1%}): {gap:+.1%} "
+                                   f"({verdict}); mean per-task accuracy "
+                                   f"{r['task_mean']:.1%} vs {ref['task_mean']:.1%}")
         marked = [{**r, "method": f"homogeneous {ref_name} zip"} for r in refs if r["norms"]]
         copies = " ⊕ ".join([ref_name] * len(ex["archs"]))
         took = f", {ex['wall_minutes']:.0f} min" if ex["wall_minutes"] is not None else ""

@@ -48,11 +48,12 @@ def test_heterogeneous_norms_smoke(tmp_path):
 
     saved = {"experiments": {"kept": {"archs": [[[1], 1], [[2], 1]], "reference": [[2], 1],
                                        "seeds": [[0, 1]], "runs": [], "reference_runs": [],
-                                       "mean": [{"method": "ensemble", "norms": "", "joint": 0.5,
+                                       "mean": [{"method": "ensemble", "norms": "", "joint": 0.5, "spread": 0.0,
                                                  "per_task": [0.9, 0.9], "task_mean": 0.9,
                                                  "params": 1, "flops": 1},
                                                 {"method": "zip", "norms": "repair",
-                                                 "joint": 0.5, "per_task": [0.9, 0.8],
+                                                 "joint": 0.5, "spread": 0.0,
+                                                 "per_task": [0.9, 0.8],
                                                  "task_mean": 0.85, "params": 1, "flops": 1}],
                                        "epochs": 5, "command": "earlier", "wall_minutes": None}},
              "torch": "x", "machine": "y"}
