@@ -81,9 +81,9 @@ class Calibration:
         ConfigError: a bad limit, or an iterable without len() and no limit.
     """
 
-    def __init__(self, data: Iterable[Any], n_inputs: int | Callable[[Any], int], *, max_batches: int | None = None,
-                 max_samples: int | None = None, device: torch.device | str | None = None
-                 ) -> None:
+    def __init__(self, data: Iterable[Any], n_inputs: int | Callable[[Any], int], *,
+                 max_batches: int | None = None, max_samples: int | None = None,
+                 device: torch.device | str | None = None) -> None:
         if data is None:
             raise DataError("no calibration data: pass a DataLoader or a list of batches")
         if isinstance(data, torch.Tensor):

@@ -67,7 +67,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return _merge_command(args, project, rank, device)
 
 
-def _merge_command(args: argparse.Namespace, project: Any, rank: int, device: str | None) -> int:
+def _merge_command(args: argparse.Namespace, project: Any, rank: int, device: str | None
+                   ) -> int:
     import dataclasses
     import time
 

@@ -188,7 +188,8 @@ BAD = {
                              r"'undefined_name' is not defined \(broken.py:2\)"),
     "factory name missing": (_set("models.0.factory", "nets:mkae"),
                              r"models\[0\].factory: module 'nets' .* has no 'mkae'; its "
-                             r"callables: Gated, Net, calibration, gated_calibration, make, make_gated"),
+                             r"callables: Gated, Net, calibration, gated_calibration, make, "
+                             r"make_gated"),
     "factory kwargs wrong": (_set("models.0.kwargs", {"deep": 1}),
                              r"models\[0\].factory: nets:make\(\*\*\{'deep': 1\}\) raised "
                              r"TypeError"),
