@@ -131,7 +131,9 @@ def write(experiments: dict, out: Path) -> None:
 
 def render(record: dict, out: Path) -> None:
     targets, sections, panels, commands = [], [], {}, {}
-    for name, ex in record["experiments"].items():
+    order = list(EXPERIMENTS)
+    for name, ex in sorted(record["experiments"].items(),
+                           key=lambda e: order.index(e[0]) if e[0] in order else len(order)):
         rows, refs = ex["mean"], ex["reference_mean"]
         ens = next(r["joint"] for r in rows if r["method"] == "ensemble")
         ref_name = f"{'-'.join(map(str, ex['reference'][0]))} ×{ex['reference'][1]}"
