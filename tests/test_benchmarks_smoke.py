@@ -46,21 +46,13 @@ def test_heterogeneous_norms_smoke(tmp_path):
     pytest.importorskip("matplotlib")
     import heterogeneous_norms
 
-    saved = {"experiments": {"kept": {"archs": [[[1], 1], [[2], 1]], "reference": [[2], 1],
-                                       "seeds": [[0, 1]], "runs": [], "reference_runs": [],
-                                       "mean": [{"method": "ensemble", "norms": "", "joint": 0.5, "spread": 0.0,
-                                                 "per_task": [0.9, 0.9], "task_mean": 0.9,
-                                                 "params": 1, "flops": 1},
-                                                {"method": "zip", "norms": "repair",
-                                                 "joint": 0.5, "spread": 0.0,
-                                                 "per_task": [0.9, 0.8],
-                                                 "task_mean": 0.85, "params": 1, "flops": 1}],
-                                       "epochs": 5, "command": "earlier", "wall_minutes": None}},
-             "torch": "x", "machine": "y"}
-    for r in ("reset", "none"):
-        saved["experiments"]["kept"]["mean"].append({**saved["experiments"]["kept"]["mean"][1],
-                                                     "norms": r})
-    saved["experiments"]["kept"]["reference_mean"] = saved["experiments"]["kept"]["mean"]
+    row = {"method": "ensemble", "norms": "", "joint": 0.5, "spread": 0.0,
+           "per_task": [0.9, 0.9], "task_mean": 0.9, "params": 1, "flops": 1}
+    rows = [row] + [{**row, "method": "zip", "norms": n} for n in ("repair", "reset", "none")]
+    kept = {"archs": [[[1], 1], [[2], 1]], "reference": [[2], 1], "seeds": [[0, 1]],
+            "runs": [], "reference_runs": [], "mean": rows, "reference_mean": rows,
+            "epochs": 5, "command": "earlier", "wall_minutes": None}
+    saved = {"experiments": {"kept": kept}, "torch": "x", "machine": "y"}
     (tmp_path / "heterogeneous_norms.json").write_text(json.dumps(saved))
     heterogeneous_norms.main(["--smoke", "--experiments", "1,4", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "heterogeneous_norms.json").read_text())
