@@ -473,3 +473,55 @@ def test_a_check_that_checks_nothing_is_refused(options):
     model, x = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 3)
     with pytest.raises(gm.ConfigError, match="trials must be|rtol must be"):
         gm.check_spaces(model, x, **options)
+
+
+class _EinsumAttention(nn.Module):
+    """Attention written with einsum (queries · keys and weights · values), pre-norm."""
+
+    def __init__(self, d: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.inp, self.ln = nn.Linear(6, d), nn.LayerNorm(d)
+        self.qkv, self.o, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln(x)).chunk(3, -1)
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads) for z in (q, k, v))
+        a = torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(-1)
+        x = x + self.o(torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, t, d))
+        return self.head(x.mean(1))
+
+
+class _Recurrent(nn.Module):
+    """nn.LSTM returns a nested tuple (output, (h, c)): no rule, so frozen around."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.rnn, self.b = nn.Linear(5, 16), nn.LSTM(16, 16, batch_first=True), \
+            nn.Linear(16, 3)
+
+    def forward(self, x):
+        h, (last, _) = self.rnn(torch.relu(self.a(x)))
+        return self.b(h[:, -1] + last[0])
+
+
+@pytest.mark.parametrize("family", ["einsum", "lstm"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_einsum_attention_and_nested_tuple_outputs(family, frontend):
+    """einsum links every axis a letter names (heads and head dims stay free); a module
+    with a nested tuple output is frozen around, and both self-merge exactly."""
+    torch.manual_seed(0)
+    model = _EinsumAttention().eval() if family == "einsum" else _Recurrent().eval()
+    x = torch.randn(16, 5, 6) if family == "einsum" else torch.randn(16, 7, 5)
+    table = gm.trace(model, x, frontend=frontend).space_table
+    if family == "einsum":
+        assert table.heads and sum(not s.frozen for s in table) >= 5
+        assert gm.check_spaces(model, x, frontend=frontend).changed_tensors > 0
+    else:
+        assert any("lstm" in str(s.why).lower() for s in table if s.frozen)
+    twin = gm.permute(model, x, seed=1, frontend=frontend)
+    result = gm.merge([model, twin], [x, x + 0.5], frontend=frontend, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(result.module(x), model(x), atol=1e-5)

@@ -233,13 +233,15 @@ class _Builder:
         return k
 
     def node_axes(self, n: fx.Node) -> list[NodeAxis]:
-        """All axes of size > 1 of a node's value (of each piece for tuple values)."""
+        """All axes of size > 1 of a node's value (of each tensor piece for tuple values; a
+        nested tuple's pieces have axes at the getitem nodes that take them out)."""
         s = self.traced.shapes.get(n.name)
         if s is None:
             return []
         if all(isinstance(d, int) for d in s):
             return [NodeAxis(n.name, d) for d, w in enumerate(s) if w != 1]
-        return [NodeAxis(f"{n.name}#{k}", d) for k, p in enumerate(s) if p is not None
+        return [NodeAxis(f"{n.name}#{k}", d) for k, p in enumerate(s)
+                if p is not None and all(isinstance(w, int) for w in p)
                 for d, w in enumerate(p) if w != 1]
 
     def is_data(self, a: NodeAxis) -> bool:

@@ -40,7 +40,8 @@ _SAME_AS: dict[str, tuple[object, ...]] = {
     "linear": (F.linear,), "conv1d": (F.conv1d,), "conv2d": (F.conv2d,), "conv3d": (F.conv3d,),
     "conv_transpose1d": (F.conv_transpose1d,), "conv_transpose2d": (F.conv_transpose2d,),
     "conv_transpose3d": (F.conv_transpose3d,), "matmul": (torch.matmul,), "bmm": (torch.bmm,),
-    "mm": (torch.mm,), "scaled_dot_product_attention": (F.scaled_dot_product_attention,),
+    "mm": (torch.mm,), "einsum": (torch.einsum,),
+    "scaled_dot_product_attention": (F.scaled_dot_product_attention,),
     "layer_norm": (F.layer_norm,), "rms_norm": (F.rms_norm,), "group_norm": (F.group_norm,),
     # elementwise
     **{name: (getattr(torch, name),) for name in (

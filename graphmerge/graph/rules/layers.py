@@ -131,6 +131,30 @@ def _matmul(op: Op) -> Iterator[Link]:
     yield from _matmul_links(op, op.node.args[0], op.node.args[1])
 
 
+@register(torch.einsum)
+def _einsum(op: Op) -> Iterator[Link]:
+    """One letter, one transform: every axis a letter names (in the operands and the output)
+    is linked; a letter summed over is contracted, so a weight operand reads its space (`in`),
+    as in matmul. Ellipses and letters repeated within one operand (diagonals) are left
+    unmentioned (frozen)."""
+    equation = op.arg(0, "equation")
+    rest = op.node.args[1:]
+    operands = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    if not isinstance(equation, str) or "->" not in equation or "." in equation:
+        return
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != len(operands) or any(len(set(t)) != len(t) for t in terms):
+        return
+    for letter in dict.fromkeys(inputs.replace(",", "") + output):
+        role: Role = "out" if letter in output else "in"
+        axes = [op.out(output.index(letter))] if letter in output else []
+        for term, t in zip(terms, operands):
+            if letter in term:
+                axes.extend(_operand(op, t, term.index(letter), role))
+        yield Same(*axes)
+
+
 @register(F.scaled_dot_product_attention)
 def _sdpa(op: Op) -> Iterator[Link]:
     """q [..., L, E], k [..., S, E], v [..., S, Ev] -> [..., L, Ev]; mask broadcast to [..., L, S]."""

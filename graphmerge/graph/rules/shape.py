@@ -226,7 +226,7 @@ def _getitem(op: Op) -> Iterator[Link]:
         return
     if not all(isinstance(s, int) for s in src_shape):  # a tuple of tensors
         piece = src_shape[idx]
-        if piece is not None:
+        if piece is not None and all(isinstance(w, int) for w in piece):  # not nested: links
             for d in range(len(piece)):
                 if piece[d] != 1:
                     yield Same(NodeAxis(f"{src.name}#{idx}", d), op.out(d))
