@@ -525,3 +525,32 @@ def test_einsum_attention_and_nested_tuple_outputs(family, frontend):
     result = gm.merge([model, twin], [x, x + 0.5], frontend=frontend, progress=False)
     with torch.no_grad():
         assert torch.allclose(result.module(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_parametrized_weights_merge_as_their_values(norm):
+    """torch.nn.utils.parametrizations: our copies hold each parametrized tensor's current
+    value as a plain weight; the caller's module keeps its parametrization (a deep copy shares
+    the injected class, so removing one from a copy must not touch it)."""
+    from torch.nn.utils import parametrizations
+
+    wrap = getattr(parametrizations, norm)
+    torch.manual_seed(0)
+    model = nn.Sequential(wrap(nn.Linear(6, 16)), nn.ReLU(), wrap(nn.Linear(16, 16)), nn.ReLU(),
+                          nn.Linear(16, 3)).eval()
+    x = torch.randn(32, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        y = model(x)
+    assert sum(not s.frozen for s in gm.trace(model, x).space_table) == 2
+    twin = gm.permute(model, x, seed=1)
+    wide = gm.widen(model, x)
+    for other in (twin, wide):
+        result = gm.merge([model, other], [x, x + 0.5], progress=False)
+        with torch.no_grad():
+            assert torch.allclose(result.module(x), y, atol=1e-5)
+    assert type(model[0]).__name__ == "ParametrizedLinear"
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), y)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from graphmerge.errors import (
     ConfigError,
@@ -170,6 +171,31 @@ def check_materialized(model: nn.Module, what: str = "the model") -> None:
                 f"model.load_state_dict(weights).")
 
 
+def plain_weights(model: nn.Module) -> nn.Module:
+    """`model` itself, or, when it has parametrized tensors (`torch.nn.utils.parametrizations`:
+    weight_norm, spectral_norm, orthogonal, ...), a copy in which each is a plain parameter
+    holding its current value (computed in eval mode). Graphs, rules and surgery then read it
+    like any weight; a merged model has such plain weights."""
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    out = copy.deepcopy(model)
+    with eval_mode(out), torch.no_grad():
+        for m in [m for m in out.modules() if parametrize.is_parametrized(m)]:
+            values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+            learned = {name: any(isinstance(t, nn.Parameter) for t in plist.parameters())
+                       for name, plist in m.parametrizations.items()}
+            # not parametrize.remove_parametrizations: a deep copy shares the injected
+            # class with the caller's module, and removing deletes the property from it
+            m.__class__ = m.__class__.__bases__[0]
+            del m._modules["parametrizations"]
+            for name, value in values.items():
+                if learned[name]:
+                    m.register_parameter(name, nn.Parameter(value))
+                else:
+                    m.register_buffer(name, value)
+    return out
+
+
 def check_leaf_modules(model: nn.Module, leaf_modules: Any) -> list[type[nn.Module] | str]:
     """`leaf_modules` as a list, each entry a module class of which `model` has an instance or
     the qualified name of one of its submodules (a GraphModule is captured as given: its
@@ -278,6 +304,7 @@ def capture(
     if not isinstance(frontend, str) or frontend not in FRONTENDS:
         raise ConfigError(f"unknown frontend {frontend!r}; valid: {', '.join(FRONTENDS)}")
     check_materialized(model)
+    model = plain_weights(model)
     leaf_modules = check_leaf_modules(model, leaf_modules)
     if concrete_args is not None and not isinstance(concrete_args, dict):
         raise ConfigError(f"concrete_args must be a dict of forward argument names to values, "

@@ -20,7 +20,13 @@ from torch.utils._pytree import tree_leaves
 
 from graphmerge.errors import ConfigError, SpaceCheckError
 from graphmerge.graph.analyse import trace
-from graphmerge.graph.capture import Traced, eval_mode, run_nodes, set_eval
+from graphmerge.graph.capture import (
+    Traced,
+    eval_mode,
+    plain_weights,
+    run_nodes,
+    set_eval,
+)
 from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
@@ -114,7 +120,7 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
     check_tolerance(rtol)
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs, frontend=frontend, leaf_modules=leaf_modules).space_table
-    out = copy.deepcopy(model)
+    out = copy.deepcopy(plain_weights(model))
     apply_permutations(out, table, draw_permutations(table, torch.Generator().manual_seed(seed)))
     err = output_error(model, out, inputs)
     if err > rtol:

@@ -18,7 +18,7 @@ from torch import nn
 
 from graphmerge.errors import ConfigError, GraphmergeError, summarize
 from graphmerge.graph.analyse import trace
-from graphmerge.graph.capture import set_eval
+from graphmerge.graph.capture import plain_weights, set_eval
 from graphmerge.graph.oracle import check_seed, check_tolerance, output_error
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
@@ -50,7 +50,8 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     added = {s.id: 0 if s.frozen or s.reduced or s.id in heads else (
         extra if isinstance(extra, int) else round(extra * s.width))
         for s in table if s.derived is None}
-    _check_size(model, table, added, extra)
+    plain = plain_weights(model)  # parametrized tensors as plain ones, as the table has them
+    _check_size(plain, table, added, extra)
     for s in table:
         if s.derived is not None:
             continue
@@ -65,7 +66,7 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
 
     grow = {s.id: compose(table, s.id, own, SELECTIONS) for s in table}
     roles = {(a.param, a.dim): a.role for s in table for a in s.params}
-    wide = copy.deepcopy(model)
+    wide = plain if plain is not model else copy.deepcopy(model)
     named = named_tensors(wide)
     with torch.no_grad():
         for name, dims in table.param_axes.items():
