@@ -141,3 +141,21 @@ def test_transformers_models_with_different_head_counts_merge(name):
     with torch.no_grad():
         out, ref = result.module(*calibration[0]), model(*calibration[0])
     assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+def test_weights_shared_across_layers_albert():
+    """ALBERT runs one set of layer weights at every depth: its spaces join across the
+    layers, and a self-merge gives it back."""
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    config = AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=16)
+    model = hf_models._wrap(AlbertModel(config), "last_hidden_state", ("input_ids",))
+    x = (torch.randint(1, 90, (4, 8)),)
+    before = _snapshot(model)
+    table = gm.trace(model, x).space_table
+    assert sum(not s.frozen for s in table) >= 5
+    result = gm.merge([model, gm.permute(model, x, seed=1)], [x, x], x, progress=False)
+    assert output_error(model, result.module, x) < TOL
+    _assert_unchanged(before, model)

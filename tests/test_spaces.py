@@ -554,3 +554,23 @@ def test_parametrized_weights_merge_as_their_values(norm):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), y)
+
+
+def test_cat_skips_a_legacy_empty_tensor():
+    """torch.cat ignores 1-D empty tensors (an empty cache concatenated to the keys)."""
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            cache = x.new_zeros(0)
+            return self.b(torch.cat([cache, torch.relu(self.a(x))], dim=-1))
+
+    torch.manual_seed(0)
+    model, x = Cached().eval(), torch.randn(16, 4)
+    assert sum(not s.frozen for s in gm.trace(model, x).space_table) == 1
+    result = gm.merge([model, gm.permute(model, x, seed=1)], [x], progress=False)
+    with torch.no_grad():
+        assert torch.allclose(result.module(x), model(x), atol=1e-6)

@@ -239,10 +239,10 @@ class _Builder:
         if s is None:
             return []
         if all(isinstance(d, int) for d in s):
-            return [NodeAxis(n.name, d) for d, w in enumerate(s) if w != 1]
+            return [NodeAxis(n.name, d) for d, w in enumerate(s) if w > 1]
         return [NodeAxis(f"{n.name}#{k}", d) for k, p in enumerate(s)
                 if p is not None and all(isinstance(w, int) for w in p)
-                for d, w in enumerate(p) if w != 1]
+                for d, w in enumerate(p) if w > 1]
 
     def is_data(self, a: NodeAxis) -> bool:
         """Whether the axis belongs to an activation (a value computed from the inputs), not to

@@ -42,7 +42,7 @@ _UNARY_METHODS = (
     "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "erf", "square",
     "reciprocal", "clamp", "clamp_min", "clamp_max", "pow", "softmax", "log_softmax", "sin",
     "cos", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type",
-    "type_as", "new_zeros", "new_ones", "new_full", "new_empty", "requires_grad_", "cpu",
+    "type_as", "requires_grad_", "cpu",
 )
 
 
@@ -58,7 +58,7 @@ def _unary(op: Op) -> Iterator[Link]:
         src = op.node.args[0]
     if op.module is not None and isinstance(op.module, nn.PReLU) and op.module.weight.numel() > 1:
         yield Same(op.x(src, 1), op.out(1), op.p("weight", 0, "out"))
-    if op.name in ("type_as", "to", "_to_copy", "new_zeros", "new_ones", "new_full", "new_empty"):
+    if op.name in ("type_as", "to", "_to_copy"):
         yield from pass_through(op, src)
         for t in op.tensor_args()[1:]:
             yield from keep_all(op, t)

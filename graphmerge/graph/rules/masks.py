@@ -133,7 +133,8 @@ def _pad(op: Op) -> Iterator[Link]:
 
 @register(aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
           aten.scalar_tensor.default, aten.new_ones.default, aten.new_zeros.default,
-          aten.new_full.default, aten.new_empty.default)
+          aten.new_full.default, aten.new_empty.default, "new_zeros", "new_ones", "new_full",
+          "new_empty")
 def _uniform_constant(op: Op) -> Iterator[Link]:
     """A tensor filled with one value (`new_ones(x, size)` reads only x's dtype and device): no
     permutation of its axes changes it."""

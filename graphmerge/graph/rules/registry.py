@@ -68,13 +68,14 @@ class Op:
 
     # ---- axis references ----------------------------------------------------------------
     def x(self, node: Any, dim: int) -> NodeAxis | None:
-        """Axis `dim` (negative allowed) of tensor node `node`; None if it has size 1 or is absent."""
+        """Axis `dim` (negative allowed) of tensor node `node`; None if it is absent or has no
+        units to move (size 0 or 1)."""
         s = self.shape(node)
         if s is None:
             return None
         if dim < 0:
             dim += len(s)
-        if not 0 <= dim < len(s) or s[dim] == 1:
+        if not 0 <= dim < len(s) or s[dim] <= 1:
             return None
         return NodeAxis(node.name, dim)
 

@@ -161,15 +161,17 @@ def _permute(op: Op) -> Iterator[Link]:
 
 @register(torch.cat, torch.concat, torch.concatenate)
 def _cat(op: Op) -> Iterator[Link]:
-    """Non-cat axes pass through; the cat axis is a concatenation of the inputs' axes."""
-    tensors = list(op.arg(0, "tensors"))
+    """Non-cat axes pass through; the cat axis is a concatenation of the inputs' axes. A 1-D
+    empty tensor is skipped, as torch.cat skips it (an empty cache concatenated to keys)."""
+    tensors = [t for t in op.arg(0, "tensors") if tuple(op.shape(t) or ()) != (0,)]
     n = ndim(op, op.node)
     dim = op.arg(1, "dim", 0) % n
     for d in range(n):
-        if d != dim:
+        if d != dim or len(tensors) == 1:
             yield Same(op.out(d), *(op.x(t, d) for t in tensors))
-    yield Cat(NodeAxis(op.node.name, dim),
-              tuple(op.x(t, dim) or op.shape(t)[dim] for t in tensors))
+    if len(tensors) > 1:
+        yield Cat(NodeAxis(op.node.name, dim),
+                  tuple(op.x(t, dim) or op.shape(t)[dim] for t in tensors))
 
 
 @register(torch.stack)
