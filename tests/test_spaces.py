@@ -574,3 +574,38 @@ def test_cat_skips_a_legacy_empty_tensor():
     result = gm.merge([model, gm.permute(model, x, seed=1)], [x], progress=False)
     with torch.no_grad():
         assert torch.allclose(result.module(x), model(x), atol=1e-6)
+
+
+class _Glu(nn.Module):
+    def __init__(self, by_hand: bool = False, module: bool = False) -> None:
+        super().__init__()
+        self.by_hand, self.glu = by_hand, nn.GLU(-1) if module else None
+        self.a, self.b = nn.Linear(6, 32), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.by_hand:
+            u, g = h.chunk(2, -1)
+            return self.b(u * torch.sigmoid(g))
+        return self.b(self.glu(h) if self.glu is not None else F.glu(h, -1))
+
+
+@pytest.mark.parametrize("module", [False, True])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_glu_has_the_spaces_of_its_halves_written_by_hand(module, frontend):
+    """F.glu / nn.GLU: the input axis is the output's, twice (unit i of each half makes output
+    unit i): the spaces of the same weights written with chunk; the permutation oracle moves
+    them, and a self-merge is exact."""
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = _Glu(module=module).eval()
+    by_hand = _Glu(by_hand=True).eval()
+    by_hand.load_state_dict(model.state_dict())
+    widths = [sorted(s.width for s in gm.trace(m, x, frontend=frontend).space_table
+                     if not s.frozen) for m in (model, by_hand)]
+    assert widths[0] == widths[1] == [16, 32]
+    assert gm.check_spaces(model, x, frontend=frontend).changed_tensors > 0
+    twin = gm.permute(model, x, seed=1, frontend=frontend)
+    result = gm.merge([model, twin], [x], frontend=frontend, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(result.module(x), model(x), atol=1e-6)

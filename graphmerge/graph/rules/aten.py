@@ -50,7 +50,7 @@ _SAME_AS: dict[str, tuple[object, ...]] = {
         "ones_like", "full_like", "empty_like", "pow")},
     **{name: (getattr(F, name),) for name in (
         "gelu", "silu", "mish", "elu", "selu", "celu", "leaky_relu", "hardswish", "hardsigmoid",
-        "hardtanh", "softplus", "dropout")},
+        "hardtanh", "softplus", "dropout", "glu")},
     "relu_": (torch.relu,), "clamp_min": ("clamp_min",), "clamp_max": ("clamp_max",),
     "clone": ("clone",), "contiguous": ("contiguous",), "alias": ("clone",),
     "detach": ("detach",), "to": ("to",), "_to_copy": ("to",), "type_as": ("type_as",),

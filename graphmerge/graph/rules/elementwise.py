@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphmerge.graph.axes import Keep, Link, Same
+from graphmerge.graph.axes import Cat, Keep, Link, NodeAxis, Same
 
 aten = torch.ops.aten
 from graphmerge.graph.rules.registry import (
@@ -68,6 +68,21 @@ def _unary(op: Op) -> Iterator[Link]:
         dim = op.module.dim if op.module is not None else op.arg(1, "dim")
         if isinstance(dim, int) and op.x(src, dim) is not None:
             yield Keep(op.x(src, dim), reduced=True)  # normalised over every unit of dim
+
+
+@register(F.glu, nn.GLU)
+def _glu(op: Op) -> Iterator[Link]:
+    """glu(x, dim) = a · sigmoid(b) for the halves a, b of x along dim: output unit i pairs
+    unit i of each half, so x's axis along dim is the output's, twice."""
+    x = op.node.args[0] if op.module is not None else op.arg(0, "input")
+    dim = op.module.dim if op.module is not None else op.arg(1, "dim", -1)
+    n = ndim(op, x)
+    dim %= n
+    for d in range(n):
+        if d != dim:
+            yield Same(op.x(x, d), op.out(d))
+    half = op.out(dim) or op.shape()[dim]
+    yield Cat(NodeAxis(x.name, dim), (half, half))
 
 
 _BINARY = (
