@@ -8,6 +8,9 @@ table and the plot.
 
 from __future__ import annotations
 
+import argparse
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,27 @@ def fashion_mnist_setup(seed_groups: str, num_tasks: int = 2
     if any(len(g) != num_tasks for g in groups):
         raise SystemExit(f"each seed group needs {num_tasks} seeds, one per task: {seed_groups!r}")
     return tasks, x_test, y_test, calibration_batches(tasks), groups
+
+
+def benchmark_parser(doc: str, smoke: str | None = None) -> argparse.ArgumentParser:
+    """The options these benchmarks share: --cache (trained models), --out (results),
+    --render (rewrite the .md and .png from the measured .json) and, given its help text,
+    --smoke."""
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--cache", default=str(here / "cache"))
+    p.add_argument("--out", default=str(here / "results"))
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the .md and .png from the measured .json")
+    if smoke is not None:
+        p.add_argument("--smoke", action="store_true", help=smoke)
+    return p
+
+
+def rerun_command(script: str, argv: list[str] | None = None) -> str:
+    """The command that reruns `script` (a benchmark's __file__) with these arguments."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *map(shlex.quote, args)])
 
 
 def class_embeddings(seed: int = 0) -> torch.Tensor:

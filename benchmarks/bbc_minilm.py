@@ -24,12 +24,9 @@ Writes: benchmarks/results/bbc_minilm.md, bbc_minilm.json, bbc_minilm.png
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
-import shlex
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from _protocol import flops, params, table
+from _protocol import benchmark_parser, flops, params, rerun_command, table
 from torch import nn
 
 import graphmerge as gm
@@ -49,7 +46,6 @@ from graphmerge.lab.evaluation import (
 )
 from graphmerge.lab.training import cached_model, train_classifier
 
-HERE = Path(__file__).resolve().parent
 TASKS = (("business", "entertainment", "politics"), ("sports", "tech"))
 VARIANTS = {"average": {"method": "average"},
             "permute": {"method": "permute"},
@@ -285,7 +281,8 @@ def smoke_data(n: int = 60, length: int = 12) -> dict:
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__, smoke="tiny random BERTs (3 ⊕ 2 layers) on random tokens "
+                                        "(tests)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=16)
@@ -295,15 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", default="0,1", help="fine-tuning seeds of the L6 and L3 models")
     p.add_argument("--calibration-per-class", type=int, default=16)
     p.add_argument("--probe-steps", type=int, default=300)
-    p.add_argument("--cache", default=str(HERE / "cache"))
-    p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--render", action="store_true",
-                   help="only rewrite the .md and .png from the measured .json")
     p.add_argument("--origin", action="store_true",
                    help="only measure the weight similarity of the (cached) fine-tuned models "
                         "and add it to the measured .json")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny random BERTs (3 ⊕ 2 layers) on random tokens (tests)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.render:
@@ -345,8 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         variants = VARIANTS
     rows, warned = evaluate(models, data, calibration, variants, probe,
                             log=lambda s: print(s, flush=True))
-    command = "python benchmarks/bbc_minilm.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = rerun_command(__file__, argv)
     record = {"command": command, "args": vars(args), "seeds": seeds, "probe": probe,
               "classes": data["classes"], "tasks": [list(t) for t in TASKS],
               "split": {"train": len(data["train"]), "test": len(data["test"])},

@@ -18,24 +18,29 @@ Writes: benchmarks/results/heterogeneous_norms.md, heterogeneous_norms.json, .pn
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _protocol import NORMS, fashion_mnist_setup, mean_rows, plot, score, table
+from _protocol import (
+    NORMS,
+    benchmark_parser,
+    fashion_mnist_setup,
+    mean_rows,
+    plot,
+    rerun_command,
+    score,
+    table,
+)
 from heterogeneous import arch
 
 from graphmerge.io.atomic import write_text_atomic
 from graphmerge.lab.experiment import train_model
 from graphmerge.lab.zoo.registry import build
 
-HERE = Path(__file__).resolve().parent
 D1, D2, D4 = [1, 1, 1], [2, 2, 2], [4, 4, 4]
 ALIGN = {"zip, LMA": {"method": "zip", "align": "lma"},
          "zip, SMA": {"method": "zip", "align": "sma"},
@@ -52,18 +57,13 @@ EXPERIMENTS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__, smoke="untrained models, 500 test images, one seed group, "
+                                        "one variant (tests)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed-pairs", default="0,1;2,3;4,5")
     p.add_argument("--seed-triples", default="0,1,2;3,4,5;6,7,8")
     p.add_argument("--experiments", default=",".join(str(i) for i in range(len(EXPERIMENTS))),
                    help="indices into EXPERIMENTS; results of the others are kept from the JSON")
-    p.add_argument("--cache", default=str(HERE / "cache"))
-    p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--render", action="store_true",
-                   help="only rewrite the .md and .png from the measured .json")
-    p.add_argument("--smoke", action="store_true",
-                   help="untrained models, 500 test images, one seed group, one variant (tests)")
     args = p.parse_args(argv)
     out = Path(args.out)
     saved = out / "heterogeneous_norms.json"
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{table(ref_rows, ens)}", flush=True)
             hetero.append(rows)
             homo.append(ref_rows)
-        command = "python benchmarks/heterogeneous_norms.py " + " ".join(
-            shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+        command = rerun_command(__file__, argv)
         record[name] = {"archs": archs, "reference": ref, "seeds": groups, "runs": hetero,
                         "reference_runs": homo, "mean": mean_rows(hetero),
                         "reference_mean": mean_rows(homo), "epochs": e, "command": command,

@@ -22,21 +22,20 @@ Writes: benchmarks/results/merge_quality.md, merge_quality.json, merge_quality.p
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 from _protocol import (
+    benchmark_parser,
     embedding_model,
     fashion_mnist_setup,
     mean_rows,
     plot,
+    rerun_command,
     score,
     table,
 )
@@ -44,18 +43,12 @@ from _protocol import (
 from graphmerge.io.atomic import write_text_atomic
 from graphmerge.lab.experiment import TaskPairConfig, train_model
 
-HERE = Path(__file__).resolve().parent
-
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed-pairs", default="0,1;2,3;4,5")
     p.add_argument("--protocols", default="embedding,task")
-    p.add_argument("--cache", default=str(HERE / "cache"))
-    p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--render", action="store_true",
-                   help="only rewrite the .md and .png from the measured .json")
     args = p.parse_args()
     if args.render:
         out = Path(args.out)
@@ -81,8 +74,7 @@ def main() -> None:
             runs.append(rows)
         results[protocol] = mean_rows(runs)
         record[protocol] = {"seed_pairs": pairs, "runs": runs, "mean": results[protocol]}
-    command = "python benchmarks/merge_quality.py " + " ".join(shlex.quote(a)
-                                                                for a in sys.argv[1:])
+    command = rerun_command(__file__)
     record = {"command": command, "args": vars(args), "protocols": record,
               "wall_minutes": (time.perf_counter() - t_start) / 60}
     out = Path(args.out)

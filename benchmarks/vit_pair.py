@@ -24,21 +24,20 @@ Writes: benchmarks/results/vit_pair.md, vit_pair.json, vit_pair.png
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 from _protocol import (
+    benchmark_parser,
     embedding_model,
     fashion_mnist_setup,
     mean_rows,
     plot,
+    rerun_command,
     score,
     table,
 )
@@ -48,7 +47,6 @@ from graphmerge.io.atomic import write_text_atomic
 from graphmerge.lab.experiment import TaskPairConfig
 from graphmerge.lab.training import predict_logits
 
-HERE = Path(__file__).resolve().parent
 NORMS = ("repair", "none")
 VARIANTS = {"average": {"method": "average"},
             "permute": {"method": "permute"},
@@ -78,15 +76,10 @@ def self_merge_error(model: torch.nn.Module, calibration, x_test) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmark_parser(__doc__, smoke="tiny untrained ViTs, 500 test images, one seed pair "
+                                        "(tests)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed-pairs", default="0,1;2,3;4,5")
-    p.add_argument("--cache", default=str(HERE / "cache"))
-    p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--render", action="store_true",
-                   help="only rewrite the .md and .png from the measured .json")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny untrained ViTs, 500 test images, one seed pair (tests)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.render:
@@ -124,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         ens = next(r["joint"] for r in rows if r["method"] == "ensemble")
         print(f"\nseeds {seeds}\n{table(rows, ens, EXTRA)}", flush=True)
         runs.append(rows)
-    command = "python benchmarks/vit_pair.py " + " ".join(shlex.quote(a)
-                                                          for a in (argv or sys.argv[1:]))
+    command = rerun_command(__file__, argv)
     record = {"command": command, "args": vars(args), "vit": vit, "train": TRAIN,
               "seed_pairs": pairs, "self_merge": check, "runs": runs, "mean": mean_rows(runs),
               "wall_minutes": (time.perf_counter() - t_start) / 60,
