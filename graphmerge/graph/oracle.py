@@ -120,7 +120,8 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
     check_tolerance(rtol)
     inputs = as_inputs(example_inputs)
     table = trace(model, inputs, frontend=frontend, leaf_modules=leaf_modules).space_table
-    out = copy.deepcopy(plain_weights(model))
+    out = plain_weights(model)  # a copy already when it has parametrized weights
+    out = copy.deepcopy(model) if out is model else out
     apply_permutations(out, table, draw_permutations(table, torch.Generator().manual_seed(seed)))
     err = output_error(model, out, inputs)
     if err > rtol:
