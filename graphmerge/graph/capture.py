@@ -29,7 +29,7 @@ from graphmerge.errors import (
     summarize,
 )
 from graphmerge.inputs import as_inputs
-from graphmerge.surgery.tensors import named_tensors
+from graphmerge.graph.tensors import named_tensors
 
 if TYPE_CHECKING:
     from graphmerge.graph.spaces import Space, SpaceTable

@@ -30,7 +30,7 @@ from graphmerge.graph.capture import (
 from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
-from graphmerge.surgery.tensors import named_tensors
+from graphmerge.graph.tensors import named_tensors
 
 __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
            "output_error", "check_seed", "check_tolerance", "to_double"]

@@ -23,7 +23,7 @@ from graphmerge.graph.axes import Cat, Freeze, Keep, Kron, NodeAxis, ParamAxis, 
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.rules import RULES, Op, rule_for
 from graphmerge.graph.unionfind import UnionFind
-from graphmerge.surgery.tensors import canonical_names, named_tensors
+from graphmerge.graph.tensors import canonical_names, named_tensors
 
 __all__ = ["Space", "Derivation", "SpaceTable", "FrozenBy", "Frozen", "find_spaces",
            "UnsupportedOpWarning"]

@@ -16,7 +16,7 @@ from graphmerge.graph.capture import set_eval
 from graphmerge.graph.literals import find_literals, merged_widths, resize_literals
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.surgery.tensors import set_tensor, sync_module_attributes
+from graphmerge.graph.tensors import set_tensor, sync_module_attributes
 
 __all__ = ["compile_merged"]
 

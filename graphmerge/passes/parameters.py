@@ -20,7 +20,7 @@ from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import MATRICES, compose
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.surgery.tensors import canonical_names, named_tensors
+from graphmerge.graph.tensors import canonical_names, named_tensors
 
 __all__ = ["merge_parameters", "SpaceTransforms"]
 

@@ -60,7 +60,7 @@ from graphmerge.graph.stages import (
 from graphmerge.inputs import as_inputs
 from graphmerge.match.align import align
 from graphmerge.match.statistics import feature_module
-from graphmerge.surgery.tensors import (
+from graphmerge.graph.tensors import (
     get_tensor,
     named_tensors,
     resize_axes,

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.kinds import kind, tensor_args
-from graphmerge.surgery.tensors import canonical_names, get_tensor, set_tensor
+from graphmerge.graph.tensors import canonical_names, get_tensor, set_tensor
 
 __all__ = ["RepairPoint", "repair_points", "by_level", "targets", "repair", "moments"]
 

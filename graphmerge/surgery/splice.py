@@ -23,7 +23,7 @@ from graphmerge.errors import GraphmergeError
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.literals import find_literals, resize_literals
 from graphmerge.graph.stages import Unit
-from graphmerge.surgery.tensors import (
+from graphmerge.graph.tensors import (
     get_tensor,
     named_tensors,
     resize_axes,

@@ -22,7 +22,7 @@ from graphmerge.graph.capture import plain_weights, set_eval
 from graphmerge.graph.oracle import check_seed, check_tolerance, output_error
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
-from graphmerge.surgery.tensors import named_tensors, set_tensor, sync_module_attributes
+from graphmerge.graph.tensors import named_tensors, set_tensor, sync_module_attributes
 
 __all__ = ["widen"]
 
