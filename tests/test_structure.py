@@ -12,7 +12,8 @@ from torch import nn
 
 import graphmerge as gm
 from graphmerge.calibration import Calibration
-from graphmerge.passes import PIPELINE, MergeContext, PassOrderError, match_spaces
+from graphmerge.passes import PIPELINE, MergeContext, PassOrderError, match_spaces, merge_pass
+from graphmerge.passes.manager import PassDeclarationError
 
 PACKAGE = Path(gm.__file__).parent
 # the command line and the user's project (YAML config, factories, built-in datasets) may use
@@ -123,6 +124,44 @@ def test_a_pass_run_too_early_names_the_missing_pass():
     ctx = MergeContext([model, model], Calibration([torch.randn(4, 3)], 1), (torch.randn(4, 3),))
     with pytest.raises(PassOrderError, match="collect_statistics"):
         match_spaces(ctx)
+
+
+def test_a_pass_that_writes_an_undeclared_field_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(4, 3)
+
+    def fresh() -> MergeContext:
+        ctx = MergeContext([model, model], Calibration([x], 1), (x,))
+        ctx.plans = {}
+        return ctx
+
+    @merge_pass(needs=("plans",), provides=("head_mode",))
+    def adds_a_plan(ctx):
+        ctx.head_mode = "average"
+        ctx.plans[0] = "a plan"
+
+    @merge_pass(provides=("checked",))
+    def replaces_models(ctx):
+        ctx.checked = True
+        ctx.models = list(ctx.models)
+
+    with pytest.raises(PassDeclarationError, match="adds_a_plan wrote `plans`"):
+        adds_a_plan(fresh())
+    with pytest.raises(PassDeclarationError, match="replaces_models wrote `models`"):
+        replaces_models(fresh())
+    declared = merge_pass(needs=("plans",), provides=("head_mode",),
+                          writes=("plans",))(adds_a_plan.run)
+    assert declared(fresh()).plans == {0: "a plan"}
+
+
+def test_every_pass_declares_the_fields_it_writes():
+    # a merge with depth alignment (replaces models and traced), concatenated heads (adds a
+    # plan) and a partial cut (replaces the module) runs every declaration path
+    wide = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    shallow = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(32, 3)
+    result = gm.merge([wide, shallow], [x], heads="concat", partial=0.5, progress=False)
+    assert result.module(x).shape == (32, 4)
 
 
 class _Untouchable:

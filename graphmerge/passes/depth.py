@@ -39,14 +39,16 @@ from graphmerge.surgery.splice import Insertion, splice
 log = logging.getLogger(__name__)
 
 
-@merge_pass(needs=("traced",), provides=("alignments",))
+@merge_pass(needs=("traced",), provides=("alignments",),
+            writes=("models", "traced"))
 def align_depths(ctx: MergeContext) -> None:
     """Align every shallower stage to the deepest by CKA and expand it (replaces `ctx.models`
     and `ctx.traced` of the expanded models)."""
     _align(ctx, measure=True)
 
 
-@merge_pass(needs=("traced",), provides=("alignments",))
+@merge_pass(needs=("traced",), provides=("alignments",),
+            writes=("models", "traced"))
 def expand_uniformly(ctx: MergeContext) -> None:
     """`align_depths` without a pass over the data: shallow units at uniform positions (for
     plans and dry runs: the expanded topology and widths do not depend on the positions)."""

@@ -18,7 +18,7 @@ def output_spaces(ctx: MergeContext) -> list[Space]:
             and s.producers]
 
 
-@merge_pass(needs=("plans",), provides=("head_mode",))
+@merge_pass(needs=("plans",), provides=("head_mode",), writes=("plans",))
 def attach_heads(ctx: MergeContext) -> None:
     """"average" keeps model 0's interface (the outputs must have one width in every model);
     "concat" plans the output space as one block per model."""

@@ -14,7 +14,8 @@ from graphmerge.surgery.partial import cut_node, split_at
 from graphmerge.surgery.repair import repair_points
 
 
-@merge_pass(needs=("module", "norms_done", "plans", "head_mode"), provides=("cut",))
+@merge_pass(needs=("module", "norms_done", "plans", "head_mode"), provides=("cut",),
+            writes=("module",))
 def split_partial(ctx: MergeContext) -> None:
     """Replace the merged module by the partial one when a cut is configured."""
     if ctx.config.partial is None:
