@@ -29,7 +29,7 @@ from graphmerge.graph.spaces import (
 )
 from graphmerge.io.folder import load_module, load_state, save_module
 from graphmerge.io.onnx import export_onnx
-from graphmerge.merge import MergeResult, merge
+from graphmerge.merge import MergeResult, SpaceSummary, merge
 from graphmerge.plan import MergePlan, plan_merge
 from graphmerge.surgery.deepen import deepen
 from graphmerge.surgery.widen import widen
@@ -37,8 +37,8 @@ from graphmerge.surgery.widen import widen
 __all__ = [
     "trace", "Traced", "Tracer", "find_spaces", "Space", "SpaceTable", "Derivation", "Frozen",
     "FrozenBy", "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning", "merge",
-    "MergeResult", "MergeConfig", "plan_merge", "MergePlan", "export_onnx", "save_module",
-    "load_module", "load_state", "widen", "deepen",
+    "MergeResult", "SpaceSummary", "MergeConfig", "plan_merge", "MergePlan", "export_onnx",
+    "save_module", "load_module", "load_state", "widen", "deepen",
     "GraphmergeError", "TracingError", "SpaceCheckError", "MismatchError", "ConfigError",
     "DataError", "InexactExpansionWarning",
 ]

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from graphmerge.config import option_help
 from graphmerge.errors import ConfigError, GraphmergeError, summarize
 
 
@@ -267,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("merge", parents=[common], help="merge your models as a YAML config "
-                       "says; write the merged module and a report to OUT/")
+                       "says; write the merged module and a report to OUT/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="merge options (the `merge:` section of the config):\n"
+                       + option_help(indent=2, width=78))
     p.add_argument("config", help="the YAML config (models, calibration, eval, merge, output)")
     p.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace OUT/ if it exists")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,26 +20,29 @@ from graphmerge.graph.capture import FRONTENDS
 from graphmerge.match.align import ALIGN_METHODS
 from graphmerge.match.matchers import MATCHERS
 
-__all__ = ["MergeConfig", "HEAD_MODES", "NORM_MODES", "ATTENTION_MODES"]
+__all__ = ["MergeConfig", "option_help", "HEAD_MODES", "NORM_MODES", "ATTENTION_MODES"]
 
-#: heads="average" (default): the merged model keeps model 0's interface, outputs averaged;
-#: "concat": every model keeps its head and the logits are concatenated (disjoint tasks).
+# the valid values of some options (their meaning: the fields' help, `option_help`)
 HEAD_MODES = ("average", "concat")
 #: norms="repair" (default): REPAIR, each merged unit's mean and std where it enters a
 #: nonlinearity or a norm set to its members' (merge-weighted) on the calibration data;
 #: "reset": recompute BatchNorm statistics on the calibration data; "none": keep the merged
 #: statistics.
 NORM_MODES = ("repair", "reset", "none")
-#: attention="heads" (default): attention heads are matched as wholes and each merged head's
-#: dims by its own transform (`graphmerge.match.heads`); "frozen": the heads and head dims keep
-#: the identity (head h of every model merged with head h, dim by dim), the rest is merged as
-#: usual — the baseline that ignores where the heads are.
 ATTENTION_MODES = ("heads", "frozen")
+
+
+def _option(default: Any, help: str) -> Any:
+    """A field of `MergeConfig` with its help text: written once, shown by `merge`'s docstring,
+    `graphmerge merge --help` and `option_help`."""
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """The options of one merge (see `graphmerge.merge` for their meaning).
+    """The options of one merge; each field's help is in `option_help()`.
 
     `alpha` and `beta` are options of the "zip" matcher; None means the matcher's default, and
     giving them to a matcher that does not take them is an error.
@@ -52,23 +56,65 @@ class MergeConfig:
         graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory, attention
     """
 
-    method: str = "zip"
-    alpha: float | None = None
-    beta: float | None = None
-    width: Any = None
-    heads: str = "average"
-    align: str = "lma"
-    norms: str = "repair"
-    check: bool = True
-    frontend: str = "auto"
-    leaf_modules: Sequence[Any] = field(default_factory=tuple)
-    progress: bool = True
-    partial: Any = None
-    max_batches: int | None = None
-    max_samples: int | None = None
-    device: Any = None
-    max_memory: Any = None
-    attention: str = "heads"
+    method: str = _option(
+        "zip", '"zip" (ZipIt made elastic, default), "permute" (Hungarian activation '
+        'matching) or "average".')
+    alpha: float | None = _option(
+        None, "zip's correlation decay (default 0.5); only for method='zip'.")
+    beta: float | None = _option(
+        None, "zip's within-model merge budget (default 1.0); only for method='zip'.")
+    width: Any = _option(
+        None, "merged width per space: None (the widest model's), a float ratio of it (0.5 "
+        "compresses the merged model), or {space id: units or ratio} per space (ids from "
+        "`graphmerge inspect`); zip only, the other methods need equal widths.")
+    heads: str = _option(
+        "average", '"average" (default: the merged model keeps model 0\'s inputs and output '
+        'shapes; the models\' outputs must have one width) or "concat" (disjoint tasks: every '
+        'model keeps its head, the logits are concatenated in model order).')
+    align: str = _option(
+        "lma", 'depth alignment when the models\' stages differ in depth: "lma" (default), '
+        '"sma" or "uniform"; shallower models are expanded with identity units.')
+    norms: str = _option(
+        "repair", '"repair" (default: REPAIR — where a merged unit enters a nonlinearity or a '
+        "norm, its mean and std on the calibration data are set to the merge-weighted mean of "
+        "its members', through BatchNorm statistics or folded into the producing layer; a "
+        'self-merge stays exact), "reset" (BatchNorm statistics recomputed on the calibration '
+        'data, as ZipIt! does) or "none".')
+    check: bool = _option(
+        True, "run the permutation oracle on model 0 first (refuses models whose spaces "
+        "break); default True.")
+    frontend: str = _option(
+        "auto", 'how models are captured: "auto" (default: torch.fx, falling back to '
+        'torch.export), "fx" or "export"; a GraphModule is taken as given.')
+    leaf_modules: Sequence[Any] = _option(
+        (), "module classes or qualified names to keep opaque when tracing.")
+    progress: bool = _option(
+        True, "progress bars on the calibration passes (samples seen); default True.")
+    partial: Any = _option(
+        None, "None (default: merge everything) or a cut — a node name, a space id (after the "
+        "last node carrying it) or a fraction of depth (of the weighted layers): the graph up "
+        "to the cut is merged, after it every model keeps its own layers, fed through its "
+        "unmerge matrices; outputs averaged or, with heads='concat', concatenated. More "
+        "parameters, higher accuracy (ZipIt!'s partial zipping).")
+    max_batches: int | None = _option(
+        None, "read at most this many calibration batches (default: one pass over a finite "
+        "iterable; an iterable without len(), such as a generator or an endless stream, needs "
+        "max_batches or max_samples).")
+    max_samples: int | None = _option(
+        None, "read at most this many calibration samples (see max_batches).")
+    device: Any = _option(
+        None, 'run the merge there (e.g. "cuda"); default: where the models are. The '
+        "caller's models are copied, never moved.")
+    max_memory: Any = _option(
+        None, "a bound in bytes on the feature statistics (8·d² per space of d units summed "
+        "over the models); spaces that do not fit together are measured in several passes "
+        "over the calibration data, with the same result. It also bounds the activations "
+        "REPAIR holds for its single pass (default 2 GiB; past it, one pass per level).")
+    attention: str = _option(
+        "heads", '"heads" (default: attention heads are matched as wholes, each merged head\'s '
+        'dims by its own transform) or "frozen" (heads and head dims keep the identity: head h '
+        "of every model is merged with head h, dim by dim; the rest is merged as usual; a "
+        "baseline that ignores the heads).")
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, sorted(MATCHERS))
@@ -127,6 +173,21 @@ class MergeConfig:
         given = {"alpha": self.alpha, "beta": self.beta}
         return {k: given[k] if given.get(k) is not None else default
                 for k, default in MATCHERS[self.method].options.items()}
+
+
+def option_help(indent: int = 0, width: int = 92) -> str:
+    """Every merge option with its help, one wrapped paragraph each (for docstrings and the
+    command line's help).
+
+    Example:
+        >>> print(option_help(width=60).splitlines()[0])
+        method: "zip" (ZipIt made elastic, default), "permute"
+    """
+    lines = []
+    for f in dataclasses.fields(MergeConfig):
+        lines += textwrap.wrap(f"{f.name}: {f.metadata['help']}", width, initial_indent=" " * indent,
+                               subsequent_indent=" " * (indent + 4), break_on_hyphens=False)
+    return "\n".join(lines)
 
 
 def _one_of(key: str, value: Any, valid: Sequence[str]) -> None:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import networkx as nx
 import torch
@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphmerge.calibration import Calibration
-from graphmerge.config import MergeConfig
+from graphmerge.config import MergeConfig, option_help
 from graphmerge.errors import ConfigError, DataError
 from graphmerge.graph.capture import check_materialized, eval_mode
 from graphmerge.inputs import as_inputs, infer_input_count
@@ -23,19 +23,29 @@ from graphmerge.match.align import StageAlignment
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
 from graphmerge.passes.context import SpacePlan
 
-__all__ = ["merge", "MergeResult", "check_models"]
+__all__ = ["merge", "MergeResult", "SpaceSummary", "check_models"]
+
+
+class SpaceSummary(TypedDict):
+    """One merged space in `MergeResult.spaces`."""
+
+    space: int                 # the space id (`graphmerge inspect` lists them)
+    widths: list[int]          # per model
+    width: int                 # merged
+    matcher: str               # the matcher's name, or "concat" for concatenated heads
+    mean_correlation: float    # over the merged groups of two or more units (nan: none)
+    correlations: list[float]  # per such group, its members' mean pairwise correlation;
+                               # empty for attention heads (matched as wholes)
+
 
 @dataclass
 class MergeResult:
-    """The merged module, the match graph, and a per-space summary.
-
-    `spaces`: per merged space, its `widths` (per model), merged `width`, `matcher`,
-    `mean_correlation` and `correlations` (per merged unit of two or more, the mean pairwise
-    correlation of its members; empty for attention heads, matched as wholes)."""
+    """The merged module, the match graph, and a per-space summary (`spaces`, one
+    `SpaceSummary` per merged space)."""
 
     module: fx.GraphModule
     match_graph: nx.Graph
-    spaces: list[dict[str, Any]]
+    spaces: list[SpaceSummary]
     head_mode: str
     method: str
     seconds: dict[str, float] = field(default_factory=dict)
@@ -128,49 +138,7 @@ def merge(
         example_inputs: inputs for tracing; default: the first calibration batch.
         config: a `MergeConfig` (or a mapping of its fields); `**options` override it.
         **options: the fields of `MergeConfig`, validated before any work:
-            method: "zip" (ZipIt, default), "permute" (Hungarian activation matching) or
-                "average".
-            alpha, beta: zip's correlation decay (default 0.5) and within-model merge budget
-                (default 1.0); only for method="zip".
-            width: merged width per space: None (the widest model's), a float ratio of it (0.5
-                compresses the merged model), or {space id: units or ratio} per space (ids from
-                `graphmerge inspect`); zip only, the other methods need equal widths.
-            heads: "average" (default: the merged model keeps model 0's inputs and output
-                shapes; the models' outputs must have one width) or "concat" (disjoint tasks:
-                every model keeps its head, the logits are concatenated in model order).
-            align: depth alignment when the models' stages differ in depth: "lma" (default),
-                "sma" or "uniform"; shallower models are expanded with identity units.
-            norms: "repair" (default: REPAIR — where a merged unit enters a nonlinearity or
-                a norm, its mean and std on the calibration data are set to the merge-weighted
-                mean of its members', through BatchNorm statistics or folded into the
-                producing layer; a self-merge stays exact), "reset" (BatchNorm statistics
-                recomputed on the calibration data, as ZipIt! does) or "none".
-            check: run the permutation oracle on model 0 first (refuses models whose spaces
-                break); default True.
-            frontend: how models are captured: "auto" (default: torch.fx, falling back to
-                torch.export), "fx" or "export"; a GraphModule is taken as given.
-            leaf_modules: module classes or qualified names to keep opaque when tracing.
-            progress: progress bars on the calibration passes (samples seen); default True.
-            max_batches, max_samples: read at most this many calibration batches / samples
-                (default: one pass over a finite iterable; an iterable without len(), such
-                as a generator or an endless stream, needs one of them).
-            device: run the merge there (e.g. "cuda"); default: where the models are. The
-                caller's models are copied, never moved.
-            max_memory: a bound in bytes on the feature statistics (8·d² per space of d
-                units summed over the models); spaces that do not fit together are measured
-                in several passes over the calibration data, with the same result. It also
-                bounds the activations REPAIR holds for its single pass (default 2 GiB; past
-                it, one pass per level).
-            partial: None (default: merge everything) or a cut — a node name, a space id
-                (after the last node carrying it) or a fraction of depth (of the weighted
-                layers): the graph up to the cut is merged, after it every model keeps its
-                own layers, fed through its unmerge matrices; outputs averaged or, with
-                heads="concat", concatenated. More parameters, higher accuracy (ZipIt!'s
-                partial zipping).
-            attention: "heads" (default: attention heads are matched as wholes, each merged
-                head's dims by its own transform) or "frozen" (heads and head dims keep the
-                identity: head h of every model is merged with head h, dim by dim; the rest
-                is merged as usual; a baseline that ignores the heads).
+{options}
 
     Returns:
         MergeResult with `.module` (an eval-mode GraphModule), `.match_graph`, `.summary`.
@@ -205,9 +173,13 @@ def merge(
         for m in models:
             stack.enter_context(eval_mode(m))
         run_passes(ctx, PIPELINE)
-    spaces = [{"space": sid, "widths": p.widths, "width": p.width, "matcher": p.matcher,
-               "mean_correlation": float(p.mean_correlation), "correlations": p.correlations}
+    spaces = [SpaceSummary(space=sid, widths=p.widths, width=p.width, matcher=p.matcher,
+                           mean_correlation=float(p.mean_correlation),
+                           correlations=p.correlations)
               for sid, p in sorted(ctx.plans.items())]
     ctx.seconds["total"] = time.perf_counter() - t0
     return MergeResult(ctx.module, ctx.match_graph, spaces, ctx.head_mode, cfg.method,
                        ctx.seconds, ctx.alignments, cfg, ctx.plans)
+
+
+merge.__doc__ = merge.__doc__.replace("{options}", option_help(indent=12))

@@ -4,6 +4,7 @@ the CLI, and every merge step is a pass that refuses to run before what it needs
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,19 @@ def test_a_merge_config_object_and_overrides():
     assert set(result.seconds) >= {p.name for p in PIPELINE} | {"total"}
     with torch.no_grad():
         assert torch.allclose(result.module(x), model(x), atol=1e-5)
+
+
+def test_option_help_is_written_once_and_shown_by_merge_and_the_cli(capsys):
+    from graphmerge.cli import build_parser
+    from graphmerge.config import option_help
+
+    fields = [f.name for f in dataclasses.fields(gm.MergeConfig)]
+    text = option_help()
+    assert [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")] == fields
+    assert option_help(indent=12) in gm.merge.__doc__
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["merge", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in fields:
+        assert f"{name}: " in shown
+    assert " ".join(gm.MergeConfig.__dataclass_fields__["norms"].metadata["help"].split()) in shown
