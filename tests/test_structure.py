@@ -222,3 +222,20 @@ def test_option_help_is_written_once_and_shown_by_merge_and_the_cli(capsys):
     for name in fields:
         assert f"{name}: " in shown
     assert " ".join(gm.MergeConfig.__dataclass_fields__["norms"].metadata["help"].split()) in shown
+
+
+#: the longest an engine function may be (lines, docstring included)
+LONGEST = 80
+
+
+def test_no_engine_function_is_longer_than_80_lines():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if _module_name(path).startswith(NOT_ENGINE):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST:
+                    too_long.append(f"{_module_name(path)}.{node.name}: {lines} lines")
+    assert not too_long, "split these into named steps: " + "; ".join(too_long)
