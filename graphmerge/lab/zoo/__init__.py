@@ -1,7 +1,8 @@
 """Model zoo: the model families graphmerge traces and merges (MLP, ResNet, VGG, ViT, BERT).
 
 `COMMUNITY` holds small families in styles the engine was not designed around (MobileNetV2,
-DenseNet, U-Net, GPT, nn.MultiheadAttention, ConvNeXt, SE-ResNet, functional-style CNN).
+DenseNet, U-Net, GPT, nn.MultiheadAttention, ConvNeXt, SE-ResNet, functional-style CNN);
+`PRETRAINED` the real MiniLM BERTs; `registry` builds any of them by name (`build`, `builtin`).
 """
 
 from graphmerge.lab.zoo.bert import (
