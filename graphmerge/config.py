@@ -18,6 +18,7 @@ from graphmerge.errors import ConfigError
 from graphmerge.graph.capture import FRONTENDS
 from graphmerge.match.align import ALIGN_METHODS
 from graphmerge.match.matchers import MATCHERS
+from graphmerge.surgery.norms import CORRECTIONS
 
 __all__ = ["MergeConfig", "HEAD_MODES", "NORM_MODES", "ATTENTION_MODES"]
 
@@ -27,8 +28,8 @@ HEAD_MODES = ("average", "concat")
 #: norms="repair" (default): REPAIR, each merged unit's mean and std where it enters a
 #: nonlinearity or a norm set to its members' (merge-weighted) on the calibration data;
 #: "reset": recompute BatchNorm statistics on the calibration data; "none": keep the merged
-#: statistics.
-NORM_MODES = ("repair", "reset", "none")
+#: statistics. The registered corrections, in order (`graphmerge.surgery.norms.CORRECTIONS`).
+NORM_MODES = tuple(CORRECTIONS)
 #: attention="heads" (default): attention heads are matched as wholes and each merged head's
 #: dims by its own transform (`graphmerge.match.heads`); "frozen": the heads and head dims keep
 #: the identity (head h of every model merged with head h, dim by dim), the rest is merged as
