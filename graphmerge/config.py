@@ -19,16 +19,13 @@ from graphmerge.errors import ConfigError
 from graphmerge.graph.capture import FRONTENDS
 from graphmerge.match.align import ALIGN_METHODS
 from graphmerge.match.matchers import MATCHERS
+from graphmerge.surgery.norms import CORRECTIONS
 
 __all__ = ["MergeConfig", "option_help", "HEAD_MODES", "NORM_MODES", "ATTENTION_MODES"]
 
 # the valid values of some options (their meaning: the fields' help, `option_help`)
 HEAD_MODES = ("average", "concat")
-#: norms="repair" (default): REPAIR, each merged unit's mean and std where it enters a
-#: nonlinearity or a norm set to its members' (merge-weighted) on the calibration data;
-#: "reset": recompute BatchNorm statistics on the calibration data; "none": keep the merged
-#: statistics.
-NORM_MODES = ("repair", "reset", "none")
+NORM_MODES = tuple(CORRECTIONS)  # the registered corrections (`surgery/norms.py`), in order
 ATTENTION_MODES = ("heads", "frozen")
 
 

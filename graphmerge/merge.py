@@ -20,8 +20,8 @@ from graphmerge.errors import ConfigError, DataError
 from graphmerge.graph.capture import check_materialized, eval_mode
 from graphmerge.inputs import as_inputs, infer_input_count
 from graphmerge.match.align import StageAlignment
+from graphmerge.match.plans import SpacePlan
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
-from graphmerge.passes.context import SpacePlan
 
 __all__ = ["merge", "MergeResult", "SpaceSummary", "check_models"]
 

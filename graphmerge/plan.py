@@ -20,6 +20,7 @@ from graphmerge.calibration import Calibration
 from graphmerge.config import MergeConfig
 from graphmerge.graph.capture import eval_mode
 from graphmerge.inputs import as_inputs
+from graphmerge.match.selection import check_width_spaces, head_projections, mergeable, target_width
 from graphmerge.merge import check_models
 from graphmerge.passes import (
     MergeContext,
@@ -29,8 +30,6 @@ from graphmerge.passes import (
     run_passes,
     trace_models,
 )
-from graphmerge.passes.matching import check_width_spaces, target_width
-from graphmerge.passes.statistics import head_projections, mergeable
 
 __all__ = ["MergePlan", "StagePlan", "SpaceRow", "plan_merge", "placements"]
 

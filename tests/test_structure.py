@@ -22,6 +22,23 @@ PACKAGE = Path(gm.__file__).parent
 NOT_ENGINE = ("graphmerge.lab", "graphmerge.cli", "graphmerge.project")
 
 
+# the layers, bottom up: a module imports only from its own layer or below; the top-level
+# `graphmerge/__init__.py` is the public API: it may import anything, and it is imported only
+# from the top layer (the command line, the user's project and the lab use it as users do)
+LAYERS = (
+    ("graphmerge.errors", "graphmerge.inputs"),
+    ("graphmerge.graph",),
+    ("graphmerge.match", "graphmerge.calibration"),
+    ("graphmerge.surgery",),
+    ("graphmerge.passes", "graphmerge.config"),
+    ("graphmerge.merge", "graphmerge.plan"),
+    ("graphmerge.io",),
+    ("graphmerge.cli", "graphmerge.project", "graphmerge.lab"),
+)
+# what a pass file may import from passes/ (logic two passes share lives in a lower layer)
+PASS_HELPERS = ("graphmerge.passes.manager", "graphmerge.passes.context")
+
+
 def _module_name(path: Path) -> str:
     rel = path.relative_to(PACKAGE.parent).with_suffix("")
     parts = list(rel.parts)
@@ -109,6 +126,69 @@ def test_the_checker_sees_a_cycle_and_a_lab_import(tmp_path, monkeypatch):
         test_no_import_cycle_in_the_package()
     graph = _package_closure(_imports())
     assert "graphmerge.lab" in graph["graphmerge.b"]
+
+
+def _layer(module: str) -> int:
+    """The layer of a graphmerge module (AssertionError for a module no layer holds)."""
+    if module == "graphmerge":
+        return len(LAYERS) - 1
+    for k, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return k
+    raise AssertionError(f"module {module} is in no layer: add it to LAYERS")
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that points up the layers, every pass file's import of another pass file,
+    and every import of a pass file from outside the passes (their API is the package
+    `graphmerge.passes`; only `PASS_HELPERS` may be imported)."""
+    bad = []
+    for module, deps in sorted(graph.items()):
+        if module == "graphmerge":
+            continue
+        bad += [f"{module} imports {d} (a higher layer)" for d in sorted(deps)
+                if _layer(d) > _layer(module)]
+        passes = sorted(d for d in deps if d.startswith("graphmerge.passes")
+                        and d not in PASS_HELPERS)
+        if module.startswith("graphmerge.passes."):
+            bad += [f"pass file {module} imports {d}" for d in passes]
+        elif module != "graphmerge.passes":
+            bad += [f"{module} imports pass file {d}" for d in passes if d != "graphmerge.passes"]
+    return bad
+
+
+def test_imports_point_down_the_layers_and_passes_import_no_passes():
+    graph = _imports()
+    bad = _upward_imports(graph)
+    assert not bad, "layering broken:\n" + "\n".join(bad)
+    assert {_layer(m) for m in graph} == set(range(len(LAYERS)))  # every layer holds a module
+
+
+def test_the_layer_checker_sees_an_upward_import_and_a_pass_importing_a_pass(tmp_path,
+                                                                             monkeypatch):
+    pkg = tmp_path / "graphmerge"
+    for sub in ("graph", "passes", "lab"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from graphmerge.lab import z\n")  # the API: allowed
+    (pkg / "graph" / "a.py").write_text("def f():\n    from graphmerge.passes import b\n"
+                                        "import graphmerge\n")
+    (pkg / "passes" / "b.py").write_text("from graphmerge.passes.context import c\n"
+                                         "from graphmerge.graph.a import f\n")
+    (pkg / "passes" / "context.py").write_text("")
+    (pkg / "passes" / "d.py").write_text("from graphmerge.passes.b import x\n")
+    (pkg / "lab" / "e.py").write_text("from graphmerge.passes import d\n"
+                                      "from graphmerge.passes import PIPELINE\n")
+    monkeypatch.setattr(f"{__name__}.PACKAGE", pkg)
+    assert _upward_imports(_imports()) == [
+        "graphmerge.graph.a imports graphmerge (a higher layer)",
+        "graphmerge.graph.a imports graphmerge.passes.b (a higher layer)",
+        "graphmerge.graph.a imports pass file graphmerge.passes.b",
+        "graphmerge.lab.e imports pass file graphmerge.passes.d",
+        "pass file graphmerge.passes.d imports graphmerge.passes.b",
+    ]
+    with pytest.raises(AssertionError, match="layering broken"):
+        test_imports_point_down_the_layers_and_passes_import_no_passes()
 
 
 def test_the_pipeline_is_one_ordered_list_whose_needs_come_first():

@@ -4,20 +4,17 @@ merge made, for a person to inspect (`graphmerge.io.match_graph` writes and read
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import networkx as nx
 
 from graphmerge.graph.capture import Traced
 from graphmerge.match.pairing import op_key
-
-if TYPE_CHECKING:
-    from graphmerge.passes.context import SpacePlan
+from graphmerge.match.plans import SpacePlan
 
 __all__ = ["build_match_graph", "describe_match_graph"]
 
 
-def build_match_graph(traced: Sequence[Traced], plans: dict[int, "SpacePlan"], method: str
+def build_match_graph(traced: Sequence[Traced], plans: dict[int, SpacePlan], method: str
                       ) -> nx.Graph:
     """Nodes: every fx node and every space of every model (`m{i}/{node}`, `m{i}/space{k}`).
     Edges: `match` edges pair model 0's node/space with model i's; `member` edges tie a space to

@@ -24,9 +24,8 @@ from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import set_eval
 from graphmerge.graph.lockstep import run_lockstep
 from graphmerge.match.matchers import correlation_from_moments
-from graphmerge.surgery.repair import moments
 
-__all__ = ["SpaceStats", "UnitStats", "feature_module", "collect_stats", "unit_sums",
+__all__ = ["SpaceStats", "UnitStats", "moments", "feature_module", "collect_stats", "unit_sums",
            "statistics_bytes"]
 
 log = logging.getLogger(__name__)
@@ -99,6 +98,12 @@ class SpaceStats:
         gap = np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])
         scale = np.abs(mean)[:, None] + np.abs(mean)[None, :] + std[:, None] + std[None, :]
         return corr - TIE_BREAK * gap / np.maximum(scale, 1e-12)
+
+
+def moments(sum_x: np.ndarray, sum_xx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-unit mean and std from streamed sums."""
+    mean = sum_x / max(count, 1)
+    return mean, np.sqrt(np.clip(sum_xx / max(count, 1) - mean ** 2, 0.0, None))
 
 
 @dataclass

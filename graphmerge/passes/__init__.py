@@ -13,13 +13,14 @@ from graphmerge.passes.depth import align_depths, expand_uniformly
 from graphmerge.passes.heads import attach_heads
 from graphmerge.passes.manager import Pass, PassOrderError, merge_pass, run_passes
 from graphmerge.passes.matching import match_spaces
-from graphmerge.passes.norms import correct_norms, reset_batch_norms
+from graphmerge.passes.norms import correct_norms
 from graphmerge.passes.pair import pair_models
 from graphmerge.passes.parameters import merge_parameters
 from graphmerge.passes.partial import split_partial
 from graphmerge.passes.report import build_match_graph
 from graphmerge.passes.statistics import collect_statistics
 from graphmerge.passes.trace import trace_models
+from graphmerge.surgery.norms import reset_batch_norms  # re-exported: the tests use it
 
 PIPELINE: tuple[Pass, ...] = (
     trace_models, check_spaces, align_depths, pair_models, collect_statistics, match_spaces,

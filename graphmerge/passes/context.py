@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -16,23 +15,10 @@ from graphmerge.config import MergeConfig
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import Traced
 from graphmerge.match.align import StageAlignment
+from graphmerge.match.plans import SpacePlan  # re-exported: defined in the match layer
 from graphmerge.match.statistics import SpaceStats, UnitStats
 
 __all__ = ["SpacePlan", "MergeContext"]
-
-
-@dataclass
-class SpacePlan:
-    """How one base space is merged: per model i, M_i [r, d_i] and U_i [d_i, r]."""
-
-    space: int
-    widths: list[int]
-    width: int
-    matcher: str
-    merge: list[np.ndarray]
-    unmerge: list[np.ndarray]
-    mean_correlation: float = float("nan")
-    correlations: list[float] = field(default_factory=list)  # per merged group of >= 2 units
 
 
 @dataclass

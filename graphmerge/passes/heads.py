@@ -7,7 +7,8 @@ import numpy as np
 
 from graphmerge.errors import ConfigError
 from graphmerge.graph.spaces import FrozenBy, Space
-from graphmerge.passes.context import MergeContext, SpacePlan
+from graphmerge.match.plans import SpacePlan
+from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 
 

@@ -3,43 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
-from graphmerge.errors import ConfigError, MismatchError
+from graphmerge.errors import MismatchError
 from graphmerge.match.heads import grouped, match_heads
 from graphmerge.match.matchers import get_matcher, group_correlations
-from graphmerge.passes.context import MergeContext, SpacePlan
+from graphmerge.match.plans import SpacePlan
+from graphmerge.match.selection import check_width_spaces, head_projections, target_width
+from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.passes.statistics import head_projections
 
-__all__ = ["match_spaces", "target_width", "check_width_spaces"]
+__all__ = ["match_spaces"]
 
 log = logging.getLogger(__name__)
-
-
-def target_width(width: Any, sid: int, widths: list[int]) -> int | None:
-    """The merged width r of space `sid`: `width` is None (the widest model's width), a ratio
-    of it (float), or a mapping {space id: int width or float ratio} (others default).
-    Values were validated by `MergeConfig`; the range depends on the models' widths."""
-    if isinstance(width, Mapping):
-        width = width.get(sid)
-    if width is None:
-        return None
-    r = width if isinstance(width, int) else max(1, round(width * max(widths)))
-    if not 1 <= r <= sum(widths):
-        raise ConfigError(f"width {r} for space {sid} is out of range: 1 <= r <= "
-                          f"{sum(widths)} (the sum of the models' widths {widths})")
-    return r
-
-
-def check_width_spaces(width: Any, merged: set[int], heads: set[int]) -> None:
-    """A per-space `width` mapping may only name merged spaces (ConfigError otherwise)."""
-    if isinstance(width, Mapping):
-        unknown = sorted(set(width) - merged - heads)
-        if unknown:
-            raise ConfigError(f"width= names spaces {unknown} that are not merged; mergeable "
-                              f"spaces: {sorted(merged)} (see graphmerge inspect)")
 
 
 @merge_pass(needs=("stats",), provides=("plans",))

@@ -7,7 +7,7 @@ axis in a space uses the membership matrix U_iᵀ (identity for spaces that are 
 parameter without an `out` axis in any space is averaged (×1/N). Derived spaces compose their
 parts (`graphmerge.graph.transforms`): block-diagonal for concatenations, Kronecker for
 row-major products (only the primary part averages). Non-float tensors (integer buffers) are
-taken from model 0.
+taken from model 0. The per-model transforms are `graphmerge.match.plans.SpaceTransforms`.
 """
 
 from __future__ import annotations
@@ -15,55 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from graphmerge.errors import MismatchError
-from graphmerge.graph.spaces import SpaceTable
-from graphmerge.graph.transforms import MATRICES, compose
+from graphmerge.graph.tensors import canonical_names, named_tensors
+from graphmerge.match.plans import SpaceTransforms
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.graph.tensors import canonical_names, named_tensors
 
-__all__ = ["merge_parameters", "SpaceTransforms"]
-
-
-class SpaceTransforms:
-    """Per-model axis transforms [r, d_i] for every space, built on demand and cached:
-    "avg" = M_i (averages), "sel" = U_iᵀ (selects)."""
-
-    def __init__(self, ctx: MergeContext) -> None:
-        self.ctx = ctx
-        self.tables: list[SpaceTable] = [t.space_table for t in ctx.traced]
-        self.cache: dict[tuple[int, int, bool], np.ndarray] = {}
-
-    def merged(self, sid: int) -> bool:
-        """Whether the space (or some part of it) is merged by a plan."""
-        if sid in self.ctx.plans:
-            return True
-        d = self.tables[0][sid].derived
-        return d is not None and any(p is not None and self.merged(p) for p in d.parts)
-
-    def get(self, i: int, sid: int, average: bool) -> np.ndarray:
-        key = (i, sid, average)
-        if key not in self.cache:
-            self.cache[key] = compose(self.tables[i], sid,
-                                      lambda s, primary: self._own(i, s, average and primary),
-                                      MATRICES)
-        return self.cache[key]
-
-    def _own(self, i: int, sid: int, average: bool) -> np.ndarray | None:
-        """A plan's matrix, the identity for a space that is not merged, None to compose."""
-        plan = self.ctx.plans.get(sid)
-        if plan is not None:
-            return plan.merge[i] if average else plan.unmerge[i].T
-        space = self.tables[i][sid]
-        if space.derived is not None and self.merged(sid):
-            return None
-        widths = [t[sid].width for t in self.tables]
-        if len(set(widths)) > 1:
-            raise MismatchError(
-                f"space {sid} keeps the identity ({space.why or 'it is not merged'}) but its "
-                f"width differs between models: {widths}")
-        eye = np.eye(space.width)
-        return eye / self.ctx.n_models if average else eye
+__all__ = ["merge_parameters"]
 
 
 def _apply(t: torch.Tensor, dim: int, a: np.ndarray) -> torch.Tensor:
@@ -75,7 +32,7 @@ def _apply(t: torch.Tensor, dim: int, a: np.ndarray) -> torch.Tensor:
 @merge_pass(needs=("plans", "head_mode"), provides=("merged_state",))
 def merge_parameters(ctx: MergeContext) -> None:
     """Every merged parameter and buffer of model 0's graph (computed in float64, cast back)."""
-    tx = SpaceTransforms(ctx)
+    tx = SpaceTransforms([t.space_table for t in ctx.traced], ctx.plans, ctx.n_models)
     tables = tx.tables
     roles = {(a.param, a.dim): a.role for s in tables[0] for a in s.params}
     named = [named_tensors(t.graph_module) for t in ctx.traced]

@@ -1,17 +1,17 @@
 """Pass `split_partial`: with `partial=` a cut, the merged module keeps the merged graph up to
 the cut and each model's own layers after it (`graphmerge.surgery.partial`); the norms of
-those layers are then corrected for the features the trunk now gives them."""
+those layers are then corrected for the features the trunk now gives them (the configured
+correction's `apply_tails`, `graphmerge.surgery.norms`)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+from graphmerge.match.plans import SpaceTransforms
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.passes.norms import repair_in_order, reset_batch_norms
-from graphmerge.passes.parameters import SpaceTransforms
+from graphmerge.surgery.norms import NormInputs, get_correction
 from graphmerge.surgery.partial import cut_node, split_at
-from graphmerge.surgery.repair import repair_points
+
+__all__ = ["split_partial"]
 
 
 @merge_pass(needs=("module", "norms_done", "plans", "head_mode"), provides=("cut",),
@@ -22,27 +22,13 @@ def split_partial(ctx: MergeContext) -> None:
         ctx.cut = ""
         return
     cut = cut_node(ctx.traced[0], ctx.config.partial)
-    tx = SpaceTransforms(ctx)
+    tx = SpaceTransforms([t.space_table for t in ctx.traced], ctx.plans, ctx.n_models)
     ctx.module, names = split_at(ctx.module, ctx.traced, cut,
                                  lambda i, sid: tx.get(i, sid, False).T, tx.merged,
                                  ctx.head_mode)
     ctx.cut = cut.name
-    if ctx.config.norms == "reset":  # every BatchNorm, the models' own ones included
-        reset_batch_norms(ctx.module, ctx.calibration, progress=ctx.config.progress)
-    elif ctx.config.norms == "repair":
-        order = [n.name for n in ctx.traced[0].graph.nodes]
-        _repair_tails(ctx, names, set(order[:order.index(cut.name) + 1]))
-
-
-def _repair_tails(ctx: MergeContext, names: list[dict[str, str]], trunk: set[str]) -> None:
-    """REPAIR in each model's own layers: its units' statistics there are set back to the
-    model's own (its merge matrix after the cut is the identity)."""
-    for i, (traced, where) in enumerate(zip(ctx.traced, names)):
-        points = [replace(p, tensors={role: f"model{i}.{t}" for role, t in p.tensors.items()})
-                  for p in repair_points(traced, {s.id for s in traced.space_table})
-                  if p.node not in trunk and p.measure in where]
-        if not points:
-            continue
-        own = ctx.unit_stats[i]
-        repair_in_order(ctx, points, lambda p: where[p.measure],
-                        lambda p: own[p.node].moments())
+    order = [n.name for n in ctx.traced[0].graph.nodes]
+    get_correction(ctx.config.norms).apply_tails(
+        NormInputs(ctx.module, ctx.traced, ctx.plans, ctx.unit_stats, ctx.calibration,
+                   max_memory=ctx.config.max_memory, progress=ctx.config.progress),
+        names, set(order[:order.index(cut.name) + 1]))

@@ -11,35 +11,13 @@ import torch
 from graphmerge.errors import DataError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.spaces import Space, SpaceTable
+from graphmerge.match.selection import head_projections, mergeable
 from graphmerge.match.statistics import collect_stats
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.surgery.repair import repair_points
+from graphmerge.surgery.norms import get_correction
 
-__all__ = ["collect_statistics", "mergeable", "head_projections", "check_signal",
-           "pooled_axes"]
-
-
-def mergeable(table: SpaceTable) -> list[Space]:
-    """Free base spaces that a matcher merges on their own (heads and head dims are merged
-    through their projections, see `head_projections`)."""
-    grouped = {sid for h, ks in table.heads.items() for sid in (h, *(d for _, d in ks))}
-    return [s for s in table if not s.frozen and s.derived is None and s.id not in grouped]
-
-
-def head_projections(table: SpaceTable, attention: str = "heads"
-                     ) -> dict[int, dict[int, list[int]]]:
-    """Per heads space, its projections (kron spaces) by head dim: {heads: {dim: [krons]}};
-    the first of each is laid out heads × dim (its statistics score the heads), grouped
-    queries (heads × group × dim) come last. None with attention="frozen" (heads and head
-    dims keep the identity)."""
-    out: dict[int, dict[int, list[int]]] = {}
-    if attention == "frozen":
-        return out
-    for h, ks in table.heads.items():
-        for k, d in sorted(ks, key=lambda kd: kd[0] in table.head_groups):
-            out.setdefault(h, {}).setdefault(d, []).append(k)
-    return out
+__all__ = ["collect_statistics", "check_signal", "pooled_axes"]
 
 
 def _reads(space: Space, inserted: set[str]) -> list:
@@ -67,7 +45,8 @@ def pooled_axes(table: SpaceTable, reads: list[NodeAxis]) -> dict[tuple[str, int
 @merge_pass(needs=("paired", "alignments"), provides=("reads", "stats", "unit_stats"))
 def collect_statistics(ctx: MergeContext) -> None:
     """Moments of every mergeable space's features and of the attention projections, and
-    (for REPAIR) per-unit sums at every repair point of the models: one pass."""
+    (for a norm correction that reads them, REPAIR) per-unit sums at every repair point of
+    the models: one pass."""
     tables = [t.space_table for t in ctx.traced]
     inserted = {n for a in ctx.alignments for n in a.inserted}
     ctx.reads = {}
@@ -79,10 +58,7 @@ def collect_statistics(ctx: MergeContext) -> None:
                      for a in _reads(tables[0][k], inserted)]
             ctx.reads[krons[0]] = [reads for _ in tables]
     check_signal(ctx.calibration)
-    units = {}
-    if ctx.config.norms == "repair":  # REPAIR's targets (every space: partial tails too)
-        units = {p.node: p.dim for p in repair_points(ctx.traced[0],
-                                                      {s.id for s in tables[0]})}
+    units = get_correction(ctx.config.norms).unit_points(ctx.traced[0])
     widths = {k: sum(t[k].width for t in tables) for k in ctx.reads}
     pooled = pooled_axes(tables[0], [a for per_model in ctx.reads.values() for a in per_model[0]])
     ctx.stats, ctx.unit_stats = collect_stats(

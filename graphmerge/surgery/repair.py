@@ -14,7 +14,7 @@ The points are found in the graph, never from names:
 
 A point's correction changes what later points see, so each point is measured after every
 point above it was corrected: in graph order over all calibration batches at once (one forward
-pass, `graphmerge.passes.norms.repair_in_order`), or level by level (a point's level: the
+pass, `graphmerge.surgery.norms.repair_in_order`), or level by level (a point's level: the
 longest chain of points above it), one pass over the data per level. When the merged module equals an input model (a self-merge), every correction
 is the identity: REPAIR keeps it exact on any data.
 """
@@ -31,6 +31,7 @@ import torch.fx as fx
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.kinds import kind, tensor_args
 from graphmerge.graph.tensors import canonical_names, get_tensor, set_tensor
+from graphmerge.match.statistics import moments  # re-exported: streamed sums live in match
 
 __all__ = ["RepairPoint", "repair_points", "by_level", "targets", "repair", "moments"]
 
@@ -157,12 +158,6 @@ def repair(module: fx.GraphModule, point: RepairPoint, measured: tuple[np.ndarra
         bias = get["bias"].double().numpy()
         shift = scale * (bias - mu_m) + mu_t
         set_tensor(module, point.tensors["bias"], torch.from_numpy(shift).to(dtype))
-
-
-def moments(sum_x: np.ndarray, sum_xx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-unit mean and std from streamed sums."""
-    mean = sum_x / max(count, 1)
-    return mean, np.sqrt(np.clip(sum_xx / max(count, 1) - mean ** 2, 0.0, None))
 
 
 def by_level(points: Sequence[RepairPoint]) -> list[list[RepairPoint]]:

@@ -1,0 +1,79 @@
+"""What the matching decides for each merged space (`SpacePlan`: per model a merge and an
+unmerge matrix), and the per-model axis transforms of every space that the plans imply
+(`SpaceTransforms`), read by the parameter merge and by the partial merge's tails."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphmerge.errors import MismatchError
+from graphmerge.graph.spaces import SpaceTable
+from graphmerge.graph.transforms import MATRICES, compose
+
+__all__ = ["SpacePlan", "SpaceTransforms"]
+
+
+@dataclass
+class SpacePlan:
+    """How one base space is merged: per model i, M_i [r, d_i] and U_i [d_i, r]."""
+
+    space: int
+    widths: list[int]
+    width: int
+    matcher: str
+    merge: list[np.ndarray]
+    unmerge: list[np.ndarray]
+    mean_correlation: float = float("nan")
+    correlations: list[float] = field(default_factory=list)  # per merged group of >= 2 units
+
+
+class SpaceTransforms:
+    """Per-model axis transforms [r, d_i] for every space, built on demand and cached:
+    "avg" = M_i (averages), "sel" = U_iᵀ (selects).
+
+    Args:
+        tables: every model's space table (one topology).
+        plans: the plans of the merged base spaces, by space id.
+        n_models: how many models are merged (an unmerged space averages by 1/n_models).
+    """
+
+    def __init__(self, tables: Sequence[SpaceTable], plans: Mapping[int, SpacePlan],
+                 n_models: int) -> None:
+        self.tables: list[SpaceTable] = list(tables)
+        self.plans = plans
+        self.n_models = n_models
+        self.cache: dict[tuple[int, int, bool], np.ndarray] = {}
+
+    def merged(self, sid: int) -> bool:
+        """Whether the space (or some part of it) is merged by a plan."""
+        if sid in self.plans:
+            return True
+        d = self.tables[0][sid].derived
+        return d is not None and any(p is not None and self.merged(p) for p in d.parts)
+
+    def get(self, i: int, sid: int, average: bool) -> np.ndarray:
+        key = (i, sid, average)
+        if key not in self.cache:
+            self.cache[key] = compose(self.tables[i], sid,
+                                      lambda s, primary: self._own(i, s, average and primary),
+                                      MATRICES)
+        return self.cache[key]
+
+    def _own(self, i: int, sid: int, average: bool) -> np.ndarray | None:
+        """A plan's matrix, the identity for a space that is not merged, None to compose."""
+        plan = self.plans.get(sid)
+        if plan is not None:
+            return plan.merge[i] if average else plan.unmerge[i].T
+        space = self.tables[i][sid]
+        if space.derived is not None and self.merged(sid):
+            return None
+        widths = [t[sid].width for t in self.tables]
+        if len(set(widths)) > 1:
+            raise MismatchError(
+                f"space {sid} keeps the identity ({space.why or 'it is not merged'}) but its "
+                f"width differs between models: {widths}")
+        eye = np.eye(space.width)
+        return eye / self.n_models if average else eye
