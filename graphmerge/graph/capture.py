@@ -84,8 +84,9 @@ def run_nodes(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
             try:
                 out = super().run_node(n)
             except Exception as e:  # name the node that failed, keep the cause
+                op = target_name(n) or repr(n.target)
                 raise TracingError(
-                    f"running node `{n.name}` ({n.op} {target_name(n) or repr(n.target)}) on the example inputs "
+                    f"running node `{n.name}` ({n.op} {op}) on the example inputs "
                     f"failed: {summarize(e)}. Check that example_inputs have the shapes "
                     f"and dtypes the model expects."
                 ) from e

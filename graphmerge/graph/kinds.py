@@ -54,7 +54,9 @@ class OpKind:
     `args` places the roles (weight, bias, running_mean, running_var, eps, normalized_shape) of
     the aten form, which the F.* function form shares unless `forms` says otherwise: `forms`
     maps an aten op's name, or "F.<name>" for a call that is not an aten op, to its own
-    placement. A role's keyword is its name. A module's tensors and epsilon are its attributes.
+    placement (every non-aten call of that name: `torch.batch_norm`, aten-ordered, is read as
+    F.batch_norm, as before). A role's keyword is its name. A module's tensors and epsilon are
+    its attributes.
     """
 
     name: str
@@ -174,8 +176,8 @@ def register_kind(op: OpKind) -> Callable[[], None]:
     return unregister
 
 
-for _op in _BUILTIN:
-    register_kind(_op)
+for _builtin in _BUILTIN:
+    register_kind(_builtin)
 
 
 def target_name(n: fx.Node) -> str:
