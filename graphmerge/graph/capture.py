@@ -29,6 +29,7 @@ from graphmerge.errors import (
     summarize,
 )
 from graphmerge.inputs import as_inputs
+from graphmerge.graph.kinds import target_name
 from graphmerge.graph.tensors import named_tensors
 
 if TYPE_CHECKING:
@@ -83,8 +84,9 @@ def run_nodes(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
             try:
                 out = super().run_node(n)
             except Exception as e:  # name the node that failed, keep the cause
+                op = target_name(n) or repr(n.target)
                 raise TracingError(
-                    f"running node `{n.name}` ({n.op} {_target_name(n)}) on the example inputs "
+                    f"running node `{n.name}` ({n.op} {op}) on the example inputs "
                     f"failed: {summarize(e)}. Check that example_inputs have the shapes "
                     f"and dtypes the model expects."
                 ) from e
@@ -96,13 +98,6 @@ def run_nodes(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
     with torch.no_grad():
         recorder.run(*inputs)
     return values
-
-
-def _target_name(n: fx.Node) -> str:
-    t = n.target
-    if isinstance(t, str):
-        return t
-    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
 
 
 @dataclass

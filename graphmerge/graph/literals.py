@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from graphmerge.graph.capture import Traced
+from graphmerge.graph.kinds import arg_position, target_name
 from graphmerge.graph.spaces import SpaceTable
 
 __all__ = ["Literal", "find_literals", "merged_widths", "resize_literals"]
@@ -36,16 +37,8 @@ class Literal:
     space: int
 
 
-def _name(n: fx.Node) -> str:
-    t = n.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t._overloadpacket.__name__
-    return t if isinstance(t, str) else getattr(t, "__name__", "")
-
-
 _SIZE_OPS = {"view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_ones", "new_empty",
              "new_full"}
-_NORMS = {"layer_norm", "rms_norm"}
 _CONVS = {"conv1d", "conv2d", "conv3d"}
 _SPLITS = {"split", "split_with_sizes"}
 
@@ -86,15 +79,16 @@ def find_literals(traced: Traced) -> list[Literal]:
     for n in traced.graph.nodes:
         if n.op not in ("call_function", "call_method"):
             continue
-        name = _name(n)
+        name = target_name(n)
+        norm = arg_position(n, "normalized_shape")  # a norm's: the widths of its last axes
         if name in _SIZE_OPS:
             for arg, index, dim in _sizes(n):
                 tie(n, arg, index, n.name, dim)
-        elif name in _NORMS and len(n.args) > 1 and isinstance(n.args[1], (list, tuple)):
+        elif norm is not None and len(n.args) > norm and isinstance(n.args[norm], (list, tuple)):
             x = n.args[0]
             rank = len(traced.shapes.get(x.name) or ())
-            for j in range(len(n.args[1])):
-                tie(n, 1, j, x.name, rank - len(n.args[1]) + j)
+            for j in range(len(n.args[norm])):
+                tie(n, norm, j, x.name, rank - len(n.args[norm]) + j)
         elif name in _SPLITS and len(n.args) > 1 and isinstance(n.args[0], fx.Node):
             dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
             rank = len(traced.shapes.get(n.args[0].name) or ())

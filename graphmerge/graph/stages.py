@@ -26,18 +26,30 @@ import torch.fx as fx
 
 from graphmerge.errors import MismatchError
 from graphmerge.graph.capture import Traced
-from graphmerge.graph.kinds import kind, node_key, tensor_args
+from graphmerge.graph.kinds import (
+    family,
+    is_activation,
+    is_norm,
+    is_pass,
+    keeps_zero,
+    kind,
+    node_key,
+    tensor_args,
+)
 from graphmerge.graph.rules.registry import is_metadata
 
 __all__ = ["Unit", "Stage", "find_stages", "aligned_stages", "trunk", "corresponding_stages",
            "check_trunks", "is_add", "branch_producer", "readers", "through_identity"]
 
-_ACTIVATIONS = {"relu", "hardtanh", "leaky_relu", "sigmoid", "hardsigmoid", "gelu", "silu",
-                "tanh"}
-_NORMS = {"batch_norm", "layer_norm", "rms_norm"}
-_POST_OPS = _ACTIVATIONS | _NORMS | {"dropout", "identity"}
-# ops that map a zero tensor to a zero tensor (a branch ending in them is zero when its layer is)
-_KEEP_ZERO = {"mul", "getitem", "dropout", "identity", "reshape", "flatten", "type_as"}
+
+def _ends_unit(n: fx.Node) -> bool:
+    """An activation that ends a unit: one that acts on each value alone (not softmax)."""
+    return is_activation(n, pointwise=True)
+
+
+def _post_op(n: fx.Node) -> bool:
+    """An op that may follow a unit's layer or add: an activation, a norm, dropout."""
+    return _ends_unit(n) or is_norm(n) or is_pass(n)
 
 
 @dataclass
@@ -83,7 +95,7 @@ def _has_weights(n: fx.Node) -> bool:
     if n.op == "call_module":
         return any(True for _ in n.graph.owning_module.get_submodule(n.target).parameters())
     return n.op == "call_function" and any(
-        a.op == "get_attr" for a in n.all_input_nodes) and kind(n) not in _KEEP_ZERO | {"add"}
+        a.op == "get_attr" for a in n.all_input_nodes) and not keeps_zero(n) and not is_add(n)
 
 
 def branch_producer(node: fx.Node, inside: set[fx.Node] | None = None) -> fx.Node | None:
@@ -95,7 +107,7 @@ def branch_producer(node: fx.Node, inside: set[fx.Node] | None = None) -> fx.Nod
     if _has_weights(node):
         return node
     inputs = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
-    if kind(node) not in _KEEP_ZERO or not inputs:
+    if not keeps_zero(node) or not inputs:
         return None
     if kind(node) == "mul":  # zero when one factor is: follow the one a layer makes
         return next((p for p in (branch_producer(a, inside) for a in inputs) if p), None)
@@ -180,7 +192,7 @@ class _Graph:
         while len(readers(n)) == 1:
             u = readers(n)[0]
             inputs = [a for a in u.all_input_nodes if a.op != "get_attr"]
-            if inputs != [n] or kind(u) not in _POST_OPS or self.shape(u) != self.shape(n):
+            if inputs != [n] or not _post_op(u) or self.shape(u) != self.shape(n):
                 break
             out.append(u)
             n = u
@@ -245,7 +257,7 @@ def _skip_and_branch(g: _Graph, a: fx.Node, b: fx.Node) -> tuple:
 
 def through_identity(n: fx.Node) -> fx.Node:
     """The value `n` passes on unchanged (through dropout, nn.Identity, casts)."""
-    while kind(n) in ("identity", "dropout") and n.args and isinstance(n.args[0], fx.Node):
+    while is_pass(n) and n.args and isinstance(n.args[0], fx.Node):
         n = n.args[0]
     return n
 
@@ -269,7 +281,7 @@ def _trim_last(g: _Graph, chain: list[list], shared: bool) -> None:
         chain[-1][2] = post[:n] if [kind(p) for p in post[:n]] == keep else []
     else:
         k = 0
-        while k < len(post) and kind(post[k]) in _ACTIVATIONS:
+        while k < len(post) and _ends_unit(post[k]):
             k += 1
         chain[-1][2] = post[:k]
 
@@ -281,17 +293,17 @@ def _plain_units(g: _Graph, taken: set[str]) -> list[list[Unit]]:
         if g.shape(v) is None:
             continue
         for first in v.users:
-            if first.name in taken or kind(first) not in ("linear", "conv") or not first.args \
+            if first.name in taken or family(first) != "linear" or not first.args \
                     or first.args[0] is not v or not (first.op == "call_module"
                                                       or "weight" in tensor_args(first)):
                 continue
             body = [first]
-            while kind(body[-1]) not in _ACTIVATIONS and len(body[-1].users) == 1:
+            while not _ends_unit(body[-1]) and len(body[-1].users) == 1:
                 nxt = next(iter(body[-1].users))
-                if kind(nxt) not in _POST_OPS or nxt.name in taken:
+                if not _post_op(nxt) or nxt.name in taken:
                     break
                 body.append(nxt)
-            if kind(body[-1]) not in _ACTIVATIONS or g.shape(body[-1]) != g.shape(v):
+            if not _ends_unit(body[-1]) or g.shape(body[-1]) != g.shape(v):
                 continue
             units.append(Unit(v.name, body[-1].name, [n.name for n in body], "layer",
                               _signature(body)))

@@ -43,7 +43,18 @@ from graphmerge.errors import (
 )
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import Traced, set_eval
-from graphmerge.graph.kinds import identity_on, kind, node_key, tensor_args, value_range
+from graphmerge.graph.kinds import (
+    family,
+    identity_on,
+    is_activation,
+    is_norm,
+    is_pass,
+    kind,
+    node_key,
+    norm_eps,
+    tensor_args,
+    value_range,
+)
 from graphmerge.graph.literals import find_literals, merged_widths, resize_literals
 from graphmerge.graph.oracle import output_error
 from graphmerge.graph.stages import (
@@ -185,20 +196,11 @@ def _set(gm: nn.Module, name: str, fill: Any) -> None:
 
 def _identity_norm(gm: nn.Module, node: fx.Node) -> None:
     """A BatchNorm that outputs its input (eval mode): weight 1, bias 0, mean 0, var 1 − eps."""
-    args = tensor_args(node)
-    eps = (gm.get_submodule(node.target).eps if node.op == "call_module"
-           else _eps(node))
+    args, eps = tensor_args(node), norm_eps(node, gm)
     for role, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
                         ("running_var", 1.0 - eps)):
         if role in args:
             _set(gm, args[role], value)
-
-
-def _eps(node: fx.Node) -> float:
-    for a in reversed(node.args):
-        if isinstance(a, float) and 0 < a < 1:
-            return a
-    return float(node.kwargs.get("eps", 1e-5))
 
 
 def _zero_branch(gm: nn.Module, table, producer: fx.Node) -> None:
@@ -243,12 +245,12 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
                 _set(gm, args["weight"], lambda w: nn.init.dirac_(w, groups))
             elif k == "batch_norm":
                 _identity_norm(gm, n)
-            elif k in ("layer_norm", "rms_norm"):
+            elif is_norm(k):  # a layer or RMS norm (a batch norm: above)
                 raise GraphmergeError(f"cannot insert an identity unit {where}: `{n.name}` "
                                       f"({k}) normalises its input and has no identity")
-            elif k not in ("dropout", "identity"):  # the activation
+            elif not is_pass(k):  # the activation
                 _check_identity(n, ref.node(unit.input), where)
-            if k in ("linear", "conv") and "bias" in args:
+            if family(k) == "linear" and "bias" in args:
                 _set(gm, args["bias"], 0.0)
         return
     stream = {ref.node(unit.input)}
@@ -272,10 +274,9 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
                 _identity_norm(gm, n)
             elif k == "layer_norm":
                 post.append((n.name, inputs[0].name))
-            elif k in ("relu", "hardtanh", "leaky_relu", "sigmoid", "gelu", "silu", "tanh",
-                       "hardsigmoid", "rms_norm"):  # rms_norm: the identity nowhere
+            elif is_activation(k, pointwise=True) or is_norm(k):  # a norm: the identity nowhere
                 _check_identity(n, _stream_source(inputs[0], stream), where)
-            elif k not in ("dropout", "identity"):
+            elif not is_pass(k):
                 continue
             stream.add(n)
 
@@ -305,7 +306,7 @@ def fit_post_norms(gm: fx.GraphModule, norms: Sequence[tuple[str, str]],
         with torch.no_grad():
             x = torch.cat([runner(*inputs)[1][source].detach().double().reshape(
                 -1, get_tensor(gm, args["weight"]).shape[-1]) for inputs in batches])
-        eps = gm.get_submodule(node.target).eps if node.op == "call_module" else _eps(node)
+        eps = norm_eps(node)
         z = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True)
                                                        + eps)
         zc, xc = z - z.mean(0), x - x.mean(0)

@@ -29,16 +29,21 @@ import torch
 import torch.fx as fx
 
 from graphmerge.graph.capture import Traced
-from graphmerge.graph.kinds import kind, tensor_args
+from graphmerge.graph.kinds import (
+    family,
+    has_statistics,
+    is_activation,
+    is_norm,
+    is_pass,
+    kind,
+    norm_eps,
+    tensor_args,
+)
 from graphmerge.graph.tensors import canonical_names, get_tensor, set_tensor
 from graphmerge.match.statistics import moments  # re-exported: streamed sums live in match
 
 __all__ = ["RepairPoint", "repair_points", "by_level", "targets", "repair", "moments"]
 
-_ACTIVATIONS = {"relu", "hardtanh", "leaky_relu", "sigmoid", "hardsigmoid", "gelu", "silu",
-                "tanh", "softmax"}
-_NORMS = {"layer_norm", "rms_norm"}
-_PASS = {"dropout", "identity"}
 _TINY = 1e-12
 
 
@@ -60,17 +65,8 @@ def _users(n: fx.Node) -> list[fx.Node]:
     """Users of `n`, looking through dropout and identities."""
     out = []
     for u in n.users:
-        out.extend(_users(u) if kind(u) in _PASS else [u])
+        out.extend(_users(u) if is_pass(u) else [u])
     return out
-
-
-def _eps(n: fx.Node) -> float:
-    if n.op == "call_module":
-        return float(n.graph.owning_module.get_submodule(n.target).eps)
-    for a in reversed(n.args):  # (…, momentum, eps) in every batch-norm signature
-        if isinstance(a, float):
-            return a
-    return float(n.kwargs.get("eps", 1e-5))
 
 
 def repair_points(traced: Traced, spaces: set[int]) -> list[RepairPoint]:
@@ -86,10 +82,13 @@ def repair_points(traced: Traced, spaces: set[int]) -> list[RepairPoint]:
         if k == "batch_norm" and {"running_mean", "running_var"} <= tensors.keys():
             dim = 1
             point = RepairPoint(n.name, n.args[0].name, dim, dims.get(dim, -1), "batch_norm",
-                                tensors, _eps(n))
-        elif k in ("linear", "conv") and "weight" in tensors:
+                                tensors, norm_eps(n))
+        elif family(k) == "linear" and "weight" in tensors:
             users = _users(n)
-            if not users or any(kind(u) not in _ACTIVATIONS | _NORMS for u in users):
+            # a fold point feeds only nonlinearities and norms without running statistics
+            # (a batch norm is a point itself: its statistics are corrected in place)
+            if not users or not all(is_activation(u) or is_norm(u) and not has_statistics(u)
+                                    for u in users):
                 continue
             shape = traced.shapes.get(n.name)
             if not shape or not isinstance(shape[0], int):

@@ -12,6 +12,7 @@ from torch import nn
 
 from graphmerge.errors import GraphmergeError
 from graphmerge.graph.axes import AxisRef, Keep, Link, NodeAxis, ParamAxis, Role, Same
+from graphmerge.graph.kinds import target_name
 
 __all__ = ["Op", "RuleFn", "RULES", "register", "alias", "rule_for", "is_metadata"]
 
@@ -93,13 +94,14 @@ class Op:
 
     @property
     def name(self) -> str:
-        """A readable name of the op: module class, function or method name."""
+        """A readable name of the op: module class, function or method name.
+
+        Rules tell ops apart by it, so unlike `kinds.target_name` a module call is named by its
+        class ("Softmax"), not its path in the model, and a target with no name by its repr.
+        """
         if self.module is not None:
             return type(self.module).__name__
-        t = self.node.target
-        if isinstance(t, torch._ops.OpOverload):  # aten.view.default -> "view"
-            return t._overloadpacket.__name__
-        return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+        return target_name(self.node) or repr(self.node.target)
 
 
 RuleFn = Callable[[Op], Iterable[Link]]
