@@ -728,10 +728,10 @@ def _data_nodes(graph: fx.Graph) -> set[str]:
 
 
 def find_spaces(traced: Traced) -> SpaceTable:
-    """Group the axes of a traced model into spaces (see module docstring and DESIGN.md); the
-    table is also stored on `traced` (`traced.space_table`)."""
+    """Group the axes of a traced model into spaces (see module docstring and DESIGN.md) and
+    return the table; `traced` is not changed (`graphmerge.trace` returns both together, as a
+    `graphmerge.graph.analyse.Analysed`)."""
     if not isinstance(traced, Traced):
         raise GraphmergeError(f"find_spaces needs a capture (graphmerge.graph.capture.capture, "
                               f"or graphmerge.trace), got {type(traced).__name__}")
-    traced.table = _Builder(traced).build()
-    return traced.table
+    return _Builder(traced).build()
