@@ -1,8 +1,8 @@
 """Capture a model as a `torch.fx` graph and record the concrete shape of every node.
 
 `capture(model, example_inputs)` returns a `Traced` whose `.graph_module` is the fx graph and
-`.shapes` maps node name to its concrete shape. `graphmerge.graph.analyse.trace` adds the space
-table (`.space_table`, `.spaces`).
+`.shapes` maps node name to its concrete shape. Analyses built on a capture live in the modules
+that make them, in types of their own.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -31,9 +31,6 @@ from graphmerge.errors import (
 from graphmerge.inputs import as_inputs
 from graphmerge.graph.kinds import target_name
 from graphmerge.graph.tensors import named_tensors
-
-if TYPE_CHECKING:
-    from graphmerge.graph.spaces import Space, SpaceTable
 
 __all__ = ["Tracer", "Traced", "capture", "run_nodes", "eval_mode", "set_eval", "FRONTENDS",
            "check_materialized", "check_leaf_modules", "quiet_export"]
@@ -115,7 +112,6 @@ class Traced:
     consts: dict[str, Any] = field(default_factory=dict)
     frontend: str = "fx"  # "fx", "export" or "graph" (a GraphModule taken as given)
     constants: frozenset[str] = frozenset()  # get_attr targets the model does not own
-    table: "SpaceTable | None" = None  # set by graphmerge.graph.spaces.find_spaces
 
     @property
     def graph(self) -> fx.Graph:
@@ -126,19 +122,6 @@ class Traced:
             if n.name == name:
                 return n
         raise GraphmergeError(f"no node named {name!r} in the traced graph")
-
-    @property
-    def space_table(self) -> "SpaceTable":
-        """The space table; computed by `find_spaces(traced)` (`graphmerge.trace` does it)."""
-        if self.table is None:
-            raise GraphmergeError("this graph's spaces were not analysed yet: call "
-                                  "graphmerge.find_spaces(traced) first (graphmerge.trace does)")
-        return self.table
-
-    @property
-    def spaces(self) -> list["Space"]:
-        """The spaces of the table; see `graphmerge.graph.spaces.Space`."""
-        return self.space_table.spaces
 
 
 FRONTENDS = ("auto", "fx", "export")
@@ -289,7 +272,7 @@ def capture(
         concrete_args: passed to `torch.fx.Tracer.trace` to fix non-tensor arguments.
 
     Returns:
-        Traced with `.graph_module`, `.shapes` and `.frontend` (no spaces yet).
+        Traced with `.graph_module`, `.shapes` and `.frontend` (not analysed further).
 
     Raises:
         TracingError: naming what failed and how to make the model capturable.

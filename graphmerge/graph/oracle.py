@@ -19,9 +19,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from graphmerge.errors import ConfigError, SpaceCheckError
-from graphmerge.graph.analyse import trace
+from graphmerge.graph.analyse import Analysed, trace
 from graphmerge.graph.capture import (
-    Traced,
     eval_mode,
     plain_weights,
     run_nodes,
@@ -201,7 +200,7 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: float = 1e-5,
                  leaf_modules: Iterable[type[nn.Module] | str] = (),
-                 traced: Traced | None = None, frontend: str = "auto") -> OracleReport:
+                 traced: Analysed | None = None, frontend: str = "auto") -> OracleReport:
     """Verify a model's space table with random permutations, in float64 and eval mode.
 
     For each trial, every node of the permuted graph must equal the original node's value with
@@ -218,7 +217,7 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials must be an int >= 1, got {trials!r}")
     check_tolerance(rtol)
-    if traced is not None and not isinstance(traced, Traced):
+    if traced is not None and not isinstance(traced, Analysed):
         raise ConfigError(f"traced must be what graphmerge.trace returns, got "
                           f"{type(traced).__name__}")
     inputs = as_inputs(example_inputs)

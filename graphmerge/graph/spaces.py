@@ -12,7 +12,7 @@ import enum
 import logging
 import math
 import warnings
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -394,16 +394,39 @@ class _Builder:
         return False
 
     def build(self) -> SpaceTable:
+        """Run every rule, resolve the derivations and make the table: the roots that become
+        spaces, in graph order, with their members, derivations, reads and heads."""
         self.run_rules()
         derived = self.resolve_derivations()
         groups = self.uf.groups()
-        find = self.uf.find
+        heads = self.find_heads(derived, self._frozen_roots(), groups)
+        frozen_roots = self._propagate_frozen(derived, heads.frozen)
+        order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
+        keep = self._kept_roots(derived, frozen_roots, groups, order)
+        ids = {r: i for i, r in enumerate(keep)}
+        spaces = [self._space(ids[r], groups[r], frozen_roots.get(r)) for r in keep]
+        self._add_derivations(spaces, keep, ids, derived)
+        self._add_reads(spaces, ids)
+        self._add_features(spaces, order)
+        param_axes, node_axes = self._axes_by_tensor(keep, groups, ids)
+        head_table, head_groups = self._head_table(spaces, ids, heads, node_axes)
+        log.debug("found %d spaces (%d frozen)", len(spaces), sum(s.frozen for s in spaces))
+        return SpaceTable(spaces, param_axes, node_axes, self.unsupported, head_table,
+                          head_groups)
 
+    def _frozen_roots(self) -> dict[Hashable, Frozen]:
+        """Root -> why, for the roots with a frozen member (the first reason found)."""
         frozen_roots: dict[Hashable, Frozen] = {}
         for k, why in self.frozen.items():
-            frozen_roots.setdefault(find(k), why)
-        heads = self.find_heads(derived, frozen_roots, groups)
-        # a frozen derived space freezes its parts
+            frozen_roots.setdefault(self.uf.find(k), why)
+        return frozen_roots
+
+    def _propagate_frozen(self, derived: dict,
+                          frozen_roots: dict[Hashable, Frozen]) -> dict[Hashable, Frozen]:
+        """`frozen_roots` and what follows: a frozen derived space freezes its parts, and a
+        derived space all of whose parts keep the identity keeps it too. Returns a new dict."""
+        find = self.uf.find
+        frozen_roots = dict(frozen_roots)
         stack = list(frozen_roots)
         while stack:
             r = stack.pop()
@@ -412,8 +435,6 @@ class _Builder:
                     frozen_roots[find(p)] = Frozen(FrozenBy.THROUGH_DERIVED, detail=(
                         f"{frozen_roots[r]} (through a derived space)"))
                     stack.append(find(p))
-
-        # a derived space all of whose parts keep the identity keeps it too
         changed = True
         while changed:
             changed = False
@@ -422,9 +443,16 @@ class _Builder:
                         isinstance(p, int) or find(p) in frozen_roots for p in parts):
                     frozen_roots[r] = Frozen(FrozenBy.ALL_PARTS_FROZEN)
                     changed = True
+        return frozen_roots
 
+    def _kept_roots(self, derived: dict, frozen_roots: dict[Hashable, Frozen], groups: dict,
+                    order: dict[str, int]) -> list[Hashable]:
+        """The roots that become spaces, by first appearance of a member in the graph: those
+        that can be realised (they have parameters, or are parts of a derived space that has),
+        except base spaces that are frozen ones without parameters of their own (e.g. the H
+        and W parts of a flatten)."""
+        find = self.uf.find
         has_param = {r for r, ms in groups.items() if any(m[0] == "p" for m in ms)}
-        # a part is realisable if it has parameters or belongs to a derived space that has
         realisable = set(has_param)
         stack = [r for r in derived if r in has_param]
         while stack:
@@ -435,50 +463,58 @@ class _Builder:
                     if find(p) in derived:
                         stack.append(find(p))
 
-        # order: by first appearance of a member in the graph
-        order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
-
         def first_seen(r: Hashable) -> tuple[int, str]:
             ms = groups[r]
             nodes = [order.get(m[1].partition("#")[0], 1 << 30) for m in ms if m[0] == "n"]
             return (min(nodes) if nodes else 1 << 30, str(ms[0]))
 
-        # kept: spaces that can be realised (they have parameters, or are parts of a derived
-        # space that has), except base spaces that are frozen
-        # ones without parameters of their own (e.g. the H and W parts of a flatten)
         keep = [r for r in groups
                 if (r in derived and r in realisable)
                 or (r not in derived and r in realisable
                     and (r in has_param or r not in frozen_roots))]
         keep.sort(key=first_seen)
-        ids = {r: i for i, r in enumerate(keep)}
-        spaces: list[Space] = []
-        for r in keep:
-            ms = groups[r]
-            s = Space(id=ids[r], width=self.size[ms[0]])
-            s.frozen_by = frozen_roots.get(r)
-            s.reduced = any(m in self.reduced for m in ms)
-            for m in ms:
-                if m[0] == "n":
-                    s.members.append(NodeAxis(m[1], m[2]))
-                else:
-                    # an axis both written and read (tied weights) is a producer
-                    role = "in" if self.roles.get(m) == {"in"} else "out"
-                    (s.consumers if role == "in" else s.producers).append(
-                        ParamAxis(m[1], m[2], role))
-            spaces.append(s)
+        return keep
+
+    def _space(self, i: int, ms: list[Key], frozen_by: Frozen | None) -> Space:
+        """Space `i` of the members `ms` of one root: node axes, producers and consumers."""
+        s = Space(id=i, width=self.size[ms[0]])
+        s.frozen_by = frozen_by
+        s.reduced = any(m in self.reduced for m in ms)
+        for m in ms:
+            if m[0] == "n":
+                s.members.append(NodeAxis(m[1], m[2]))
+            else:
+                # an axis both written and read (tied weights) is a producer
+                role = "in" if self.roles.get(m) == {"in"} else "out"
+                (s.consumers if role == "in" else s.producers).append(
+                    ParamAxis(m[1], m[2], role))
+        return s
+
+    def _add_derivations(self, spaces: list[Space], keep: list[Hashable],
+                         ids: dict[Hashable, int], derived: dict) -> None:
+        """Each derived space's Derivation, its parts as space ids (None: not a space)."""
+        find = self.uf.find
         for r in keep:
             if r in derived:
                 kind, parts = derived[r]
                 spaces[ids[r]].derived = Derivation(
                     kind, tuple(None if isinstance(p, int) else ids.get(find(p)) for p in parts),
                     self._widths(tuple(p if isinstance(p, int) else find(p) for p in parts)))
+
+    def _add_reads(self, spaces: list[Space], ids: dict[Hashable, int]) -> None:
+        """The activation axes that parameters read, on the spaces they belong to."""
         for node_key, param_key in self.reads:
-            r = find(node_key)
+            r = self.uf.find(node_key)
             if r in ids:
                 a = NodeAxis(node_key[1], node_key[2])
                 if a not in spaces[ids[r]].reads:
                     spaces[ids[r]].reads.append(a)
+
+    def _add_features(self, spaces: list[Space], order: dict[str, int]) -> None:
+        """The features of each free base space: what the consumers read (else the last
+        activation), and the first activation, as the producer wrote it: a unit that a
+        nonlinearity makes constant on the data (a dead ReLU) is still told apart by what it
+        was before. A space no activation carries is frozen (NO_FEATURES)."""
         for s in spaces:
             if s.derived is not None or s.frozen:
                 continue
@@ -487,91 +523,136 @@ class _Builder:
             if not activations:
                 s.frozen_by = Frozen(FrozenBy.NO_FEATURES)
                 continue
-            # the features: what the consumers read (else the last activation), and the first
-            # activation, as the producer wrote it: a unit that a nonlinearity makes constant
-            # on the data (a dead ReLU) is still told apart by what it was before
             for a in ([] if s.reads else [activations[-1]]) + [activations[0]]:
                 if a not in s.reads:
                     s.reads.append(a)
 
+    @staticmethod
+    def _axes_by_tensor(keep: list[Hashable], groups: dict, ids: dict[Hashable, int]
+                        ) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, int]]]:
+        """Parameter name -> {dim: space id} and node name -> {dim: space id}."""
         param_axes: dict[str, dict[int, int]] = {}
         node_axes: dict[str, dict[int, int]] = {}
         for r in keep:
             for m in groups[r]:
                 table = param_axes if m[0] == "p" else node_axes
                 table.setdefault(m[1], {})[m[2]] = ids[r]
+        return param_axes, node_axes
+
+    def _head_table(self, spaces: list[Space], ids: dict[Hashable, int], heads: _Heads,
+                    node_axes: dict[str, dict[int, int]]
+                    ) -> tuple[dict[int, list[tuple[int, int]]], dict[int, int]]:
+        """The table's `heads` (heads space -> [(kron space, head-dim space)]) and
+        `head_groups` (grouped-query kron space -> the group's width); the heads' matcher
+        reads every projection's activations."""
         head_table: dict[int, list[tuple[int, int]]] = {}
         # a head dim read apart from its heads (no heads axis beside it) is one transform for
         # every head: its products are matched as plain products then
         on_nodes = [set(dims.values()) for dims in node_axes.values()]
 
-        layouts = {ids[r]: ids[h] for r, h in self.head_layouts.items() if r in ids and h in ids}
+        layouts = {ids[r]: ids[h] for r, h in heads.layouts.items() if r in ids and h in ids}
 
         def apart(h: int, d: int) -> bool:
             carriers = {h} | {r for r, of in layouts.items() if of == h}
             return any(d in axes and not axes & carriers for axes in on_nodes)
 
         head_groups = {}
-        for r, (h, d) in heads.items():
+        for r, (h, d) in heads.heads.items():
             if r in ids and h in ids and d in ids and not spaces[ids[h]].frozen and (
                     spaces[ids[d]].frozen or not apart(ids[h], ids[d])):
                 head_table.setdefault(ids[h], []).append((ids[r], ids[d]))
-                if r in self.head_groups:
-                    g = self.head_groups[r]
+                if r in heads.groups:
+                    g = heads.groups[r]
                     head_groups[ids[r]] = g[1] if g[0] == "width" else self._widths((g,))[0]
-                # the heads' matcher reads every projection's activations
                 spaces[ids[r]].reads = [a for a in spaces[ids[r]].members if self.is_data(a)]
-        log.debug("found %d spaces (%d frozen)", len(spaces), sum(s.frozen for s in spaces))
-        return SpaceTable(spaces, param_axes, node_axes, self.unsupported, head_table,
-                          head_groups)
+        return head_table, head_groups
 
     def find_heads(self, derived: dict, frozen_roots: dict[Hashable, Frozen],
-                   groups: dict) -> dict[Hashable, tuple[Hashable, Hashable]]:
+                   groups: dict) -> _Heads:
         """Attention heads: row-major products heads × head dim. The heads part is the one
         that pairs with two different head-dim parts (queries and keys share one, values and
         the output projection another); a valid transform permutes whole heads and acts within
         each head. A head dim that keeps the identity (frozen by a rule, derived from frozen
         parts as a rotary embedding's, or with a parameter shared by every head) leaves the
         heads free. Grouped-query attention: heads × group × head dim, where the group pairs
-        with the heads only, is a projection of those heads (`self.head_groups`; the group
+        with the heads only, is a projection of those heads (`_Heads.groups`; the group
         keeps its order). Any other product whose heads cannot be told from the graph keeps
-        the identity. Returns kron root -> (heads root, head-dim root)."""
-        find = self.uf.find
-        rule_frozen = set(frozen_roots)
+        the identity. Returns what was found (`_Heads`), with `frozen_roots` and what the
+        heads freeze as a new dict; `frozen_roots` itself is left as it is."""
+        return _HeadFinder(self.uf.find, derived, frozen_roots, groups).run()
 
-        def fixed(p: Hashable, seen: frozenset = frozenset()) -> bool:
-            """Keeps the identity whatever is merged: frozen by a rule, a width with no axis, or
-            derived from such parts only (a rotary embedding's head dim: cat of the frozen
-            frequency axis)."""
-            if p in rule_frozen or p[0] == "width":
-                return True
-            parts = [find(q) for q in derived.get(p, (None, ()))[1] if not isinstance(q, int)]
-            return p not in seen and bool(parts) and all(fixed(q, seen | {p}) for q in parts)
 
-        def flat(r: Hashable) -> list[Hashable]:
-            """The parts of product `r`, nested products flattened; a width with no axis (k
-            copies of each unit) is the part ("width", k, r, position)."""
-            return [("width", p, r, i) if isinstance(p, int) else q
-                    for i, p in enumerate(derived[r][1])
-                    for q in ([p] if isinstance(p, int) else
-                              flat(find(p)) if derived.get(find(p), ("",))[0] == "kron"
-                              else [find(p)])]
+@dataclass
+class _Heads:
+    """What `_Builder.find_heads` found, by union-find root."""
 
+    heads: dict[Hashable, tuple[Hashable, Hashable]]  # kron root -> (heads, head dim)
+    groups: dict[Hashable, Hashable]  # grouped-query kron root -> its group part
+    layouts: dict[Hashable, Hashable]  # a layout heads × group alone -> its heads
+    frozen: dict[Hashable, Frozen]  # the frozen roots given, and those the heads freeze
+
+
+class _HeadFinder:
+    """Tells attention heads among the row-major products (see `_Builder.find_heads`)."""
+
+    def __init__(self, find: Callable[[Hashable], Hashable], derived: dict,
+                 frozen_roots: dict[Hashable, Frozen], groups: dict) -> None:
+        self.find = find
+        self.derived = derived
+        self.groups = groups
+        self.rule_frozen = set(frozen_roots)
+        self.frozen = dict(frozen_roots)  # a copy: the caller's dict is not changed
+
+    def fixed(self, p: Hashable, seen: frozenset = frozenset()) -> bool:
+        """Keeps the identity whatever is merged: frozen by a rule, a width with no axis, or
+        derived from such parts only (a rotary embedding's head dim: cat of the frozen
+        frequency axis)."""
+        if p in self.rule_frozen or p[0] == "width":
+            return True
+        parts = [self.find(q) for q in self.derived.get(p, (None, ()))[1]
+                 if not isinstance(q, int)]
+        return p not in seen and bool(parts) and all(self.fixed(q, seen | {p}) for q in parts)
+
+    def flat(self, r: Hashable) -> list[Hashable]:
+        """The parts of product `r`, nested products flattened; a width with no axis (k
+        copies of each unit) is the part ("width", k, r, position)."""
+        find, derived = self.find, self.derived
+        return [("width", p, r, i) if isinstance(p, int) else q
+                for i, p in enumerate(derived[r][1])
+                for q in ([p] if isinstance(p, int) else
+                          self.flat(find(p)) if derived.get(find(p), ("",))[0] == "kron"
+                          else [find(p)])]
+
+    def products(self) -> dict[Hashable, list[Hashable]]:
+        """Kron root -> its flat parts, for the products with a transformable part (more
+        than one, or at most three parts in all)."""
         krons = {}
-        for r, (kind, parts) in derived.items():
-            axes = flat(r) if kind == "kron" else []
-            free = [p for p in axes if not fixed(p)]
+        for r, (kind, parts) in self.derived.items():
+            axes = self.flat(r) if kind == "kron" else []
+            free = [p for p in axes if not self.fixed(p)]
             if kind == "kron" and free and (len(free) > 1 or len(axes) <= 3):
                 krons[r] = axes
+        return krons
+
+    @staticmethod
+    def partners(krons: dict[Hashable, list[Hashable]]) -> dict[Hashable, set]:
+        """Part -> the parts it is multiplied with in products of two."""
         partners: dict[Hashable, set] = {}
         for axes in krons.values():
             if len(axes) == 2:
                 partners.setdefault(axes[0], set()).add(axes[1])
                 partners.setdefault(axes[1], set()).add(axes[0])
+        return partners
+
+    def pairs(self, krons: dict[Hashable, list[Hashable]], partners: dict[Hashable, set]
+              ) -> tuple[dict[Hashable, tuple[Hashable, Hashable]], dict[Hashable, list]]:
+        """Heads × head dim among the products of one or two transformable parts; the
+        others freeze. Returns kron root -> (heads, head dim), and the products of three
+        parts, left for `grouped`."""
         out: dict[Hashable, tuple[Hashable, Hashable]] = {}
         three = {}
         for r, axes in krons.items():
-            free = [p for p in axes if not fixed(p)]
+            free = [p for p in axes if not self.fixed(p)]
             many = [p for p in axes if len(partners.get(p, ())) > 1]
             if len(axes) == 3:
                 three[r] = axes
@@ -581,45 +662,60 @@ class _Builder:
                 # (with a head dim that keeps the identity) when that part pairs with another,
                 # transformable head dim elsewhere
                 h = free[0]
-                if many == free and h not in derived and any(
-                        not fixed(q) for q in partners[h]):
+                if many == free and h not in self.derived and any(
+                        not self.fixed(q) for q in partners[h]):
                     out[r] = (h, axes[1] if axes[0] == h else axes[0])
                 continue
-            if len(axes) != 2 or len(many) != 1 or any(p in derived for p in axes):
+            if len(axes) != 2 or len(many) != 1 or any(p in self.derived for p in axes):
                 for p in free:
-                    frozen_roots.setdefault(p, Frozen(FrozenBy.HEADS))
+                    self.frozen.setdefault(p, Frozen(FrozenBy.HEADS))
                 continue
             h = many[0]
             d = axes[1] if axes[0] == h else axes[0]
-            if any(m[0] == "p" for m in groups.get(d, ())):
+            if any(m[0] == "p" for m in self.groups.get(d, ())):
                 # a parameter shared by every head (a per-head norm): the head dim keeps the
                 # identity, whole heads may still move
-                frozen_roots.setdefault(d, Frozen(FrozenBy.HEADS, detail=(
+                self.frozen.setdefault(d, Frozen(FrozenBy.HEADS, detail=(
                     "a head dim with a parameter shared by every head")))
             out[r] = (h, d)
-        # grouped-query attention: queries laid out heads × group × head dim, where the group
-        # pairs with the heads only (the key/value heads repeated for the group's queries)
+        return out, three
+
+    def grouped(self, out: dict[Hashable, tuple[Hashable, Hashable]],
+                three: dict[Hashable, list], partners: dict[Hashable, set]
+                ) -> dict[Hashable, Hashable]:
+        """Grouped-query attention: queries laid out heads × group × head dim, where the
+        group pairs with the heads only (the key/value heads repeated for the group's
+        queries). Adds them to `out`; other products of three transformable parts freeze.
+        Returns kron root -> its group part."""
         dims_of: dict[Hashable, set] = {}
         for h, d in out.values():
             dims_of.setdefault(h, set()).add(d)
-        self.head_groups = {}
+        head_groups = {}
         for r, (h, g, d) in three.items():
-            if d in dims_of.get(h, ()) and partners.get(g) == {h} and not fixed(h):
+            if d in dims_of.get(h, ()) and partners.get(g) == {h} and not self.fixed(h):
                 out[r] = (h, d)
-                self.head_groups[r] = g
+                head_groups[r] = g
                 if g[0] != "width":
-                    frozen_roots.setdefault(g, Frozen(FrozenBy.HEADS, detail=(
+                    self.frozen.setdefault(g, Frozen(FrozenBy.HEADS, detail=(
                         "the query heads that share a key/value head keep their order")))
-            elif len([p for p in three[r] if not fixed(p)]) > 1:
+            elif len([p for p in three[r] if not self.fixed(p)]) > 1:
                 for p in three[r]:
-                    if not fixed(p):
-                        frozen_roots.setdefault(p, Frozen(FrozenBy.HEADS))
-        # the layout heads × group alone (after the keys are repeated) is no projection
-        grouped = set(self.head_groups.values())
-        self.head_layouts = {r: h for r, (h, d) in out.items() if d in grouped}
-        for r in self.head_layouts:
+                    if not self.fixed(p):
+                        self.frozen.setdefault(p, Frozen(FrozenBy.HEADS))
+        return head_groups
+
+    def run(self) -> _Heads:
+        """Find the heads; the layout heads × group alone (after the keys are repeated) is no
+        projection and leaves the heads."""
+        krons = self.products()
+        partners = self.partners(krons)
+        out, three = self.pairs(krons, partners)
+        head_groups = self.grouped(out, three, partners)
+        grouped = set(head_groups.values())
+        layouts = {r: h for r, (h, d) in out.items() if d in grouped}
+        for r in layouts:
             del out[r]
-        return out
+        return _Heads(out, head_groups, layouts, self.frozen)
 
 
 def _data_nodes(graph: fx.Graph) -> set[str]:
@@ -632,10 +728,10 @@ def _data_nodes(graph: fx.Graph) -> set[str]:
 
 
 def find_spaces(traced: Traced) -> SpaceTable:
-    """Group the axes of a traced model into spaces (see module docstring and DESIGN.md); the
-    table is also stored on `traced` (`traced.space_table`)."""
+    """Group the axes of a traced model into spaces (see module docstring and DESIGN.md) and
+    return the table; `traced` is not changed (`graphmerge.trace` returns both together, as a
+    `graphmerge.graph.analyse.Analysed`)."""
     if not isinstance(traced, Traced):
         raise GraphmergeError(f"find_spaces needs a capture (graphmerge.graph.capture.capture, "
                               f"or graphmerge.trace), got {type(traced).__name__}")
-    traced.table = _Builder(traced).build()
-    return traced.table
+    return _Builder(traced).build()

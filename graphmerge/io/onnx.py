@@ -231,10 +231,6 @@ def _export_checked(
         ("output",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
     )
     trace_inputs = _resize_batch(inputs, 2) if dynamic_batch and batch < 2 else inputs
-    dynamic_shapes: tuple[dict[int, Any], ...] | None = None
-    if dynamic_batch:
-        dim = torch.export.Dim(BATCH_AXIS)
-        dynamic_shapes = tuple({0: dim} for _ in inputs)
 
     with atomic_file(target) as tmp:
         side_file = tmp.with_name(tmp.name + ".data")  # in case an exporter writes external data
@@ -245,30 +241,8 @@ def _export_checked(
                 [(tuple(t.shape), str(t.dtype)) for t in inputs],
                 dynamic_batch,
             )
-            try:
-                with warnings.catch_warnings(), quiet_export():
-                    warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
-                    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-                    torch.onnx.export(
-                        module,
-                        trace_inputs,
-                        str(tmp),
-                        dynamo=True,
-                        external_data=False,
-                        dynamic_shapes=dynamic_shapes,
-                        input_names=list(input_names),
-                        output_names=list(output_names),
-                        opset_version=opset,
-                        verbose=False,
-                    )
-            except GraphmergeError:
-                raise
-            except Exception as exc:
-                raise GraphmergeError(
-                    f"torch.onnx.export failed for {type(module).__name__}: {summarize(exc)}. "
-                    f"Check that the module runs under torch.export with these inputs"
-                    + (" and a dynamic batch axis" if dynamic_batch else "") + "."
-                ) from exc
+            _write_onnx(module, trace_inputs, tmp, input_names, output_names, dynamic_batch,
+                        opset)
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise GraphmergeError(f"torch.onnx.export wrote no ONNX file for {target}.")
 
@@ -276,21 +250,7 @@ def _export_checked(
             batches = [batch]
             if dynamic_batch:
                 batches.append(2 * batch + 1)
-            worst = 0.0
-            session = _ort_session(tmp)
-            for b in batches:
-                feeds_torch = inputs if b == batch else _resize_batch(inputs, b)
-                want = reference if b == batch else _torch_outputs(module, feeds_torch)
-                got = _run_ort(session, onnx_inputs, feeds_torch, b, resized=b != batch)
-                diff = _max_abs_diff(got, want, b)
-                logger.info("ONNX vs torch, batch %d: max abs diff %.3g", b, diff)
-                worst = max(worst, diff)
-            if not worst <= atol:
-                raise GraphmergeError(
-                    f"ONNX export of {type(module).__name__} differs from torch: max abs diff "
-                    f"{worst:.3g} exceeds the tolerance atol={atol:.3g} (batch sizes {batches}). "
-                    f"The file was not written; raise atol if this precision is acceptable."
-                )
+            worst = _check_onnx(module, tmp, inputs, reference, onnx_inputs, batches, atol)
         finally:
             side_file.unlink(missing_ok=True)
     logger.info(
@@ -308,6 +268,78 @@ def _export_checked(
         output_names=onnx_outputs,
         batch_sizes=tuple(batches),
     )
+
+
+def _write_onnx(
+    module: nn.Module,
+    trace_inputs: tuple[Tensor, ...],
+    tmp: Path,
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    dynamic_batch: bool,
+    opset: int | None,
+) -> None:
+    """Run the dynamo ONNX exporter into ``tmp``, with the batch axis dynamic if asked; an
+    exporter failure becomes a GraphmergeError naming the module."""
+    dynamic_shapes: tuple[dict[int, Any], ...] | None = None
+    if dynamic_batch:
+        dim = torch.export.Dim(BATCH_AXIS)
+        dynamic_shapes = tuple({0: dim} for _ in trace_inputs)
+    try:
+        with warnings.catch_warnings(), quiet_export():
+            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            torch.onnx.export(
+                module,
+                trace_inputs,
+                str(tmp),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=dynamic_shapes,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                opset_version=opset,
+                verbose=False,
+            )
+    except GraphmergeError:
+        raise
+    except Exception as exc:
+        raise GraphmergeError(
+            f"torch.onnx.export failed for {type(module).__name__}: {summarize(exc)}. "
+            f"Check that the module runs under torch.export with these inputs"
+            + (" and a dynamic batch axis" if dynamic_batch else "") + "."
+        ) from exc
+
+
+def _check_onnx(
+    module: nn.Module,
+    tmp: Path,
+    inputs: tuple[Tensor, ...],
+    reference: list[np.ndarray],
+    onnx_inputs: tuple[str, ...],
+    batches: list[int],
+    atol: float,
+) -> float:
+    """Run the ONNX file at every batch size in ``batches`` (the first is the inputs' own)
+    and compare it with torch; returns the largest absolute difference, GraphmergeError if it
+    exceeds ``atol``."""
+    batch = batches[0]
+    worst = 0.0
+    session = _ort_session(tmp)
+    for b in batches:
+        feeds_torch = inputs if b == batch else _resize_batch(inputs, b)
+        want = reference if b == batch else _torch_outputs(module, feeds_torch)
+        got = _run_ort(session, onnx_inputs, feeds_torch, b, resized=b != batch)
+        diff = _max_abs_diff(got, want, b)
+        logger.info("ONNX vs torch, batch %d: max abs diff %.3g", b, diff)
+        worst = max(worst, diff)
+    if not worst <= atol:
+        raise GraphmergeError(
+            f"ONNX export of {type(module).__name__} differs from torch: max abs diff "
+            f"{worst:.3g} exceeds the tolerance atol={atol:.3g} (batch sizes {batches}). "
+            f"The file was not written; raise atol if this precision is acceptable."
+        )
+    return worst
 
 
 def _read_onnx_header(path: Path) -> tuple[int, tuple[str, ...], tuple[str, ...]]:

@@ -17,7 +17,8 @@ from graphmerge.match.align import check_cka, segments
 if TYPE_CHECKING:
     import networkx as nx
 
-    from graphmerge.graph.capture import Traced
+    from graphmerge.graph.analyse import Analysed
+    from graphmerge.graph.spaces import Space, SpaceTable
 
 __all__ = ["plot_alignment", "plot_spaces", "plot_match_graph", "plot_space_graph"]
 
@@ -163,67 +164,24 @@ def plot_match_graph(g: "nx.Graph", path: str | os.PathLike) -> Path:
         path: the PNG file to write.
     """
     import matplotlib as mpl
-    from matplotlib.patches import FancyBboxPatch
 
     order = {n: k for k, n in enumerate(g.nodes)}
     n_models = int(g.graph.get("models", 1))
-    columns: list[list[str]] = []
-    for i in range(n_models):
-        spaces = [n for n, d in g.nodes(data=True) if d.get("kind") == "space"
-                  and int(d.get("model", 0)) == i and not d.get("derived")]
-
-        def first(space: str) -> int:
-            return min((order[m] for m in g.neighbors(space)
-                        if g.nodes[m].get("kind") == "node"), default=order[space])
-
-        columns.append(sorted(spaces, key=first))
+    columns = _match_columns(g, order, n_models)
     rows = max((len(c) for c in columns), default=0)
     if not rows:
         raise ConfigError("the match graph has no spaces to draw")
-    label_of = {}
-    for col in columns:
-        for s in col:
-            members = sorted((m for m in g.neighbors(s) if g.nodes[m].get("kind") == "node"),
-                             key=order.get)
-            node = members[0].split("/", 1)[1] if members else ""
-            label_of[s] = f"{s.split('/', 1)[1]} · {g.nodes[s].get('width')}  {_short(node, 18)}"
+    label_of = _match_labels(g, columns, order)
     box_w, gap = 3.0, 1.6
     fig = _figure(n_models * (box_w + gap) + 2.6, 0.36 * rows + 1.3)
     ax = fig.add_subplot()
     cmap = mpl.colormaps["viridis"]
     for i, col in enumerate(columns):
         x = i * (box_w + gap)
-        ax.text(x + box_w / 2, -0.9, f"model {i}", ha="center", fontsize=10, weight="bold")
-        for r, s in enumerate(col):
-            d = g.nodes[s]
-            frozen = bool(d.get("frozen"))
-            ax.add_patch(FancyBboxPatch((x, r - 0.35), box_w, 0.7, boxstyle="round,pad=0.02",
-                                        facecolor="#dddddd" if frozen else "#e8f0fb",
-                                        edgecolor="#777777" if frozen else "#4c72b0",
-                                        hatch="///" if frozen else None, linewidth=0.8))
-            ax.text(x + 0.08, r, label_of[s], va="center", fontsize=7.5, family="monospace")
-            if frozen and i == n_models - 1:
-                ax.text(x + box_w + 0.15, r, _short(f"frozen: {d.get('why', '')}", 40),
-                        va="center", fontsize=7, color="#555555")
-        if i == 0:
-            continue
-        rank = {s.split("/", 1)[1]: r for r, s in enumerate(columns[i - 1])}
-        for r, s in enumerate(col):
-            sid = s.split("/", 1)[1]
-            edge = g.get_edge_data(f"m0/{sid}", s) or {}
-            if sid not in rank or edge.get("kind") != "match":
-                continue
-            corr = float(edge.get("mean_correlation", float("nan")))
-            merged = edge.get("matcher") != "identity"
-            x0, x1 = x - gap, x
-            ax.plot([x0, x1], [rank[sid], r], color=cmap(max(corr, 0.0)) if merged and
-                    np.isfinite(corr) else "#999999", linewidth=2.2 if merged else 1.0,
-                    linestyle="-" if merged else ":")
-            if merged:
-                note = f"{corr:.2f}" if np.isfinite(corr) else edge.get("matcher", "")
-                ax.text((x0 + x1) / 2, (rank[sid] + r) / 2 - 0.12,
-                        f"→ {edge.get('merged_width')}  ({note})", ha="center",
-                        va="bottom", fontsize=7)
+        _draw_match_column(ax, g, col, x, box_w, label_of, f"model {i}",
+                           last=i == n_models - 1)
+        if i > 0:
+            _draw_match_links(ax, g, columns[i - 1], col, x, gap, cmap)
     width = n_models * (box_w + gap) - gap
     ax.set_xlim(-0.2, width + 2.6)
     ax.set_ylim(rows - 0.4, -1.3)
@@ -237,7 +195,78 @@ def plot_match_graph(g: "nx.Graph", path: str | os.PathLike) -> Path:
     return _save(fig, path, "match graph picture")
 
 
-def plot_space_graph(traced: "Traced", path: str | os.PathLike, title: str = "") -> Path:
+def _match_columns(g: "nx.Graph", order: dict[str, int], n_models: int) -> list[list[str]]:
+    """Per model, its base (not derived) spaces ordered by their first node in the graph."""
+    columns: list[list[str]] = []
+    for i in range(n_models):
+        spaces = [n for n, d in g.nodes(data=True) if d.get("kind") == "space"
+                  and int(d.get("model", 0)) == i and not d.get("derived")]
+
+        def first(space: str) -> int:
+            return min((order[m] for m in g.neighbors(space)
+                        if g.nodes[m].get("kind") == "node"), default=order[space])
+
+        columns.append(sorted(spaces, key=first))
+    return columns
+
+
+def _match_labels(g: "nx.Graph", columns: list[list[str]], order: dict[str, int]
+                  ) -> dict[str, str]:
+    """Each space's box label: its id, width and first node."""
+    label_of = {}
+    for col in columns:
+        for s in col:
+            members = sorted((m for m in g.neighbors(s) if g.nodes[m].get("kind") == "node"),
+                             key=order.get)
+            node = members[0].split("/", 1)[1] if members else ""
+            label_of[s] = f"{s.split('/', 1)[1]} · {g.nodes[s].get('width')}  {_short(node, 18)}"
+    return label_of
+
+
+def _draw_match_column(ax, g: "nx.Graph", col: list[str], x: float, box_w: float,
+                       label_of: dict[str, str], header: str, last: bool) -> None:
+    """One model's column of boxes at ``x``; the last column also says why frozen spaces
+    are frozen."""
+    from matplotlib.patches import FancyBboxPatch
+
+    ax.text(x + box_w / 2, -0.9, header, ha="center", fontsize=10, weight="bold")
+    for r, s in enumerate(col):
+        d = g.nodes[s]
+        frozen = bool(d.get("frozen"))
+        ax.add_patch(FancyBboxPatch((x, r - 0.35), box_w, 0.7, boxstyle="round,pad=0.02",
+                                    facecolor="#dddddd" if frozen else "#e8f0fb",
+                                    edgecolor="#777777" if frozen else "#4c72b0",
+                                    hatch="///" if frozen else None, linewidth=0.8))
+        ax.text(x + 0.08, r, label_of[s], va="center", fontsize=7.5, family="monospace")
+        if frozen and last:
+            ax.text(x + box_w + 0.15, r, _short(f"frozen: {d.get('why', '')}", 40),
+                    va="center", fontsize=7, color="#555555")
+
+
+def _draw_match_links(ax, g: "nx.Graph", prev: list[str], col: list[str], x: float,
+                      gap: float, cmap) -> None:
+    """The links from the previous column to the column at ``x``: matched spaces coloured by
+    the mean correlation and labelled with the merged width, kept ones dotted."""
+    rank = {s.split("/", 1)[1]: r for r, s in enumerate(prev)}
+    for r, s in enumerate(col):
+        sid = s.split("/", 1)[1]
+        edge = g.get_edge_data(f"m0/{sid}", s) or {}
+        if sid not in rank or edge.get("kind") != "match":
+            continue
+        corr = float(edge.get("mean_correlation", float("nan")))
+        merged = edge.get("matcher") != "identity"
+        x0, x1 = x - gap, x
+        ax.plot([x0, x1], [rank[sid], r], color=cmap(max(corr, 0.0)) if merged and
+                np.isfinite(corr) else "#999999", linewidth=2.2 if merged else 1.0,
+                linestyle="-" if merged else ":")
+        if merged:
+            note = f"{corr:.2f}" if np.isfinite(corr) else edge.get("matcher", "")
+            ax.text((x0 + x1) / 2, (rank[sid] + r) / 2 - 0.12,
+                    f"→ {edge.get('merged_width')}  ({note})", ha="center",
+                    va="bottom", fontsize=7)
+
+
+def plot_space_graph(traced: "Analysed", path: str | os.PathLike, title: str = "") -> Path:
     """The space graph of one model: its spaces top to bottom in graph order (id, width, the
     first node in it; frozen spaces grey and hatched, with the reason), and one arc per layer
     from the space it reads to the space it writes (right: forward, left: back into an earlier
@@ -249,8 +278,6 @@ def plot_space_graph(traced: "Traced", path: str | os.PathLike, title: str = "")
         path: the PNG file to write.
         title: shown above the picture.
     """
-    from matplotlib.patches import Arc, FancyBboxPatch
-
     table = traced.space_table
     order = {n.name: k for k, n in enumerate(traced.graph.nodes)}
 
@@ -260,6 +287,27 @@ def plot_space_graph(traced: "Traced", path: str | os.PathLike, title: str = "")
 
     spaces = sorted(table, key=first)
     row = {s.id: r for r, s in enumerate(spaces)}
+    layers = _space_layers(table)
+    n = len(spaces)
+    fig = _figure(11.0, 0.42 * n + 1.2)
+    ax = fig.add_subplot()
+    box_w = 3.4
+    span_x = 0.45
+    _draw_space_boxes(ax, spaces, row, order, box_w)
+    _draw_layer_arcs(ax, layers, row, box_w, span_x)
+    _draw_derived_arcs(ax, spaces, row, box_w)
+    reach = span_x * max((abs(row[a] - row[b]) for a, b in layers), default=1) + 3.5
+    ax.set_xlim(-box_w / 2 - reach, box_w / 2 + reach)
+    ax.set_ylim(n - 0.4, -1.0)
+    ax.axis("off")
+    ax.set_title(title or f"space graph: {n} spaces ({len(table.free)} free); arcs: layers "
+                          f"(blue: forward, red: back into an earlier space), dashed: derived",
+                 fontsize=9, loc="left")
+    return _save(fig, path, "space graph")
+
+
+def _space_layers(table: "SpaceTable") -> dict[tuple[int, int], list[str]]:
+    """(space read, space written) -> the layers (parameter owners) that do it."""
     layers: dict[tuple[int, int], list[str]] = {}
     params = {a.param for s in table for a in s.params}
     for p in sorted(params):
@@ -269,10 +317,14 @@ def plot_space_graph(traced: "Traced", path: str | os.PathLike, title: str = "")
             for b in writes:
                 if a != b:
                     layers.setdefault((a, b), []).append(p.rpartition(".")[0] or p)
-    n = len(spaces)
-    fig = _figure(11.0, 0.42 * n + 1.2)
-    ax = fig.add_subplot()
-    box_w = 3.4
+    return layers
+
+
+def _draw_space_boxes(ax, spaces: list["Space"], row: dict[int, int], order: dict[str, int],
+                      box_w: float) -> None:
+    """One box per space (id, width, kind, first node); frozen ones grey, with the reason."""
+    from matplotlib.patches import FancyBboxPatch
+
     for s in spaces:
         r = row[s.id]
         node = next((a.node for a in sorted(s.members, key=lambda a: order.get(
@@ -288,7 +340,13 @@ def plot_space_graph(traced: "Traced", path: str | os.PathLike, title: str = "")
         if s.frozen:
             ax.text(-box_w / 2 - 0.1, r, _short(f"frozen: {s.why}", 44), va="center",
                     ha="right", fontsize=7, color="#555555")
-    span_x = 0.45
+
+
+def _draw_layer_arcs(ax, layers: dict[tuple[int, int], list[str]], row: dict[int, int],
+                     box_w: float, span_x: float) -> None:
+    """One labelled arc per layer: right and blue forward, left and red back up."""
+    from matplotlib.patches import Arc
+
     for (a, b), names in sorted(layers.items(), key=lambda kv: (row[kv[0][0]], row[kv[0][1]])):
         ra, rb = row[a], row[b]
         lo, hi = sorted((ra, rb))
@@ -303,6 +361,12 @@ def plot_space_graph(traced: "Traced", path: str | os.PathLike, title: str = "")
                 va="center", ha="left" if side > 0 else "right", fontsize=6.5,
                 color="#4c72b0" if side > 0 else "#c44e52", zorder=5,
                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+
+
+def _draw_derived_arcs(ax, spaces: list["Space"], row: dict[int, int], box_w: float) -> None:
+    """Dashed arcs on the left from each derived space to its parts."""
+    from matplotlib.patches import Arc
+
     for s in spaces:
         for p in (s.derived.parts if s.derived else ()):
             if p is None or p not in row:
@@ -311,11 +375,3 @@ def plot_space_graph(traced: "Traced", path: str | os.PathLike, title: str = "")
             ax.add_patch(Arc((-box_w / 2, (lo + hi) / 2), 0.3 * (hi - lo) + 0.3, hi - lo,
                              theta1=90, theta2=270, color="#777777", linestyle="--",
                              linewidth=0.8))
-    reach = span_x * max((abs(row[a] - row[b]) for a, b in layers), default=1) + 3.5
-    ax.set_xlim(-box_w / 2 - reach, box_w / 2 + reach)
-    ax.set_ylim(n - 0.4, -1.0)
-    ax.axis("off")
-    ax.set_title(title or f"space graph: {n} spaces ({len(table.free)} free); arcs: layers "
-                          f"(blue: forward, red: back into an earlier space), dashed: derived",
-                 fontsize=9, loc="left")
-    return _save(fig, path, "space graph")

@@ -460,98 +460,122 @@ def zip_groups(
         ``r`` groups of global unit indices, each ascending, ordered by their lowest index.
     """
     S, ws, r, alpha, beta = _prepare_scores(C, widths, r, alpha, beta)
-    d = S.shape[0]
-    model = np.repeat(np.arange(len(ws)), ws)
-    budget = zip_budgets(ws, r, beta)
-    carries: list[list[int]] = [[] for _ in range(d)]  # per group: models whose flag it carries
-    ban = np.zeros((len(ws), d))  # ban[m, j] = -inf iff group j carries model m's flag
-    dead = np.zeros(d)  # -inf for a dead group
-    lifted = False
-    alive = np.ones(d, dtype=bool)
-    members = [[i] for i in range(d)]
-    rowmax = np.full(d, -np.inf)
-    rowarg = np.full(d, -1, dtype=np.int64)
+    return _Zipper(S, ws, r, alpha, beta).run()
 
-    def flag(m: int) -> None:
+
+class _Zipper:
+    """The state of one fast ZipIt grouping (:func:`zip_groups`): the scores, the flags each
+    group carries and every live row's allowed maximum, kept exact merge by merge."""
+
+    def __init__(self, S: np.ndarray, ws: list[int], r: int, alpha: float, beta: float) -> None:
+        d = S.shape[0]
+        self.S, self.d, self.r, self.alpha = S, d, r, alpha
+        self.model = np.repeat(np.arange(len(ws)), ws)
+        self.budget = zip_budgets(ws, r, beta)
+        self.carries: list[list[int]] = [[] for _ in range(d)]  # models whose flag it carries
+        self.ban = np.zeros((len(ws), d))  # ban[m, j] = -inf iff group j carries model m's flag
+        self.dead = np.zeros(d)  # -inf for a dead group
+        self.lifted = False
+        self.alive = np.ones(d, dtype=bool)
+        self.members = [[i] for i in range(d)]
+        self.rowmax = np.full(d, -np.inf)
+        self.rowarg = np.full(d, -1, dtype=np.int64)
+        self.n_groups = d
+
+    def flag(self, m: int) -> None:
         """Model m's budget is 0: its live groups carry its flag."""
-        heads = np.flatnonzero(alive & (model == m))
-        ban[m, heads] = -np.inf
+        heads = np.flatnonzero(self.alive & (self.model == m))
+        self.ban[m, heads] = -np.inf
         for g in heads:
-            carries[g].append(m)
+            self.carries[g].append(m)
 
-    def flagged(i: int, row: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    def flagged(self, i: int, row: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """``row`` (= C[i, lo:hi], dead columns at -inf) with -inf at the live columns that
         share a flag with group i; ``row`` itself when there are none."""
-        if not lifted:
-            for m in carries[i]:
-                row = row + ban[m, lo:hi]
+        if not self.lifted:
+            for m in self.carries[i]:
+                row = row + self.ban[m, lo:hi]
         return row
 
-    def recompute(i: int, row: np.ndarray | None = None) -> None:
+    def recompute(self, i: int, row: np.ndarray | None = None) -> None:
         """Exact maximum of live row ``i`` over allowed live columns ``j > i``; ``row`` is
         ``C[i, i + 1:]`` with the dead columns at -inf if the caller has it.  O(d)."""
+        d = self.d
         if i + 1 == d:
-            rowmax[i], rowarg[i] = -np.inf, -1
+            self.rowmax[i], self.rowarg[i] = -np.inf, -1
             return
         if row is None:
-            row = S[i, i + 1:] + dead[i + 1:]
-        vals = flagged(i, row, i + 1, d)
+            row = self.S[i, i + 1:] + self.dead[i + 1:]
+        vals = self.flagged(i, row, i + 1, d)
         a = int(vals.argmax())  # first maximum -> smallest column on ties
-        rowmax[i] = vals[a]
-        rowarg[i] = i + 1 + a if vals[a] > -np.inf else -1
+        self.rowmax[i] = vals[a]
+        self.rowarg[i] = i + 1 + a if vals[a] > -np.inf else -1
 
-    for m in np.flatnonzero(budget <= 0):
-        flag(int(m))
-    # every row's maximum, _TILE rows at a time: row i of the block [a, b) keeps columns > i
-    for a in range(0, d - 1, _TILE):
-        b = min(a + _TILE, d - 1)
-        block = S[a:b, a + 1:] + ban[model[a:b], a + 1:]  # a model's flag: all or none
-        block[np.tril_indices(b - a, -1)] = -np.inf
-        at = block.argmax(axis=1)
-        rowmax[a:b] = block[np.arange(b - a), at]
-        rowarg[a:b] = np.where(rowmax[a:b] > -np.inf, a + 1 + at, -1)
-    n_groups = d
-    while n_groups > r:
-        p = int(rowmax.argmax())  # first maximal row = smallest p on ties
-        if rowmax[p] == -np.inf:
-            lifted = True
-            log.debug("zip: no allowed pair left with %d groups > r=%d; lifting the "
-                      "within-model budgets", n_groups, r)
-            for i in np.flatnonzero(alive):
-                recompute(int(i))
-            continue
-        q = int(rowarg[p])
+    def start(self) -> None:
+        """Flag the models with no budget, then every row's maximum, _TILE rows at a time: row
+        i of the block [a, b) keeps columns > i."""
+        S, d, model = self.S, self.d, self.model
+        for m in np.flatnonzero(self.budget <= 0):
+            self.flag(int(m))
+        for a in range(0, d - 1, _TILE):
+            b = min(a + _TILE, d - 1)
+            block = S[a:b, a + 1:] + self.ban[model[a:b], a + 1:]  # a model's flag: all or none
+            block[np.tril_indices(b - a, -1)] = -np.inf
+            at = block.argmax(axis=1)
+            self.rowmax[a:b] = block[np.arange(b - a), at]
+            self.rowarg[a:b] = np.where(self.rowmax[a:b] > -np.inf, a + 1 + at, -1)
 
-        alive[q] = False
-        dead[q] = -np.inf
-        rowmax[q], rowarg[q] = -np.inf, -1
-        n_groups -= 1
-        members[p] += members[q]
-        members[q] = []
+    def lift(self) -> None:
+        """No allowed pair is left: drop the within-model budgets and recompute every row."""
+        self.lifted = True
+        log.debug("zip: no allowed pair left with %d groups > r=%d; lifting the "
+                  "within-model budgets", self.n_groups, self.r)
+        for i in np.flatnonzero(self.alive):
+            self.recompute(int(i))
+
+    def fold(self, p: int, q: int) -> int:
+        """Fold group q into group p: members, flags and budget.  Returns the model whose
+        budget just ran out, -1 if none."""
+        model, carries = self.model, self.carries
+        self.alive[q] = False
+        self.dead[q] = -np.inf
+        self.rowmax[q], self.rowarg[q] = -np.inf, -1
+        self.n_groups -= 1
+        self.members[p] += self.members[q]
+        self.members[q] = []
         for m in carries[q]:
             if m not in carries[p]:
                 carries[p].append(m)
-                ban[m, p] = -np.inf
-        event = -1  # model whose budget just ran out
-        if model[p] == model[q] and not lifted:
-            budget[model[p]] -= 1
-            if budget[model[p]] == 0:
+                self.ban[m, p] = -np.inf
+        event = -1
+        if model[p] == model[q] and not self.lifted:
+            self.budget[model[p]] -= 1
+            if self.budget[model[p]] == 0:
                 event = int(model[p])
-                flag(event)
+                self.flag(event)
+        return event
 
-        # the naive version's alpha * min(S[p], S[q]), -inf at dead groups and on the diagonal
+    def merge_scores(self, p: int, q: int) -> np.ndarray:
+        """Row and column p become the naive version's alpha * min(S[p], S[q]), -inf at dead
+        groups and on the diagonal; row p's maximum is recomputed.  Returns that row."""
+        S = self.S
         merged = S[p]
         np.minimum(merged, S[q], out=merged)
-        if alpha == 0.0:
+        if self.alpha == 0.0:
             merged[:] = 0.0
         else:
-            merged *= alpha
-        merged += dead
+            merged *= self.alpha
+        merged += self.dead
         merged[p] = -np.inf
         S[:, p] = merged
-        recompute(p, merged[p + 1:])
+        self.recompute(p, merged[p + 1:])
+        return merged
 
-        v = flagged(p, merged[:p], 0, p)  # the new C[i, p] for the rows above, masked
+    def refresh_rows(self, p: int, q: int, merged: np.ndarray, event: int) -> None:
+        """Settle the rows above p that see the new C[i, p], and recompute the stale ones (see
+        :func:`zip_groups`)."""
+        rowmax, rowarg, model = self.rowmax, self.rowarg, self.model
+        v = self.flagged(p, merged[:p], 0, p)  # the new C[i, p] for the rows above, masked
         mx = rowmax[:p]
         arg = rowarg[:p]
         gain = np.flatnonzero((v > mx) | ((v == mx) & (arg > p)))
@@ -560,13 +584,25 @@ def zip_groups(
         rowarg[gain] = p
         redo = [dropped, np.flatnonzero(rowarg[:q] == q)]
         if event >= 0:
-            mine = np.flatnonzero(alive & (model == event) & (rowarg >= 0))
+            mine = np.flatnonzero(self.alive & (model == event) & (rowarg >= 0))
             redo.append(mine[model[rowarg[mine]] == event])
         for rows in redo:
             for i in rows:
-                recompute(int(i))
+                self.recompute(int(i))
 
-    return [sorted(members[i]) for i in np.flatnonzero(alive)]
+    def run(self) -> list[list[int]]:
+        """Merge the row-major first maximal allowed pair until r groups are left."""
+        self.start()
+        while self.n_groups > self.r:
+            p = int(self.rowmax.argmax())  # first maximal row = smallest p on ties
+            if self.rowmax[p] == -np.inf:
+                self.lift()
+                continue
+            q = int(self.rowarg[p])
+            event = self.fold(p, q)
+            merged = self.merge_scores(p, q)
+            self.refresh_rows(p, q, merged, event)
+        return [sorted(self.members[i]) for i in np.flatnonzero(self.alive)]
 
 
 def zip_match(
@@ -710,6 +746,30 @@ def correlation_from_moments(
                [1., 0., 1., 0.],
                [0., 1., 0., 1.]])
     """
+    sx, sxx, ws, n, eps = _check_moments(sum_x, sum_xx, n, eps, widths)
+    mean = sx / n
+    second = (sxx + sxx.T) / (2.0 * n)
+    cov = second - np.outer(mean, mean)
+    var = np.maximum(np.diag(cov), 0.0)
+    typical = np.repeat([var[a:b].mean() for a, b in itertools.pairwise(_offsets(ws))], ws)
+    scale = np.maximum(np.diag(second), typical)
+    live = var > eps * scale
+    std = np.sqrt(np.where(live, var, 1.0))
+    corr = cov / np.outer(std, std)
+    corr[~live, :] = 0.0
+    corr[:, ~live] = 0.0
+    np.clip(corr, -1.0, 1.0, out=corr)
+    idx = np.flatnonzero(live)
+    corr[idx, idx] = 1.0
+    _pair_constant_units(corr, mean, scale, live, eps)
+    return corr
+
+
+def _check_moments(
+    sum_x: np.ndarray, sum_xx: np.ndarray, n: int, eps: float, widths: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray, list[int], int, float]:
+    """Validate the arguments of :func:`correlation_from_moments`; return the sums as float64,
+    the widths, ``n`` as an int and ``eps`` as a float."""
     sx = np.asarray(sum_x, dtype=np.float64)
     sxx = np.asarray(sum_xx, dtype=np.float64)
     if sx.ndim != 1 or sxx.shape != (sx.size, sx.size):
@@ -731,24 +791,16 @@ def correlation_from_moments(
     eps = float(eps)
     if not (math.isfinite(eps) and 0.0 <= eps < 1.0):
         raise ConfigError(f"eps must be in [0, 1), got {eps}")
-    mean = sx / n
-    second = (sxx + sxx.T) / (2.0 * n)
-    cov = second - np.outer(mean, mean)
-    var = np.maximum(np.diag(cov), 0.0)
-    typical = np.repeat([var[a:b].mean() for a, b in itertools.pairwise(_offsets(ws))], ws)
-    scale = np.maximum(np.diag(second), typical)
-    live = var > eps * scale
-    std = np.sqrt(np.where(live, var, 1.0))
-    corr = cov / np.outer(std, std)
-    corr[~live, :] = 0.0
-    corr[:, ~live] = 0.0
-    np.clip(corr, -1.0, 1.0, out=corr)
-    idx = np.flatnonzero(live)
-    corr[idx, idx] = 1.0
+    return sx, sxx, ws, n, eps
+
+
+def _pair_constant_units(corr: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+                         live: np.ndarray, eps: float) -> None:
+    """In place: 1 between constant units whose means agree within ``s_i + s_j``, ``s =
+    sqrt(eps * scale)`` (the precision their values are known to), else 0."""
     dead = np.flatnonzero(~live)
     if dead.size:
         m = mean[dead]
         s = np.sqrt(eps * scale[dead])
         same = np.abs(m[:, None] - m[None, :]) <= s[:, None] + s[None, :]
         corr[np.ix_(dead, dead)] = same.astype(np.float64)
-    return corr

@@ -15,6 +15,7 @@ import logging
 
 import numpy as np
 import torch
+from torch import nn
 
 from graphmerge.calibration import with_progress
 from graphmerge.errors import MismatchError
@@ -56,6 +57,8 @@ def expand_uniformly(ctx: MergeContext) -> None:
 
 
 def _align(ctx: MergeContext, measure: bool) -> None:
+    """Stages of every model, the deepest graph, the positions of the shallow units (by CKA
+    when `measure`, else uniform), then every shallower model expanded to that graph."""
     models, traced = ctx.models, ctx.traced
     keys = [topology(t) for t in traced]
     if all(k == keys[0] for k in keys):  # one topology (widths may differ): nothing to align
@@ -93,9 +96,16 @@ def _align(ctx: MergeContext, measure: bool) -> None:
         for a, i in todo:
             a.positions[i] = align(np.zeros((a.depths[a.reference], a.depths[i])), "uniform")
         todo = []
-    # one pass over the calibration data: outputs of every unit of the stages to align
     units = {(i, a.stage): by[i][ref_stages[a.stage].anchor].units
              for a in alignments for i in range(n) if a.depths[i]}
+    _measure_cka(ctx, traced, alignments, units, todo)
+    _expand_models(ctx, models, traced, stages, ref, ref_stages, alignments)
+
+
+def _measure_cka(ctx: MergeContext, traced: list[Traced], alignments: list[StageAlignment],
+                 units: dict, todo: list[tuple[StageAlignment, int]]) -> None:
+    """One pass over the calibration data: the CKA of the outputs of every unit of the stages
+    to align (`todo`: alignment, model) against the reference's, and the positions chosen."""
     wanted: dict[int, set[str]] = {}
     for a, i in todo:
         for j in (i, a.reference):
@@ -116,10 +126,17 @@ def _align(ctx: MergeContext, measure: bool) -> None:
         a = alignments[s]
         a.cka[i] = cka.result()
         a.positions[i] = align(a.cka[i], ctx.config.align)
+
+
+def _expand_models(ctx: MergeContext, models: list[nn.Module], traced: list[Traced],
+                   stages: list[list[Stage]], ref: Traced, ref_stages: list[Stage],
+                   alignments: list[StageAlignment]) -> None:
+    """Expand every model whose topology is not the deepest one's to it, at the chosen
+    positions, and trace it again; the post-norm fit errors and inserted nodes are recorded."""
     ctx.models, ctx.traced = list(models), list(traced)
     calibration = ctx.calibration.unsharded()  # read only by post-norm fits
     target = topology(ref)
-    for i in range(n):
+    for i in range(len(models)):
         if topology(traced[i]) == target:
             continue
         positions = {a.stage: a.positions[i] for a in alignments}
