@@ -15,7 +15,7 @@ from graphmerge.errors import (
     SpaceCheckError,
     TracingError,
 )
-from graphmerge.graph.analyse import trace
+from graphmerge.graph.analyse import Analysed, trace
 from graphmerge.graph.capture import Traced, Tracer
 from graphmerge.graph.oracle import OracleReport, check_spaces, permute
 from graphmerge.graph.spaces import (
@@ -35,7 +35,7 @@ from graphmerge.surgery.deepen import deepen
 from graphmerge.surgery.widen import widen
 
 __all__ = [
-    "trace", "Traced", "Tracer", "find_spaces", "Space", "SpaceTable", "Derivation", "Frozen",
+    "trace", "Analysed", "Traced", "Tracer", "find_spaces", "Space", "SpaceTable", "Derivation", "Frozen",
     "FrozenBy", "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning", "merge",
     "MergeResult", "SpaceSummary", "MergeConfig", "plan_merge", "MergePlan", "export_onnx",
     "save_module", "load_module", "load_state", "widen", "deepen",

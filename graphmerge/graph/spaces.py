@@ -85,7 +85,7 @@ class Derivation:
 
 @dataclass
 class Space:
-    """One shared transform. Widths are sizes of the axis; roles follow DESIGN.md.
+    """One shared transform. Widths are sizes of the axis; roles as in docs/design.md.
 
     Attributes:
         id: index in the space table.
@@ -728,7 +728,7 @@ def _data_nodes(graph: fx.Graph) -> set[str]:
 
 
 def find_spaces(traced: Traced) -> SpaceTable:
-    """Group the axes of a traced model into spaces (see module docstring and DESIGN.md) and
+    """Group the axes of a traced model into spaces (see the module docstring and docs/design.md) and
     return the table; `traced` is not changed (`graphmerge.trace` returns both together, as a
     `graphmerge.graph.analyse.Analysed`)."""
     if not isinstance(traced, Traced):
