@@ -35,8 +35,9 @@ from graphmerge.surgery.deepen import deepen
 from graphmerge.surgery.widen import widen
 
 __all__ = [
-    "trace", "Analysed", "Traced", "Tracer", "find_spaces", "Space", "SpaceTable", "Derivation", "Frozen",
-    "FrozenBy", "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning", "merge",
+    "trace", "Analysed", "Traced", "Tracer", "find_spaces", "Space", "SpaceTable", "Derivation",
+    "Frozen", "FrozenBy", "permute", "check_spaces", "OracleReport", "UnsupportedOpWarning",
+    "merge",
     "MergeResult", "SpaceSummary", "MergeConfig", "plan_merge", "MergePlan", "export_onnx",
     "save_module", "load_module", "load_state", "widen", "deepen",
     "GraphmergeError", "TracingError", "SpaceCheckError", "MismatchError", "ConfigError",

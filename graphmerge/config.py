@@ -182,8 +182,9 @@ def option_help(indent: int = 0, width: int = 92) -> str:
     """
     lines = []
     for f in dataclasses.fields(MergeConfig):
-        lines += textwrap.wrap(f"{f.name}: {f.metadata['help']}", width, initial_indent=" " * indent,
-                               subsequent_indent=" " * (indent + 4), break_on_hyphens=False)
+        lines += textwrap.wrap(f"{f.name}: {f.metadata['help']}", width,
+                               initial_indent=" " * indent, subsequent_indent=" " * (indent + 4),
+                               break_on_hyphens=False)
     return "\n".join(lines)
 
 
