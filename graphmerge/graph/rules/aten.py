@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from graphmerge.graph.axes import Link, Same
-from graphmerge.graph.rules import elementwise, norms  # noqa: F401  (aliased below)
+from graphmerge.graph.rules import elementwise, layers, norms  # noqa: F401  (aliased below)
 from graphmerge.graph.rules.layers import embedding_links
+from graphmerge.graph.rules.norms import channel_norm_links, channel_params, stats_axes
 from graphmerge.graph.rules.registry import (
     Op,
     alias,
@@ -50,7 +51,11 @@ _SAME_AS: dict[str, tuple[object, ...]] = {
         "ones_like", "full_like", "empty_like", "pow")},
     **{name: (getattr(F, name),) for name in (
         "gelu", "silu", "mish", "elu", "selu", "celu", "leaky_relu", "hardswish", "hardsigmoid",
-        "hardtanh", "softplus", "dropout", "glu")},
+        "hardtanh", "softplus", "dropout", "glu", "relu6", "rrelu", "hardshrink", "softshrink",
+        "threshold", "alpha_dropout", "feature_alpha_dropout", "elu_", "leaky_relu_",
+        "hardtanh_", "bilinear")},
+    "log_sigmoid": (F.logsigmoid,), "feature_dropout": (F.dropout2d,),
+    "prelu": (torch.prelu,), "_prelu_kernel": (torch.prelu,),
     "relu_": (torch.relu,), "clamp_min": ("clamp_min",), "clamp_max": ("clamp_max",),
     "clone": ("clone",), "contiguous": ("contiguous",), "alias": ("clone",),
     "detach": ("detach",), "to": ("to",), "_to_copy": ("to",), "type_as": ("type_as",),
@@ -88,18 +93,17 @@ def _embedding(op: Op) -> Iterator[Link]:
     yield from embedding_links(op, op.arg(1, "indices"), op.arg(0, "weight"))
 
 
-@register(aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+@register(aten.batch_norm.default, aten.instance_norm.default,
+          aten._native_batch_norm_legit_no_training.default)
 def _batch_norm(op: Op) -> Iterator[Link]:
-    """aten.batch_norm(x, weight, bias, running_mean, running_var, ...): channel axis 1 ~
-    affine parameters and running statistics (out); other axes pass through."""
+    """aten.batch_norm / aten.instance_norm(x, weight, bias, running_mean, running_var, flag,
+    ...): channel axis 1 ~ affine parameters and running statistics (out); other axes pass
+    through. The flag (training, use_input_stats) is absent from the no-training form."""
     x = op.arg(0, "input")
-    params = [op.arg(k) for k in range(1, 5)]
-    for d in range(ndim(op, x)):
-        if d == 1:
-            yield Same(op.x(x, 1), op.out(1), *(a for t in params for a in (
-                functional_param(op, t, 0, "out"), op.x(t, 0))))
-        else:
-            yield Same(op.x(x, d), op.out(d))
+    params = channel_params(op, [op.arg(k) for k in range(1, 5)])
+    instance = op.name == "instance_norm"
+    flag = op.arg(5) if op.name in ("batch_norm", "instance_norm") else False
+    yield from channel_norm_links(op, x, params, stats_axes(op, x, flag, instance))
 
 
 @register(aten.addmm.default)

@@ -10,16 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphmerge.graph.axes import Cat, Keep, Link, NodeAxis, Same
-
-aten = torch.ops.aten
 from graphmerge.graph.rules.registry import (
     Op,
     broadcast,
+    functional_param,
     keep_all,
     ndim,
     pass_through,
     register,
 )
+
+aten = torch.ops.aten
 
 # ---- elementwise --------------------------------------------------------------------------
 
@@ -27,7 +28,8 @@ _UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU,
     nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.Identity, nn.Softmax, nn.LogSoftmax,
+    nn.AlphaDropout, nn.Identity, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.LogSigmoid,
+    nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU, nn.FeatureAlphaDropout,
 )
 _UNARY_FUNCTIONS = (
     F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish,
@@ -37,6 +39,9 @@ _UNARY_FUNCTIONS = (
     torch.square, torch.reciprocal, torch.clamp, torch.softmax, torch.log_softmax,
     torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.functional.tanh, operator.neg,
     torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.pow,
+    F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_, F.tanhshrink, F.logsigmoid, F.hardshrink,
+    F.softshrink, F.threshold, F.rrelu, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.softmin,
 )
 _UNARY_METHODS = (
     "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "erf", "square",
@@ -64,10 +69,20 @@ def _unary(op: Op) -> Iterator[Link]:
             yield from keep_all(op, t)
         return
     yield from broadcast(op, op.tensor_args())
-    if op.name in ("softmax", "log_softmax", "Softmax", "LogSoftmax"):
+    if op.name in ("softmax", "log_softmax", "softmin", "Softmax", "LogSoftmax", "Softmin"):
         dim = op.module.dim if op.module is not None else op.arg(1, "dim")
         if isinstance(dim, int) and op.x(src, dim) is not None:
             yield Keep(op.x(src, dim), reduced=True)  # normalised over every unit of dim
+
+
+@register(*dict.fromkeys((F.prelu, torch.prelu)))
+def _prelu(op: Op) -> Iterator[Link]:
+    """prelu(x, weight): a weight of C slopes is read along the channel axis 1 of x (out, as
+    the affine of a norm); a single slope is applied everywhere."""
+    x, w = op.arg(0, "input"), op.arg(1, "weight")
+    yield from pass_through(op, x)
+    if ndim(op, x) >= 2 and op.x(w, 0) is not None:
+        yield Same(op.x(x, 1), op.out(1), functional_param(op, w, 0, "out"), op.x(w, 0))
 
 
 @register(F.glu, nn.GLU)
@@ -106,12 +121,21 @@ except ImportError:  # pragma: no cover - other torch versions
     _GuardsFn = "_guards_fn"
 
 
+_ASSERTS = (
+    torch._assert, torch._assert_async, aten._assert_async.default, aten._assert_async.msg,
+    aten._assert_scalar.default, aten._functional_assert_async.msg,
+    aten._functional_assert_scalar.default, aten.sym_constrain_range.default,
+    aten.sym_constrain_range_for_size.default,
+)
+
+
 @register("size", "dim", "numel", "nelement", getattr, "__len__", len, aten.sym_size.int,
           aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default,
-          _GuardsFn)
+          _GuardsFn, *_ASSERTS)
 def _metadata(op: Op) -> Iterator[Link]:
-    """Shape/dtype queries (and export's shape assertions): read nothing that a permutation
-    changes."""
+    """Shape/dtype queries and assertions (`torch._assert(x.shape[1] == c, msg)`, export's
+    guards and runtime asserts): read nothing that a permutation changes, so they link and
+    freeze nothing. An asserted tensor condition is computed (and linked) by the ops before."""
     for t in op.tensor_args():
         yield from keep_all(op, t)
 

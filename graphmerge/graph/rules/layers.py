@@ -43,6 +43,19 @@ def _bilinear(op: Op) -> Iterator[Link]:
     yield Same(op.out(-1), op.p("weight", 0, "out"), op.p("bias", 0, "out"))
 
 
+@register(F.bilinear)
+def _f_bilinear(op: Op) -> Iterator[Link]:
+    """F.bilinear(a, b, weight [out, in1, in2], bias): as nn.Bilinear."""
+    a, b = op.arg(0, "input1"), op.arg(1, "input2")
+    w, bias = op.arg(2, "weight"), op.arg(3, "bias")
+    for d in range(ndim(op, a) - 1):
+        yield Same(op.x(a, d), op.x(b, d), op.out(d))
+    yield Same(op.x(a, -1), functional_param(op, w, 1, "in"), op.x(w, 1))
+    yield Same(op.x(b, -1), functional_param(op, w, 2, "in"), op.x(w, 2))
+    yield Same(op.out(-1), functional_param(op, w, 0, "out"), op.x(w, 0),
+               functional_param(op, bias, 0, "out"), op.x(bias, 0))
+
+
 def _conv_links(op: Op, x: Any, w: Any, b: Any, groups: int, transposed: bool,
                 wax: Callable[[int, Role], AxisRef | None],
                 bax: Callable[[int, Role], AxisRef | None]) -> Iterator[Link]:

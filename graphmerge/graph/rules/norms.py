@@ -1,8 +1,9 @@
-"""Axis rules of normalisations: batch/instance norm, layer/RMS norm, group norm."""
+"""Axis rules of normalisations: batch/instance norm, layer/RMS norm, group norm (modules and
+their functional forms)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch.fx as fx
@@ -18,6 +19,8 @@ from graphmerge.graph.rules.registry import (
     register,
 )
 
+__all__ = ["channel_norm_links", "channel_params", "stats_axes"]
+
 # ---- norms and embeddings -----------------------------------------------------------------
 
 
@@ -25,13 +28,51 @@ from graphmerge.graph.rules.registry import (
           nn.InstanceNorm3d)
 def _batch_norm(op: Op) -> Iterator[Link]:
     """Channel axis 1 ~ affine parameters and running statistics; other axes pass through."""
-    x = op.node.args[0]
+    yield from channel_norm_links(op, op.node.args[0], [op.p(n, 0, "out") for n in (
+        "weight", "bias", "running_mean", "running_var")])
+
+
+def channel_norm_links(op: Op, x: Any, params: Iterable[AxisRef | None],
+                       reduced: Iterable[int] = ()) -> Iterator[Link]:
+    """A per-channel normalisation (batch or instance norm) of `x` [N, C, ...]: the channel
+    axis 1 ~ the output's and `params` (affine values and running statistics); every other
+    axis passes through. The axes in `reduced` are those the statistics are computed over
+    (batch in training, spatial in instance norm): their units are read together."""
     for d in range(ndim(op, x)):
         if d == 1:
-            yield Same(op.x(x, 1), op.out(1), *(op.p(n, 0, "out") for n in
-                       ("weight", "bias", "running_mean", "running_var")))
+            yield Same(op.x(x, 1), op.out(1), *params)
         else:
             yield Same(op.x(x, d), op.out(d))
+        if d in reduced and op.x(x, d) is not None:
+            yield Keep(op.x(x, d), reduced=True)
+
+
+def channel_params(op: Op, tensors: Iterable[Any]) -> list[AxisRef | None]:
+    """Axis 0 of the per-channel tensors a functional norm takes (`get_attr` parameters with
+    the role `out`, or computed values); None entries (no affine, no running statistics)
+    are skipped."""
+    return [a for t in tensors for a in (functional_param(op, t, 0, "out"), op.x(t, 0))]
+
+
+@register(F.batch_norm, F.instance_norm)
+def _f_batch_norm(op: Op) -> Iterator[Link]:
+    """F.batch_norm / F.instance_norm(x, running_mean, running_var, weight, bias, flag, ...):
+    as the modules (the flag is `training` or `use_input_stats`; statistics of the input are
+    read over the batch, or over the spatial axes)."""
+    x = op.arg(0, "input")
+    params = channel_params(op, [op.arg(1, "running_mean"), op.arg(2, "running_var"),
+                                 op.arg(3, "weight"), op.arg(4, "bias")])
+    instance = op.name == "instance_norm"
+    flag = op.arg(5, "use_input_stats" if instance else "training", instance)
+    yield from channel_norm_links(op, x, params, stats_axes(op, x, flag, instance))
+
+
+def stats_axes(op: Op, x: Any, flag: Any, instance: bool) -> list[int]:
+    """Axes a batch/instance norm computes statistics over when `flag` (training or
+    use_input_stats) is set: the batch axis, or the spatial axes."""
+    if flag is not True:
+        return []
+    return list(range(2, ndim(op, x))) if instance else [0]
 
 
 def _norm_last(op: Op, x: Any, k: int, params: Sequence[Callable[[int], AxisRef | None]]
@@ -68,7 +109,7 @@ def _f_layer_norm(op: Op) -> Iterator[Link]:
     ])
 
 
-@register(nn.GroupNorm, F.group_norm, nn.LocalResponseNorm)
+@register(nn.GroupNorm, F.group_norm, nn.LocalResponseNorm, F.local_response_norm)
 def _frozen_norm(op: Op) -> Iterator[Link]:
     """Group-structured channels need a block-constrained matcher, which does not exist yet."""
     for t in [*op.tensor_args(), op.node]:
