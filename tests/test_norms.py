@@ -108,3 +108,48 @@ def test_batch_norm_points_set_running_statistics():
 def _inputs(batches: list[torch.Tensor]) -> list[tuple[torch.Tensor]]:
     """Calibration batches as the model-input tuples `unit_sums` reads."""
     return [(b,) for b in batches]
+
+
+class _NormAct(nn.BatchNorm2d):
+    """A norm+activation block as libraries write it: the functional norm, then ReLU."""
+
+    def forward(self, x):
+        return torch.relu(nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1,
+            self.eps))
+
+
+@pytest.mark.parametrize("norm, frontend", [(nn.BatchNorm2d, "fx"), (nn.BatchNorm2d, "export"),
+                                            (_NormAct, "fx"), (_NormAct, "export")])
+def test_reset_recomputes_batch_norms_that_are_calls_in_the_graph(norm, frontend):
+    # an exported graph's aten batch norm and a traced F.batch_norm hold their running
+    # statistics as graph buffers, not as BatchNorm modules: reset must recompute them too
+    # (it used to leave them as merged, silently)
+    def net(bn):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), bn(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), bn(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    model = net(norm)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(64, 3, 8, 8)
+    batches = [x[:32], x[32:]]
+    merged = gm.merge([model, gm.permute(model, x, seed=1)], batches, norms="reset",
+                      frontend=frontend, progress=False).module
+    reference = net(nn.BatchNorm2d)  # the same weights in BatchNorm modules, reset by train mode
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        for b in batches:
+            reference(b)
+    assert output_error(merged, reference, (x,)) < 1e-5
+    assert output_error(merged, model, (x,)) > 0.1

@@ -32,12 +32,15 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from graphmerge.calibration import all_reduce, distributed, with_progress
 from graphmerge.errors import ConfigError
 from graphmerge.graph.capture import Traced, set_eval
+from graphmerge.graph.kinds import has_statistics, norm_eps, tensor_args
 from graphmerge.graph.lockstep import OverBudget, nbytes, run_lockstep
+from graphmerge.graph.tensors import get_tensor
 from graphmerge.match.plans import SpacePlan
 from graphmerge.match.statistics import UnitStats, unit_sums
 from graphmerge.surgery.repair import RepairPoint, by_level, repair, repair_points, targets
@@ -103,11 +106,15 @@ def reset_batch_norms(module: nn.Module, calibration: Iterable[tuple[Any, ...]],
     """Cumulative-average BatchNorm statistics over the calibration data (averaged over the
     processes under torch.distributed); returns the number of norms reset.
 
-    Only the norms run in train mode; everything else (dropout) stays in eval mode.
+    Only the norms run in train mode (batch statistics, running statistics updated);
+    everything else (dropout) stays in eval mode. Batch norms that are modules and those that
+    are calls in a graph (`F.batch_norm`, an exported graph's aten batch norm, whose running
+    statistics are the graph's buffers) are reset alike, in one pass.
     """
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
-    if not norms:
+    calls = _graph_batch_norms(module) if isinstance(module, fx.GraphModule) else {}
+    if not norms and not calls:
         return 0
     set_eval(module)
     saved = [m.momentum for m in norms]
@@ -115,20 +122,84 @@ def reset_batch_norms(module: nn.Module, calibration: Iterable[tuple[Any, ...]],
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
         m.train()
+    for mean, var in calls.values():
+        mean.zero_()
+        var.fill_(1.0)
+    graph = _TrainNorms(module, calls) if calls else None
+    batches = 0
     with torch.no_grad():
         for _, inputs in with_progress(calibration, "reset norms", progress):
-            module(*inputs)
-        for m in norms if distributed()[1] > 1 else ():  # ranks' means → the mean of all
-            n = m.num_batches_tracked.to(m.running_mean.dtype)
-            mean, var, count = m.running_mean * n, m.running_var * n, n.reshape(1).clone()
-            all_reduce(mean, var, count)
-            m.running_mean.copy_(mean / count)
-            m.running_var.copy_(var / count)
-            m.num_batches_tracked.fill_(int(count.item()))
+            if graph is None:
+                module(*inputs)
+            else:  # the graph's norms: a cumulative average too
+                graph.run(*inputs, momentum=1.0 / (batches + 1))
+            batches += 1
+        if distributed()[1] > 1:  # ranks' means → the mean of all
+            for m in norms:
+                count = _mean_over_ranks(m.running_mean, m.running_var,
+                                         int(m.num_batches_tracked))
+                m.num_batches_tracked.fill_(count)
+            for mean, var in calls.values():
+                _mean_over_ranks(mean, var, batches)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     set_eval(module)
-    return len(norms)
+    return len(norms) + len(calls)
+
+
+def _mean_over_ranks(mean: torch.Tensor, var: torch.Tensor, batches: int) -> int:
+    """Running statistics of this rank's `batches` averaged with every other rank's, in place;
+    returns the number of batches of all ranks."""
+    count = torch.tensor([float(batches)], dtype=mean.dtype, device=mean.device)
+    total_mean, total_var = mean * batches, var * batches
+    all_reduce(total_mean, total_var, count)
+    mean.copy_(total_mean / count)
+    var.copy_(total_var / count)
+    return int(count.item())
+
+
+def _graph_batch_norms(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Batch-norm calls of the graph whose running statistics are its buffers: node name →
+    (running mean, running var)."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" or not has_statistics(n):
+            continue
+        names = tensor_args(n)
+        if {"running_mean", "running_var"} <= names.keys():
+            out[n.name] = (get_tensor(gm, names["running_mean"]),
+                           get_tensor(gm, names["running_var"]))
+    return out
+
+
+class _TrainNorms(fx.Interpreter):
+    """Runs a graph with its batch-norm calls in train mode: each normalises with its batch's
+    statistics and moves its running statistics by `momentum` (1/(k+1) at batch k gives the
+    cumulative average), as a BatchNorm module in train mode with momentum=None does."""
+
+    def __init__(self, gm: fx.GraphModule, calls: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+                 ) -> None:
+        super().__init__(gm)
+        self.calls = calls
+        self.momentum = 1.0
+
+    def run(self, *inputs: Any, momentum: float = 1.0) -> Any:  # type: ignore[override]
+        self.momentum = momentum
+        return super().run(*inputs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name not in self.calls:
+            return super().run_node(n)
+        mean, var = self.calls[n.name]
+        names = tensor_args(n)
+        weight, bias = (get_tensor(self.module, names[r]) if r in names else None
+                        for r in ("weight", "bias"))
+        x = self.env[n.args[0]]
+        out = F.batch_norm(x, mean, var, weight, bias, True, self.momentum,
+                           norm_eps(n, self.module))
+        if isinstance(n.target, torch._ops.OpOverload) and len(n.target._schema.returns) > 1:
+            return out, x.new_empty(0), x.new_empty(0)  # aten's (out, mean, rstd) form
+        return out
 
 
 def repair_module(inputs: NormInputs) -> int:
