@@ -22,6 +22,7 @@ from graphmerge.graph.kinds import (
     kind,
     norm_eps,
     register_kind,
+    tensor_args,
     target_name,
     value_range,
 )
@@ -215,3 +216,28 @@ class _Nameless:
 
     def __repr__(self) -> str:
         return "<nameless>"
+
+
+def test_torch_batch_norm_reads_its_arguments_in_aten_order():
+    # F.batch_norm(x, running_mean, running_var, weight, bias, …) and torch.batch_norm(x,
+    # weight, bias, running_mean, running_var, …) place their tensors differently
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4, eps=1e-3)
+
+        def forward(self, x):
+            b = self.bn
+            y = F.batch_norm(x, b.running_mean, b.running_var, b.weight, b.bias, False, 0.1,
+                             b.eps)
+            return torch.batch_norm(y, b.weight, b.bias, b.running_mean, b.running_var, False,
+                                    0.1, b.eps, False)
+
+    gm_ = fx.symbolic_trace(Both())
+    calls = [n for n in gm_.graph.nodes if n.op == "call_function"]
+    assert len(calls) == 2
+    for n in calls:
+        assert tensor_args(n) == {"weight": "bn.weight", "bias": "bn.bias",
+                                  "running_mean": "bn.running_mean",
+                                  "running_var": "bn.running_var"}
+        assert norm_eps(n) == pytest.approx(1e-3)

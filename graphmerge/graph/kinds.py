@@ -53,9 +53,9 @@ class OpKind:
 
     `args` places the roles (weight, bias, running_mean, running_var, eps, normalized_shape) of
     the aten form, which the F.* function form shares unless `forms` says otherwise: `forms`
-    maps an aten op's name, or "F.<name>" for a call that is not an aten op, to its own
-    placement (every non-aten call of that name: `torch.batch_norm`, aten-ordered, is read as
-    F.batch_norm, as before). A role's keyword is its name. A module's tensors and epsilon are
+    maps an aten op's name, or "F.<name>" for a `torch.nn.functional` function, to its own
+    placement; other calls (`torch.batch_norm`, a method) take the aten order. A role's keyword
+    is its name. A module's tensors and epsilon are
     its attributes.
     """
 
@@ -252,8 +252,8 @@ def node_key(n: fx.Node) -> tuple[str, str]:
 def _placement(n: fx.Node, op: OpKind) -> Mapping[str, int]:
     """Where `op`'s roles are among the arguments of call `n` (see `OpKind`)."""
     name = target_name(n)
-    key = name if isinstance(n.target, torch._ops.OpOverload) else f"F.{name}"
-    return op.forms.get(key, op.args)
+    functional = getattr(n.target, "__module__", None) == "torch.nn.functional"
+    return op.forms.get(f"F.{name}" if functional else name, op.args)
 
 
 def arg_position(n: fx.Node, role: str) -> int | None:
