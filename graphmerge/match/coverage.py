@@ -28,15 +28,15 @@ LOW_COVERAGE = 0.5
 _INTERFACE = (FrozenBy.GRAPH_INPUT.name, FrozenBy.GRAPH_OUTPUT.name)
 # kinds of reasons that are not a space's `FrozenBy`
 UNMERGED = "UNMERGED"    # a free space that no plan merged
-HEAD_DIM = "HEAD_DIM"    # heads or head dims kept in place, or a head dim read on its own
-UNSEEN = "UNSEEN"        # an axis no op's axis rule mentioned (a module without a rule)
+ATTENTION = "ATTENTION"  # heads, head dims or projections kept in place (attention="frozen")
+UNSEEN = "UNSEEN"        # no axis in any space (a module without a rule, or kept as it is)
 SCALAR = "SCALAR"        # a tensor with no axis
 
 
 @dataclass(frozen=True)
 class CoverageReason:
     """One reason that parameters kept the identity: `kind` (a `FrozenBy` name, or UNMERGED,
-    HEAD_DIM, UNSEEN, SCALAR), `text` (its words, with the nodes where one op did it),
+    ATTENTION, UNSEEN, SCALAR), `text` (its words, with the nodes where one op did it),
     `elements` (of the not-aligned tensors it is charged with) and those `tensors`."""
 
     kind: str
@@ -62,10 +62,13 @@ class Coverage:
     are the logits, are aligned through their merged axis. A parameter none of whose axes is
     merged is averaged as it is, unit i with unit i.
 
-    Each not-aligned parameter is charged to one reason, read from its axes in order: a
-    space's `Frozen` reason (or a free space that was not merged) other than touching the
-    graph's inputs or outputs, else that interface, else an axis no axis rule mentioned (the
-    parameter of a module without a rule), else "a scalar". `reasons` ranks them by elements.
+    Each not-aligned parameter is charged to one reason, read from its axes in dim order: the
+    first space's `Frozen` reason (or ATTENTION: heads kept in place; UNMERGED: a free space
+    without a plan) other than touching the graph's inputs or outputs, else that interface;
+    a parameter with no axis in any space is UNSEEN (the axis rules link it to nothing: a
+    module without a rule, or a rule that keeps it as it is), or SCALAR (no axis at all).
+    `reasons` ranks them by elements, reasons of one kind and text (one op at several nodes)
+    counted together.
 
     Attributes:
         aligned: parameter elements with a merged axis.
@@ -149,7 +152,7 @@ def coverage(table: SpaceTable, module: nn.Module, merged: Collection[int] | Non
         module: holds the parameters counted.
         merged: ids of the spaces that got a plan; None: those a merge would plan
             (`planned_spaces`; `graphmerge inspect` reads a self-merge this way).
-        attention: the merge's attention option (None `merged` only).
+        attention: the merge's attention option (read only when `merged` is None).
     """
     aligned = aligned_spaces(table, planned_spaces(table, attention) if merged is None
                              else merged)
@@ -207,20 +210,22 @@ def _reason(table: SpaceTable, ndim: int, dims: dict[int, int]
     if ndim == 0:
         return SCALAR, "a scalar (no axis)", None
     found = []
-    head_dims = {sid for h, ks in table.heads.items() for sid in (h, *(d for _, d in ks))}
+    attention = {sid for h, ks in table.heads.items() for kd in ks for sid in (h, *kd)}
     for dim in sorted(dims):
         space = table[dims[dim]]
         if space.frozen_by is not None:
             why = space.frozen_by
             found.append((why.by.name, why.detail or why.by.value, why.node))
-        elif space.id in head_dims:
-            found.append((HEAD_DIM, "attention heads or head dims kept in place", None))
+        elif space.id in attention:
+            found.append((ATTENTION, "attention heads, head dims or their projections kept in "
+                                 "place (attention='frozen', or a head dim read alone)", None))
         else:
             found.append((UNMERGED, "a free space that was not merged", None))
     inner = [f for f in found if f[0] not in _INTERFACE]
     if inner or found:
         return (inner or found)[0]
-    return UNSEEN, "no axis rule reads it (a module or op without a rule)", None
+    return UNSEEN, ("linked to no space by the axis rules (an op without a rule, or one "
+                    "that keeps it as it is)"), None
 
 
 def _where(nodes: set[str], shown: int = 3) -> str:
