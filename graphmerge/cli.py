@@ -136,6 +136,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(traced.graph.nodes)} graph nodes (captured with {traced.frontend})")
     print(table.format())
+    from graphmerge.match.coverage import coverage
+
+    print(f"a merge of such models: {coverage(table, traced.graph_module).format()}")
     from graphmerge.graph.stages import find_stages
 
     stages = find_stages(traced)

@@ -50,7 +50,7 @@ class MergeConfig:
         >>> MergeConfig.from_dict({"metod": "zip"})
         Traceback (most recent call last):
         ...
-        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory, attention
+        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory, attention, min_coverage
     """
 
     method: str = _option(
@@ -112,6 +112,11 @@ class MergeConfig:
         'dims by its own transform) or "frozen" (heads and head dims keep the identity: head h '
         "of every model is merged with head h, dim by dim; the rest is merged as usual; a "
         "baseline that ignores the heads).")
+    min_coverage: float | None = _option(
+        None, "None (default) or a fraction in [0, 1]: refuse the merge (CoverageError) when "
+        "it aligns a smaller fraction of the parameters than this; the rest would keep the "
+        "identity and only be averaged (MergeResult.coverage says which spaces froze them). "
+        "Below one half, the merge warns either way.")
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, sorted(MATCHERS))
@@ -138,6 +143,7 @@ class MergeConfig:
                                       or value < 1):
                 raise ConfigError(f"{key} must be None or an int >= 1, got {value!r}")
         _check_device(self.device)
+        _check_min_coverage(self.min_coverage)
         if isinstance(self.leaf_modules, (str, type)) or not all(
                 isinstance(m, (str, type)) for m in self.leaf_modules):
             raise ConfigError("leaf_modules must be a list of module classes or qualified "
@@ -239,6 +245,16 @@ def _check_device(device: Any) -> None:
     if dev.type in ("mps", "xpu") and not getattr(torch, dev.type).is_available():
         raise ConfigError(f"device={device!r} is not available on this machine; use "
                           f"device='cpu'")
+
+
+def _check_min_coverage(value: Any) -> None:
+    """min_coverage=: None or a number in [0, 1]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and 0 <= value <= 1):
+        raise ConfigError(f"min_coverage must be None or a fraction of the parameters in "
+                          f"[0, 1] (e.g. 0.9), got {value!r}")
 
 
 def _check_partial(cut: Any) -> None:

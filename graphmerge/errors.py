@@ -15,7 +15,9 @@ __all__ = [
     "MismatchError",
     "ConfigError",
     "DataError",
+    "CoverageError",
     "InexactExpansionWarning",
+    "LowCoverageWarning",
     "summarize",
 ]
 
@@ -44,9 +46,20 @@ class DataError(GraphmergeError):
     """Data is missing, empty, non-finite or of the wrong shape."""
 
 
+class CoverageError(GraphmergeError):
+    """The merge would align fewer parameters than `min_coverage` asks (the rest would only be
+    averaged); the message names the frozen spaces that cost the most."""
+
+
 class InexactExpansionWarning(UserWarning):
     """A depth expansion could not be exact (post-norm units) and was fitted instead; the
     message gives the error left per inserted unit."""
+
+
+class LowCoverageWarning(UserWarning):
+    """Less than half of the parameters were aligned: the rest keep the identity and are
+    averaged as they are (nothing aligned: a plain weight average); the message names the
+    top reasons."""
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

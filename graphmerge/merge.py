@@ -20,6 +20,7 @@ from graphmerge.errors import ConfigError, DataError
 from graphmerge.graph.capture import check_materialized, eval_mode
 from graphmerge.inputs import as_inputs, infer_input_count
 from graphmerge.match.align import StageAlignment
+from graphmerge.match.coverage import Coverage
 from graphmerge.match.plans import SpacePlan
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
 
@@ -40,8 +41,9 @@ class SpaceSummary(TypedDict):
 
 @dataclass
 class MergeResult:
-    """The merged module, the match graph, and a per-space summary (`spaces`, one
-    `SpaceSummary` per merged space)."""
+    """The merged module, the match graph, a per-space summary (`spaces`, one
+    `SpaceSummary` per merged space), and `coverage`: how many of model 0's parameters the
+    merge aligned, and why the others kept the identity (`graphmerge.match.coverage`)."""
 
     module: fx.GraphModule
     match_graph: nx.Graph
@@ -52,12 +54,15 @@ class MergeResult:
     alignments: list[StageAlignment] = field(default_factory=list)
     config: MergeConfig = field(default_factory=MergeConfig)
     plans: dict[int, SpacePlan] = field(default_factory=dict)  # per space: merge matrices
+    coverage: Coverage | None = None  # parameters aligned (None: not measured)
 
     @property
     def summary(self) -> str:
         rows = [f"merged {self.match_graph.graph['models']} models with {self.method} "
                 f"(heads: {self.head_mode}); {sum(p.numel() for p in self.module.parameters()):,} "
                 f"parameters; {self.seconds.get('total', 0.0):.1f}s"]
+        if self.coverage is not None:
+            rows.append(self.coverage.format())
         rows.append(f"{'space':>5}  {'widths':<16} {'merged':>6}  {'matcher':<8} mean corr")
         for s in self.spaces:
             rows.append(f"{s['space']:>5}  {str(s['widths']):<16} {s['width']:>6}  "
@@ -145,6 +150,8 @@ def merge(
 
     Raises:
         ConfigError: an unknown option or a bad value (before any work).
+        CoverageError: fewer parameters aligned than `min_coverage` (before any parameter is
+            merged). With less than half aligned, merge warns (`LowCoverageWarning`).
 
     Example:
         >>> import torch, graphmerge as gm
@@ -179,7 +186,7 @@ def merge(
               for sid, p in sorted(ctx.plans.items())]
     ctx.seconds["total"] = time.perf_counter() - t0
     return MergeResult(ctx.module, ctx.match_graph, spaces, ctx.head_mode, cfg.method,
-                       ctx.seconds, ctx.alignments, cfg, ctx.plans)
+                       ctx.seconds, ctx.alignments, cfg, ctx.plans, ctx.coverage)
 
 
 merge.__doc__ = merge.__doc__.replace("{options}", option_help(indent=12))

@@ -31,6 +31,7 @@ from graphmerge.io.folder import WEIGHTS_FILE, load_module, save_module
 from graphmerge.io.match_graph import write_match_graph
 from graphmerge.io.onnx import export_onnx
 from graphmerge.io.plots import plot_alignment, plot_match_graph, plot_spaces
+from graphmerge.match.coverage import share
 from graphmerge.merge import MergeResult
 
 __all__ = ["write_outputs", "Outputs", "write_report", "versions"]
@@ -155,6 +156,7 @@ def write_report(folder: str | os.PathLike[str], result: MergeResult, *, title: 
             "models": list(models), "method": result.method, "heads": result.head_mode,
             "parameters": sum(p.numel() for p in result.module.parameters()),
             "spaces": result.spaces,
+            "coverage": None if result.coverage is None else result.coverage.as_dict(),
             "alignment": [{"stage": a.stage, "name": a.name, "depths": a.depths,
                            "reference": a.reference, "positions": a.positions,
                            "cka": [None if c is None else np.asarray(c).tolist()
@@ -196,6 +198,21 @@ def _check(v: Any) -> str:
     return str(v)
 
 
+def _coverage(result: MergeResult) -> list[str]:
+    """The coverage paragraph: what share of model 0's parameters the merge aligned, and a
+    table of the reasons the others kept the identity (nothing when it was not measured)."""
+    cov = result.coverage
+    if cov is None:
+        return []
+    out = [f"Coverage: {cov.format()}.", ""]
+    if cov.reasons:
+        out += _table(["kept at the identity", "parameters", "share", "tensors"],
+                      [[r.text.replace("|", "\\|"), f"{r.elements:,}",
+                        share(r.elements / cov.total), len(r.tensors)] for r in cov.reasons])
+        out.append("")
+    return out
+
+
 def _markdown(folder: Path, result: MergeResult, title: str,
               models: Sequence[Mapping[str, Any]], scores: Sequence[Mapping[str, Any]],
               checks: Mapping[str, Any], timings: Mapping[str, float],
@@ -205,7 +222,7 @@ def _markdown(folder: Path, result: MergeResult, title: str,
     out = [f"# {title}", "",
            f"{n} models merged with **{result.method}** (heads: {result.head_mode}) into one "
            f"GraphModule of {params:,} parameters in {result.seconds.get('total', 0.0):.1f} s.",
-           ""]
+           "", *_coverage(result)]
     if models:
         keys = list(models[0])
         out += _table(["model", *keys], [[i, *(f"{m[k]:,}" if isinstance(m[k], int) else m[k]

@@ -2,13 +2,14 @@
 them in (`PIPELINE`):
 
 trace_models → check_spaces → align_depths → pair_models → collect_statistics → match_spaces
-→ attach_heads → merge_parameters → compile_merged → correct_norms → split_partial
-→ build_match_graph
+→ attach_heads → measure_coverage → merge_parameters → compile_merged → correct_norms
+→ split_partial → build_match_graph
 """
 
 from graphmerge.passes.check import check_spaces
 from graphmerge.passes.compile import compile_merged
 from graphmerge.passes.context import MergeContext, SpacePlan
+from graphmerge.passes.coverage import measure_coverage
 from graphmerge.passes.depth import align_depths, expand_uniformly
 from graphmerge.passes.heads import attach_heads
 from graphmerge.passes.manager import Pass, PassOrderError, merge_pass, run_passes
@@ -24,13 +25,13 @@ from graphmerge.surgery.norms import reset_batch_norms  # re-exported: the tests
 
 PIPELINE: tuple[Pass, ...] = (
     trace_models, check_spaces, align_depths, pair_models, collect_statistics, match_spaces,
-    attach_heads, merge_parameters, compile_merged, correct_norms, split_partial,
-    build_match_graph,
+    attach_heads, measure_coverage, merge_parameters, compile_merged, correct_norms,
+    split_partial, build_match_graph,
 )
 
 __all__ = ["PIPELINE", "MergeContext", "SpacePlan", "Pass", "PassOrderError", "merge_pass",
            "run_passes", "trace_models", "check_spaces", "align_depths", "expand_uniformly",
            "pair_models", "collect_statistics", "match_spaces", "attach_heads",
-           "merge_parameters", "compile_merged", "correct_norms", "split_partial",
-           "build_match_graph",
+           "measure_coverage", "merge_parameters", "compile_merged", "correct_norms",
+           "split_partial", "build_match_graph",
            "reset_batch_norms"]

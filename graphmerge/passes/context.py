@@ -15,6 +15,7 @@ from graphmerge.config import MergeConfig
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import Traced
 from graphmerge.match.align import StageAlignment
+from graphmerge.match.coverage import Coverage
 from graphmerge.match.plans import SpacePlan  # re-exported: defined in the match layer
 from graphmerge.match.statistics import SpaceStats, UnitStats
 
@@ -41,6 +42,7 @@ class MergeContext:
     unit_stats: list[dict[str, UnitStats]] | None = None    # collect_statistics (REPAIR)
     plans: dict[int, SpacePlan] | None = None               # match_spaces, attach_heads
     head_mode: str | None = None                            # attach_heads
+    coverage: Coverage | None = None                        # measure_coverage
     merged_state: dict[str, torch.Tensor] | None = None     # merge_parameters
     module: fx.GraphModule | None = None                    # compile_merged
     norms_done: str | None = None                           # correct_norms
