@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from graphmerge.errors import ConfigError, GraphmergeError
+from graphmerge.io import onnx as onnx_io
 from graphmerge.io.folder import load_state, save_module
 from graphmerge.io.onnx import ExportReport, export_onnx
 from graphmerge.lab import zoo
@@ -67,13 +69,16 @@ def test_export_matches_torch_and_batch_is_dynamic(name: str, tmp_path: Path) ->
     inputs = make_inputs()
     path = tmp_path / f"{name}.onnx"
 
-    report = export_onnx(model, inputs, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_onnx(model, inputs, path)
 
     assert isinstance(report, ExportReport)
     assert model.training
     assert report.path == path and path.is_file()
-    assert report.max_abs_diff < 1e-4
+    assert report.max_abs_diff < 1e-4 and report.max_rel_diff < 1e-4
     assert len(set(report.batch_sizes)) == 2
+    assert report.dynamic_batch and not any("export_onnx" in str(w.message) for w in caught)
     assert report.opset >= 18
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # single file, no leftovers
     proto = onnx.load(str(path))
@@ -130,10 +135,105 @@ class _Noisy(nn.Module):
 def test_diff_above_tolerance_raises_and_keeps_old_file(tmp_path: Path) -> None:
     path = tmp_path / "noisy.onnx"
     path.write_bytes(b"previous export")
-    with pytest.raises(GraphmergeError, match=r"max abs diff .* atol=0\.0001"):
+    with pytest.raises(GraphmergeError, match=r"max abs diff .* relative error .*atol=0\.0001"):
         export_onnx(_Noisy(), torch.randn(3, 4), path)
     assert path.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["noisy.onnx"]
+
+
+def _large_scale_mlp() -> nn.Module:
+    """A random MLP whose weights are scaled by 1e4: outputs of order 1e7-1e8."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1e4)
+    return model.eval()
+
+
+def test_large_outputs_pass_the_relative_check(tmp_path: Path) -> None:
+    """float32 rounding on outputs of 1e8 is several units in absolute terms but ~1e-7
+    relative to their scale: the export is accepted, and the report says both."""
+    model, x = _large_scale_mlp(), torch.randn(4, 16)
+    assert float(model(x).abs().max()) > 1e6
+    report = export_onnx(model, x, tmp_path / "big.onnx")
+    assert report.dynamic_batch and report.batch_sizes == (4, 9) and report.notes == ()
+    assert report.max_rel_diff < 1e-5
+    if report.max_abs_diff > 1e-4:  # what the old absolute check refused
+        with pytest.raises(GraphmergeError, match="relative error"):
+            export_onnx(model, x, tmp_path / "abs.onnx", rtol=0.0)
+
+
+@pytest.mark.parametrize("make", [_large_scale_mlp, _resnet], ids=["large", "resnet"])
+def test_wrong_export_is_still_refused_naming_the_relative_error(
+    make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An onnxruntime result 1% off torch's is refused whatever the outputs' scale."""
+    real = onnx_io._run_ort
+    monkeypatch.setattr(onnx_io, "_run_ort",
+                        lambda *args, **kwargs: [g * 1.01 for g in real(*args, **kwargs)])
+    x = torch.randn(4, 16) if make is _large_scale_mlp else torch.randn(2, 1, 28, 28)
+    with pytest.raises(GraphmergeError, match=r"relative error of 0\.01 of its scale"):
+        export_onnx(make(), x, tmp_path / "wrong.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_rtol_is_refused(tmp_path: Path) -> None:
+    for rtol in (-1e-3, "1e-4", True, float("nan")):
+        with pytest.raises(ConfigError, match="rtol"):
+            export_onnx(_resnet(), torch.randn(2, 1, 28, 28), tmp_path / "x.onnx", rtol=rtol)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fixed_batch_warnings(caught: list) -> list[str]:
+    return [str(w.message) for w in caught
+            if issubclass(w.category, UserWarning) and "fixed" in str(w.message)]
+
+
+def test_dynamic_batch_failure_falls_back_to_a_fixed_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When no dynamic export can be written, the example's batch size is fixed in the file,
+    checked in onnxruntime, and one warning line says so."""
+    real = onnx_io._write_onnx
+
+    def no_dynamic(module, trace_inputs, tmp, names, dynamic_batch, *args, **kwargs):
+        if dynamic_batch:
+            raise GraphmergeError("torch.onnx.export failed for X: Cannot view a tensor")
+        return real(module, trace_inputs, tmp, names, dynamic_batch, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_io, "_write_onnx", no_dynamic)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_onnx(_resnet(), torch.randn(3, 1, 28, 28), tmp_path / "fixed.onnx")
+    (message,) = _fixed_batch_warnings(caught)
+    assert "\n" not in message and "Cannot view a tensor" in message and "3" in message
+    assert not report.dynamic_batch and report.batch_sizes == (3,)
+    assert report.notes[0] in message and report.max_abs_diff < 1e-4
+    proto = onnx.load(str(report.path))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+
+
+class _BatchOfThree(nn.Module):
+    """x [3, 4] -> x + a [3, 4] buffer: the module itself only runs on a batch of 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rows", torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.rows
+
+
+def test_batch_fixed_by_the_module_is_reported(tmp_path: Path) -> None:
+    """torch.onnx silently makes a batch axis that the module's code fixes a constant: the
+    report and one warning say so, and the file is checked at that batch only."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_onnx(_BatchOfThree(), torch.randn(3, 4), tmp_path / "three.onnx")
+    (message,) = _fixed_batch_warnings(caught)
+    assert "batch size 3 fixed" in message
+    assert not report.dynamic_batch and report.batch_sizes == (3,) and len(report.notes) == 1
 
 
 def test_export_rejects_bad_inputs(tmp_path: Path) -> None:

@@ -4,6 +4,17 @@
 ``torch.export``-based) exporter, with a dynamic batch axis on every input, and proves the file
 right by running it in onnxruntime on the example inputs and on a batch of another size. The
 file is written atomically (:mod:`graphmerge.io.atomic`).
+
+Outputs are compared relative to their scale: output ``i`` passes when ``max|onnx - torch| <=
+atol + rtol * max|torch|``, so random-init models whose logits reach 1e8 are not refused for
+float32 rounding, while a wrong graph (relative error far above float32's) still is.
+
+When torch.onnx cannot convert the module as traced, it is converted again from its core-ATen
+decomposition (``ExportedProgram.run_decompositions()``): transformers' attention traced with
+torch's fused CPU kernel records views that torch.onnx's own decomposition cannot replay (T5,
+Swin: "Cannot view a tensor with shape ..."). When the dynamic batch axis cannot be exported at
+all, the file is written with the example's batch size fixed, and a one-line ``UserWarning``
+says so.
 """
 
 from __future__ import annotations
@@ -33,7 +44,9 @@ logger = logging.getLogger(__name__)
 #: Name of the dynamic batch axis in exported ONNX files.
 BATCH_AXIS = "batch"
 
-
+#: Default relative tolerance: float32 rounding through a deep network stays far below it, a
+#: wrong op (a missing bias, a swapped axis) is far above it.
+RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,11 @@ class ExportReport:
         output_names: the graph's output names, in the order of the module's flattened outputs.
         batch_sizes: the batch sizes that were run in onnxruntime and compared with torch (the
             example batch first; a second, different one when the batch axis is dynamic).
+        max_rel_diff: the largest relative error over outputs and batches: an output's
+            ``max|onnxruntime - torch|`` divided by its scale ``max|torch|`` (0 when both are 0).
+        dynamic_batch: whether the file's batch axis is dynamic (False when it was asked for but
+            could not be exported and the example's batch size was fixed instead).
+        notes: one line per fallback the export took (core-ATen decomposition, fixed batch).
     """
 
     path: Path
@@ -57,6 +75,21 @@ class ExportReport:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     batch_sizes: tuple[int, ...] = ()
+    max_rel_diff: float = 0.0
+    dynamic_batch: bool = False
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Tolerance:
+    """Accepted difference for an output of scale ``max|torch|``: ``atol + rtol * scale``."""
+
+    atol: float
+    rtol: float
+
+    def bound(self, scale: float) -> float:
+        """The largest accepted ``max|onnx - torch|`` for an output of this scale."""
+        return self.atol + self.rtol * scale
 
 
 def _resize_batch(inputs: tuple[Tensor, ...], size: int) -> tuple[Tensor, ...]:
@@ -125,8 +158,13 @@ def _torch_outputs(module: nn.Module, inputs: tuple[Tensor, ...]) -> list[np.nda
     return [t.detach().cpu().numpy() for t in _flatten_outputs(out)]
 
 
-def _max_abs_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray], batch: int) -> float:
-    """Largest absolute elementwise difference between two output lists (float64 arithmetic).
+def _output_diffs(
+    got: Sequence[np.ndarray], want: Sequence[np.ndarray], batch: int
+) -> list[tuple[float, float]]:
+    """Per output, (max absolute difference, scale ``max|torch|``), in float64 arithmetic.
+
+    Equal infinities and NaNs count as no difference; a NaN or infinity on one side only is an
+    infinite difference. The scale is taken over torch's finite values.
 
     Raises:
         GraphmergeError: different number of outputs or different shapes.
@@ -136,7 +174,7 @@ def _max_abs_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray], batch: 
             f"onnxruntime returned {len(got)} outputs for batch {batch} but torch returned "
             f"{len(want)}; the exported graph does not match the module."
         )
-    worst = 0.0
+    diffs = []
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
             raise GraphmergeError(
@@ -144,13 +182,23 @@ def _max_abs_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray], batch: 
                 f"{batch}; the exported graph does not match the module."
             )
         if g.size == 0:
+            diffs.append((0.0, 0.0))
             continue
         g64 = g.astype(np.float64)
         w64 = w.astype(np.float64)
         same = (g64 == w64) | (np.isnan(g64) & np.isnan(w64))  # equal infinities / NaNs count as 0
         diff = np.where(same, 0.0, np.abs(g64 - w64))
-        worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
-    return worst
+        finite = np.abs(w64[np.isfinite(w64)])
+        diffs.append((float(np.nan_to_num(diff, nan=np.inf).max()),
+                      float(finite.max()) if finite.size else 0.0))
+    return diffs
+
+
+def _relative(diff: float, scale: float) -> float:
+    """``diff / scale``; 0 when both are 0, infinite for a difference on an all-zero output."""
+    if diff == 0.0:
+        return 0.0
+    return diff / scale if scale > 0.0 else float("inf")
 
 
 def export_onnx(
@@ -159,6 +207,7 @@ def export_onnx(
     path: str | os.PathLike[str],
     *,
     atol: float = 1e-4,
+    rtol: float = RTOL,
     dynamic_batch: bool = True,
     opset: int | None = None,
 ) -> ExportReport:
@@ -167,12 +216,16 @@ def export_onnx(
     The module is exported in eval mode with ``torch.onnx.export(..., dynamo=True,
     external_data=False)``; with ``dynamic_batch`` every input's first axis is one shared
     dynamic dimension named ``"batch"`` (a ``torch.export.Dim``). An example batch of size 1 is
-    repeated to size 2 for tracing, because ``torch.export`` specialises size-1 dimensions.
+    repeated to size 2 for tracing, because ``torch.export`` specialises size-1 dimensions. If
+    torch.onnx fails on the module as traced, its core-ATen decomposition is exported instead;
+    if the dynamic batch axis cannot be exported either way, the example's batch size is fixed
+    in the file and a one-line ``UserWarning`` says so (see the report's ``notes``).
 
     The file is checked before it is moved to ``path``: onnxruntime (CPUExecutionProvider) runs
-    it on the example inputs and, with ``dynamic_batch``, on a batch of another size (``2 * B +
-    1`` rows built by repeating the examples) and compares every output with torch's (eval mode,
-    no_grad). The module's train/eval flag is restored afterwards.
+    it on the example inputs and, when the batch axis is dynamic, on a batch of another size
+    (``2 * B + 1`` rows built by repeating the examples) and compares every output with torch's
+    (eval mode, no_grad): output ``i`` passes when ``max|onnx - torch| <= atol + rtol *
+    max|torch|``. The module's train/eval flag is restored afterwards.
 
     Args:
         module: an ``nn.Module`` or ``torch.fx.GraphModule`` taking the example inputs
@@ -180,24 +233,29 @@ def export_onnx(
         example_inputs: one tensor [B, ...] or a tuple of tensors sharing B (float images,
             int64 token ids and masks, ...).
         path: the ``.onnx`` file to write; its directory must exist.
-        atol: the largest accepted absolute difference between onnxruntime and torch outputs.
+        atol: the absolute floor of the accepted difference (what outputs near zero may differ
+            by).
+        rtol: the accepted difference relative to each output's scale ``max|torch|``; 0 makes
+            the check purely absolute.
         dynamic_batch: make the batch axis dynamic (and prove it with a second batch size).
         opset: ONNX opset version; None uses torch's default.
 
     Returns:
-        an :class:`ExportReport`.
+        an :class:`ExportReport` (absolute and relative differences, whether the batch axis is
+        dynamic, the fallbacks taken).
 
     Raises:
-        ConfigError: bad arguments (not a module, bad inputs, missing directory, bad atol).
+        ConfigError: bad arguments (not a module, bad inputs, missing directory, bad atol/rtol).
         DataError: inputs without a common batch dimension.
-        GraphmergeError: the export or onnxruntime failed, or the outputs differ by more than
-            ``atol``. In every failure case no file is left at ``path`` by this call and an
-            existing file there is unchanged.
+        GraphmergeError: the export or onnxruntime failed, or an output differs by more than
+            ``atol + rtol * max|torch|``. In every failure case no file is left at ``path`` by
+            this call and an existing file there is unchanged.
     """
     if not isinstance(module, nn.Module):
         raise ConfigError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}.")
-    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
-        raise ConfigError(f"atol must be a non-negative number, got {atol!r}.")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"{name} must be a non-negative number, got {value!r}.")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
         raise ConfigError(f"opset must be None or an int ONNX opset version, got {opset!r}.")
     check_materialized(module, f"the {type(module).__name__} to export")
@@ -211,15 +269,16 @@ def export_onnx(
     if target.is_dir():
         raise ConfigError(f"cannot write the ONNX file to {target}: it is a directory.")
 
+    tolerance = _Tolerance(float(atol), float(rtol))
     with eval_mode(module):
-        return _export_checked(module, inputs, target, float(atol), dynamic_batch, opset)
+        return _export_checked(module, inputs, target, tolerance, dynamic_batch, opset)
 
 
 def _export_checked(
     module: nn.Module,
     inputs: tuple[Tensor, ...],
     target: Path,
-    atol: float,
+    tolerance: _Tolerance,
     dynamic_batch: bool,
     opset: int | None,
 ) -> ExportReport:
@@ -230,7 +289,6 @@ def _export_checked(
     output_names = (
         ("output",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
     )
-    trace_inputs = _resize_batch(inputs, 2) if dynamic_batch and batch < 2 else inputs
 
     with atomic_file(target) as tmp:
         side_file = tmp.with_name(tmp.name + ".data")  # in case an exporter writes external data
@@ -241,24 +299,28 @@ def _export_checked(
                 [(tuple(t.shape), str(t.dtype)) for t in inputs],
                 dynamic_batch,
             )
-            _write_onnx(module, trace_inputs, tmp, input_names, output_names, dynamic_batch,
-                        opset)
+            dynamic, notes = _write_with_fallbacks(
+                module, inputs, tmp, (input_names, output_names), dynamic_batch, opset
+            )
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise GraphmergeError(f"torch.onnx.export wrote no ONNX file for {target}.")
 
-            opset_found, onnx_inputs, onnx_outputs = _read_onnx_header(tmp)
-            batches = [batch]
-            if dynamic_batch:
-                batches.append(2 * batch + 1)
-            worst = _check_onnx(module, tmp, inputs, reference, onnx_inputs, batches, atol)
+            opset_found, onnx_inputs, onnx_outputs, symbolic = _read_onnx_header(tmp)
+            if dynamic and not symbolic:  # torch.onnx relaxed a Dim the module specialises
+                dynamic = False
+                notes = (f"torch.export made the batch axis a constant (the module's code fixes "
+                         f"it); the file has the example's batch size {batch} fixed.", *notes)
+            batches = [batch, 2 * batch + 1] if dynamic else [batch]
+            worst, worst_rel = _check_onnx(
+                module, tmp, inputs, reference, (onnx_inputs, onnx_outputs), batches, tolerance
+            )
         finally:
             side_file.unlink(missing_ok=True)
+    if dynamic_batch and not dynamic:  # the file accepts less than asked: say so, once
+        warnings.warn(f"export_onnx: {notes[0]}", UserWarning, stacklevel=3)
     logger.info(
-        "Wrote %s (opset %d): max abs diff vs torch %.3g <= atol %.3g",
-        target,
-        opset_found,
-        worst,
-        atol,
+        "Wrote %s (opset %d): max abs diff vs torch %.3g, relative error %.3g (atol %.3g, "
+        "rtol %.3g)", target, opset_found, worst, worst_rel, tolerance.atol, tolerance.rtol,
     )
     return ExportReport(
         path=target,
@@ -267,20 +329,78 @@ def _export_checked(
         input_names=onnx_inputs,
         output_names=onnx_outputs,
         batch_sizes=tuple(batches),
+        max_rel_diff=worst_rel,
+        dynamic_batch=dynamic,
+        notes=notes,
     )
+
+
+def _write_with_fallbacks(
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    tmp: Path,
+    names: tuple[tuple[str, ...], tuple[str, ...]],
+    dynamic_batch: bool,
+    opset: int | None,
+) -> tuple[bool, tuple[str, ...]]:
+    """Write the ONNX file into ``tmp``, trying in turn: the module as traced, then its
+    core-ATen decomposition; with the batch axis dynamic if asked, then with it fixed.
+
+    Returns:
+        (whether the written file's batch axis is dynamic, one note per fallback taken).
+
+    Raises:
+        GraphmergeError: every attempt failed; the first attempt's error (the others are
+            logged).
+    """
+    batch = int(inputs[0].shape[0])
+    first: GraphmergeError | None = None
+    for dynamic in (True, False) if dynamic_batch else (False,):
+        trace_inputs = _resize_batch(inputs, 2) if dynamic and batch < 2 else inputs
+        for decomposed in (False, True):
+            try:
+                _write_onnx(module, trace_inputs, tmp, names, dynamic, opset, decomposed)
+            except GraphmergeError as exc:
+                logger.info("ONNX export attempt (dynamic batch: %s, core-ATen decomposition: "
+                            "%s) failed: %s", dynamic, decomposed, exc)
+                first = first or exc
+                continue
+            return dynamic, _fallback_notes(first, dynamic_batch, dynamic, decomposed, batch)
+    raise first if first is not None else GraphmergeError("torch.onnx.export was not run.")
+
+
+def _fallback_notes(
+    error: GraphmergeError | None, asked: bool, dynamic: bool, decomposed: bool, batch: int
+) -> tuple[str, ...]:
+    """One line per fallback that the successful attempt took (the fixed batch first)."""
+    notes = []
+    reason = str(error).split("\n", 1)[0]
+    if asked and not dynamic:
+        notes.append(f"the dynamic batch axis could not be exported ({reason}); the file has the "
+                     f"example's batch size {batch} fixed.")
+    if decomposed:
+        notes.append("torch.onnx could not convert the module as traced; its core-ATen "
+                     "decomposition was exported instead.")
+        logger.info("ONNX export: %s", notes[-1])
+    return tuple(notes)
 
 
 def _write_onnx(
     module: nn.Module,
     trace_inputs: tuple[Tensor, ...],
     tmp: Path,
-    input_names: tuple[str, ...],
-    output_names: tuple[str, ...],
+    names: tuple[tuple[str, ...], tuple[str, ...]],
     dynamic_batch: bool,
     opset: int | None,
+    decomposed: bool = False,
 ) -> None:
     """Run the dynamo ONNX exporter into ``tmp``, with the batch axis dynamic if asked; an
-    exporter failure becomes a GraphmergeError naming the module."""
+    exporter failure becomes a GraphmergeError naming the module.
+
+    With ``decomposed``, the module is first exported with ``torch.export`` and decomposed to
+    core ATen ops, and that program is converted: views that the trace recorded from a fused
+    kernel's strides are re-derived from the decomposed ops' own.
+    """
     dynamic_shapes: tuple[dict[int, Any], ...] | None = None
     if dynamic_batch:
         dim = torch.export.Dim(BATCH_AXIS)
@@ -289,15 +409,20 @@ def _write_onnx(
         with warnings.catch_warnings(), quiet_export():
             warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            exported: Any = module
+            if decomposed:
+                exported = torch.export.export(
+                    module, trace_inputs, dynamic_shapes=dynamic_shapes, strict=False
+                ).run_decompositions()
             torch.onnx.export(
-                module,
+                exported,
                 trace_inputs,
                 str(tmp),
                 dynamo=True,
                 external_data=False,
-                dynamic_shapes=dynamic_shapes,
-                input_names=list(input_names),
-                output_names=list(output_names),
+                dynamic_shapes=None if decomposed else dynamic_shapes,
+                input_names=list(names[0]),
+                output_names=list(names[1]),
                 opset_version=opset,
                 verbose=False,
             )
@@ -316,34 +441,44 @@ def _check_onnx(
     tmp: Path,
     inputs: tuple[Tensor, ...],
     reference: list[np.ndarray],
-    onnx_inputs: tuple[str, ...],
+    names: tuple[tuple[str, ...], tuple[str, ...]],
     batches: list[int],
-    atol: float,
-) -> float:
+    tolerance: _Tolerance,
+) -> tuple[float, float]:
     """Run the ONNX file at every batch size in ``batches`` (the first is the inputs' own)
-    and compare it with torch; returns the largest absolute difference, GraphmergeError if it
-    exceeds ``atol``."""
+    and compare each output with torch; returns the largest absolute difference and the
+    largest relative error, GraphmergeError if an output differs by more than
+    ``tolerance.bound(max|torch|)``."""
+    onnx_inputs, onnx_outputs = names
     batch = batches[0]
-    worst = 0.0
+    worst = worst_rel = 0.0
     session = _ort_session(tmp)
     for b in batches:
         feeds_torch = inputs if b == batch else _resize_batch(inputs, b)
         want = reference if b == batch else _torch_outputs(module, feeds_torch)
         got = _run_ort(session, onnx_inputs, feeds_torch, b, resized=b != batch)
-        diff = _max_abs_diff(got, want, b)
-        logger.info("ONNX vs torch, batch %d: max abs diff %.3g", b, diff)
-        worst = max(worst, diff)
-    if not worst <= atol:
-        raise GraphmergeError(
-            f"ONNX export of {type(module).__name__} differs from torch: max abs diff "
-            f"{worst:.3g} exceeds the tolerance atol={atol:.3g} (batch sizes {batches}). "
-            f"The file was not written; raise atol if this precision is acceptable."
-        )
-    return worst
+        for i, (diff, scale) in enumerate(_output_diffs(got, want, b)):
+            rel = _relative(diff, scale)
+            logger.info("ONNX vs torch, batch %d, output %d: max abs diff %.3g, scale %.3g, "
+                        "relative error %.3g", b, i, diff, scale, rel)
+            if not diff <= tolerance.bound(scale):
+                name = onnx_outputs[i] if i < len(onnx_outputs) else str(i)
+                raise GraphmergeError(
+                    f"ONNX export of {type(module).__name__} differs from torch: output "
+                    f"{name!r} (batch {b}) has max abs diff {diff:.3g}, a relative error of "
+                    f"{rel:.3g} of its scale max|torch| = {scale:.3g}, above the tolerance "
+                    f"{tolerance.bound(scale):.3g} = atol + rtol * scale (atol="
+                    f"{tolerance.atol:.3g}, rtol={tolerance.rtol:.3g}; batch sizes {batches}). "
+                    f"The file was not written; raise rtol (or atol, for outputs near zero) if "
+                    f"this precision is acceptable."
+                )
+            worst, worst_rel = max(worst, diff), max(worst_rel, rel)
+    return worst, worst_rel
 
 
-def _read_onnx_header(path: Path) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
-    """Load an ONNX file and return (default-domain opset, input names, output names).
+def _read_onnx_header(path: Path) -> tuple[int, tuple[str, ...], tuple[str, ...], bool]:
+    """Load an ONNX file and return (default-domain opset, input names, output names, whether
+    every input's first axis is symbolic).
 
     Initializers listed as graph inputs are not counted as inputs.
     """
@@ -359,9 +494,12 @@ def _read_onnx_header(path: Path) -> tuple[int, tuple[str, ...], tuple[str, ...]
         (int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1
     )
     initializers = {init.name for init in model.graph.initializer}
-    names_in = tuple(i.name for i in model.graph.input if i.name not in initializers)
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    names_in = tuple(i.name for i in graph_inputs)
     names_out = tuple(o.name for o in model.graph.output)
-    return opset, names_in, names_out
+    dims = [i.type.tensor_type.shape.dim for i in graph_inputs]
+    symbolic = all(len(d) > 0 and d[0].HasField("dim_param") for d in dims)
+    return opset, names_in, names_out, symbolic
 
 
 def _ort_session(path: Path) -> Any:
