@@ -1,6 +1,6 @@
 """A LeViT-style model: conv stem, attention whose logits get a learned bias looked up from a
-table by relative position (`attention_biases[:, attention_bias_idxs]`), Linear+BatchNorm1d
-layers, and a shape assertion (`torch._assert`) in forward."""
+table by relative position (`attention_biases[:, attention_bias_idxs]`, cached per device in
+eval mode as timm does), Linear+BatchNorm1d layers, and a shape assertion (`torch._assert`)."""
 
 from __future__ import annotations
 
@@ -48,13 +48,29 @@ class LeViTAttention(nn.Module):
         n = len(points)
         self.register_buffer("attention_bias_idxs", torch.tensor(idxs).view(n, n),
                              persistent=False)
+        self.attention_bias_cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> LeViTAttention:
+        super().train(mode)
+        if mode:
+            self.attention_bias_cache = {}  # the parameters may change: drop the cached biases
+        return self
+
+    def attention_bias(self, device: torch.device) -> torch.Tensor:
+        """[heads, N, N] biases; in eval mode cached per device (timm's LeViT does this)."""
+        if self.training:
+            return self.attention_biases[:, self.attention_bias_idxs]
+        key = str(device)
+        if key not in self.attention_bias_cache:
+            self.attention_bias_cache[key] = self.attention_biases[:, self.attention_bias_idxs]
+        return self.attention_bias_cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, self.heads, -1).split(
             [self.key_dim, self.key_dim, self.key_dim], dim=3)
         q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
-        attn = q @ k * self.scale + self.attention_biases[:, self.attention_bias_idxs]
+        attn = q @ k * self.scale + self.attention_bias(x.device)
         x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1)
         return self.proj(x)
 
