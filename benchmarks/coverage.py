@@ -8,7 +8,7 @@ of `gm.merge([m, gm.permute(m, x, seed=1)], [x])` under default options and unde
 norms="none", whether the merged module exports to ONNX, and the frozen reasons with counts.
 
 Rerun:  PYTHONPATH=. .venv/bin/python benchmarks/coverage.py [--families a,b]      (about 3 min for all)
-Writes: benchmarks/results/coverage.md (only for a run over every family)
+Writes: benchmarks/results/coverage.md (the families run)
 """
 
 from __future__ import annotations
@@ -124,9 +124,8 @@ def main() -> None:
         for frontend in ("fx", "export"):
             lines.append(render(measure(name, frontend)))
             print(lines[-1], flush=True)
-    if chosen != names:
-        return
-    text = ("# Coverage of every zoo family\n\nRerun: `" + rerun_command(__file__) + "`\n\n"
+    what = "every zoo family" if chosen == names else "zoo families " + ", ".join(chosen)
+    text = (f"# Coverage of {what}\n\nRerun: `PYTHONPATH=. {rerun_command(__file__)}`\n\n"
             "coverage: floating parameter elements (tied once) with an axis in a free space.\n\n"
             + "\n".join(lines) + "\n")
     write_text_atomic(HERE / "results" / "coverage.md", text)
