@@ -54,7 +54,8 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:70]}".replace("|", "/")
 
 
-def _merge_error(model: nn.Module, twin: nn.Module, x: tuple, frontend: str, **options) -> str:
+def _merge_error(model: nn.Module, twin: nn.Module, x: tuple, frontend: str, **options
+                 ) -> tuple[str, object]:
     try:
         result = gm.merge([model, twin], [x], frontend=frontend, progress=False, **options)
         return f"{output_error(model, result.module, x):.1e}", result
