@@ -288,7 +288,7 @@ def capture(
         raise ConfigError(f"concrete_args must be a dict of forward argument names to values, "
                           f"got {concrete_args!r}")
     inputs = as_inputs(example_inputs)
-    with eval_mode(model):
+    with eval_mode(model), _containers_restored(model):
         if isinstance(model, fx.GraphModule):
             gm, used = model, "graph"
         elif frontend == "export":
@@ -317,6 +317,27 @@ def capture(
                           if n.op == "get_attr" and n.target not in owned)
     return Traced(graph_module=gm, example_inputs=inputs, shapes=shapes, consts=consts,
                   frontend=used, constants=constants)
+
+
+@contextmanager
+def _containers_restored(model: nn.Module) -> Iterator[None]:
+    """Give every public dict or list attribute of `model`'s modules its contents back on exit.
+
+    Forwards that cache values in a module attribute (timm's LeViT keeps
+    `attention_bias_cache[str(device)]` in eval mode) would otherwise keep what tracing stored
+    there: an fx Proxy of this trace's graph, which the next trace of the model reads back as a
+    node of a graph it does not belong to ("Node add referenced nonexistent value getitem_7"),
+    or a fake tensor that breaks the caller's next eager call.
+    """
+    saved = [(m, k, v, copy.copy(v)) for m in model.modules() for k, v in vars(m).items()
+             if not k.startswith("_") and type(v) in (dict, list)]
+    try:
+        yield
+    finally:
+        for module, name, live, before in saved:
+            live.clear()
+            live.extend(before) if isinstance(live, list) else live.update(before)
+            vars(module)[name] = live
 
 
 def _symbolic_trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module] | str],

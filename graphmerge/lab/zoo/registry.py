@@ -9,26 +9,57 @@ import torch
 from torch import nn
 
 from graphmerge.errors import ConfigError
+from graphmerge.lab.zoo.bnact import bnact_resnet
+from graphmerge.lab.zoo.branches import inception, repvgg, res2net
+from graphmerge.lab.zoo.concat import densenet_fn, dpn, vovnet
 from graphmerge.lab.zoo.convnext import convnext
 from graphmerge.lab.zoo.densenet import densenet
 from graphmerge.lab.zoo.functional import functional_cnn
 from graphmerge.lab.zoo.gpt import gpt
+from graphmerge.lab.zoo.grouped import regnet, resnext
+from graphmerge.lab.zoo.levit import levit
 from graphmerge.lab.zoo.mha import mha
 from graphmerge.lab.zoo.mlp import mlp
 from graphmerge.lab.zoo.mobilenet import mobilenet
+from graphmerge.lab.zoo.mobilevit import mobilevit
+from graphmerge.lab.zoo.normfree import gncnn, nfnet, wsconv
 from graphmerge.lab.zoo.resnet import resnet
 from graphmerge.lab.zoo.senet import senet
 from graphmerge.lab.zoo.unet import unet
 from graphmerge.lab.zoo.vgg import vgg
+from graphmerge.lab.zoo.vgg_convhead import vgg_convhead
 from graphmerge.lab.zoo.vit import vit
 
-__all__ = ["FAMILIES", "COMMUNITY", "PRETRAINED", "build", "example_input", "builtin"]
+__all__ = ["FAMILIES", "COMMUNITY", "STYLES", "PRETRAINED", "build", "example_input", "builtin"]
 
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "resnet": resnet,
     "vgg": vgg,
     "vit": vit,
+}
+
+# Families in the styles popular vision libraries use (issue 20), written from scratch: norm+act
+# modules calling F.batch_norm, grouped bottlenecks, functional-norm concatenations, Inception and
+# RepVGG branches, weight standardisation, uneven torch.split pieces, GroupNorm, attention-bias
+# tables, patch unfolding, norm-free scalars, a two-conv VGG classifier. Part of COMMUNITY; inputs
+# are [B, 3, 32, 32] by default.
+STYLES: dict[str, Callable[..., nn.Module]] = {
+    "bnact_resnet": bnact_resnet,
+    "resnext": resnext,
+    "regnet": regnet,
+    "densenet_fn": densenet_fn,
+    "dpn": dpn,
+    "vovnet": vovnet,
+    "inception": inception,
+    "repvgg": repvgg,
+    "wsconv": wsconv,
+    "res2net": res2net,
+    "gncnn": gncnn,
+    "levit": levit,
+    "mobilevit": mobilevit,
+    "nfnet": nfnet,
+    "vgg_convhead": vgg_convhead,
 }
 
 # Families written in styles the engine was not designed around (test material for it):
@@ -44,6 +75,7 @@ COMMUNITY: dict[str, Callable[..., nn.Module]] = {
     "convnext": convnext,
     "senet": senet,
     "functional": functional_cnn,
+    **STYLES,
 }
 
 
@@ -101,7 +133,8 @@ def build(name: str, **kwargs: Any) -> nn.Module:
 
 
 def example_input(name: str, batch: int = 2, **kwargs: Any) -> torch.Tensor:
-    """A random input for family ``name``: images [batch, C, S, S] (default [batch, 1, 28, 28]).
+    """A random input for family ``name``: images [batch, C, S, S] (default [batch, 1, 28, 28],
+    [batch, 3, 32, 32] for the families of `STYLES`).
 
     ``kwargs`` may be the same keyword arguments given to :func:`build`; ``in_channels``
     and ``image_size`` are honoured (for ``mlp``, ``in_features`` != 784 gives [batch, in_features]).
@@ -117,6 +150,6 @@ def example_input(name: str, batch: int = 2, **kwargs: Any) -> torch.Tensor:
         in_features = kwargs.get("in_features", 784)
         if in_features != 784:
             return torch.randn(batch, in_features)
-    channels = kwargs.get("in_channels", 1)
-    size = kwargs.get("image_size", 28)
+    channels = kwargs.get("in_channels", 3 if name in STYLES else 1)
+    size = kwargs.get("image_size", 32 if name in STYLES else 28)
     return torch.randn(batch, channels, size, size)
