@@ -2,12 +2,12 @@
 
 For each family of FAMILIES and COMMUNITY (random init, norms randomised as in the tests), on
 torch.fx and torch.export: whether it captures, the permutation oracle (`gm.check_spaces`) output
-error, #spaces / #free spaces, the coverage (fraction of floating parameter elements, tied tensors
-once, with at least one axis in a free space of model 0's space table), the relative output error
-of `gm.merge([m, gm.permute(m, x, seed=1)], [x])` under default options and under
-norms="none", whether the merged module exports to ONNX, and the frozen reasons with counts.
+error, #spaces / #free spaces, the coverage a self-merge reports (`graphmerge.match.coverage`:
+the fraction of parameter elements, tied tensors once, with an axis the merge aligns), the
+relative output error of `gm.merge([m, gm.permute(m, x, seed=1)], [x])` under default options
+and under norms="none", whether the merged module exports to ONNX, and the frozen reasons with counts.
 
-Rerun:  PYTHONPATH=. .venv/bin/python benchmarks/coverage.py [--families a,b]      (about 3 min for all)
+Rerun:  .venv/bin/python benchmarks/coverage.py [--families a,b]      (about 3 min for all)
 Writes: benchmarks/results/coverage.md (the families run)
 """
 
@@ -35,19 +35,11 @@ import graphmerge as gm  # noqa: E402
 from graphmerge.graph.oracle import output_error  # noqa: E402
 from graphmerge.io.atomic import write_text_atomic  # noqa: E402
 from graphmerge.lab.zoo.registry import COMMUNITY, FAMILIES, builtin  # noqa: E402
+from graphmerge.match.coverage import coverage  # noqa: E402
 
 HEADER = ("| family | front end | captures | oracle error | spaces / free | coverage "
           "| self-merge error (default) | self-merge error (norms=none) | ONNX | frozen reasons |")
 KWARGS = {"resnet": {"depths": [1, 1, 1], "stem_stride": 2}}
-
-
-def coverage(model: nn.Module, table) -> float:
-    """Fraction of floating parameter elements (tied tensors once) with an axis in a free space."""
-    params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
-    free = {a.param for s in table.free for a in s.params}
-    total = sum(p.numel() for p in params.values())
-    aligned = sum(p.numel() for n, p in params.items() if n in free)
-    return aligned / total if total else 0.0
 
 
 def _short(e: Exception) -> str:
@@ -82,11 +74,12 @@ def measure(name: str, frontend: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            table = gm.trace(model, x, frontend=frontend).space_table
+            traced = gm.trace(model, x, frontend=frontend)
         except gm.GraphmergeError as e:
             return {**row, "captures": f"no ({_short(e)})"}
+        table = traced.space_table
         row.update(captures="yes", spaces=len(table), free=len(table.free),
-                   coverage=coverage(model, table),
+                   coverage=coverage(table, traced.graph_module).fraction,
                    reasons=Counter(re.sub(r" ?\(node `[^`]*`\)", "", s.why)
                                    for s in table if s.frozen))
         try:
@@ -126,8 +119,9 @@ def main() -> None:
             lines.append(render(measure(name, frontend)))
             print(lines[-1], flush=True)
     what = "every zoo family" if chosen == names else "zoo families " + ", ".join(chosen)
-    text = (f"# Coverage of {what}\n\nRerun: `PYTHONPATH=. {rerun_command(__file__)}`\n\n"
-            "coverage: floating parameter elements (tied once) with an axis in a free space.\n\n"
+    text = (f"# Coverage of {what}\n\nRerun: `{rerun_command(__file__)}`\n\n"
+            "coverage: what a self-merge reports (`graphmerge.match.coverage`: parameter "
+            "elements, tied once, with an axis the merge aligns).\n\n"
             + "\n".join(lines) + "\n")
     write_text_atomic(HERE / "results" / "coverage.md", text)
     print(f"wrote {HERE / 'results' / 'coverage.md'}")
