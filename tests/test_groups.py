@@ -161,3 +161,21 @@ def test_independent_models_merge(name):
     result = gm.merge([a, b], batches, x, progress=False)
     out = result.module(x)
     assert out.shape == a(x).shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("name", ["resnext", "group_norm"])
+def test_models_with_different_numbers_of_groups_merge(name, frontend):
+    """Groups of 4 units: 4 groups in one model, 6 in the other; the merged model has 6
+    groups of 4 (the group count follows the widest model, as heads do)."""
+    torch.manual_seed(0)
+    make = ((lambda g: ResNeXtBlock(width=4 * g, groups=g)) if name == "resnext"
+            else (lambda g: GroupNormCNN(c=4 * g, groups=g)))
+    a, b = _eval(make(4)), _eval(make(6))
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    batches = [torch.randn(8, 3, 8, 8, dtype=torch.float64) for _ in range(2)]
+    result = gm.merge([a, b], batches, x, frontend=frontend, progress=False)
+    out = result.module(x)
+    assert out.shape == a(x).shape and torch.isfinite(out).all()
+    widths = sorted(p.width for p in result.plans.values())
+    assert 6 in widths and 24 in widths
