@@ -179,3 +179,49 @@ def test_models_with_different_numbers_of_groups_merge(name, frontend):
     assert out.shape == a(x).shape and torch.isfinite(out).all()
     widths = sorted(p.width for p in result.plans.values())
     assert 6 in widths and 24 in widths
+
+
+SMALL = {
+    # a group norm and a grouped convolution on one channel axis: one groups space
+    "group_norm_then_grouped_conv": lambda: nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4),
+        nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 4, 1)),
+    "transposed": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.ConvTranspose2d(8, 12, 3, groups=4), nn.ReLU(),
+        nn.Conv2d(12, 4, 1)),
+    "flattened": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 16, 4)),
+    "one_group": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+}
+
+
+GROUPED_LAYER = {"group_norm_then_grouped_conv": 3, "transposed": 2, "flattened": 2,
+                 "one_group": 1}  # the grouped op's position in the Sequential
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_grouped_layouts_merge_back(name, frontend):
+    torch.manual_seed(0)
+    model, x = _eval(SMALL[name]()), torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    table = gm.trace(model, x, frontend=frontend).space_table
+    assert bool(table.heads) == (name != "one_group")
+    gm.check_spaces(model, x, frontend=frontend)
+    twin = gm.permute(model, x, seed=1, frontend=frontend)
+    k = GROUPED_LAYER[name]
+    assert not torch.equal(model[k].weight, twin[k].weight)
+    result = gm.merge([model, twin], [x], frontend=frontend, progress=False)
+    assert output_error(model, result.module, (x,)) < 1e-5
+
+
+def test_channels_grouped_two_ways_keep_the_identity_with_a_reason():
+    model = _eval(nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.GroupNorm(2, 16), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4),
+        nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1)))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    table = gm.trace(model, x).space_table
+    space = table[table.param_axes["1.weight"][0]]
+    assert space.frozen and "grouped in two incompatible ways" in space.why
+    gm.check_spaces(model, x)

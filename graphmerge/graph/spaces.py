@@ -359,6 +359,7 @@ class _Builder:
         """One derivation per root: equal-structured derivations of one root unify their parts;
         incompatible ones freeze the root and its parts."""
         conflicts: set[Hashable] = set()
+        grouped: set[Hashable] = set()  # conflicts where a grouped op's groups take part
         while True:
             by_root: dict[Hashable, tuple[str, tuple]] = {}
             changed = False
@@ -377,12 +378,16 @@ class _Builder:
                             self.uf.union(p, q)
                             changed = True
                 elif (kind0, parts0) != (kind, rparts):
-                    conflicts.update([root, *(p for p in (*parts0, *rparts)
-                                              if not isinstance(p, int))])
+                    parts = [root, *(p for p in (*parts0, *rparts) if not isinstance(p, int))]
+                    conflicts.update(parts)
+                    if any(p[0] == "v" for p in (*parts0, *rparts) if not isinstance(p, int)):
+                        grouped.update(parts)
             if not changed:
                 break
         for c in conflicts:
-            self.frozen.setdefault(c, Frozen(FrozenBy.DERIVED_CONFLICT))
+            self.frozen.setdefault(c, Frozen(FrozenBy.DERIVED_CONFLICT, detail=(
+                "its channels are grouped in two incompatible ways (grouped convolutions or "
+                "group norms with different numbers of groups)") if c in grouped else ""))
         # cycles (a root among its own parts, directly or through other derived roots) freeze
         for root in list(by_root):
             if self._reaches(by_root, root, root):

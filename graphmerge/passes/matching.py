@@ -68,9 +68,11 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
             raise MismatchError(f"the attention heads of space {h} are only read grouped (head "
                                 f"dim {d}): their key/value projection was not found")
         width = tables[0][d].width
-        if hm.dims[j] is not None:  # one permutation of the dim for every head (group)
-            ctx.plans[d] = SpacePlan(d, [width] * len(tables), width, ctx.config.method,
-                                     hm.dims[j], [m.T for m in hm.dims[j]],
+        if hm.dims[j] is not None:  # one permutation of the dim for every head (group):
+            # a weight that writes it alone (a transposed grouped conv's axis 1) averages
+            n = len(tables)
+            ctx.plans[d] = SpacePlan(d, [width] * n, width, ctx.config.method,
+                                     [m / n for m in hm.dims[j]], [m.T for m in hm.dims[j]],
                                      hm.heads.mean_correlation)
         for k in krons:
             group = tables[0].head_groups.get(k, 1)
