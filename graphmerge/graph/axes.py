@@ -7,6 +7,8 @@ a parameter or buffer, with its role). A rule returns links between them:
 - `Cat(whole, parts)` / `Kron(whole, parts)`: the whole axis is derived from its parts, by
   concatenation (cat, split, slicing) or by a row-major product (flatten C×H×W → C·H·W, D → heads×dim);
 - `Freeze(axis, why)`: the op is not equivariant along this axis; its space keeps the identity;
+- `FactorAxis(op, tag, size)`: a factor of a product axis that no tensor carries (the groups of
+  a grouped convolution or group norm, the units of one group), a part of a `Kron`;
 - `Keep(axis, reduced)`: the op's result does not change under any permutation of this axis (a
   sum over it, a shape query), or the axis is linked elsewhere; nothing is linked here.
   `reduced` marks ops that combine all units of the axis (sum, mean, norm, softmax).
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-__all__ = ["NodeAxis", "ParamAxis", "AxisRef", "Role", "Same", "Cat", "Kron", "Freeze", "Keep",
+__all__ = ["NodeAxis", "ParamAxis", "FactorAxis", "AxisRef", "Role", "Same", "Cat", "Kron", "Freeze", "Keep",
            "Link"]
 
 Role = Literal["in", "out", "auto"]
@@ -51,7 +53,21 @@ class ParamAxis:
         return f"{self.param}[{self.dim}]:{self.role}"
 
 
-AxisRef = Union[NodeAxis, ParamAxis]
+@dataclass(frozen=True)
+class FactorAxis:
+    """A factor of a product axis that no tensor carries, named by the node of the op that sees
+    it and a tag: "groups" (the groups of a grouped op: a transform moves them as wholes) or
+    the units of one group ("in", "out", "units")."""
+
+    op: str
+    tag: str
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.op}.{self.tag}({self.size})"
+
+
+AxisRef = Union[NodeAxis, ParamAxis, FactorAxis]
 
 
 @dataclass(frozen=True)
@@ -75,7 +91,7 @@ class Kron:
     """whole (size Π sizes) = row-major product of parts: index i·|b| + j ↔ (a_i, b_j)."""
 
     whole: NodeAxis
-    parts: tuple[NodeAxis | int, ...]
+    parts: tuple[NodeAxis | FactorAxis | int, ...]
 
 
 @dataclass(frozen=True)

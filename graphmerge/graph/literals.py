@@ -107,7 +107,23 @@ def find_literals(traced: Traced) -> list[Literal]:
             shape = traced.shapes.get(x.name) or ()
             if len(shape) > 1 and groups == shape[1] and groups > 1:  # depthwise
                 tie(n, 6, None, x.name, 1)
+            else:
+                _tie_groups(table, n, 6, x, out)
+        elif name == "group_norm" and len(n.args) > 1 and isinstance(n.args[0], fx.Node):
+            _tie_groups(table, n, 1, n.args[0], out)
     return out
+
+
+def _tie_groups(table: SpaceTable, n: fx.Node, arg: int, x: fx.Node, out: list[Literal]) -> None:
+    """A grouped op's number of groups (argument `arg` of `n`) is the width of the groups
+    space of its input's channels (groups × units of one group)."""
+    groups, space = n.args[arg], table.space_of(x.name, 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 2 or space is None \
+            or space.derived is None or space.derived.kind != "kron":
+        return
+    g = space.derived.parts[0]
+    if g is not None and g in table.heads and table[g].width == groups:
+        out.append(Literal(n.name, arg, None, g))
 
 
 def merged_widths(table: SpaceTable, widths: Mapping[int, int]) -> dict[int, int]:

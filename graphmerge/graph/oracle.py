@@ -39,7 +39,9 @@ def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int
     """A random permutation (index tensor) for every space: free base spaces draw one, frozen
     spaces keep the identity, derived spaces are composed from their parts. Attention heads
     (`SpaceTable.heads`) are permuted as wholes and each head's dims by a permutation of its
-    own: a head dim's entry is then [heads, dim], row g permuting the dims of new head g."""
+    own: a head dim's entry is then [heads, dim], row g permuting the dims of new head g. The
+    groups of a grouped op are heads too; their shared dims (`SpaceTable.shared_dims`) draw one
+    permutation for every group."""
     base: dict[int, torch.Tensor] = {
         s.id: torch.arange(s.width) if s.frozen else torch.randperm(s.width, generator=generator)
         for s in table if s.derived is None}
@@ -49,6 +51,8 @@ def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int
             width = table[d].width
             if table[d].frozen:  # a head dim that keeps the identity: whole heads move
                 inside = torch.arange(width)
+            elif d in table.shared_dims:  # one permutation for every head (group)
+                inside = base[d]
             else:  # one permutation per head, drawn once per head dim
                 if base[d].dim() == 1:
                     base[d] = torch.stack([torch.randperm(width, generator=generator)

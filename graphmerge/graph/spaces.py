@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch.fx as fx
 
 from graphmerge.errors import GraphmergeError, summarize
-from graphmerge.graph.axes import Cat, Freeze, Keep, Kron, NodeAxis, ParamAxis, Same
+from graphmerge.graph.axes import Cat, FactorAxis, Freeze, Keep, Kron, NodeAxis, ParamAxis, Same
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.rules import RULES, Op, rule_for
 from graphmerge.graph.unionfind import UnionFind
@@ -30,7 +30,7 @@ __all__ = ["Space", "Derivation", "SpaceTable", "FrozenBy", "Frozen", "find_spac
 
 log = logging.getLogger(__name__)
 
-Key = tuple  # ("n", node, dim) for node axes, ("p", param, dim) for parameter axes
+Key = tuple  # ("n", node, dim) node axes, ("p", param, dim) parameter axes, ("v", op, tag) factors
 
 
 class UnsupportedOpWarning(UserWarning):
@@ -149,6 +149,9 @@ class SpaceTable:
     # of several heads share one key/value head) -> the group's width (the group keeps the
     # identity: query heads stay in their order within their key/value head's group)
     head_groups: dict[int, int] = field(default_factory=dict)
+    # head dims with one transform shared by every head (the units of one group of a grouped
+    # convolution, which its weight reads the same in every group); others move head by head
+    shared_dims: set[int] = field(default_factory=set)
 
     def __iter__(self) -> Iterator[Space]:
         return iter(self.spaces)
@@ -188,7 +191,9 @@ class SpaceTable:
         return "\n".join(lines)
 
 
-def _key(a: NodeAxis | ParamAxis) -> Key:
+def _key(a: NodeAxis | ParamAxis | FactorAxis) -> Key:
+    if isinstance(a, FactorAxis):
+        return ("v", a.op, a.tag)
     return ("n", a.node, a.dim) if isinstance(a, NodeAxis) else ("p", a.param, a.dim)
 
 
@@ -218,7 +223,13 @@ class _Builder:
             s = s[int(piece)]
         return s if isinstance(s, tuple) and all(isinstance(d, int) for d in s) else None
 
-    def add(self, a: NodeAxis | ParamAxis) -> Key:
+    def add(self, a: NodeAxis | ParamAxis | FactorAxis) -> Key:
+        if isinstance(a, FactorAxis):
+            k = _key(a)
+            if k not in self.size:
+                self.size[k] = a.size
+                self.uf.add(k)
+            return k
         if isinstance(a, ParamAxis):
             a = ParamAxis(self.canonical.get(a.param, a.param), a.dim, a.role)
         k = _key(a)
@@ -348,6 +359,7 @@ class _Builder:
         """One derivation per root: equal-structured derivations of one root unify their parts;
         incompatible ones freeze the root and its parts."""
         conflicts: set[Hashable] = set()
+        grouped: set[Hashable] = set()  # conflicts where a grouped op's groups take part
         while True:
             by_root: dict[Hashable, tuple[str, tuple]] = {}
             changed = False
@@ -366,12 +378,16 @@ class _Builder:
                             self.uf.union(p, q)
                             changed = True
                 elif (kind0, parts0) != (kind, rparts):
-                    conflicts.update([root, *(p for p in (*parts0, *rparts)
-                                              if not isinstance(p, int))])
+                    parts = [root, *(p for p in (*parts0, *rparts) if not isinstance(p, int))]
+                    conflicts.update(parts)
+                    if any(p[0] == "v" for p in (*parts0, *rparts) if not isinstance(p, int)):
+                        grouped.update(parts)
             if not changed:
                 break
         for c in conflicts:
-            self.frozen.setdefault(c, Frozen(FrozenBy.DERIVED_CONFLICT))
+            self.frozen.setdefault(c, Frozen(FrozenBy.DERIVED_CONFLICT, detail=(
+                "its channels are grouped in two incompatible ways (grouped convolutions or "
+                "group norms with different numbers of groups)") if c in grouped else ""))
         # cycles (a root among its own parts, directly or through other derived roots) freeze
         for root in list(by_root):
             if self._reaches(by_root, root, root):
@@ -407,12 +423,15 @@ class _Builder:
         spaces = [self._space(ids[r], groups[r], frozen_roots.get(r)) for r in keep]
         self._add_derivations(spaces, keep, ids, derived)
         self._add_reads(spaces, ids)
-        self._add_features(spaces, order)
         param_axes, node_axes = self._axes_by_tensor(keep, groups, ids)
         head_table, head_groups = self._head_table(spaces, ids, heads, node_axes)
+        self._add_features(spaces, order, {x for ks in head_table.items()
+                                           for x in (ks[0], *(d for _, d in ks[1]))})
+        shared = {ids[d] for d in heads.shared if d in ids
+                  and any(ids[d] in (e for _, e in ks) for ks in head_table.values())}
         log.debug("found %d spaces (%d frozen)", len(spaces), sum(s.frozen for s in spaces))
         return SpaceTable(spaces, param_axes, node_axes, self.unsupported, head_table,
-                          head_groups)
+                          head_groups, shared)
 
     def _frozen_roots(self) -> dict[Hashable, Frozen]:
         """Root -> why, for the roots with a frozen member (the first reason found)."""
@@ -483,7 +502,7 @@ class _Builder:
         for m in ms:
             if m[0] == "n":
                 s.members.append(NodeAxis(m[1], m[2]))
-            else:
+            elif m[0] == "p":
                 # an axis both written and read (tied weights) is a producer
                 role = "in" if self.roles.get(m) == {"in"} else "out"
                 (s.consumers if role == "in" else s.producers).append(
@@ -510,16 +529,20 @@ class _Builder:
                 if a not in spaces[ids[r]].reads:
                     spaces[ids[r]].reads.append(a)
 
-    def _add_features(self, spaces: list[Space], order: dict[str, int]) -> None:
+    def _add_features(self, spaces: list[Space], order: dict[str, int], heads: set[int]
+                      ) -> None:
         """The features of each free base space: what the consumers read (else the last
         activation), and the first activation, as the producer wrote it: a unit that a
         nonlinearity makes constant on the data (a dead ReLU) is still told apart by what it
-        was before. A space no activation carries is frozen (NO_FEATURES)."""
+        was before. A space no activation carries is frozen (NO_FEATURES), except `heads`
+        and head dims (matched on their products: the groups of a grouped op)."""
         for s in spaces:
             if s.derived is not None or s.frozen:
                 continue
             activations = sorted((a for a in s.members if self.is_data(a)),
                                  key=lambda a: order.get(a.node.partition("#")[0], 0))
+            if not activations and s.id in heads:
+                continue
             if not activations:
                 s.frozen_by = Frozen(FrozenBy.NO_FEATURES)
                 continue
@@ -535,6 +558,8 @@ class _Builder:
         node_axes: dict[str, dict[int, int]] = {}
         for r in keep:
             for m in groups[r]:
+                if m[0] == "v":
+                    continue  # a factor no tensor carries
                 table = param_axes if m[0] == "p" else node_axes
                 table.setdefault(m[1], {})[m[2]] = ids[r]
         return param_axes, node_axes
@@ -547,7 +572,8 @@ class _Builder:
         reads every projection's activations."""
         head_table: dict[int, list[tuple[int, int]]] = {}
         # a head dim read apart from its heads (no heads axis beside it) is one transform for
-        # every head: its products are matched as plain products then
+        # every head: its products are matched as plain products then (a grouped op's shared
+        # per-group dim, a weight's axis apart from its groups, stays with them)
         on_nodes = [set(dims.values()) for dims in node_axes.values()]
 
         layouts = {ids[r]: ids[h] for r, h in heads.layouts.items() if r in ids and h in ids}
@@ -559,7 +585,7 @@ class _Builder:
         head_groups = {}
         for r, (h, d) in heads.heads.items():
             if r in ids and h in ids and d in ids and not spaces[ids[h]].frozen and (
-                    spaces[ids[d]].frozen or not apart(ids[h], ids[d])):
+                    spaces[ids[d]].frozen or d in heads.shared or not apart(ids[h], ids[d])):
                 head_table.setdefault(ids[h], []).append((ids[r], ids[d]))
                 if r in heads.groups:
                     g = heads.groups[r]
@@ -579,7 +605,8 @@ class _Builder:
         keeps its order). Any other product whose heads cannot be told from the graph keeps
         the identity. Returns what was found (`_Heads`), with `frozen_roots` and what the
         heads freeze as a new dict; `frozen_roots` itself is left as it is."""
-        return _HeadFinder(self.uf.find, derived, frozen_roots, groups).run()
+        group_roots = {self.uf.find(k) for k in self.size if k[0] == "v" and k[2] == "groups"}
+        return _HeadFinder(self.uf.find, derived, frozen_roots, groups, group_roots).run()
 
 
 @dataclass
@@ -590,16 +617,20 @@ class _Heads:
     groups: dict[Hashable, Hashable]  # grouped-query kron root -> its group part
     layouts: dict[Hashable, Hashable]  # a layout heads × group alone -> its heads
     frozen: dict[Hashable, Frozen]  # the frozen roots given, and those the heads freeze
+    shared: set[Hashable] = field(default_factory=set)  # per-group dims one transform moves
 
 
 class _HeadFinder:
     """Tells attention heads among the row-major products (see `_Builder.find_heads`)."""
 
     def __init__(self, find: Callable[[Hashable], Hashable], derived: dict,
-                 frozen_roots: dict[Hashable, Frozen], groups: dict) -> None:
+                 frozen_roots: dict[Hashable, Frozen], groups: dict,
+                 group_roots: set[Hashable] = frozenset()) -> None:
         self.find = find
         self.derived = derived
         self.groups = groups
+        self.group_roots = group_roots  # the groups of grouped ops (convolutions, group norms)
+        self.shared: set[Hashable] = set()
         self.rule_frozen = set(frozen_roots)
         self.frozen = dict(frozen_roots)  # a copy: the caller's dict is not changed
 
@@ -654,6 +685,9 @@ class _HeadFinder:
         for r, axes in krons.items():
             free = [p for p in axes if not self.fixed(p)]
             many = [p for p in axes if len(partners.get(p, ())) > 1]
+            if any(p in self.group_roots for p in axes):
+                self.group_product(r, axes, out)
+                continue
             if len(axes) == 3:
                 three[r] = axes
                 continue
@@ -679,6 +713,30 @@ class _HeadFinder:
                     "a head dim with a parameter shared by every head")))
             out[r] = (h, d)
         return out, three
+
+    def group_product(self, r: Hashable, axes: list[Hashable],
+                      out: dict[Hashable, tuple[Hashable, Hashable]]) -> None:
+        """A product with the groups of a grouped op (convolution, group norm): groups ×
+        per-group units is a pair like heads × head dim (a per-group dim a parameter reads
+        is moved by one transform in every group: `shared`); a product of such a pair with
+        parts that keep the identity (a flatten) follows it; any other product freezes."""
+        direct = [p if isinstance(p, int) else self.find(p) for p in self.derived[r][1]]
+        groups = [p for p in direct if p in self.group_roots]
+        rest = [p for p in direct if p not in self.group_roots]
+        if len(direct) == 2 and len(groups) == 1 and not isinstance(rest[0], int) \
+                and rest[0] not in self.derived and rest[0] not in self.group_roots:
+            out[r] = (groups[0], rest[0])
+            if any(m[0] == "p" for m in self.groups.get(rest[0], ())):
+                self.shared.add(rest[0])
+            return
+        if not groups and len([p for p in direct
+                               if not isinstance(p, int) and not self.fixed(p)]) <= 1:
+            return  # a grouped product times parts that keep the identity
+        for p in axes:
+            if not self.fixed(p):
+                self.frozen.setdefault(p, Frozen(FrozenBy.HEADS, detail=(
+                    "the channels of a grouped op (convolution or group norm) are also split "
+                    "or reshaped in a way that does not move whole groups")))
 
     def grouped(self, out: dict[Hashable, tuple[Hashable, Hashable]],
                 three: dict[Hashable, list], partners: dict[Hashable, set]
@@ -715,7 +773,7 @@ class _HeadFinder:
         layouts = {r: h for r, (h, d) in out.items() if d in grouped}
         for r in layouts:
             del out[r]
-        return _Heads(out, head_groups, layouts, self.frozen)
+        return _Heads(out, head_groups, layouts, self.frozen, self.shared)
 
 
 def _data_nodes(graph: fx.Graph) -> set[str]:

@@ -74,14 +74,19 @@ def sync_module_attributes(root: nn.Module) -> None:
             transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
             a, b = m.weight.shape[:2]
             out_c, in_per_group = (b * m.groups, a) if transposed else (a, b)
-            m.out_channels = out_c
             if depthwise:
                 m.groups = out_c
+            elif m.groups > 1:  # grouped: the units of one group keep their number
+                m.groups = a // ((m.in_channels if transposed else m.out_channels) // m.groups)
+            m.out_channels = out_c
             m.in_channels = in_per_group * m.groups if not transposed else a
         elif isinstance(m, nn.modules.batchnorm._NormBase) and w is not None:
             m.num_features = w.shape[0]
         elif isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
             m.num_features = m.running_mean.shape[0]
+        elif isinstance(m, nn.GroupNorm) and w is not None:  # whole groups were merged
+            m.num_groups = w.shape[0] // (m.num_channels // m.num_groups)
+            m.num_channels = w.shape[0]
         elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and w is not None:
             m.normalized_shape = tuple(w.shape)
         elif isinstance(m, nn.Embedding):

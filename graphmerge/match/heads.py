@@ -18,6 +18,11 @@ together), `match_heads`
    (rows: merged head × dim; columns: the model's head × dim) from the head weights and those
    pairings, and the unmerge matrix likewise.
 
+A head dim may be `shared`: one transform for every head (the units of one group of a grouped
+convolution, which its weight reads alike in every group). Each model's dims are then paired
+once with model 0's, on the correlations summed over the merged heads, and the head dim gets a
+permutation per model (`HeadMatch.dims`).
+
 Head dims keep their width. Cost: one Hungarian problem of size head dim per pair of heads
 per head dim, plus the matcher on the heads.
 """
@@ -43,6 +48,8 @@ class HeadMatch:
     heads: Match
     merge: list[list[np.ndarray]]     # [head dim][model] -> [r_heads · dim, heads_i · dim]
     unmerge: list[list[np.ndarray]]   # [head dim][model] -> [heads_i · dim, r_heads · dim]
+    # [head dim] -> per model, the permutation [dim, dim] of a shared head dim (else None)
+    dims: list[list[np.ndarray] | None] | None = None
 
 
 def _block(corr: np.ndarray, offsets: Sequence[int], dim: int, a: tuple[int, int],
@@ -62,7 +69,7 @@ def _pairing(block: np.ndarray) -> tuple[np.ndarray, float]:
 
 def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int], dims: Sequence[int],
                 matcher: Callable[..., Match], r: int | None = None,
-                fixed: Sequence[bool] = (), **options) -> HeadMatch:
+                fixed: Sequence[bool] = (), shared: Sequence[bool] = (), **options) -> HeadMatch:
     """Match the heads of N models (see the module docstring).
 
     Args:
@@ -74,8 +81,10 @@ def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int], dims: Sequenc
         r: the merged number of heads (None: the matcher's default).
         fixed: per head dim, whether it keeps the identity (a rotary embedding's query/key
             dims, a dim with a per-head norm): dim e of one head pairs with dim e of another.
+        shared: per head dim, whether one transform moves it in every head (see above).
     """
     fixed = list(fixed) or [False] * len(dims)
+    shared = list(shared) or [False] * len(dims)
 
     def pairing(j: int, a: tuple[int, int], b: tuple[int, int]) -> tuple[np.ndarray, float]:
         block = _block(corrs[j], offsets[j], dims[j], a, b)
@@ -94,18 +103,40 @@ def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int], dims: Sequenc
     width = match.merge[0].shape[0]
     merge = [[np.zeros((width * d, n * d)) for n in heads] for d in dims]
     unmerge = [[np.zeros((n * d, width * d)) for n in heads] for d in dims]
+    members = [[(i, h) for i, n in enumerate(heads) for h in range(n)
+                if match.merge[i][g, h] != 0 or match.unmerge[i][h, g] != 0]
+               for g in range(width)]
+    common = [_shared_pairings(corrs[j], offsets[j], d, len(heads), members)
+              if shared[j] and not fixed[j] else None for j, d in enumerate(dims)]
     for g in range(width):
-        members = [(i, h) for i, n in enumerate(heads) for h in range(n)
-                   if match.merge[i][g, h] != 0 or match.unmerge[i][h, g] != 0]
-        first = members[0]
+        first = members[g][0]
         for j, d in enumerate(dims):
-            for i, h in members:
+            for i, h in members[g]:
                 # dim e of the merged head is dim cols[e] of this member
-                cols = np.arange(d) if (i, h) == first else pairing(j, first, (i, h))[0]
+                cols = (common[j][i] if common[j] is not None else np.arange(d)
+                        if (i, h) == first else pairing(j, first, (i, h))[0])
                 rows = g * d + np.arange(d)
                 merge[j][i][rows, h * d + cols] = match.merge[i][g, h]
                 unmerge[j][i][h * d + cols, rows] = match.unmerge[i][h, g]
-    return HeadMatch(match, merge, unmerge)
+    perms = [None if c is None else [np.eye(d)[cols] for cols in c]
+             for c, d in zip(common, dims)]
+    return HeadMatch(match, merge, unmerge, perms)
+
+
+def _shared_pairings(corr: np.ndarray, offsets: Sequence[int], dim: int, n_models: int,
+                     members: list[list[tuple[int, int]]]) -> list[np.ndarray]:
+    """Per model, cols[e]: its dim paired with dim e of model 0, one pairing for every head:
+    the correlations of model 0's heads with the model's heads merged into the same head,
+    summed (no shared merged head: the identity)."""
+    out = [np.arange(dim)]
+    for i in range(1, n_models):
+        cost = np.zeros((dim, dim))
+        for group in members:
+            for a in (m for m in group if m[0] == 0):
+                for b in (m for m in group if m[0] == i):
+                    cost += np.nan_to_num(_block(corr, offsets, dim, a, b))
+        out.append(_pairing(cost)[0] if cost.any() else np.arange(dim))
+    return out
 
 
 def grouped(matrix: np.ndarray, dim: int, group: int) -> np.ndarray:

@@ -45,7 +45,8 @@ def match_spaces(ctx: MergeContext) -> None:
 
 def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list[int]],
                  matcher: Any, options: dict) -> None:
-    """Plans of a heads space and of its projections (`graphmerge.match.heads`)."""
+    """Plans of a heads space, of its projections and of its shared head dims
+    (`graphmerge.match.heads`)."""
     for d in by_dim:
         dims = [t[d].width for t in tables]
         if len(set(dims)) > 1:
@@ -57,7 +58,8 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
     hm = match_heads([ctx.stats[ks[0]].correlation() for ks in by_dim.values()], counts,
                      [tables[0][d].width for d in by_dim], matcher,
                      target_width(ctx.config.width, h, counts),
-                     fixed=[tables[0][d].frozen for d in by_dim], **options)
+                     fixed=[tables[0][d].frozen for d in by_dim],
+                     shared=[d in tables[0].shared_dims for d in by_dim], **options)
     r = hm.heads.width
     ctx.plans[h] = SpacePlan(h, counts, r, ctx.config.method, hm.heads.merge, hm.heads.unmerge,
                              hm.heads.mean_correlation)
@@ -66,6 +68,12 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
             raise MismatchError(f"the attention heads of space {h} are only read grouped (head "
                                 f"dim {d}): their key/value projection was not found")
         width = tables[0][d].width
+        if hm.dims[j] is not None:  # one permutation of the dim for every head (group):
+            # a weight that writes it alone (a transposed grouped conv's axis 1) averages
+            n = len(tables)
+            ctx.plans[d] = SpacePlan(d, [width] * n, width, ctx.config.method,
+                                     [m / n for m in hm.dims[j]], [m.T for m in hm.dims[j]],
+                                     hm.heads.mean_correlation)
         for k in krons:
             group = tables[0].head_groups.get(k, 1)
             ctx.plans[k] = SpacePlan(

@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphmerge.graph.axes import AxisRef, Freeze, Keep, Link, NodeAxis, Role, Same
+from graphmerge.graph.axes import AxisRef, FactorAxis, Freeze, Keep, Kron, Link, NodeAxis, Role, Same
 from graphmerge.graph.rules.registry import (
     Op,
     functional_param,
@@ -68,11 +68,50 @@ def _conv_links(op: Op, x: Any, w: Any, b: Any, groups: int, transposed: bool,
         yield Same(op.out(1), wax(w_out, "out"), bax(0, "out"))
     elif groups == cin == cout and not transposed:
         yield Same(op.x(x, 1), op.out(1), wax(0, "out"), bax(0, "out"))
+    elif isinstance(groups, int) and groups > 1 and cin % groups == 0 == cout % groups:
+        yield from _grouped_conv_links(op, x, groups, transposed, wax, bax)
     else:
-        why = f"grouped convolution (groups={groups}, {cin}→{cout} channels) has no rule yet"
+        why = f"grouped convolution (groups={groups}, {cin}→{cout} channels) has no rule"
         for a in (op.x(x, 1), op.out(1)):
             if a is not None:
                 yield Freeze(a, why)
+
+
+def group_links(op: Op, whole: AxisRef | None, groups: FactorAxis, tag: str, size: int
+                ) -> Iterator[Link]:
+    """`whole` (a channel axis of groups · size units, group-major) as the product of the
+    groups and the units of one group (a `FactorAxis` tagged `tag`); a group of one unit
+    is the groups themselves. Returns nothing for a missing axis."""
+    if whole is None:
+        return
+    if size == 1:
+        yield Same(whole, groups)
+    else:
+        yield Kron(whole, (groups, FactorAxis(op.node.name, tag, size)))
+
+
+def _grouped_conv_links(op: Op, x: Any, groups: int, transposed: bool,
+                        wax: Callable[[int, Role], AxisRef | None],
+                        bax: Callable[[int, Role], AxisRef | None]) -> Iterator[Link]:
+    """A grouped convolution: output group g reads input group g only, so both channel axes
+    are groups × units of one group (the same groups); the weight [C_out, C_in/g, ...]
+    (transposed: [C_in, C_out/g, ...]) reads the input's units of one group on axis 1 (writes
+    the output's), the same in every group. A valid transform moves whole groups, and the
+    units inside the groups."""
+    cin, cout = op.shape(x)[1], op.shape()[1]
+    g = FactorAxis(op.node.name, "groups", groups)
+    ki, ko = cin // groups, cout // groups
+    yield from group_links(op, op.x(x, 1), g, "in", ki)
+    yield from group_links(op, op.out(1), g, "out", ko)
+    if transposed:
+        yield Same(op.x(x, 1), wax(0, "in"))
+        yield Same(op.out(1), bax(0, "out"))
+        if ko > 1:
+            yield Same(FactorAxis(op.node.name, "out", ko), wax(1, "out"))
+    else:
+        yield Same(op.out(1), wax(0, "out"), bax(0, "out"))
+        if ki > 1:
+            yield Same(FactorAxis(op.node.name, "in", ki), wax(1, "in"))
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,

@@ -10,7 +10,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphmerge.graph.axes import AxisRef, Freeze, Keep, Link, Same
+from graphmerge.graph.axes import AxisRef, FactorAxis, Freeze, Keep, Link, Same
+from graphmerge.graph.rules.layers import group_links
 from graphmerge.graph.rules.registry import (
     Op,
     functional_param,
@@ -19,7 +20,7 @@ from graphmerge.graph.rules.registry import (
     register,
 )
 
-__all__ = ["channel_norm_links", "channel_params", "stats_axes"]
+__all__ = ["channel_norm_links", "channel_params", "stats_axes", "group_norm_links"]
 
 # ---- norms and embeddings -----------------------------------------------------------------
 
@@ -109,11 +110,45 @@ def _f_layer_norm(op: Op) -> Iterator[Link]:
     ])
 
 
-@register(nn.GroupNorm, F.group_norm, nn.LocalResponseNorm, F.local_response_norm)
+@register(nn.GroupNorm)
+def _group_norm(op: Op) -> Iterator[Link]:
+    yield from group_norm_links(op, op.node.args[0], op.module.num_groups,
+                                [op.p("weight", 0, "out"), op.p("bias", 0, "out")])
+
+
+@register(F.group_norm)
+def _f_group_norm(op: Op) -> Iterator[Link]:
+    """F.group_norm(x, num_groups, weight, bias, eps) (and aten.group_norm): as the module."""
+    yield from group_norm_links(op, op.arg(0, "input"), op.arg(1, "num_groups"),
+                                channel_params(op, [op.arg(2, "weight"), op.arg(3, "bias")]))
+
+
+def group_norm_links(op: Op, x: Any, groups: Any, params: Iterable[AxisRef | None]
+                     ) -> Iterator[Link]:
+    """A group norm of `x` [N, C, ...]: statistics per sample and group of C/groups channels
+    (over them and the spatial axes), then a per-channel affine (`params`). The channel axis
+    is groups × units of one group (a valid transform moves whole groups, and the units
+    inside them); one group is the whole axis, a group per channel an instance norm."""
+    c = op.shape(x)[1] if ndim(op, x) > 1 else 1
+    if not isinstance(groups, int) or groups < 1 or c % groups:
+        yield from _frozen_norm(op)
+        return
+    yield from channel_norm_links(op, x, params, range(2, ndim(op, x)))
+    channels = op.x(x, 1)
+    if channels is None or groups == c:
+        return
+    yield Keep(channels, reduced=True)  # the statistics read every unit of a group
+    if groups > 1:
+        yield from group_links(op, channels, FactorAxis(op.node.name, "groups", groups),
+                               "units", c // groups)
+
+
+@register(nn.LocalResponseNorm, F.local_response_norm)
 def _frozen_norm(op: Op) -> Iterator[Link]:
-    """Group-structured channels need a block-constrained matcher, which does not exist yet."""
+    """Channels normalised over a sliding window: no transform of them is valid."""
     for t in [*op.tensor_args(), op.node]:
         for d in range(ndim(op, t)):
             a = op.x(t, d)
             if a is not None:
-                yield Freeze(a, f"{op.name} groups channels; no block-constrained matcher yet")
+                yield Freeze(a, f"`{op.name}` normalises channels in windows (or in groups "
+                                f"it cannot tell); they keep their order")
