@@ -91,17 +91,12 @@ def test_unknown_name_lists_community() -> None:
 
 
 # (family, front end) -> the rule it misses today; strict, so a merged rule branch flips them
-_GROUPED = "grouped convs frozen: needs the group-preserving grouped-conv rule"
-_GROUPNORM = "GroupNorm frozen: needs group-preserving GroupNorm spaces"
 _SLICES = ("channel slices of a conv output (s[:, :r], s[:, r:]) have no spaces of their own: "
            "needs slices/uneven splits as index maps (88% coverage)")
 _PATCHES = "patch unfolding reshapes regroup the channel axis: needs patch reshapes as index maps"
 MISSING = {
-    **{("resnext", f): _GROUPED for f in ("fx", "export")},
-    **{("regnet", f): _GROUPED for f in ("fx", "export")},
     **{("dpn", f): _SLICES for f in ("fx", "export")},
-    **{("gncnn", f): _GROUPNORM for f in ("fx", "export")},
-    **{("wsconv", f): "no rule for var_mean (weight standardisation) and " + _GROUPNORM
+    **{("wsconv", f): "no rule for var_mean (weight standardisation)"
        for f in ("fx", "export")},
     **{("mobilevit", f): _PATCHES for f in ("fx", "export")},
     ("res2net", "fx"): "the oracle refuses the uneven torch.split: needs uneven splits as index "
