@@ -70,6 +70,22 @@ class EdgeSplit(nn.Module):
         return self.head(torch.cat([u, torch.relu(v), w], 1)).mean((2, 3))
 
 
+class SplitRemainder(nn.Module):
+    """split(x, 6) of 16 channels (6, 6, 4), a conv per piece, cat in reverse order, then
+    tensor_split at [4, 10] (the same pieces) and a cat in yet another order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(k, k, 3, padding=1) for k in (6, 6, 4))
+
+    def forward(self, x):
+        pieces = torch.split(self.a(x), 6, dim=1)
+        ys = [torch.relu(conv(pieces[k])) for k, conv in enumerate(self.convs)]
+        t = torch.tensor_split(torch.cat(ys[::-1], 1), [4, 10], dim=1)
+        return self.b(torch.cat([t[2], t[0], t[1]], 1)).mean((2, 3))
+
+
 class PatchMLP(nn.Module):
     """MobileViT-style: [B, C, H, W] -> patches [B·p·p, h·w, C] by a 6-d reshape and a
     permute, LayerNorm and an MLP on C, folded back, 1×1 conv."""
@@ -174,14 +190,17 @@ CASES = {
     "ws_std": (lambda: StdNet("std"), 2, 2, ["c1.weight", "c2.weight", "head.weight"]),
     "ws_var_mean": (lambda: StdNet("var_mean"), 2, 2, ["c1.weight", "c2.weight"]),
 }
-# these fold channels into the batch axis (B·C·h) or into a reshaped weight [1, out, in·k·k]
-# with no parameter on the folded axis: its space is only kept with the spaces.py change
-# described in the report of issue 20 (derived spaces with a free part are kept)
+# these fold channels into the batch axis (B·C·h), into a reshaped weight [1, out, in·k·k],
+# or concatenate pieces in an order no parameter reads: that derived axis has no parameter,
+# and its space is only kept with the spaces.py change described in the report of issue 20
+# (a derived axis with a free part is a space)
 NEEDS_KEPT_DERIVED = {
     "patch_attention": (lambda: Patches(PatchAttention), 9, 13, [
         "block.proj_in.weight", "block.norm1.weight", "block.attn.in_proj_weight",
         "block.proj_out.weight"]),
     "ws_batch_norm": (lambda: StdNet("batch_norm"), 3, 3, ["c1.weight", "c2.weight"]),
+    "split_remainder": (SplitRemainder, 9, 9, ["a.weight", "convs.0.weight", "convs.1.weight",
+                                               "b.weight"]),
 }
 _KEPT = pytest.mark.xfail(strict=True, reason="needs derived spaces with a free part kept "
                                               "(graph/spaces.py, issue 20)")

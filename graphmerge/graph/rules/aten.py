@@ -77,7 +77,8 @@ _SAME_AS: dict[str, tuple[object, ...]] = {
     "unsqueeze": ("unsqueeze",), "permute": ("permute",), "transpose": ("transpose",),
     "t": ("t",), "expand": ("expand",), "cat": (torch.cat,), "concat": (torch.cat,),
     "stack": (torch.stack,), "split": ("split",), "split_with_sizes": ("split",),
-    "chunk": ("chunk",), "unbind": ("unbind",), "narrow": ("narrow",),
+    "chunk": ("chunk",), "tensor_split": ("tensor_split",), "unbind": ("unbind",),
+    "narrow": ("narrow",),
 }
 for _name, _keys in _SAME_AS.items():
     for _overload in _overloads(_name):
