@@ -73,7 +73,8 @@ _SAME_AS: dict[str, tuple[object, ...]] = {
         "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")},
     # shapes
     "view": ("view",), "_unsafe_view": ("view",), "reshape": ("reshape",),
-    "reshape_as": ("reshape_as",), "view_as": ("view_as",), "flatten": ("flatten",), "unflatten": ("unflatten",), "squeeze": ("squeeze",),
+    "reshape_as": ("reshape_as",), "view_as": ("view_as",), "flatten": ("flatten",),
+    "unflatten": ("unflatten",), "squeeze": ("squeeze",),
     "unsqueeze": ("unsqueeze",), "permute": ("permute",), "transpose": ("transpose",),
     "t": ("t",), "expand": ("expand",), "cat": (torch.cat,), "concat": (torch.cat,),
     "stack": (torch.stack,), "split": ("split",), "split_with_sizes": ("split",),
