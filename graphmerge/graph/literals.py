@@ -84,6 +84,11 @@ def find_literals(traced: Traced) -> list[Literal]:
         if name in _SIZE_OPS:
             for arg, index, dim in _sizes(n):
                 tie(n, arg, index, n.name, dim)
+        elif name == "unflatten" and len(n.args) > 2 and isinstance(n.args[2], (list, tuple)):
+            rank = len(traced.shapes.get(n.args[0].name) or ())
+            dim = n.args[1] + rank if n.args[1] < 0 else n.args[1]  # x.unflatten(dim, sizes)
+            for k in range(len(n.args[2])):
+                tie(n, 2, k, n.name, dim + k)
         elif norm is not None and len(n.args) > norm and isinstance(n.args[norm], (list, tuple)):
             x = n.args[0]
             rank = len(traced.shapes.get(x.name) or ())

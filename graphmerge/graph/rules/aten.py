@@ -66,17 +66,20 @@ _SAME_AS: dict[str, tuple[object, ...]] = {
     "masked_fill_": (torch.masked_fill,), "lerp": (torch.lerp,), "addcmul": (torch.addcmul,),
     # reductions and pooling
     **{name: (getattr(torch, name),) for name in (
-        "sum", "mean", "amax", "amin", "std", "var", "logsumexp", "prod")},
+        "sum", "mean", "amax", "amin", "std", "var", "logsumexp", "prod", "var_mean",
+        "std_mean")},
     **{name: (getattr(F, name),) for name in (
         "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
         "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")},
     # shapes
     "view": ("view",), "_unsafe_view": ("view",), "reshape": ("reshape",),
-    "flatten": ("flatten",), "unflatten": ("unflatten",), "squeeze": ("squeeze",),
+    "reshape_as": ("reshape_as",), "view_as": ("view_as",), "flatten": ("flatten",),
+    "unflatten": ("unflatten",), "squeeze": ("squeeze",),
     "unsqueeze": ("unsqueeze",), "permute": ("permute",), "transpose": ("transpose",),
     "t": ("t",), "expand": ("expand",), "cat": (torch.cat,), "concat": (torch.cat,),
     "stack": (torch.stack,), "split": ("split",), "split_with_sizes": ("split",),
-    "chunk": ("chunk",), "unbind": ("unbind",), "narrow": ("narrow",),
+    "chunk": ("chunk",), "tensor_split": ("tensor_split",), "unbind": ("unbind",),
+    "narrow": ("narrow",),
 }
 for _name, _keys in _SAME_AS.items():
     for _overload in _overloads(_name):

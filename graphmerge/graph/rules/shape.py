@@ -30,6 +30,7 @@ from graphmerge.graph.rules.registry import (
     ndim,
     register,
 )
+from graphmerge.graph.rules.weight_path import weight_roles
 
 # ---- pooling and reductions ----------------------------------------------------------------
 
@@ -54,20 +55,22 @@ def _pool(op: Op) -> Iterator[Link]:
 
 
 _REDUCTIONS = (torch.sum, torch.mean, torch.amax, torch.amin, torch.std, torch.var,
-               torch.logsumexp, torch.norm, torch.prod,
+               torch.logsumexp, torch.norm, torch.prod, torch.var_mean, torch.std_mean,
                "sum", "mean", "amax", "amin", "std", "var", "logsumexp", "norm", "prod")
 
 
 @register(*_REDUCTIONS)
 def _reduce(op: Op) -> Iterator[Link]:
-    """Reduced axes are read symmetrically (Keep); surviving axes pass through."""
+    """Reduced axes are read symmetrically (Keep); surviving axes pass through (to both
+    results of var_mean / std_mean)."""
     x = op.node.args[0]
     n = ndim(op, x)
     dim = op.arg(2 if op.name == "norm" else 1, "dim")
     reduced = dims(dim, n) if n else []
     if reduced is None:
         reduced = list(range(n))
-    keepdim = ndim(op, op.node) == n  # read off the shapes: robust to every signature
+    results = _results(op)
+    keepdim = len(results[0][1]) == n  # read off the shapes: robust to every signature
     out_d = 0
     for d in range(n):
         if d in reduced:
@@ -76,18 +79,29 @@ def _reduce(op: Op) -> Iterator[Link]:
                 yield Keep(a, reduced=True)
             out_d += keepdim
         else:
-            yield Same(op.x(x, d), op.out(out_d))
+            yield Same(op.x(x, d), *(NodeAxis(name, out_d) for name, s in results
+                                     if s[out_d] != 1))
             out_d += 1
+
+
+def _results(op: Op) -> list[tuple[str, tuple[int, ...]]]:
+    """(axis node name, shape) of each tensor an op returns: `node`, or `node#k` for a tuple."""
+    s = op._shapes.get(op.node.name) or ()
+    if all(isinstance(w, int) for w in s):
+        return [(op.node.name, s)]
+    return [(f"{op.node.name}#{k}", p) for k, p in enumerate(s)]
 
 
 # ---- shape ops ------------------------------------------------------------------------------
 
 
 def _reshape_links(op: Op, src: Any) -> Iterator[Link]:
-    """Group the axes of `src` and of the output by equal running products (size-1 axes drop).
+    """Group the axes of `src` and of the output by equal running products (size-1 axes drop),
+    then follow each group as an index map (`_regroup_links`).
 
     1 ↔ 1 groups link; k → 1 groups make the output axis a Kron of the inputs (flatten);
-    1 → k groups make the input axis a Kron of the outputs (heads × head_dim); k ↔ m is frozen.
+    1 → k groups make the input axis a Kron of the outputs (heads × head_dim); k ↔ m groups
+    (patch unfolding: H → h × ph, then B·C·h) are split into their common factors.
     """
     si, so = op.shape(src), op.shape()
     ins = [d for d, s in enumerate(si) if s != 1]
@@ -107,18 +121,43 @@ def _reshape_links(op: Op, src: Any) -> Iterator[Link]:
                 pj *= so[outs[j]]
         i += 1
         j += 1
-        if len(gi) == 1 and len(gj) == 1:
-            yield Same(NodeAxis(src.name, gi[0]), NodeAxis(op.node.name, gj[0]))
-        elif len(gj) == 1:
-            yield Kron(NodeAxis(op.node.name, gj[0]), tuple(NodeAxis(src.name, d) for d in gi))
-        elif len(gi) == 1:
-            yield Kron(NodeAxis(src.name, gi[0]), tuple(NodeAxis(op.node.name, d) for d in gj))
-        else:
-            why = f"reshape {si} -> {so} regroups axes {gi} -> {gj}"
-            for d in gi:
-                yield Freeze(NodeAxis(src.name, d), why)
-            for d in gj:
-                yield Freeze(NodeAxis(op.node.name, d), why)
+        yield from _regroup_links(op, src, gi, gj)
+
+
+def _spans(shape: tuple[int, ...], group: list[int]) -> dict[tuple[int, int], int]:
+    """(stride, stride · size) of each axis of a row-major group -> the axis."""
+    spans, stride = {}, 1
+    for d in reversed(group):
+        spans[(stride, stride * shape[d])] = d
+        stride *= shape[d]
+    return spans
+
+
+def _regroup_links(op: Op, src: Any, gi: list[int], gj: list[int]) -> Iterator[Link]:
+    """One group of a reshape, as an index map: cut both sides at every axis boundary (strides);
+    when the cuts divide each other, every axis is the row-major product of the factors
+    between its cuts. A factor that is a whole axis on the other side links to it; any other
+    factor (h of H = h × ph) is a bare width that keeps the identity. Else the group is frozen."""
+    si, so = op.shape(src), op.shape()
+    a_in, a_out = _spans(si, gi), _spans(so, gj)
+    cuts = sorted({c for span in (*a_in, *a_out) for c in span})
+    if any(b % a for a, b in zip(cuts, cuts[1:])):
+        why = f"reshape {si} -> {so} regroups axes {gi} -> {gj}"
+        for d in gi:
+            yield Freeze(NodeAxis(src.name, d), why)
+        for d in gj:
+            yield Freeze(NodeAxis(op.node.name, d), why)
+        return
+    sides = ((src.name, a_in, op.node.name, a_out), (op.node.name, a_out, src.name, a_in))
+    for name, own, other_name, other in sides:
+        for (lo, hi), d in own.items():
+            factors = [(a, b) for a, b in zip(cuts, cuts[1:]) if lo <= a and b <= hi][::-1]
+            if len(factors) > 1:
+                yield Kron(NodeAxis(name, d), tuple(
+                    NodeAxis(other_name, other[f]) if f in other else f[1] // f[0]
+                    for f in factors))
+            elif name == src.name and (lo, hi) in other:
+                yield Same(NodeAxis(name, d), NodeAxis(other_name, other[(lo, hi)]))
 
 
 @register(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
@@ -227,6 +266,7 @@ def _getitem(op: Op) -> Iterator[Link]:
     if src_shape is None:
         return
     if not all(isinstance(s, int) for s in src_shape):  # a tuple of tensors
+        idx %= len(src_shape)  # pieces[-1] is piece n-1: one name per piece
         piece = src_shape[idx]
         if piece is not None and all(isinstance(w, int) for w in piece):  # not nested: links
             for d in range(len(piece)):
@@ -305,6 +345,8 @@ def _get_attr(op: Op) -> Iterator[Link]:
     if op.node.users and all(is_metadata(u) for u in op.node.users):
         yield from keep_all(op, op.node)  # only its shape or dtype is read: not data
         return
+    roles = weight_roles(op.node, op._shapes)  # a weight standardised or scaled before use
     for d in range(t.dim()):
         if t.shape[d] != 1:
-            yield Same(NodeAxis(op.node.name, d), ParamAxis(op.node.target, d, "auto"))
+            yield Same(NodeAxis(op.node.name, d),
+                       ParamAxis(op.node.target, d, roles.get(d, "auto")))
