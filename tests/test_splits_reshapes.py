@@ -191,10 +191,9 @@ CASES = {
     "ws_var_mean": (lambda: StdNet("var_mean"), 2, 2, ["c1.weight", "c2.weight"]),
 }
 # these fold channels into the batch axis (B·C·h), into a reshaped weight [1, out, in·k·k],
-# or concatenate pieces in an order no parameter reads: that derived axis has no parameter,
-# and its space is only kept with the spaces.py change described in the report of issue 20
-# (a derived axis with a free part is a space)
-NEEDS_KEPT_DERIVED = {
+# or concatenate pieces in an order no parameter reads: that derived axis has no parameter of
+# its own, and is a space because a part of it is free
+KEPT_DERIVED = {
     "patch_attention": (lambda: Patches(PatchAttention), 9, 13, [
         "block.proj_in.weight", "block.norm1.weight", "block.attn.in_proj_weight",
         "block.proj_out.weight"]),
@@ -202,14 +201,11 @@ NEEDS_KEPT_DERIVED = {
     "split_remainder": (SplitRemainder, 9, 9, ["a.weight", "convs.0.weight", "convs.1.weight",
                                                "b.weight"]),
 }
-_KEPT = pytest.mark.xfail(strict=True, reason="needs derived spaces with a free part kept "
-                                              "(graph/spaces.py, issue 20)")
-PARAMS = [pytest.param(n, id=n) for n in CASES] + [
-    pytest.param(n, id=n, marks=_KEPT) for n in NEEDS_KEPT_DERIVED]
+PARAMS = [pytest.param(n, id=n) for n in {**CASES, **KEPT_DERIVED}]
 
 
 def _model(name: str) -> tuple[nn.Module, int, int, list[str]]:
-    make, fx_free, export_free, moved = {**CASES, **NEEDS_KEPT_DERIVED}[name]
+    make, fx_free, export_free, moved = {**CASES, **KEPT_DERIVED}[name]
     torch.manual_seed(0)
     model = make().double().eval()
     for m in model.modules():
@@ -277,7 +273,6 @@ def test_a_reshape_that_mixes_positions_and_channels_is_frozen():
     assert not hidden.frozen and hidden is table[table.param_axes["b.weight"][1]]
 
 
-@_KEPT
 def test_a_reshape_that_regroups_factors_follows_them():
     x = torch.randn(2, 6, 5, dtype=torch.float64)
     table = gm.trace(Regroup().double(), x).space_table

@@ -481,6 +481,17 @@ class _Builder:
                     realisable.add(find(p))
                     if find(p) in derived:
                         stack.append(find(p))
+        # a derived axis with a free realisable part moves with it (B·C of a reshape that
+        # folds channels into the batch): a space, though it has no parameters of its own
+        grown = True
+        while grown:
+            grown = False
+            for r, (_, parts) in derived.items():
+                if r not in realisable and any(
+                        not isinstance(p, int) and find(p) in realisable
+                        and find(p) not in frozen_roots for p in parts):
+                    realisable.add(r)
+                    grown = True
 
         def first_seen(r: Hashable) -> tuple[int, str]:
             ms = groups[r]
