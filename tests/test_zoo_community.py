@@ -93,18 +93,8 @@ def test_unknown_name_lists_community() -> None:
 # (family, front end) -> the rule it misses today; strict, so a merged rule branch flips them
 _SLICES = ("channel slices of a conv output (s[:, :r], s[:, r:]) have no spaces of their own: "
            "needs slices/uneven splits as index maps (88% coverage)")
-_PATCHES = "patch unfolding reshapes regroup the channel axis: needs patch reshapes as index maps"
 MISSING = {
     **{("dpn", f): _SLICES for f in ("fx", "export")},
-    **{("wsconv", f): "no rule for var_mean (weight standardisation)"
-       for f in ("fx", "export")},
-    **{("mobilevit", f): _PATCHES for f in ("fx", "export")},
-    ("res2net", "fx"): "the oracle refuses the uneven torch.split: needs uneven splits as index "
-                       "maps",
-    ("levit", "export"): "no rule for aten reshape_as (LinearNorm): 22% coverage",
-    ("nfnet", "fx"): "the oracle refuses the weight reshape of ScaledStdConv2d: needs functional "
-                     "weight standardisation traced back to the parameter's unit axis",
-    ("nfnet", "export"): "no rule for reshape_as (functional weight standardisation)",
     ("vgg_convhead", "fx"): "torch.fx cannot trace the `x.shape[-2] < 7` test (control flow on "
                             "a Proxy); export captures it",
 }
