@@ -6,7 +6,9 @@ a forgotten axis can never produce a silently wrong merge. Ops without a rule fr
 they touch, with one warning. Rules live in one registry keyed by module class, function object
 or method name (`registry.py`); registering a key twice is an error. The rules themselves are
 split by op family: `elementwise`, `layers`, `norms`, `shape`, `masks` (mask and position
-ops), and `aten` (the aten ops of `torch.export` graphs, mostly aliases of the above).
+ops), and `aten` (the aten ops of `torch.export` graphs, mostly aliases of the above);
+`weight_path` gives a parameter transformed before use (weight standardisation) the roles of
+the layer that reads it.
 """
 
 from graphmerge.graph.rules import (  # noqa: F401  (each module registers its rules)
