@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_capture import _randomise_norms
 from torch import nn
 
 import graphmerge as gm
@@ -163,15 +164,7 @@ MODELS = {
 
 def _randomise(model: nn.Module) -> nn.Module:
     """float64, eval mode, and norm statistics and affine values away from their defaults."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-    return model.double().eval()
+    return _randomise_norms(model).double().eval()
 
 
 def _no_rule_warnings(fn, *args, **kwargs):
