@@ -16,9 +16,10 @@ from torch import nn
 from graphmerge.errors import CoverageError, LowCoverageWarning
 from graphmerge.graph.spaces import FrozenBy, SpaceTable
 from graphmerge.graph.tensors import canonical_names
+from graphmerge.match.plans import transformed_spaces
 from graphmerge.match.selection import head_projections, mergeable
 
-__all__ = ["Coverage", "CoverageReason", "coverage", "planned_spaces", "aligned_spaces",
+__all__ = ["Coverage", "CoverageReason", "coverage", "planned_spaces",
            "check_coverage", "share", "LOW_COVERAGE"]
 
 #: below this fraction of aligned parameters a merge warns (`LowCoverageWarning`)
@@ -125,23 +126,6 @@ def planned_spaces(table: SpaceTable, attention: str = "heads") -> set[int]:
     return out
 
 
-def aligned_spaces(table: SpaceTable, merged: Collection[int]) -> set[int]:
-    """The spaces a merge transforms: `merged` (the planned ones) and every derived space with
-    a transformed part (as `SpaceTransforms.merged` composes them)."""
-    base = set(merged)
-    memo: dict[int, bool] = {}
-
-    def transformed(sid: int, seen: frozenset[int]) -> bool:
-        if sid not in memo:
-            d = table[sid].derived
-            memo[sid] = sid in base or (d is not None and any(
-                p is not None and p not in seen and transformed(p, seen | {sid})
-                for p in d.parts))
-        return memo[sid]
-
-    return {s.id for s in table if transformed(s.id, frozenset())}
-
-
 def coverage(table: SpaceTable, module: nn.Module, merged: Collection[int] | None = None,
              attention: str = "heads") -> Coverage:
     """The `Coverage` of a merge of models with `table` (model 0's space table) and `module`
@@ -154,7 +138,7 @@ def coverage(table: SpaceTable, module: nn.Module, merged: Collection[int] | Non
             (`planned_spaces`; `graphmerge inspect` reads a self-merge this way).
         attention: the merge's attention option (read only when `merged` is None).
     """
-    aligned = aligned_spaces(table, planned_spaces(table, attention) if merged is None
+    aligned = transformed_spaces(table, planned_spaces(table, attention) if merged is None
                              else merged)
     canonical = canonical_names(module)
     seen: set[str] = set()

@@ -4,7 +4,7 @@ unmerge matrix), and the per-model axis transforms of every space that the plans
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,7 +13,7 @@ from graphmerge.errors import MismatchError
 from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import MATRICES, compose
 
-__all__ = ["SpacePlan", "SpaceTransforms"]
+__all__ = ["SpacePlan", "SpaceTransforms", "transformed_spaces"]
 
 
 @dataclass
@@ -28,6 +28,23 @@ class SpacePlan:
     unmerge: list[np.ndarray]
     mean_correlation: float = float("nan")
     correlations: list[float] = field(default_factory=list)  # per merged group of >= 2 units
+
+
+def transformed_spaces(table: SpaceTable, merged: Collection[int]) -> set[int]:
+    """The spaces a merge transforms: `merged` (the planned base spaces) and every derived
+    space with a transformed part."""
+    base = set(merged)
+    memo: dict[int, bool] = {}
+
+    def transformed(sid: int, seen: frozenset[int]) -> bool:
+        if sid not in memo:
+            d = table[sid].derived
+            memo[sid] = sid in base or (d is not None and any(
+                p is not None and p not in seen and transformed(p, seen | {sid})
+                for p in d.parts))
+        return memo[sid]
+
+    return {s.id for s in table if transformed(s.id, frozenset())}
 
 
 class SpaceTransforms:
@@ -46,13 +63,13 @@ class SpaceTransforms:
         self.plans = plans
         self.n_models = n_models
         self.cache: dict[tuple[int, int, bool], np.ndarray] = {}
+        self._merged: set[int] | None = None
 
     def merged(self, sid: int) -> bool:
         """Whether the space (or some part of it) is merged by a plan."""
-        if sid in self.plans:
-            return True
-        d = self.tables[0][sid].derived
-        return d is not None and any(p is not None and self.merged(p) for p in d.parts)
+        if self._merged is None:
+            self._merged = transformed_spaces(self.tables[0], self.plans)
+        return sid in self._merged
 
     def get(self, i: int, sid: int, average: bool) -> np.ndarray:
         key = (i, sid, average)
