@@ -122,9 +122,9 @@ def reset_batch_norms(module: nn.Module, calibration: Iterable[tuple[Any, ...]],
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
         m.train()
-    for mean, var in calls.values():
-        mean.zero_()
-        var.fill_(1.0)
+    for norm in calls.values():
+        norm.mean.zero_()
+        norm.var.fill_(1.0)
     graph = _TrainNorms(module, calls) if calls else None
     batches = 0
     with torch.no_grad():
@@ -139,8 +139,8 @@ def reset_batch_norms(module: nn.Module, calibration: Iterable[tuple[Any, ...]],
                 count = _mean_over_ranks(m.running_mean, m.running_var,
                                          int(m.num_batches_tracked))
                 m.num_batches_tracked.fill_(count)
-            for mean, var in calls.values():
-                _mean_over_ranks(mean, var, batches)
+            for norm in calls.values():
+                _mean_over_ranks(norm.mean, norm.var, batches)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     set_eval(module)
@@ -158,17 +158,33 @@ def _mean_over_ranks(mean: torch.Tensor, var: torch.Tensor, batches: int) -> int
     return int(count.item())
 
 
-def _graph_batch_norms(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Batch-norm calls of the graph whose running statistics are its buffers: node name →
-    (running mean, running var)."""
+@dataclass(frozen=True)
+class _GraphNorm:
+    """A batch-norm call of a graph: its tensors (the graph's buffers and parameters), its
+    epsilon, and whether it returns aten's (out, mean, rstd) tuple."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    returns_tuple: bool
+
+
+def _graph_batch_norms(gm: fx.GraphModule) -> dict[str, _GraphNorm]:
+    """Batch-norm calls of the graph whose running statistics are its buffers, by node name."""
     out = {}
     for n in gm.graph.nodes:
         if n.op == "call_module" or not has_statistics(n):
             continue
         names = tensor_args(n)
         if {"running_mean", "running_var"} <= names.keys():
-            out[n.name] = (get_tensor(gm, names["running_mean"]),
-                           get_tensor(gm, names["running_var"]))
+            weight, bias = (get_tensor(gm, names[r]) if r in names else None
+                            for r in ("weight", "bias"))
+            out[n.name] = _GraphNorm(
+                get_tensor(gm, names["running_mean"]), get_tensor(gm, names["running_var"]),
+                weight, bias, norm_eps(n, gm),
+                isinstance(n.target, torch._ops.OpOverload) and len(n.target._schema.returns) > 1)
     return out
 
 
@@ -177,8 +193,7 @@ class _TrainNorms(fx.Interpreter):
     statistics and moves its running statistics by `momentum` (1/(k+1) at batch k gives the
     cumulative average), as a BatchNorm module in train mode with momentum=None does."""
 
-    def __init__(self, gm: fx.GraphModule, calls: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-                 ) -> None:
+    def __init__(self, gm: fx.GraphModule, calls: Mapping[str, _GraphNorm]) -> None:
         super().__init__(gm)
         self.calls = calls
         self.momentum = 1.0
@@ -188,18 +203,13 @@ class _TrainNorms(fx.Interpreter):
         return super().run(*inputs)
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.name not in self.calls:
+        norm = self.calls.get(n.name)
+        if norm is None:
             return super().run_node(n)
-        mean, var = self.calls[n.name]
-        names = tensor_args(n)
-        weight, bias = (get_tensor(self.module, names[r]) if r in names else None
-                        for r in ("weight", "bias"))
         x = self.env[n.args[0]]
-        out = F.batch_norm(x, mean, var, weight, bias, True, self.momentum,
-                           norm_eps(n, self.module))
-        if isinstance(n.target, torch._ops.OpOverload) and len(n.target._schema.returns) > 1:
-            return out, x.new_empty(0), x.new_empty(0)  # aten's (out, mean, rstd) form
-        return out
+        out = F.batch_norm(x, norm.mean, norm.var, norm.weight, norm.bias, True, self.momentum,
+                           norm.eps)
+        return (out, x.new_empty(0), x.new_empty(0)) if norm.returns_tuple else out
 
 
 def repair_module(inputs: NormInputs) -> int:
