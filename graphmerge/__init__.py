@@ -8,9 +8,12 @@ The pipeline, module by module: docs/architecture.md.
 from graphmerge.config import MergeConfig
 from graphmerge.errors import (
     ConfigError,
+    CoverageError,
     DataError,
+    FewSamplesWarning,
     GraphmergeError,
     InexactExpansionWarning,
+    LowCoverageWarning,
     MismatchError,
     SpaceCheckError,
     TracingError,
@@ -41,6 +44,7 @@ __all__ = [
     "MergeResult", "SpaceSummary", "MergeConfig", "plan_merge", "MergePlan", "export_onnx",
     "save_module", "load_module", "load_state", "widen", "deepen",
     "GraphmergeError", "TracingError", "SpaceCheckError", "MismatchError", "ConfigError",
-    "DataError", "InexactExpansionWarning",
+    "DataError", "CoverageError", "InexactExpansionWarning", "LowCoverageWarning",
+    "FewSamplesWarning",
 ]
 __version__ = "0.1.0"

@@ -3,9 +3,16 @@
 `Calibration` wraps what the user passed (a DataLoader, a list, a generator, an endless
 stream) and is what every pass iterates. Iterating it yields the model inputs of one batch
 (labels dropped, moved to the merge's device), within the limits `max_batches` and
-`max_samples` (the last batch is cut to fit). It never holds more than one batch, except for a
-one-shot iterator (a generator: it cannot be read twice, and a merge reads the data more than
-once), whose batches within the limits are kept.
+`max_samples` (the last batch is cut to fit).
+
+A merge reads the data several times (statistics, then REPAIR or the BatchNorm reset), and every
+pass must see the same samples: REPAIR sets each merged unit's statistics to its members'
+measured in an earlier pass, so a data loader that draws new samples on each read (random
+augmentation, a random dataset, shuffling) makes it wrong where units have few samples (53%
+output error on a VGG whose classifier is a 7×7 conv on a 1×1 map). So the first complete read
+is kept when its inputs fit in `KEEP_BYTES` (a one-shot iterator's always), and later passes
+replay it; when it does not fit, each later read is checked batch by batch against the first
+(shape, Σx, Σx² of every tensor input) and a batch that differs raises DataError.
 
 Under `torch.distributed`, batch b goes to rank b mod world size: every rank reads its shard,
 and the passes all-reduce their sums (`all_reduce`), so N processes compute what one does.
@@ -22,9 +29,12 @@ import torch.utils.data
 from tqdm.auto import tqdm
 
 from graphmerge.errors import ConfigError, DataError
+from graphmerge.graph.lockstep import nbytes
 from graphmerge.inputs import split_batch
 
-__all__ = ["Calibration", "all_reduce", "distributed", "with_progress"]
+__all__ = ["Calibration", "KEEP_BYTES", "all_reduce", "distributed", "with_progress"]
+
+KEEP_BYTES = 1 << 30  # a first read whose inputs fit is kept in memory and replayed
 
 
 def distributed() -> tuple[int, int]:
@@ -101,16 +111,17 @@ class Calibration:
                 f"the calibration data ({type(data).__name__}) has no len(), so it may be "
                 f"endless: pass max_batches= or max_samples= to say how much to read, or a list "
                 f"or DataLoader")
-        if isinstance(getattr(data, "sampler", None), torch.utils.data.RandomSampler):
-            warnings.warn("the calibration DataLoader shuffles: every pass over it (statistics, "
-                          "then REPAIR or BatchNorm reset) sees other batches, and processes "
-                          "under torch.distributed see different orders; pass shuffle=False",
-                          stacklevel=3)
+        if distributed()[1] > 1 and isinstance(getattr(data, "sampler", None),
+                                               torch.utils.data.RandomSampler):
+            warnings.warn("the calibration DataLoader shuffles: under torch.distributed every "
+                          "process draws its own order, so the shards overlap; pass "
+                          "shuffle=False", stacklevel=3)
         self.n_inputs = n_inputs
         self.max_batches, self.max_samples = max_batches, max_samples
         self.device = None if device is None else torch.device(device)
         self._data = data
         self._kept: list[tuple[Any, ...]] | None = None
+        self._prints: dict[int, tuple] = {}  # batch index -> its fingerprint in the first read
         if isinstance(data, Iterator):  # one-shot: read once, keep the batches in the limits
             self._kept = list(self._read(data))
         self.samples: int | None = None  # samples per pass (this rank's share), once known
@@ -156,8 +167,12 @@ class Calibration:
 
     def _batches(self, rank: int, world: int) -> Iterator[tuple[int, tuple[Any, ...]]]:
         count = 0
-        source = self._kept if self._kept is not None else self._read(self._data)
+        self._load()
+        streaming = self._kept is None
+        source = self._read(self._data) if streaming else self._kept
         for b, inputs in enumerate(source):
+            if streaming:
+                self._check_same(b, inputs)
             if b % world != rank:
                 continue
             for x in inputs:
@@ -171,8 +186,37 @@ class Calibration:
                             "(e.g. a DataLoader over a few hundred training inputs)")
         self.samples = count
 
+    def _load(self) -> None:
+        """The first read: kept when its inputs fit in KEEP_BYTES; otherwise the batches read
+        until they overflowed are fingerprinted, and later reads are checked against them."""
+        if self._kept is not None or self._prints:
+            return
+        kept, held = [], 0
+        for b, inputs in enumerate(self._read(self._data)):
+            self._prints[b] = _fingerprint(inputs)
+            held += nbytes(inputs)
+            if held > KEEP_BYTES:
+                return
+            kept.append(inputs)
+        self._kept = kept
+
+    def _check_same(self, b: int, inputs: tuple[Any, ...]) -> None:
+        """DataError when batch b differs from its first read (recorded when it is new)."""
+        now = _fingerprint(inputs)
+        first = self._prints.setdefault(b, now)
+        if first != now:
+            raise DataError(
+                f"calibration batch {b} differs between two reads of the data (random "
+                f"augmentation, a dataset that draws random samples, or a shuffling loader). A "
+                f"merge reads the calibration data several times (statistics, then REPAIR or the "
+                f"BatchNorm reset) and needs the same samples each time; the data is too large "
+                f"to keep in memory ({KEEP_BYTES >> 20} MiB), so pass fixed data: a DataLoader "
+                f"without random transforms and with shuffle=False, or fewer batches "
+                f"(max_batches=)")
+
     def first(self) -> tuple[Any, ...]:
         """The model inputs of the first batch (the default example inputs)."""
+        self._load()
         source = self._kept if self._kept is not None else self._read(self._data)
         for inputs in source:
             return inputs
@@ -186,6 +230,16 @@ class Calibration:
             for b, inputs in self.indexed():
                 yield b, inputs
                 bar.update(_batch_size(inputs))
+
+
+def _fingerprint(inputs: tuple[Any, ...]) -> tuple:
+    """Shape, Σx and Σx² (float64) of each tensor input: equal for the same samples."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and not x.is_complex():
+            v = x.detach().double()
+            out.append((tuple(x.shape), float(v.sum()), float((v * v).sum())))
+    return tuple(out)
 
 
 def _sized(data: Any) -> bool:

@@ -17,6 +17,7 @@ __all__ = [
     "DataError",
     "CoverageError",
     "InexactExpansionWarning",
+    "FewSamplesWarning",
     "LowCoverageWarning",
     "summarize",
 ]
@@ -54,6 +55,12 @@ class CoverageError(GraphmergeError):
 class InexactExpansionWarning(UserWarning):
     """A depth expansion could not be exact (post-norm units) and was fitted instead; the
     message gives the error left per inserted unit."""
+
+
+class FewSamplesWarning(UserWarning):
+    """The calibration data gave some merged spaces fewer samples than units: their
+    correlations have lower rank than their width, so the matching is underdetermined there
+    (a self-merge may not even find the identity); the message names the worst space."""
 
 
 class LowCoverageWarning(UserWarning):

@@ -151,3 +151,57 @@ def test_extra_batch_items_of_a_model_with_optional_inputs_are_not_guessed():
     plain = _models()
     labelled = [(x, torch.zeros(len(x), dtype=torch.long)) for x in _batches(2)]
     gm.merge(plain, labelled, progress=False)
+
+
+class _Drawn(torch.utils.data.Dataset):
+    """A dataset that draws a new random sample on every read (random augmentation, taken to
+    the limit)."""
+
+    def __len__(self) -> int:
+        return 48
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.randn(3, 32, 32), 0
+
+
+def test_data_drawn_anew_on_each_read_is_read_once_and_the_self_merge_stays_exact():
+    # The VGG whose classifier is a 7×7 conv on a 1×1 map: its units have one sample per image,
+    # so REPAIR measured on other samples than its targets moved the output by 8-53%.
+    from graphmerge.lab.zoo.vgg_convhead import vgg_convhead
+
+    torch.manual_seed(0)
+    model = vgg_convhead().eval()
+    x = torch.randn(8, 3, 32, 32)
+    other = gm.permute(model, x, seed=1, frontend="export")
+    loader = torch.utils.data.DataLoader(_Drawn(), batch_size=16)
+    merged = gm.merge([model, other], loader, x, frontend="export", progress=False).module
+    with torch.no_grad():
+        y = model(x)
+        assert (merged(x) - y).abs().max().item() <= 1e-5 * y.abs().max().item()
+
+
+def test_data_too_large_to_keep_is_checked_on_every_read(monkeypatch):
+    import graphmerge.calibration as calibration
+
+    monkeypatch.setattr(calibration, "KEEP_BYTES", 0)
+    loader = torch.utils.data.DataLoader(_Drawn(), batch_size=16)
+    with pytest.raises(DataError, match="calibration batch 0 differs between two reads"):
+        list(Calibration(loader, 1))  # the first read was fingerprinted, this one differs
+    data = _batches()
+    assert _same(gm.merge(_models(), data, progress=False).module,
+                 gm.merge(_models(), iter(data), max_batches=9, progress=False).module)
+
+
+def test_fewer_samples_than_units_warns_that_the_matching_is_underdetermined():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    other = gm.permute(model, torch.randn(2, 4), seed=1)
+    with pytest.warns(gm.FewSamplesWarning, match="64 units seen in 6 samples"):
+        gm.merge([model, other], [torch.randn(3, 4)], progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gm.FewSamplesWarning)
+        merged = gm.merge([model, other], [torch.randn(64, 4)], progress=False).module
+    x = torch.randn(9, 4)
+    assert torch.allclose(merged(x), model(x), atol=1e-5)
