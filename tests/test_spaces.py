@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -396,8 +396,11 @@ specs = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(spec=specs, seed=st.integers(0, 2**16), frontend=st.sampled_from(["fx", "fx", "export"]))
+@example(spec={"in_ch": 3, "convs": [("depthwise", 2), ("plain", 5), ("depthwise", 2),
+                                     ("plain", 2)], "pool": False, "linears": [], "ln": False},
+         seed=57435, frontend="fx")  # dead channels: REPAIR once divided rounding noise by noise
 def test_oracle_and_self_merge_on_random_architectures(spec, seed, frontend):
     """The oracle holds, and a merge with a permuted copy gives the model back."""
     torch.manual_seed(seed)

@@ -138,17 +138,21 @@ def repair(module: fx.GraphModule, point: RepairPoint, measured: tuple[np.ndarra
     if point.kind == "batch_norm":
         gamma = get["weight"].double().numpy() if "weight" in get else np.ones_like(mu_m)
         beta = get["bias"].double().numpy() if "bias" in get else np.zeros_like(mu_m)
-        # output = gamma (x - running_mean) / sqrt(running_var + eps) + beta
-        live = (sd_m > _TINY) & (sd_t > _TINY) & (np.abs(gamma) > _TINY)
+        # output = gamma (x - running_mean) / sqrt(running_var + eps) + beta; a unit that does
+        # not vary keeps its scale (only its mean is moved): setting its variance from a
+        # zero spread would divide its rounding noise by sqrt(eps)
+        live = _varies(mu_m, sd_m) & _varies(mu_t, sd_t) & (np.abs(gamma) > _TINY)
+        now = get["running_var"].double().numpy()
         sigma = np.where(live, np.abs(gamma) * sd_m / np.where(live, sd_t, 1.0),
-                         np.sqrt(sd_m ** 2 + point.eps))
+                         np.sqrt(now + point.eps))
         moves = np.abs(gamma) > _TINY
         mean = np.where(moves, mu_m - (mu_t - beta) * sigma / np.where(moves, gamma, 1.0), mu_m)
         var = np.clip(sigma ** 2 - point.eps, 0.0, None)
         set_tensor(module, point.tensors["running_mean"], torch.from_numpy(mean).to(dtype))
         set_tensor(module, point.tensors["running_var"], torch.from_numpy(var).to(dtype))
         return
-    scale = np.where((sd_m > _TINY) & (sd_t > _TINY), sd_t / np.maximum(sd_m, _TINY), 1.0)
+    scale = np.where(_varies(mu_m, sd_m) & _varies(mu_t, sd_t), sd_t / np.maximum(sd_m, _TINY),
+                     1.0)
     weight = get["weight"]
     shape = (-1,) + (1,) * (weight.dim() - 1)
     set_tensor(module, point.tensors["weight"],
@@ -157,6 +161,15 @@ def repair(module: fx.GraphModule, point: RepairPoint, measured: tuple[np.ndarra
         bias = get["bias"].double().numpy()
         shift = scale * (bias - mu_m) + mu_t
         set_tensor(module, point.tensors["bias"], torch.from_numpy(shift).to(dtype))
+
+
+def _varies(mean: np.ndarray, std: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+    """Per unit: whether it varies on the data, by the rule of the correlations
+    (`correlation_from_moments`): a variance above `eps` times the larger of its E[x²] and
+    the point's mean unit variance. A constant unit's measured spread is rounding noise (a
+    std ~1e-9 around a mean ~0.1), and a ratio of two such spreads is noise too."""
+    var = std ** 2
+    return var > eps * np.maximum(mean ** 2 + var, var.mean() if var.size else 0.0)
 
 
 def by_level(points: Sequence[RepairPoint]) -> list[list[RepairPoint]]:
