@@ -1227,3 +1227,22 @@ def test_hostile_input(name, tmp_path):
     category, expect, fn = CASES[name]
     outcome = classify(fn, tmp_path, expect)
     assert outcome.kind == expect, f"{category}/{name}: {outcome.kind} ({outcome.detail})"
+
+
+def test_a_size_that_differs_on_an_axis_in_no_space_is_refused_by_name():
+    """nn.MultiheadAttention of two embed dims: its in_proj axis 0 has no space, so the merge
+    once died inside merge_parameters with a raw shape RuntimeError."""
+
+    class Attend(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, d), nn.Linear(d, 3)
+            self.att = nn.MultiheadAttention(d, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.out(h + self.att(h, h, h, need_weights=False)[0]).mean(1)
+
+    torch.manual_seed(0)
+    with pytest.raises(gm.MismatchError, match=r"`att\.in_proj_weight` has size 288 on axis 0"):
+        gm.merge([Attend(64).eval(), Attend(96).eval()], [torch.randn(4, 5, 8)], progress=False)

@@ -10,6 +10,7 @@ import torch.fx as fx
 from graphmerge.errors import MismatchError
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.spaces import FrozenBy
+from graphmerge.graph.tensors import named_tensors
 
 __all__ = ["pair_models", "op_key"]
 
@@ -64,3 +65,25 @@ def pair_models(traced: Sequence[Traced]) -> None:
                 raise MismatchError(
                     f"space {sa.id} keeps the identity ({sa.why}) but its width differs between "
                     f"model 0 ({sa.width}) and model {i} ({sb.width}); models must agree on it")
+        _check_unaligned_sizes(ref, t, i)
+
+
+def _check_unaligned_sizes(ref: Traced, other: Traced, i: int) -> None:
+    """MismatchError when a tensor's size differs between the models on an axis that is in no
+    space: nothing could bring the two to one width (a raw shape error later)."""
+    mine = named_tensors(other.graph_module)
+    for name, a in named_tensors(ref.graph_module).items():
+        b = mine.get(name)
+        if b is None or a.shape == b.shape:
+            continue
+        axes = ref.space_table.param_axes.get(name, {})
+        if a.dim() != b.dim():
+            raise MismatchError(f"`{name}` has shape {list(b.shape)} in model {i} and "
+                                f"{list(a.shape)} in model 0 (another number of axes)")
+        for d, (x, y) in enumerate(zip(a.shape, b.shape)):
+            if x != y and d not in axes:
+                raise MismatchError(
+                    f"`{name}` has size {y} on axis {d} in model {i} and {x} in model 0, and "
+                    f"no space holds that axis (no op rule placed it), so the two widths cannot "
+                    f"be aligned; models must agree on it, or the op that reads `{name}` needs a "
+                    f"rule")
