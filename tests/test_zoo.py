@@ -1,4 +1,5 @@
-"""Tests of the model zoo: shapes, fx tracing fidelity, config validation, registry, sizes."""
+"""Tests of the model zoo: shapes, fx tracing fidelity, config validation, registry, sizes,
+and gm.permute moving every free tensor of every family."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import torch
 import torch.fx
 from torch import nn
 
+import graphmerge as gm
 from graphmerge.errors import ConfigError
+from graphmerge.graph.oracle import draw_permutations, output_error
+from graphmerge.graph.tensors import canonical_names, named_tensors
 from graphmerge.lab.zoo.mlp import MLP, mlp
-from graphmerge.lab.zoo.registry import FAMILIES, build, example_input
+from graphmerge.lab.zoo.registry import COMMUNITY, FAMILIES, build, builtin, example_input
 from graphmerge.lab.zoo.resnet import BasicBlock, ResNet, resnet
 from graphmerge.lab.zoo.vgg import VGG, vgg
 from graphmerge.lab.zoo.vit import ViT, vit
@@ -310,3 +314,78 @@ def test_example_input_unknown_name_and_bad_batch() -> None:
         example_input("nope")
     with pytest.raises(ConfigError):
         example_input("mlp", batch=0)
+
+
+# ----------------------------------------------------------------------------- permutation oracle
+
+# families torch.fx cannot trace (control flow on a Proxy); torch.export captures them
+_FX_UNTRACEABLE = {"gpt", "vgg_convhead"}
+_TINY = {"resnet": {"depths": (1, 1, 1), "stem_stride": 2}}
+
+
+def _off_defaults(model: nn.Module) -> nn.Module:
+    """Every float parameter and buffer nudged by seeded noise: a norm's weight of ones, a
+    bias or running mean of zeros, is the same after any permutation and would hide a miss."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.add_(0.1 * torch.rand(t.shape, generator=g))  # > 0: running_var stays positive
+    return model.eval()
+
+
+def _permuted_tiny(name: str, frontend: str
+                   ) -> tuple[nn.Module, nn.Module, tuple, set[str], set[str]]:
+    """(model, gm.permute'd copy, inputs, canonical names of the tensors that moved, those that
+    must move: an axis in a space whose drawn permutation is not the identity)."""
+    torch.manual_seed(0)
+    model, x = builtin(name, batch=2, **_TINY.get(name, {}))
+    model, x = _off_defaults(model), (x,)
+    table = gm.trace(model, x, frontend=frontend).space_table
+    twin = gm.permute(model, x, seed=1, frontend=frontend)
+    perms = draw_permutations(table, torch.Generator().manual_seed(1))  # what permute drew
+
+    def moves(sid: int) -> bool:
+        perm = perms[sid]
+        return not torch.equal(perm, torch.arange(perm.shape[-1]).expand_as(perm))
+
+    canonical = canonical_names(model)
+    before, after = named_tensors(model), named_tensors(twin)
+    moved = {canonical[n] for n, t in before.items() if not torch.equal(t, after[n])}
+    expected = {n for n, dims in table.param_axes.items()
+                if n in before and any(moves(sid) for sid in dims.values())}
+    return model, twin, x, moved, expected
+
+
+def _every_family() -> list:
+    cases = []
+    for name in sorted([*FAMILIES, *COMMUNITY]):
+        cases.append(pytest.param(name, "export", id=f"{name}-export"))
+        if name not in _FX_UNTRACEABLE:
+            cases.append(pytest.param(name, "fx", id=f"{name}-fx"))
+    return cases
+
+
+@pytest.mark.parametrize("name, frontend", _every_family())
+def test_permute_moves_every_tensor_of_a_free_space(name: str, frontend: str) -> None:
+    """Issue 20's acceptance, on every registered family: gm.permute moves weights, every
+    parameter or buffer with an axis in a permuted space moves, nothing else does, and the
+    outputs stay the same."""
+    model, twin, x, moved, expected = _permuted_tiny(name, frontend)
+    params = {n for n, p in model.named_parameters() if p.is_floating_point()}
+    assert moved & params, "gm.permute changed no parameter"
+    assert moved == expected, (f"not moved: {sorted(expected - moved)[:5]}; moved outside "
+                               f"the spaces: {sorted(moved - expected)[:5]}")
+    assert output_error(model, twin, x) < 1e-4
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("name", ["gncnn", "wsconv"])
+def test_permute_moves_group_norm_affine(name: str, frontend: str) -> None:
+    """GroupNorm's weight and bias move with their channels (its groups keep their order)."""
+    model, twin, x, moved, _ = _permuted_tiny(name, frontend)
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)]
+    assert norms
+    for n, m in norms:
+        assert {f"{n}.weight", f"{n}.bias"} <= moved, n
+    assert output_error(model, twin, x) < 1e-4
