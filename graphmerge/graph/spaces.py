@@ -356,8 +356,10 @@ class _Builder:
 
     # ---- resolution ------------------------------------------------------------------------
     def resolve_derivations(self) -> dict[Hashable, tuple[str, tuple[Hashable | int, ...]]]:
-        """One derivation per root: equal-structured derivations of one root unify their parts;
-        incompatible ones freeze the root and its parts."""
+        """One derivation per root: derivations of one root with one structure unify their
+        parts, and cats whose cuts refine each other (the slices x[:, :r] and x[:, r:] of one
+        tensor) merge into their common refinement (`_refine_cats`); incompatible ones freeze
+        the root and its parts."""
         conflicts: set[Hashable] = set()
         grouped: set[Hashable] = set()  # conflicts where a grouped op's groups take part
         while True:
@@ -370,7 +372,14 @@ class _Builder:
                     by_root[root] = (kind, rparts)
                     continue
                 kind0, parts0 = by_root[root]
-                if (kind0, self._widths(parts0)) == (kind, self._widths(rparts)):
+                refined = self._refine_cats(parts0, rparts) if kind0 == kind == "cat" else None
+                if refined is not None:
+                    by_root[root] = (kind, refined[0])
+                    for p, q in refined[1]:
+                        if p != q:
+                            self.uf.union(p, q)
+                            changed = True
+                elif (kind0, self._widths(parts0)) == (kind, self._widths(rparts)):
                     for p, q in zip(parts0, rparts):
                         if isinstance(p, int) != isinstance(q, int):
                             conflicts.add(q if isinstance(p, int) else p)
@@ -387,12 +396,36 @@ class _Builder:
         for c in conflicts:
             self.frozen.setdefault(c, Frozen(FrozenBy.DERIVED_CONFLICT, detail=(
                 "its channels are grouped in two incompatible ways (grouped convolutions or "
-                "group norms with different numbers of groups)") if c in grouped else ""))
+                "group norms with different numbers of groups)") if c in grouped else (
+                "pieces that overlap without one containing the other (slices or splits "
+                "cut at different places)")))
         # cycles (a root among its own parts, directly or through other derived roots) freeze
         for root in list(by_root):
             if self._reaches(by_root, root, root):
                 self.frozen.setdefault(root, Frozen(FrozenBy.DERIVED_CYCLE))
         return by_root
+
+    def _refine_cats(self, a: tuple, b: tuple) -> tuple[tuple, list[tuple]] | None:
+        """The common refinement of two cats of one axis, or None if an axis part of one
+        would be cut by the other. A bare width of one side (what a slice leaves out) is cut
+        at the other side's boundaries and takes its axes; equal spans pair their axes.
+        Returns (merged parts, pairs of axis parts to unify)."""
+        a, b, out, pairs = list(a), list(b), [], []
+        while a and b:
+            p, q = a.pop(0), b.pop(0)
+            wp, wq = self._widths((p, q))
+            if wp == wq:
+                out.append(p if isinstance(q, int) else q)
+                if not isinstance(p, int) and not isinstance(q, int):
+                    pairs.append((p, q))
+                continue
+            (short, ws), (long, wl), rest = ((p, wp), (q, wq), b) if wp < wq else (
+                (q, wq), (p, wp), a)
+            if not isinstance(long, int):
+                return None  # an axis cut in two: no block-diagonal transform
+            out.append(short)
+            rest.insert(0, wl - ws)
+        return (tuple(out), pairs) if not a and not b else None
 
     def _widths(self, parts: tuple) -> tuple[int, ...]:
         return tuple(p if isinstance(p, int) else self.size[p] for p in parts)

@@ -298,18 +298,35 @@ def _index_links(op: Op, src: fx.Node, idx: tuple[Any, ...]) -> Iterator[Link]:
                 yield Freeze(a, f"indexing picks position {i} of axis {d_in}")
             d_in += 1
             continue
-        start, stop, step = i.indices(shape[d_in])
-        if step != 1:
-            d_in += 1
-            d_out += 1
-            continue  # strided slices: unmentioned, hence frozen
-        if (start, stop) == (0, shape[d_in]):
-            yield Same(op.x(src, d_in), op.out(d_out))
-        else:
-            parts = (start, op.out(d_out) or (stop - start), shape[d_in] - stop)
-            yield Cat(NodeAxis(src.name, d_in), tuple(p for p in parts if p != 0))
+        yield from _slice_links(op, src, d_in, i, op.out(d_out))
         d_in += 1
         d_out += 1
+
+
+def _slice_links(op: Op, src: fx.Node, d: int, i: slice, piece: NodeAxis | None
+                 ) -> Iterator[Link]:
+    """A slice start:stop of axis `d` with step 1 (bounds may be negative or None) is an index
+    map: the axis is a cat of the piece and what the slice leaves out (bare widths, which
+    other slices of the same axis may claim). A step other than 1 or a bound that is not a
+    literal freezes the axis."""
+    a = op.x(src, d)
+    bounds = (i.start, i.stop, i.step)
+    if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in bounds):
+        if a is not None:
+            yield Freeze(a, f"a slice of axis {d} whose bounds are not literals ({i})")
+        return
+    size = op.shape(src)[d]
+    start, stop, step = i.indices(size)
+    if step != 1:
+        if a is not None:
+            yield Freeze(a, f"a strided slice (step {step}) of axis {d} is no block of its units")
+        return
+    stop = max(start, stop)
+    if (start, stop) == (0, size):
+        yield Same(a, piece)
+    elif a is not None:
+        parts = (start, piece or (stop - start), size - stop)
+        yield Cat(a, tuple(p for p in parts if p != 0))
 
 
 @register(torch.narrow, "narrow")
