@@ -53,6 +53,18 @@ class LinearSlices(nn.Module):
         return self.p(h[..., :3]) * self.q(h[..., 3:7]) + self.r(h[:, 7:])
 
 
+class Narrowed(nn.Module):
+    """narrow(x, dim, start, length): the slice x[:, start:start + length]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p, self.q = nn.Linear(5, 10), nn.Linear(4, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return self.p(h.narrow(1, 0, 4)) - self.q(torch.narrow(h, -1, 4, 6))
+
+
 class Strided(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -79,6 +91,7 @@ CASES = {  # name -> (model, input, weights a permuted twin must change)
                                                                   "b.weight"]),
     "linear_last_axis": (LinearSlices, LINEAR_X, ["fc.weight", "p.weight", "q.weight",
                                                   "r.weight"]),
+    "narrow": (Narrowed, LINEAR_X, ["fc.weight", "p.weight", "q.weight"]),
 }
 
 
@@ -88,8 +101,9 @@ def test_slices_are_index_maps(name, frontend):
     make, x, moved = CASES[name]
     model = _prepared(make())
     table = gm.trace(model, x, frontend=frontend).space_table
-    whole = table[table.param_axes["fc.weight" if "linear" in name else "stem.weight"][0]]
-    readers = ["p", "q", "r"] if "linear" in name else ["a", "b"]
+    whole = table[table.param_axes["stem.weight" if "conv" in name else "fc.weight"][0]]
+    readers = {"conv": ["a", "b"], "conv_negative": ["a", "b"], "narrow": ["p", "q"]}.get(
+        name, ["p", "q", "r"])
     pieces = tuple(table.param_axes[f"{r}.weight"][1] for r in readers)
     assert not whole.frozen and whole.derived is not None and whole.derived.kind == "cat"
     assert whole.derived.parts == pieces and len(set(pieces)) == len(pieces)
@@ -103,6 +117,29 @@ def test_slices_are_index_maps(name, frontend):
     result = gm.merge([model, twin], [x], frontend=frontend, progress=False)
     assert {r.kind for r in result.coverage.reasons} <= {"GRAPH_OUTPUT"}
     assert output_error(model, result.module, (x,)) < 1e-6
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_slice_bounds_follow_the_merged_widths(name, frontend):
+    """A merge to half the width moves every cut: the bounds are offsets of the pieces
+    (negative ones from the end), rewritten from the merged widths of the pieces."""
+    make, x, _ = CASES[name]
+    model = _prepared(make())
+    twin = gm.permute(model, x, seed=1, frontend=frontend)
+    calibration = [torch.randn(16, *x.shape[1:], dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(2))]
+    result = gm.merge([model, twin], calibration, frontend=frontend, width=0.5,
+                      heads="average", progress=False)
+    merged = result.module
+    readers = [m for m in merged.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][1:-1] \
+        if "conv" in name else [m for m in merged.modules() if isinstance(m, nn.Linear)][1:]
+    widths = [m.in_features if isinstance(m, nn.Linear) else m.in_channels for m in readers]
+    assert sum(widths) < sum(CASES[name][0]().state_dict()[
+        "stem.weight" if "conv" in name else "fc.weight"].shape[:1])  # narrower pieces
+    with torch.no_grad():
+        out = merged(x)
+    assert out.shape == model(x).shape and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

@@ -409,7 +409,11 @@ class _Builder:
         """The common refinement of two cats of one axis, or None if an axis part of one
         would be cut by the other. A bare width of one side (what a slice leaves out) is cut
         at the other side's boundaries and takes its axes; equal spans pair their axes.
-        Returns (merged parts, pairs of axis parts to unify)."""
+        Returns (merged parts, pairs of axis parts to unify). A cat that holds one space
+        twice (rotate-half of a rotary embedding: cat of one frequency axis with itself, then
+        its halves sliced) is not refined: it keeps the checks of equal cats below."""
+        if _repeats(a) or _repeats(b):
+            return None
         a, b, out, pairs = list(a), list(b), [], []
         while a and b:
             p, q = a.pop(0), b.pop(0)
@@ -425,7 +429,9 @@ class _Builder:
                 return None  # an axis cut in two: no block-diagonal transform
             out.append(short)
             rest.insert(0, wl - ws)
-        return (tuple(out), pairs) if not a and not b else None
+        if a or b or _repeats(tuple(out), pairs):
+            return None
+        return tuple(out), pairs
 
     def _widths(self, parts: tuple) -> tuple[int, ...]:
         return tuple(p if isinstance(p, int) else self.size[p] for p in parts)
@@ -651,6 +657,22 @@ class _Builder:
         heads freeze as a new dict; `frozen_roots` itself is left as it is."""
         group_roots = {self.uf.find(k) for k in self.size if k[0] == "v" and k[2] == "groups"}
         return _HeadFinder(self.uf.find, derived, frozen_roots, groups, group_roots).run()
+
+
+def _repeats(parts: tuple, pairs: list[tuple] = ()) -> bool:
+    """Whether two axis parts of a cat are one space, once the `pairs` are unified."""
+    alias: dict[Hashable, Hashable] = {}
+
+    def root(x: Hashable) -> Hashable:
+        while x in alias:
+            x = alias[x]
+        return x
+
+    for p, q in pairs:
+        if root(p) != root(q):
+            alias[root(p)] = root(q)
+    axes = [root(p) for p in parts if not isinstance(p, int)]
+    return len(set(axes)) < len(axes)
 
 
 @dataclass

@@ -276,31 +276,33 @@ def _getitem(op: Op) -> Iterator[Link]:
     yield from _index_links(op, src, idx if isinstance(idx, tuple) else (idx,))
 
 
+def index_axes(idx: tuple[Any, ...], n: int) -> Iterator[tuple[int | None, int, int, Any]]:
+    """(position in `idx` or None where `...` stands, input axis, output axis, index) of each
+    axis of an n-d tensor indexed by `idx` (basic indexing: ints, slices, None, ...)."""
+    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded: list[tuple[int | None, Any]] = []
+    for k, i in enumerate(idx):
+        expanded.extend([(None, slice(None))] * (n - consumed) if i is Ellipsis else [(k, i)])
+    if Ellipsis not in idx:
+        expanded.extend([(None, slice(None))] * (n - consumed))
+    d_in = d_out = 0
+    for k, i in expanded:
+        if i is not None:
+            yield k, d_in, d_out, i
+        d_in += i is not None
+        d_out += not isinstance(i, int)
+
+
 def _index_links(op: Op, src: fx.Node, idx: tuple[Any, ...]) -> Iterator[Link]:
-    shape = op.shape(src)
-    n = len(shape)
     if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
         return  # advanced indexing: leave everything unmentioned (frozen)
-    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    expanded: list[Any] = []
-    for i in idx:
-        expanded.extend([slice(None)] * (n - consumed) if i is Ellipsis else [i])
-    if Ellipsis not in idx:
-        expanded.extend([slice(None)] * (n - consumed))
-    d_in = d_out = 0
-    for i in expanded:
-        if i is None:
-            d_out += 1
-            continue
+    for _, d_in, d_out, i in index_axes(idx, len(op.shape(src))):
         if isinstance(i, int):
             a = op.x(src, d_in)
             if a is not None:
                 yield Freeze(a, f"indexing picks position {i} of axis {d_in}")
-            d_in += 1
-            continue
-        yield from _slice_links(op, src, d_in, i, op.out(d_out))
-        d_in += 1
-        d_out += 1
+        else:
+            yield from _slice_links(op, src, d_in, i, op.out(d_out))
 
 
 def _slice_links(op: Op, src: fx.Node, d: int, i: slice, piece: NodeAxis | None
