@@ -147,8 +147,9 @@ def _slice_bounds(traced: Traced, n: fx.Node) -> Iterator[Literal]:
     for k, d_in, d_out, i in axes:
         whole, piece = table.space_of(n.args[0].name, d_in), table.space_of(n.name, d_out)
         if not isinstance(i, slice) or whole is None or piece is None or \
-                whole.derived is None or whole.derived.kind != "cat":
-            continue
+                whole.derived is None or whole.derived.kind != "cat" or not all(
+                    b is None or isinstance(b, int) for b in (i.start, i.stop, i.step)):
+            continue  # bounds read from other nodes (sizes) follow the shapes by themselves
         start = i.indices(shape[d_in])[0]
         parts = list(zip(whole.derived.parts, whole.derived.sizes))
         at = [j for j in range(len(parts)) if parts[j][0] == piece.id
