@@ -3,7 +3,9 @@
 A reshape to `[B, T, 32]`, a layer norm over `[32]` or a depthwise convolution with
 `groups=32` holds the width of a space as a number. `find_literals` ties each such literal to
 the space of the axis it sizes, from the op and the space table; `resize_literals` rewrites
-them in a graph whose spaces changed width. Literals that are not widths (-1, sizes of frozen
+them in a graph whose spaces changed width. A slice bound (`s[:, r:]`, `aten.slice`,
+`narrow`) is the offset of a piece in the cat of its axis: a sum of widths of the parts before
+it (or, when negative, from it to the end). Literals that are not widths (-1, sizes of frozen
 axes, values read from other nodes) are left as they are.
 """
 

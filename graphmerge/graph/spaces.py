@@ -362,6 +362,7 @@ class _Builder:
         the root and its parts."""
         conflicts: set[Hashable] = set()
         grouped: set[Hashable] = set()  # conflicts where a grouped op's groups take part
+        cut: set[Hashable] = set()  # conflicts of two cats: a piece cut by another's bounds
         while True:
             by_root: dict[Hashable, tuple[str, tuple]] = {}
             changed = False
@@ -391,6 +392,8 @@ class _Builder:
                     conflicts.update(parts)
                     if any(p[0] == "v" for p in (*parts0, *rparts) if not isinstance(p, int)):
                         grouped.update(parts)
+                    elif kind0 == kind == "cat":
+                        cut.update(parts)
             if not changed:
                 break
         for c in conflicts:
@@ -398,7 +401,7 @@ class _Builder:
                 "its channels are grouped in two incompatible ways (grouped convolutions or "
                 "group norms with different numbers of groups)") if c in grouped else (
                 "pieces that overlap without one containing the other (slices or splits "
-                "cut at different places)")))
+                "cut at different places)") if c in cut else ""))
         # cycles (a root among its own parts, directly or through other derived roots) freeze
         for root in list(by_root):
             if self._reaches(by_root, root, root):
