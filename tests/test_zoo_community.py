@@ -91,10 +91,7 @@ def test_unknown_name_lists_community() -> None:
 
 
 # (family, front end) -> the rule it misses today; strict, so a merged rule branch flips them
-_SLICES = ("channel slices of a conv output (s[:, :r], s[:, r:]) have no spaces of their own: "
-           "needs slices/uneven splits as index maps (88% coverage)")
 MISSING = {
-    **{("dpn", f): _SLICES for f in ("fx", "export")},
     ("vgg_convhead", "fx"): "torch.fx cannot trace the `x.shape[-2] < 7` test (control flow on "
                             "a Proxy); export captures it",
 }

@@ -3,7 +3,9 @@
 A reshape to `[B, T, 32]`, a layer norm over `[32]` or a depthwise convolution with
 `groups=32` holds the width of a space as a number. `find_literals` ties each such literal to
 the space of the axis it sizes, from the op and the space table; `resize_literals` rewrites
-them in a graph whose spaces changed width. Literals that are not widths (-1, sizes of frozen
+them in a graph whose spaces changed width. A slice bound (`s[:, r:]`, `aten.slice`,
+`narrow`) is the offset of a piece in the cat of its axis: a sum of widths of the parts before
+it (or, when negative, from it to the end). Literals that are not widths (-1, sizes of frozen
 axes, values read from other nodes) are left as they are.
 """
 
@@ -19,6 +21,7 @@ import torch.fx as fx
 
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.kinds import arg_position, target_name
+from graphmerge.graph.rules.shape import index_axes
 from graphmerge.graph.spaces import SpaceTable
 
 __all__ = ["Literal", "find_literals", "merged_widths", "resize_literals"]
@@ -35,6 +38,18 @@ class Literal:
     arg: int
     index: int | None
     space: int
+    # a slice bound: the offset of a piece in the cat of its axis, `sign` · (Σ widths of the
+    # `terms` (space id, width) + `fixed`); `bound` names the field of a slice object
+    terms: tuple[tuple[int, int], ...] = ()
+    fixed: int = 0
+    sign: int = 1
+    bound: str | None = None
+
+    def value(self, widths: Mapping[int, int]) -> int | None:
+        """The literal for spaces of `widths` (a plain width: None when its space is absent)."""
+        if not self.terms:
+            return widths.get(self.space)
+        return self.sign * (self.fixed + sum(widths.get(s, w) for s, w in self.terms))
 
 
 _SIZE_OPS = {"view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_ones", "new_empty",
@@ -107,6 +122,9 @@ def find_literals(traced: Traced) -> list[Literal]:
                           for k in range(pieces)}
                 if len(spaces) == 1 or _one_heads_width(table, spaces):
                     tie(n, 1, None, f"{n.name}#0", dim)
+        elif (name in ("getitem", "narrow") or n.target is aten.slice.Tensor) and n.args \
+                and isinstance(n.args[0], fx.Node):
+            out.extend(_slice_bounds(traced, n))
         elif name in _CONVS and len(n.args) > 6 and isinstance(n.args[0], fx.Node):
             x, groups = n.args[0], n.args[6]
             shape = traced.shapes.get(x.name) or ()
@@ -117,6 +135,64 @@ def find_literals(traced: Traced) -> list[Literal]:
         elif name == "group_norm" and len(n.args) > 1 and isinstance(n.args[0], fx.Node):
             _tie_groups(table, n, 1, n.args[0], out)
     return out
+
+
+def _slice_bounds(traced: Traced, n: fx.Node) -> Iterator[Literal]:
+    """The bounds of a slice (fx getitem, aten.slice, narrow) along an axis that is a cat of
+    pieces: each is the offset of a piece, from the start (≥ 0) or from the end (< 0); the
+    length of a narrow is the piece's width."""
+    shape = traced.shapes.get(n.args[0].name)
+    if not isinstance(shape, tuple) or not all(isinstance(w, int) for w in shape):
+        return
+    axes, places = _sliced_axes(n, len(shape))
+    table = traced.space_table
+    for k, d_in, d_out, i in axes:
+        whole, piece = table.space_of(n.args[0].name, d_in), table.space_of(n.name, d_out)
+        if not isinstance(i, slice) or whole is None or piece is None or \
+                whole.derived is None or whole.derived.kind != "cat" or not all(
+                    b is None or isinstance(b, int) for b in (i.start, i.stop, i.step)):
+            continue  # bounds read from other nodes (sizes) follow the shapes by themselves
+        start = i.indices(shape[d_in])[0]
+        parts = list(zip(whole.derived.parts, whole.derived.sizes))
+        at = [j for j in range(len(parts)) if parts[j][0] == piece.id
+              and sum(w for _, w in parts[:j]) == start]
+        for bound, cut in (("start", at[0]), ("stop", at[0] + 1)) if at else ():
+            value = getattr(i, bound)
+            if bound not in places or not isinstance(value, int) or isinstance(value, bool):
+                continue
+            terms = parts[:cut] if value >= 0 else parts[cut:]
+            arg, element, field = places[bound]
+            lit = Literal(n.name, arg, k if element else None, piece.id, tuple(
+                (s, w) for s, w in terms if s is not None), sum(
+                w for s, w in terms if s is None), -1 if value < 0 else 1, field)
+            if lit.terms and lit.value({}) == value:
+                yield lit
+        if target_name(n) == "narrow" and n.args[3] == piece.width:
+            yield Literal(n.name, 3, None, piece.id)
+
+
+def _sliced_axes(n: fx.Node, rank: int) -> tuple[list, dict[str, tuple]]:
+    """(position, input axis, output axis, slice) of each axis a slicing node indexes, and
+    where its start and stop are: bound -> (argument, whether it is the element at that
+    position of the argument, the field of the slice object or None)."""
+    name = target_name(n)
+    if n.target is aten.slice.Tensor or name == "narrow":
+        dim, start, end = (n.args[k] if len(n.args) > k else None for k in (1, 2, 3))
+        dim = 0 if dim is None else dim
+        if name == "narrow":  # narrow(x, dim, start, length): its stop is not an argument
+            if not isinstance(start, int) or not isinstance(end, int):
+                return [], {}
+            end = start + end
+        axes = [(None, dim % rank, dim % rank, slice(start, end))] if isinstance(dim, int) \
+            else []
+        return axes, {"start": (2, False, None), **({} if name == "narrow" else {
+            "stop": (3, False, None)})}
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    if not all(i is None or isinstance(i, (int, slice)) or i is Ellipsis for i in idx):
+        return [], {}
+    one = not isinstance(n.args[1], tuple)  # x[a:b]: the slice is the argument itself
+    return list(index_axes(idx, rank)), {b: (1, not one, b) for b in (
+        "start", "stop")}
 
 
 def _tie_groups(table: SpaceTable, n: fx.Node, arg: int, x: fx.Node, out: list[Literal]) -> None:
@@ -158,19 +234,16 @@ def resize_literals(gm: fx.GraphModule, literals: list[Literal],
     nodes = {n.name: n for n in gm.graph.nodes}
     changed = 0
     for lit in literals:
-        n, new = nodes.get(lit.node), widths.get(lit.space)
+        n, new = nodes.get(lit.node), lit.value(widths)
         if n is None or new is None:
             continue
         args: list[Any] = list(n.args)
-        if lit.index is None:
-            if args[lit.arg] != new:
-                args[lit.arg] = new
-                changed += 1
-        else:
-            seq = list(args[lit.arg])
-            if seq[lit.index] != new:
-                seq[lit.index] = new
-                changed += 1
-            args[lit.arg] = type(n.args[lit.arg])(seq)
+        seq = [args[lit.arg]] if lit.index is None else list(args[lit.arg])
+        k = lit.index or 0
+        old = seq[k]
+        seq[k] = new if lit.bound is None else slice(*(
+            new if f == lit.bound else getattr(old, f) for f in ("start", "stop", "step")))
+        changed += seq[k] != old
+        args[lit.arg] = seq[0] if lit.index is None else type(n.args[lit.arg])(seq)
         n.args = tuple(args)
     return changed

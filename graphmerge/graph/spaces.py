@@ -356,10 +356,13 @@ class _Builder:
 
     # ---- resolution ------------------------------------------------------------------------
     def resolve_derivations(self) -> dict[Hashable, tuple[str, tuple[Hashable | int, ...]]]:
-        """One derivation per root: equal-structured derivations of one root unify their parts;
-        incompatible ones freeze the root and its parts."""
+        """One derivation per root: derivations of one root with one structure unify their
+        parts, and cats whose cuts refine each other (the slices x[:, :r] and x[:, r:] of one
+        tensor) merge into their common refinement (`_refine_cats`); incompatible ones freeze
+        the root and its parts."""
         conflicts: set[Hashable] = set()
         grouped: set[Hashable] = set()  # conflicts where a grouped op's groups take part
+        cut: set[Hashable] = set()  # conflicts of two cats: a piece cut by another's bounds
         while True:
             by_root: dict[Hashable, tuple[str, tuple]] = {}
             changed = False
@@ -370,7 +373,14 @@ class _Builder:
                     by_root[root] = (kind, rparts)
                     continue
                 kind0, parts0 = by_root[root]
-                if (kind0, self._widths(parts0)) == (kind, self._widths(rparts)):
+                refined = self._refine_cats(parts0, rparts) if kind0 == kind == "cat" else None
+                if refined is not None:
+                    by_root[root] = (kind, refined[0])
+                    for p, q in refined[1]:
+                        if p != q:
+                            self.uf.union(p, q)
+                            changed = True
+                elif (kind0, self._widths(parts0)) == (kind, self._widths(rparts)):
                     for p, q in zip(parts0, rparts):
                         if isinstance(p, int) != isinstance(q, int):
                             conflicts.add(q if isinstance(p, int) else p)
@@ -382,17 +392,49 @@ class _Builder:
                     conflicts.update(parts)
                     if any(p[0] == "v" for p in (*parts0, *rparts) if not isinstance(p, int)):
                         grouped.update(parts)
+                    elif kind0 == kind == "cat":
+                        cut.update(parts)
             if not changed:
                 break
         for c in conflicts:
             self.frozen.setdefault(c, Frozen(FrozenBy.DERIVED_CONFLICT, detail=(
                 "its channels are grouped in two incompatible ways (grouped convolutions or "
-                "group norms with different numbers of groups)") if c in grouped else ""))
+                "group norms with different numbers of groups)") if c in grouped else (
+                "pieces that overlap without one containing the other (slices or splits "
+                "cut at different places)") if c in cut else ""))
         # cycles (a root among its own parts, directly or through other derived roots) freeze
         for root in list(by_root):
             if self._reaches(by_root, root, root):
                 self.frozen.setdefault(root, Frozen(FrozenBy.DERIVED_CYCLE))
         return by_root
+
+    def _refine_cats(self, a: tuple, b: tuple) -> tuple[tuple, list[tuple]] | None:
+        """The common refinement of two cats of one axis, or None if an axis part of one
+        would be cut by the other. A bare width of one side (what a slice leaves out) is cut
+        at the other side's boundaries and takes its axes; equal spans pair their axes.
+        Returns (merged parts, pairs of axis parts to unify). A cat that holds one space
+        twice (rotate-half of a rotary embedding: cat of one frequency axis with itself, then
+        its halves sliced) is not refined: it keeps the checks of equal cats below."""
+        if _repeats(a) or _repeats(b):
+            return None
+        a, b, out, pairs = list(a), list(b), [], []
+        while a and b:
+            p, q = a.pop(0), b.pop(0)
+            wp, wq = self._widths((p, q))
+            if wp == wq:
+                out.append(p if isinstance(q, int) else q)
+                if not isinstance(p, int) and not isinstance(q, int):
+                    pairs.append((p, q))
+                continue
+            (short, ws), (long, wl), rest = ((p, wp), (q, wq), b) if wp < wq else (
+                (q, wq), (p, wp), a)
+            if not isinstance(long, int):
+                return None  # an axis cut in two: no block-diagonal transform
+            out.append(short)
+            rest.insert(0, wl - ws)
+        if a or b or _repeats(tuple(out), pairs):
+            return None
+        return tuple(out), pairs
 
     def _widths(self, parts: tuple) -> tuple[int, ...]:
         return tuple(p if isinstance(p, int) else self.size[p] for p in parts)
@@ -618,6 +660,22 @@ class _Builder:
         heads freeze as a new dict; `frozen_roots` itself is left as it is."""
         group_roots = {self.uf.find(k) for k in self.size if k[0] == "v" and k[2] == "groups"}
         return _HeadFinder(self.uf.find, derived, frozen_roots, groups, group_roots).run()
+
+
+def _repeats(parts: tuple, pairs: list[tuple] = ()) -> bool:
+    """Whether two axis parts of a cat are one space, once the `pairs` are unified."""
+    alias: dict[Hashable, Hashable] = {}
+
+    def root(x: Hashable) -> Hashable:
+        while x in alias:
+            x = alias[x]
+        return x
+
+    for p, q in pairs:
+        if root(p) != root(q):
+            alias[root(p)] = root(q)
+    axes = [root(p) for p in parts if not isinstance(p, int)]
+    return len(set(axes)) < len(axes)
 
 
 @dataclass

@@ -129,7 +129,9 @@ def _slice(op: Op) -> Iterator[Link]:
         4, "step", 1)
     size = op.shape(x)[dim % n]
     idx = [slice(None)] * n
-    idx[dim % n] = slice(start, None if end is None else min(end, size), step)
+    if isinstance(end, int) and end > size:  # export writes "to the end" as 2**63 - 1
+        end = size
+    idx[dim % n] = slice(start, end, step)
     yield from _index_links(op, x, tuple(idx))
 
 

@@ -276,40 +276,59 @@ def _getitem(op: Op) -> Iterator[Link]:
     yield from _index_links(op, src, idx if isinstance(idx, tuple) else (idx,))
 
 
+def index_axes(idx: tuple[Any, ...], n: int) -> Iterator[tuple[int | None, int, int, Any]]:
+    """(position in `idx` or None where `...` stands, input axis, output axis, index) of each
+    axis of an n-d tensor indexed by `idx` (basic indexing: ints, slices, None, ...)."""
+    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded: list[tuple[int | None, Any]] = []
+    for k, i in enumerate(idx):
+        expanded.extend([(None, slice(None))] * (n - consumed) if i is Ellipsis else [(k, i)])
+    if Ellipsis not in idx:
+        expanded.extend([(None, slice(None))] * (n - consumed))
+    d_in = d_out = 0
+    for k, i in expanded:
+        if i is not None:
+            yield k, d_in, d_out, i
+        d_in += i is not None
+        d_out += not isinstance(i, int)
+
+
 def _index_links(op: Op, src: fx.Node, idx: tuple[Any, ...]) -> Iterator[Link]:
-    shape = op.shape(src)
-    n = len(shape)
     if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
         return  # advanced indexing: leave everything unmentioned (frozen)
-    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    expanded: list[Any] = []
-    for i in idx:
-        expanded.extend([slice(None)] * (n - consumed) if i is Ellipsis else [i])
-    if Ellipsis not in idx:
-        expanded.extend([slice(None)] * (n - consumed))
-    d_in = d_out = 0
-    for i in expanded:
-        if i is None:
-            d_out += 1
-            continue
+    for _, d_in, d_out, i in index_axes(idx, len(op.shape(src))):
         if isinstance(i, int):
             a = op.x(src, d_in)
             if a is not None:
                 yield Freeze(a, f"indexing picks position {i} of axis {d_in}")
-            d_in += 1
-            continue
-        start, stop, step = i.indices(shape[d_in])
-        if step != 1:
-            d_in += 1
-            d_out += 1
-            continue  # strided slices: unmentioned, hence frozen
-        if (start, stop) == (0, shape[d_in]):
-            yield Same(op.x(src, d_in), op.out(d_out))
         else:
-            parts = (start, op.out(d_out) or (stop - start), shape[d_in] - stop)
-            yield Cat(NodeAxis(src.name, d_in), tuple(p for p in parts if p != 0))
-        d_in += 1
-        d_out += 1
+            yield from _slice_links(op, src, d_in, i, op.out(d_out))
+
+
+def _slice_links(op: Op, src: fx.Node, d: int, i: slice, piece: NodeAxis | None
+                 ) -> Iterator[Link]:
+    """A slice start:stop of axis `d` with step 1 (bounds may be negative or None) is an index
+    map: the axis is a cat of the piece and what the slice leaves out (bare widths, which
+    other slices of the same axis may claim). A step other than 1 or a bound that is not a
+    literal freezes the axis."""
+    a = op.x(src, d)
+    bounds = (i.start, i.stop, i.step)
+    if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in bounds):
+        if a is not None:
+            yield Freeze(a, f"a slice of axis {d} whose bounds are not literals ({i})")
+        return
+    size = op.shape(src)[d]
+    start, stop, step = i.indices(size)
+    if step != 1:
+        if a is not None:
+            yield Freeze(a, f"a strided slice (step {step}) of axis {d} is no block of its units")
+        return
+    stop = max(start, stop)
+    if (start, stop) == (0, size):
+        yield Same(a, piece)
+    elif a is not None:
+        parts = (start, piece or (stop - start), size - stop)
+        yield Cat(a, tuple(p for p in parts if p != 0))
 
 
 @register(torch.narrow, "narrow")
