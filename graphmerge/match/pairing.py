@@ -10,7 +10,7 @@ import torch.fx as fx
 from graphmerge.errors import MismatchError
 from graphmerge.graph.capture import Traced
 from graphmerge.graph.spaces import FrozenBy
-from graphmerge.graph.tensors import named_tensors
+from graphmerge.graph.tensors import canonical_names, named_tensors
 
 __all__ = ["pair_models", "op_key"]
 
@@ -72,10 +72,11 @@ def _check_unaligned_sizes(ref: Traced, other: Traced, i: int) -> None:
     """MismatchError when a tensor's size differs between the models on an axis that is in no
     space: nothing could bring the two to one width (a raw shape error later)."""
     mine = named_tensors(other.graph_module)
+    canonical = canonical_names(ref.graph_module)
     for name, a in named_tensors(ref.graph_module).items():
         b = mine.get(name)
-        if b is None or a.shape == b.shape:
-            continue
+        if b is None or a.shape == b.shape or canonical.get(name, name) != name:
+            continue  # (a tied tensor is checked under its first name, where its axes are)
         axes = ref.space_table.param_axes.get(name, {})
         if a.dim() != b.dim():
             raise MismatchError(f"`{name}` has shape {list(b.shape)} in model {i} and "
