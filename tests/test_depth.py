@@ -273,3 +273,21 @@ def test_no_model_deepest_in_every_stage():
     y = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert _rel(model(y), result.module(y)) < 1e-4
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_blocks_that_read_shapes_and_end_in_a_reshaped_norm_align_in_depth(frontend):
+    """LeViT-style blocks (`b, n, _ = x.shape`, a branch ending in BatchNorm1d then
+    `reshape_as`): the shape reads once counted as trunk structure and the branch had no layer
+    that could be zeroed, so a 2-block and a 3-block model were refused."""
+    from graphmerge.lab.zoo.registry import build, example_input
+
+    torch.manual_seed(0)
+    shallow, deep = build("levit", depth=2).eval(), build("levit", depth=3).eval()
+    x = example_input("levit", batch=8)
+    result = gm.merge([shallow, deep], [x], x, frontend=frontend, progress=False)
+    assert [a.depths for a in result.alignments] == [[2, 3]] and result.alignments[0].inserted
+    assert result.coverage.fraction > 0.9
+    with torch.no_grad():
+        y = result.module(x)
+    assert torch.isfinite(y).all() and not torch.allclose(y, deep(x), atol=1e-3)

@@ -141,7 +141,8 @@ _BUILTIN = (
     OpKind("flatten", "reshape", (nn.Flatten,), ("flatten",), keeps_zero=True,
            keeps_range=True),
     OpKind("reshape", "reshape", (), ("view", "reshape", "_unsafe_view", "permute",
-                                      "transpose"), keeps_zero=True, keeps_range=True),
+                                      "transpose", "reshape_as", "view_as"), keeps_zero=True,
+           keeps_range=True),
     OpKind("getitem", "reshape", (), ("getitem",), keeps_zero=True, keeps_range=True),
     OpKind("add", "arith", (), ("add", "iadd")),
     OpKind("mul", "arith", (), ("mul", "imul"), keeps_zero=True),  # zero when a factor is

@@ -355,9 +355,12 @@ def find_stages(traced: Traced, plain: bool = True, shared: bool = False) -> lis
 
 
 def trunk(traced: Traced, stages: Sequence[Stage]) -> list[fx.Node]:
-    """The nodes outside every stage (parameters not listed), in graph order."""
+    """The nodes outside every stage that compute tensors, in graph order: parameters, shape
+    reads, sizes and asserts (values that are not tensors) are no structure — a deeper model
+    reads shapes more often, and two traces of one family place such reads differently."""
     inside = {n for s in stages for u in s.units for n in u.nodes}
-    return [n for n in traced.graph.nodes if n.op != "get_attr" and n.name not in inside]
+    return [n for n in traced.graph.nodes if n.op != "get_attr" and n.name not in inside
+            and (n.op in ("placeholder", "output") or traced.shapes.get(n.name) is not None)]
 
 
 def corresponding_stages(ref: Traced, ref_stages: Sequence[Stage], other: Traced,

@@ -135,9 +135,16 @@ def _node_map(ref: Traced, ref_stages: Sequence[Stage], traced: Traced, stages: 
             if unit is None:
                 inserted.append(ref_unit)
             elif unit.signature != ref_unit.signature:
+                k = next((k for k, (a, b) in enumerate(zip(ref_unit.signature, unit.signature))
+                          if a != b), min(len(unit.signature), len(ref_unit.signature)))
+                ops = [" ".join(u.signature[k]) if k < len(u.signature) else "nothing"
+                       for u in (unit, ref_unit)]
                 raise MismatchError(
                     f"unit {p} of the reference's {ref_stages[i].name} and the model's unit at "
-                    f"`{unit.input}` differ in their ops; they cannot correspond")
+                    f"`{unit.input}` differ in their ops (op {k}: {ops[0]} where the reference "
+                    f"has {ops[1]}); they cannot correspond. (A model that caches values in "
+                    f"eval mode traces differently once it has run: run every model once, or "
+                    f"none, before merging.)")
             else:
                 mapping.update(zip(ref_unit.nodes, unit.nodes))
     return mapping, inserted
