@@ -24,8 +24,10 @@ __all__ = ["merge_parameters"]
 
 
 def _apply(t: torch.Tensor, dim: int, a: np.ndarray) -> torch.Tensor:
-    """Contract axis `dim` of t (size d) with a [r, d]: the axis becomes size r."""
-    moved = torch.tensordot(torch.from_numpy(a), t, dims=([1], [dim]))
+    """Contract axis `dim` of t (size d) with a [r, d]: the axis becomes size r (on t's device,
+    in t's dtype)."""
+    moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=t.dtype), t,
+                            dims=([1], [dim]))
     return moved.movedim(0, dim)
 
 
