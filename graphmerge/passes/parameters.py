@@ -53,7 +53,10 @@ def merge_parameters(ctx: MergeContext) -> None:
         for i in range(ctx.n_models):
             value = named[i][name].detach().double()
             for dim, sid in sorted(axes.items()):
-                value = _apply(value, dim, tx.get(i, sid, dim == avg_axis))
+                if tx.merged(sid):
+                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis))
+                elif dim == avg_axis:  # the identity / N, without a dense [d, d] (a vocabulary)
+                    value = value / ctx.n_models
             total = value if total is None else total + value
         if avg_axis is None:
             total = total / ctx.n_models
