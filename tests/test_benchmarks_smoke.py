@@ -64,3 +64,17 @@ def test_heterogeneous_norms_smoke(tmp_path):
     md = (tmp_path / "heterogeneous_norms.md").read_text()
     assert "| task C |" in md and "width: ×1 ⊕ ×2, 2-2-2, zip, reset" in md
     assert (tmp_path / "heterogeneous_norms.png").is_file()
+
+
+def test_device_check_smoke(tmp_path, monkeypatch):
+    """The GPU check's paths on the CPU: a family merged on the CPU and on `--device`, a
+    LLaMA pair of the sweep (with the [hf] extra), the table written under $OUT."""
+    import device_check
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    device_check.main(["--device", "cpu", "--quick", "--families", "mlp",
+                       "--shapes", "64:128:1"])
+    table = (tmp_path / "device_check.md").read_text()
+    assert "| mlp | self | ok | 0.0e+00 |" in table and "| mlp | hetero | ok |" in table
+    if device_check._hf_builders():
+        assert "| llama h64 f128 L1 | pair | ok |" in table

@@ -173,10 +173,11 @@ class OracleReport:
 def _transform(value: torch.Tensor, dims: dict[int, int], perms: dict[int, torch.Tensor],
                table: SpaceTable) -> torch.Tensor:
     """`value` with each axis permuted by its space; a head dim (a [heads, dim] permutation)
-    after its heads axis, head by head."""
+    after its heads axis, head by head. The permutations (drawn on the CPU, so that a seed
+    draws the same ones on every device) are moved to `value`'s device."""
     heads_of = {d: h for h, ks in table.heads.items() for _, d in ks}
     for dim, sid in sorted(dims.items(), key=lambda item: perms[item[1]].dim()):
-        perm = perms[sid]
+        perm = perms[sid].to(value.device)
         if perm.dim() == 1:
             value = value.index_select(dim, perm)
             continue

@@ -58,7 +58,7 @@ def resize_axes(t: torch.Tensor, dims: dict[int, int], widths: dict[int, int]) -
     for dim, sid in dims.items():
         new = widths.get(sid, out.shape[dim])
         if out.shape[dim] != new:
-            out = out.index_select(dim, torch.arange(new) % out.shape[dim])
+            out = out.index_select(dim, torch.arange(new, device=out.device) % out.shape[dim])
     return out.clone()
 
 

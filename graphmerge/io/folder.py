@@ -12,6 +12,7 @@ Folders are written atomically (:mod:`graphmerge.io.atomic`).
 from __future__ import annotations
 
 import builtins
+import copy
 import inspect
 import logging
 import os
@@ -29,7 +30,8 @@ from graphmerge.errors import ConfigError, DataError, GraphmergeError, summarize
 from graphmerge.graph.capture import check_materialized
 from graphmerge.io.atomic import as_path, atomic_folder
 
-__all__ = ["save_module", "load_module", "load_state", "safetensors_ready", "WEIGHTS_FILE"]
+__all__ = ["save_module", "load_module", "load_state", "safetensors_ready", "cpu_copy",
+           "WEIGHTS_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,24 @@ _PT_SUFFIXES = (".pt", ".pth", ".bin")
 _SAFETENSORS_SUFFIXES = (".safetensors",)
 
 
+
+
+def cpu_copy(module: nn.Module) -> nn.Module:
+    """`module` itself when every tensor it holds is on the CPU, else a copy on the CPU
+    (parameters, buffers and plain tensor attributes such as an fx graph's constants); the
+    caller's module stays where it is."""
+    def tensors(m: nn.Module) -> list[Tensor]:
+        return [*m.parameters(), *m.buffers(),
+                *(v for sub in m.modules() for v in vars(sub).values() if isinstance(v, Tensor))]
+
+    if all(t.device.type == "cpu" for t in tensors(module)):
+        return module
+    out = copy.deepcopy(module).cpu()
+    for sub in out.modules():
+        for key, value in list(vars(sub).items()):
+            if isinstance(value, Tensor) and value.device.type != "cpu":
+                setattr(sub, key, value.cpu())
+    return out
 
 
 def safetensors_ready(state: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -198,6 +218,7 @@ def save_module(
     if not isinstance(module_name, str) or not module_name.isidentifier():
         raise ConfigError(f"module_name must be a Python identifier, got {module_name!r}.")
     check_materialized(module, f"the {type(module).__name__} to save")
+    module = cpu_copy(module)  # a GPU module is saved from a CPU copy: it loads anywhere
     target = as_path(folder, "folder")
     with atomic_folder(target, overwrite) as build_dir:
         metadata = {"format": "pt", "module_class": type(module).__qualname__}

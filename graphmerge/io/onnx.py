@@ -36,6 +36,7 @@ from graphmerge.errors import ConfigError, DataError, GraphmergeError, summarize
 from graphmerge.graph.capture import check_materialized, eval_mode, quiet_export
 from graphmerge.inputs import tensor_inputs
 from graphmerge.io.atomic import as_path, atomic_file, check_flag
+from graphmerge.io.folder import cpu_copy
 
 __all__ = ["ExportReport", "export_onnx"]
 
@@ -270,6 +271,8 @@ def export_onnx(
         raise ConfigError(f"cannot write the ONNX file to {target}: it is a directory.")
 
     tolerance = _Tolerance(float(atol), float(rtol))
+    module = cpu_copy(module)  # exported and checked on the CPU; the caller's module stays put
+    inputs = tuple(t.cpu() for t in inputs)
     with eval_mode(module):
         return _export_checked(module, inputs, target, tolerance, dynamic_batch, opset)
 

@@ -83,7 +83,8 @@ def write_outputs(folder: str | os.PathLike[str], result: MergeResult, example_i
     written = [save_module(result.module, folder / "merged", overwrite=True)]
     with torch.no_grad():
         expected = result.module(*inputs)
-        reloaded = load_module(folder / "merged")(*inputs)
+        reloaded = load_module(folder / "merged")(  # saved from the CPU, loaded there
+            *(x.cpu() if isinstance(x, torch.Tensor) else x for x in inputs))
     checks["merged/ reloads with the same outputs"] = _max_diff(expected, reloaded)
     timings["save merged/"] = time.perf_counter() - t0
     if onnx:
@@ -110,7 +111,7 @@ class Outputs:
 def _max_diff(a: Any, b: Any) -> float:
     xs = a if isinstance(a, (tuple, list)) else (a,)
     ys = b if isinstance(b, (tuple, list)) else (b,)
-    return max(float((x - y).abs().max()) for x, y in zip(xs, ys))
+    return max(float((x.cpu() - y.cpu()).abs().max()) for x, y in zip(xs, ys))
 
 
 def write_report(folder: str | os.PathLike[str], result: MergeResult, *, title: str,

@@ -102,13 +102,15 @@ class CKAAccumulator:
         self.batches = 0
         self.samples = 0
         self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._device = torch.device("cpu")  # where the features were: all_reduce's tensors
 
     # -- per-batch work ----------------------------------------------------------------------
 
     @staticmethod
     def _grams(feats: Sequence[torch.Tensor | np.ndarray], model: str,
                batch: int | None) -> tuple[torch.Tensor, int]:
-        """Flattened zero-diagonal Gram matrices ``[units, b*b]`` (float64, CPU) and ``b``."""
+        """Flattened zero-diagonal Gram matrices ``[units, b*b]`` (float64, on the features'
+        device; the CPU for those on MPS, which has no float64) and ``b``."""
         grams = []
         for u, f in enumerate(feats):
             x = torch.as_tensor(f).detach()
@@ -129,7 +131,7 @@ class CKAAccumulator:
                                 f"check the model and the calibration data")
             g = x @ x.T
             g.fill_diagonal_(0.0)
-            grams.append(g.reshape(-1).cpu())
+            grams.append(g.reshape(-1))
         if batch is None:
             raise DataError(f"model {model}: no unit outputs given")
         return torch.stack(grams), batch
@@ -187,22 +189,27 @@ class CKAAccumulator:
         self_a = (sq_a + c1 * ka * ka - c2 * (ka1 * ka1).sum(1)) * scale
         self_b = (sq_b + c1 * lb * lb - c2 * (lb1 * lb1).sum(1)) * scale
 
-        self._cross += cross.numpy()
-        self._self_a += self_a.numpy()
-        self._self_b += self_b.numpy()
-        self._raw_a += (sq_a * scale).numpy()
-        self._raw_b += (sq_b * scale).numpy()
+        self._device = ga.device
+        self._cross += cross.cpu().numpy()
+        self._self_a += self_a.cpu().numpy()
+        self._self_b += self_b.cpu().numpy()
+        self._raw_a += (sq_a * scale).cpu().numpy()
+        self._raw_b += (sq_b * scale).cpu().numpy()
         self.batches += 1
         self.samples += b
         log.debug("CKA batch %d: %d samples, %d x %d units", self.batches, b, self.m, self.n)
 
     def all_reduce(self) -> None:
         """Sum the accumulated HSICs over the processes of torch.distributed (each rank has
-        added its own batches; a rank's pooled remainder of < MIN_BATCH samples is dropped)."""
-        state = [torch.from_numpy(a) for a in (self._cross, self._self_a, self._self_b,
-                                               self._raw_a, self._raw_b)]
-        counts = torch.tensor([float(self.batches), float(self.samples)], dtype=torch.float64)
+        added its own batches; a rank's pooled remainder of < MIN_BATCH samples is dropped).
+        The sums travel on the features' device (NCCL reduces only GPU tensors)."""
+        arrays = (self._cross, self._self_a, self._self_b, self._raw_a, self._raw_b)
+        state = [torch.from_numpy(a).to(self._device) for a in arrays]
+        counts = torch.tensor([float(self.batches), float(self.samples)], dtype=torch.float64,
+                              device=self._device)
         all_reduce(*state, counts)
+        for a, t in zip(arrays, state):
+            a[...] = t.cpu().numpy()
         self.batches, self.samples = int(counts[0]), int(counts[1])
 
     # -- results -----------------------------------------------------------------------------

@@ -24,8 +24,10 @@ __all__ = ["merge_parameters"]
 
 
 def _apply(t: torch.Tensor, dim: int, a: np.ndarray) -> torch.Tensor:
-    """Contract axis `dim` of t (size d) with a [r, d]: the axis becomes size r."""
-    moved = torch.tensordot(torch.from_numpy(a), t, dims=([1], [dim]))
+    """Contract axis `dim` of t (size d) with a [r, d]: the axis becomes size r (on t's device,
+    in t's dtype)."""
+    moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=t.dtype), t,
+                            dims=([1], [dim]))
     return moved.movedim(0, dim)
 
 
@@ -51,7 +53,10 @@ def merge_parameters(ctx: MergeContext) -> None:
         for i in range(ctx.n_models):
             value = named[i][name].detach().double()
             for dim, sid in sorted(axes.items()):
-                value = _apply(value, dim, tx.get(i, sid, dim == avg_axis))
+                if tx.merged(sid):
+                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis))
+                elif dim == avg_axis:  # the identity / N, without a dense [d, d] (a vocabulary)
+                    value = value / ctx.n_models
             total = value if total is None else total + value
         if avg_axis is None:
             total = total / ctx.n_models

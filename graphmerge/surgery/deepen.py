@@ -245,7 +245,8 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
         for n in nodes:
             k, args = kind(n), tensor_args(n)
             if k == "linear":
-                _set(gm, args["weight"], lambda w: w.copy_(torch.eye(*w.shape)))
+                _set(gm, args["weight"], lambda w: w.copy_(
+                    torch.eye(*w.shape, device=w.device, dtype=w.dtype)))
             elif k == "conv":
                 groups = gm.get_submodule(n.target).groups if n.op == "call_module" else (
                     n.args[6] if len(n.args) > 6 else 1)

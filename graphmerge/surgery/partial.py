@@ -141,6 +141,15 @@ def split_at(merged: fx.GraphModule, models: Sequence[Traced], cut: fx.Node,
     return module.eval(), names
 
 
+def _home(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a model's values live and their precision: those of its first floating tensor
+    (the CPU and float32 for a model without one)."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
 def _into_model(graph: fx.Graph, root: nn.Module, value: fx.Node, i: int, name: str, table,
                 unmerge: Callable[[int, int], np.ndarray], merged_spaces: Callable[[int], bool],
                 model: Traced) -> fx.Node:
@@ -156,7 +165,9 @@ def _into_model(graph: fx.Graph, root: nn.Module, value: fx.Node, i: int, name: 
         if not merged_spaces(sid):
             continue
         attr = f"unmerge{i}_{name}_{dim}"
-        root.register_buffer(attr, torch.from_numpy(unmerge(i, sid)).float())
+        device, dtype = _home(model.graph_module)
+        root.register_buffer(attr, torch.from_numpy(unmerge(i, sid)).to(device=device,
+                                                                         dtype=dtype))
         matrix = graph.get_attr(attr)
         value = graph.call_function(_contract, (value, dim, matrix))
     return value

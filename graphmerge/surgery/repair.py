@@ -134,33 +134,42 @@ def repair(module: fx.GraphModule, point: RepairPoint, measured: tuple[np.ndarra
     mean and std of `point.measure`) become `target`."""
     (mu_m, sd_m), (mu_t, sd_t) = measured, target
     get = {role: get_tensor(module, name).detach() for role, name in point.tensors.items()}
-    dtype = get["weight"].dtype if "weight" in get else get["running_mean"].dtype
+    ref = get["weight"] if "weight" in get else get["running_mean"]
     if point.kind == "batch_norm":
-        gamma = get["weight"].double().numpy() if "weight" in get else np.ones_like(mu_m)
-        beta = get["bias"].double().numpy() if "bias" in get else np.zeros_like(mu_m)
+        gamma = _numpy(get["weight"]) if "weight" in get else np.ones_like(mu_m)
+        beta = _numpy(get["bias"]) if "bias" in get else np.zeros_like(mu_m)
         # output = gamma (x - running_mean) / sqrt(running_var + eps) + beta; a unit that does
         # not vary keeps its scale (only its mean is moved): setting its variance from a
         # zero spread would divide its rounding noise by sqrt(eps)
         live = _varies(mu_m, sd_m) & _varies(mu_t, sd_t) & (np.abs(gamma) > _TINY)
-        now = get["running_var"].double().numpy()
+        now = _numpy(get["running_var"])
         sigma = np.where(live, np.abs(gamma) * sd_m / np.where(live, sd_t, 1.0),
                          np.sqrt(now + point.eps))
         moves = np.abs(gamma) > _TINY
         mean = np.where(moves, mu_m - (mu_t - beta) * sigma / np.where(moves, gamma, 1.0), mu_m)
         var = np.clip(sigma ** 2 - point.eps, 0.0, None)
-        set_tensor(module, point.tensors["running_mean"], torch.from_numpy(mean).to(dtype))
-        set_tensor(module, point.tensors["running_var"], torch.from_numpy(var).to(dtype))
+        set_tensor(module, point.tensors["running_mean"], _like(mean, ref))
+        set_tensor(module, point.tensors["running_var"], _like(var, ref))
         return
     scale = np.where(_varies(mu_m, sd_m) & _varies(mu_t, sd_t), sd_t / np.maximum(sd_m, _TINY),
                      1.0)
     weight = get["weight"]
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    set_tensor(module, point.tensors["weight"],
-               weight * torch.from_numpy(scale).to(dtype).reshape(shape))
+    rows = scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    set_tensor(module, point.tensors["weight"], _like(_numpy(weight) * rows, weight))
     if "bias" in get:
-        bias = get["bias"].double().numpy()
-        shift = scale * (bias - mu_m) + mu_t
-        set_tensor(module, point.tensors["bias"], torch.from_numpy(shift).to(dtype))
+        shift = scale * (_numpy(get["bias"]) - mu_m) + mu_t
+        set_tensor(module, point.tensors["bias"], _like(shift, get["bias"]))
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A module tensor as float64 numpy (copied to the CPU from wherever it is)."""
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _like(values: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+    """`values` as a tensor on `ref`'s device, in its dtype (the corrected module stays where
+    and in the precision it was)."""
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device=ref.device, dtype=ref.dtype)
 
 
 def _varies(mean: np.ndarray, std: np.ndarray, eps: float = 1e-10) -> np.ndarray:

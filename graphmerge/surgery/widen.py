@@ -71,13 +71,15 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     with torch.no_grad():
         for name, dims in table.param_axes.items():
             t = named[name].detach()
-            for dim, sid in dims.items():
-                t = t.index_select(dim, grow[sid].index)
+            for dim, sid in dims.items():  # the selections (CPU) moved to the tensor's device
+                t = t.index_select(dim, grow[sid].index.to(t.device))
                 if roles.get((name, dim)) == "in" and t.is_floating_point():
-                    # readers of a duplicated unit share its weight among the copies
+                    # readers of a duplicated unit share its weight among the copies (scaled
+                    # in float64: 1/3 has no exact low-precision value)
                     shape = [1] * t.dim()
                     shape[dim] = -1
-                    t = t * grow[sid].scale.to(t.dtype).reshape(shape)
+                    scale = grow[sid].scale.to(t.device).reshape(shape)
+                    t = (t.double() * scale).to(t.dtype)
             set_tensor(wide, name, t.contiguous())
     sync_module_attributes(wide)
     set_eval(wide)
