@@ -370,8 +370,9 @@ def _prepare_scores(
     upper triangle mirrored into the lower one (so only ``C[i, j]``, ``i < j``, is read) and
     ``-inf`` on the diagonal.  Off-diagonal +-inf raises DataError.  Cost O(d^2): one copy, the
     lower triangle written by blocks of rows from transposed column strips (torch tiles the
-    transposing copy), NaN looked for only when the sum is not finite.  ``symmetric``: also
-    the cheap check of :func:`_check_corr` (DataError unless ``C`` is symmetric).
+    transposing copy), NaN looked for only when the sum is not finite.  ``symmetric``: ``C``
+    is taken as symmetric after the cheap check of :func:`_check_corr` (DataError unless it is,
+    up to rounding) and copied as it is, without the mirroring (which reads across memory).
     """
     ws = _check_widths(widths)
     d = sum(ws)
@@ -382,12 +383,15 @@ def _prepare_scores(
     r = _check_r(r, d, d)
     alpha, beta = _check_alpha_beta(alpha, beta)
     s = torch.empty((d, d), dtype=torch.float64, device=c.device)
-    for a in range(0, d, _TILE):
-        b = min(a + _TILE, d)
-        s[a:b, a:] = c[a:b, a:]
-        _transposed(c, a, b, a, s[a:b])
-        tile = s[a:b, a:b]
-        tile.copy_(tile.triu(1) + tile.triu(1).T)
+    if symmetric:
+        s.copy_(c)
+    else:
+        for a in range(0, d, _TILE):
+            b = min(a + _TILE, d)
+            s[a:b, a:] = c[a:b, a:]
+            _transposed(c, a, b, a, s[a:b])
+            tile = s[a:b, a:b]
+            tile.copy_(tile.triu(1) + tile.triu(1).T)
     s.diagonal().zero_()
     if not bool(torch.isfinite(s.sum())):  # cheap: a finite sum has finite terms
         s.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
@@ -651,7 +655,8 @@ def zip_match(
 ) -> Match:
     """Elastic ZipIt!: greedily merge the most correlated groups, within and across models.
 
-    Rule (``C`` starts as ``corr`` with NaN -> 0 and -inf on the diagonal):
+    Rule (``C`` starts as ``corr``, symmetric up to rounding (checked), with NaN -> 0 and
+    -inf on the diagonal):
 
     1. Target width ``r``: default ``max_i d_i``; any ``1 <= r <= d``.
     2. ``R = d - r`` merges are made.  Model ``i`` may merge ``budget_i =
@@ -780,18 +785,46 @@ class _CandidateZipper:
             return
         dev = self.c.device
         idx = torch.from_numpy(live).to(dev)
+        kk = min(self.k, len(live) - 1)
+        found = []
         for a in range(0, len(live), _TILE):
-            rows = idx[a:a + _TILE]
-            block = self.c[rows][:, idx].to(torch.float64).nan_to_num_(nan=0.0)
-            block[torch.arange(len(rows), device=dev), torch.arange(a, a + len(rows),
-                                                                   device=dev)] = -math.inf
-            kk = min(self.k, len(live) - 1)
-            val, at = block.topk(kk, dim=1)  # ties: any order; the heap orders them
-            val, at = val.cpu().numpy(), live[at.cpu().numpy()]
-            for i, g in enumerate(live[a:a + _TILE]):
-                for s, h in zip(val[i], at[i]):
-                    if s > -math.inf and int(h) not in self.nb[g]:
-                        self.link(int(g), int(h), float(s))
+            n = min(_TILE, len(live) - a)
+            val, at = self.best(idx, a, n, kk, len(live) == self.d)
+            found.append((np.repeat(live[a:a + n], kk), live[at].ravel(), val.ravel()))
+        g, h, val = (np.concatenate(x) for x in zip(*found))
+        p, q = np.minimum(g, h), np.maximum(g, h)
+        keep = val > -math.inf
+        pairs, first = np.unique(p[keep] * self.d + q[keep], return_index=True)
+        val = val[keep][first]
+        p, q = divmod(pairs, self.d)
+        fresh = [(-float(x), int(a), int(b)) for x, a, b in zip(val, p, q)
+                 if int(b) not in self.nb[int(a)]]
+        for s, a, b in fresh:
+            self.nb[a][b] = -s
+            self.nb[b][a] = -s
+        self.heap.extend(fresh)
+        heapq.heapify(self.heap)
+
+    def best(self, idx: torch.Tensor, a: int, n: int, kk: int, whole: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``a:a + n`` of the live groups: their ``kk`` largest scores among the live
+        groups (NaN read as 0, never the group itself) and where they are.  With every unit
+        live (the start), the rows are read in place: ``kk + 1`` largest, the diagonal
+        dropped."""
+        dev = self.c.device
+        if whole and kk < self.d:
+            val, at = self.c[a:a + n].topk(kk + 1, dim=1)
+            if not bool(torch.isnan(val).any()):
+                val, at = val.to(torch.float64).cpu().numpy(), at.cpu().numpy()
+                own = at == np.arange(a, a + n)[:, None]
+                drop = np.where(own.any(axis=1), own.argmax(axis=1), kk)  # self, else last
+                keep = np.ones_like(own)
+                keep[np.arange(n), drop] = False
+                return val[keep].reshape(n, kk), at[keep].reshape(n, kk)
+        block = self.c[idx[a:a + n]][:, idx].to(torch.float64).nan_to_num_(nan=0.0)
+        block[torch.arange(n, device=dev), torch.arange(a, a + n, device=dev)] = -math.inf
+        val, at = block.topk(kk, dim=1)  # ties: any order; the heap orders them
+        return val.cpu().numpy(), at.cpu().numpy()
 
     def allowed(self, p: int, q: int) -> bool:
         return self.lifted or not (self.carries[p] & self.carries[q])
@@ -965,8 +998,8 @@ def correlation_from_moments(
             a unit is then that of its own model's units.  None: one model.
         tie_break: >= 0; each correlation is lowered by ``tie_break * gap / size`` (at most
             ``tie_break``), ``gap = |mean_i - mean_j| + |std_i - std_j|`` and ``size =
-            |mean_i| + |mean_j| + std_i + std_j``: exact ties go to units of equal mean and
-            spread.
+            (|mean_i| + std_i) + (|mean_j| + std_j)``: exact ties go to units of equal mean and
+            spread; the result stays exactly symmetric.
 
     A unit is *constant* on the data when its variance is at most ``eps`` times the larger of
     its own ``E[x^2]`` (a large mean: the cancellation in ``E[x^2] - E[x]^2`` leaves a
@@ -1036,9 +1069,8 @@ def _correlation_tensor(sx: torch.Tensor, sxx: torch.Tensor, ws: list[int], n: i
         if tie_break > 0.0:  # tie_break * gap / size, in place in two scratch tiles
             torch.sub(mean[a:b, None], mean[None, :], out=tmp).abs_()
             tmp += torch.sub(spread[a:b, None], spread[None, :], out=tmp2).abs_()
-            torch.add(mean[a:b, None].abs(), mean.abs()[None, :], out=tmp2)
-            tmp2 += spread[a:b, None]
-            tmp2 += spread[None, :]
+            size = mean.abs() + spread  # (|m_i| + s_i) + (|m_j| + s_j): exactly symmetric
+            torch.add(size[a:b, None], size[None, :], out=tmp2)
             tmp *= tie_break
             tile -= tmp.div_(tmp2.clamp_(min=1e-12))
     return corr
