@@ -864,9 +864,10 @@ class _CandidateZipper:
         self.members[q], self.mult[q] = [], np.ones(0)
         self.carries[p] |= self.carries[q]
         self.nb[p], self.nb[q] = {}, {}
-        for j in near:
-            s = self.alpha * min(old_p.get(j, known_p.get(j)), old_q.get(j, known_q.get(j)))
-            self.link(p, j, s)
+        new = [(self.alpha * min(old_p.get(j, known_p.get(j)), old_q.get(j, known_q.get(j))),
+                j) for j in near]
+        for sc, j in heapq.nlargest(self.k, new, key=lambda x: (x[0], -x[1])):
+            self.link(p, j, sc)  # the k best partners stay candidates
         if self.model[p] == self.model[q] and not self.lifted:
             m = int(self.model[p])
             self.budget[m] -= 1
@@ -903,7 +904,7 @@ def zip_groups_candidates(
 
     The rule is :func:`zip_match`'s, except that only *candidate* pairs of groups are
     considered: at first each unit's ``k`` most correlated units (its row of ``C``, on
-    ``C``'s device, by blocks of rows); a fold gives the merged group the union of both
+    ``C``'s device, by blocks of rows); a fold gives the merged group the ``k`` best of both
     groups' candidates, scored exactly (``C(G, H) = min`` over members ``u, v`` of
     ``alpha^(folds of u) alpha^(folds of v) C[u, v]``, which is what the repeated ``alpha *
     min`` makes, read from ``C`` for the partners only one of them had).  When no candidate
