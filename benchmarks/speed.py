@@ -12,6 +12,12 @@ is. Above the largest size timed in full, its time is also scaled by the O((d - 
 
 Rerun:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py      (about 4 min; --quick: seconds)
 Writes: benchmarks/results/speed.md and speed.json (speed_quick.* with --quick)
+
+--matcher W (e.g. 8192): instead, the whole matching of one space of W + W units whose
+statistics come from --samples random samples (rank-deficient, as calibration statistics of
+wide layers are): SpaceStats.correlation, then zip_match exact and with --candidates, wall and
+CPU seconds, and the candidate variant's quality against the exact one (groups identical, mean
+matched correlation). Prints only.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from graphmerge.match.matchers import zip_groups, zip_groups_naive  # noqa: E402
+from graphmerge.match.matchers import zip_groups, zip_groups_naive, zip_match  # noqa: E402
+from graphmerge.match.statistics import SpaceStats  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,6 +69,37 @@ def prefix_estimate(corr: np.ndarray, widths: list[int], r: int, k: int) -> floa
     return seconds * (d - r) / k
 
 
+def matcher_benchmark(width: int, samples: int, candidates: list[int]) -> None:
+    """Correlation and zip_match of a [2 width, 2 width] space from `samples` random samples."""
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(samples, 64, generator=gen)
+    feats = [torch.tanh(latent @ torch.randn(64, width, generator=gen) / 8
+                        + torch.randn(samples, width, generator=gen)) for _ in range(2)]
+    stats = SpaceStats([width, width])
+    stats.add(feats)
+
+    def clock(fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        return out, time.perf_counter() - wall, time.process_time() - cpu
+
+    corr, wall, cpu = clock(stats.correlation)
+    print(f"correlation [{2 * width}, {2 * width}] from {samples} samples: {wall:.2f} s wall, "
+          f"{cpu:.2f} s CPU", flush=True)
+    exact = None
+    for k in [0, *candidates]:
+        match, wall, cpu = clock(lambda k=k: zip_match(corr, [width, width], candidates=k))
+        line = (f"zip_match {width}+{width} -> {width}, "
+                f"{'exact' if k == 0 else f'{k} candidates'}: {wall:.2f} s wall, {cpu:.2f} s "
+                f"CPU, mean matched correlation {match.mean_correlation:.4f}")
+        if exact is None:
+            exact = match
+        else:
+            same = len({tuple(g) for g in match.groups} & {tuple(g) for g in exact.groups})
+            line += f", groups identical to exact: {same / exact.width:.1%}"
+        print(line + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes only")
@@ -71,7 +109,15 @@ def main() -> None:
                    help="run the whole naive loop up to this d; above, time a prefix and scale")
     p.add_argument("--naive-prefix", type=int, default=32, help="merges timed when scaling")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--matcher", type=int, default=0,
+                   help="time the whole matching of a W+W space instead (see above)")
+    p.add_argument("--samples", type=int, default=256, help="samples of --matcher's statistics")
+    p.add_argument("--candidates", type=int, nargs="*", default=[32, 16],
+                   help="candidate counts of zip_match timed with --matcher")
     args = p.parse_args()
+    if args.matcher:
+        matcher_benchmark(args.matcher, args.samples, args.candidates)
+        return
     sizes = [(256, 256), (512, 512)] if args.quick else [(1024, 1024), (2048, 1024),
                                                             (4096, 4096), (8192, 8192)]
     load_before = os.getloadavg()

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,10 +21,13 @@ from graphmerge.match.matchers import (
     get_matcher,
     hungarian_match,
     zip_budgets,
+    group_correlations,
     zip_groups,
+    zip_groups_candidates,
     zip_groups_naive,
     zip_match,
 )
+from graphmerge.match.statistics import TIE_BREAK, SpaceStats
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,107 @@ def test_fast_equals_naive_on_real_correlation():
     c = np.corrcoef(feats, rowvar=False)
     for r in (1, 20, 64, 100, 112):
         assert zip_groups(c, [48, 64], r) == zip_groups_naive(c, [48, 64], r)
+
+
+def _low_rank_stats(rng: np.random.Generator, widths: list[int], samples: int,
+                    decimals: int | None) -> SpaceStats:
+    """Statistics of features from fewer samples than units (a rank-deficient correlation, as
+    calibration of wide layers gives); rounded features make exact ties."""
+    x = rng.normal(size=(samples, sum(widths)))
+    if decimals is not None:
+        x = np.round(x, decimals)
+    stats = SpaceStats(list(widths))
+    cut = np.cumsum([0, *widths])
+    stats.add([torch.from_numpy(x[:, a:b]) for a, b in itertools.pairwise(cut)])
+    return stats
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    widths=st.lists(st.integers(1, 16), min_size=1, max_size=3),
+    samples=st.integers(2, 12),
+    decimals=st.sampled_from([None, 0, 1]),
+    seed=st.integers(0, 2**32 - 1),
+    r_frac=st.floats(0.0, 1.0),
+    beta=st.sampled_from([0.0, 1.0, 2.0]),
+)
+def test_fast_equals_naive_on_rank_deficient_statistics(widths, samples, decimals, seed,
+                                                        r_frac, beta):
+    # the correlation the merge uses (a torch tensor from the statistics), fewer samples than
+    # units and ties: fast == naive, float32 input too; zip_match gives the same groups
+    stats = _low_rank_stats(np.random.default_rng(seed), widths, samples, decimals)
+    corr = stats.correlation()
+    assert isinstance(corr, torch.Tensor) and torch.equal(corr, corr.T)
+    d = sum(widths)
+    r = 1 + min(d - 1, int(r_frac * d))
+    naive = zip_groups_naive(corr.numpy(), widths, r, 0.5, beta)
+    assert zip_groups(corr, widths, r, 0.5, beta) == naive
+    assert zip_match(corr, widths, r, beta=beta).groups == naive
+    c32 = corr.float()
+    assert zip_groups(c32, widths, r, 0.5, beta) == zip_groups_naive(c32.numpy(), widths, r,
+                                                                     0.5, beta)
+    # the candidate variant with every pair a candidate is the exact rule
+    assert zip_groups_candidates(corr, widths, r, 0.5, beta, k=d) == naive
+
+
+def test_candidates_variant_is_close_and_exact_with_all_pairs():
+    rng = np.random.default_rng(7)
+    for t in range(40):
+        widths = [int(w) for w in rng.integers(1, 10, size=rng.integers(1, 4))]
+        c = _random_scores(rng, sum(widths), ["ties", "negative", "normal"][t % 3], 0.05)
+        r = int(rng.integers(1, sum(widths) + 1))
+        alpha, beta = [0.5, 1.0, 0.3][t % 3], [0.0, 0.5, 1.0, 2.0][t % 4]
+        exact = zip_groups_naive(c, widths, r, alpha, beta)
+        assert zip_groups_candidates(c, widths, r, alpha, beta, k=sum(widths)) == exact
+    # few candidates: a partition into r groups, most groups as the exact rule's
+    stats = _low_rank_stats(rng, [200, 200], 40, None)
+    corr = stats.correlation()
+    exact = zip_match(corr, [200, 200])
+    fast = zip_match(corr, [200, 200], candidates=8)
+    _check_structure(fast, [200, 200])
+    same = len({tuple(g) for g in fast.groups} & {tuple(g) for g in exact.groups})
+    assert same >= 0.7 * 200
+    assert fast.mean_correlation > 0.9 * exact.mean_correlation
+    with pytest.raises(ConfigError, match="candidates"):
+        zip_groups_candidates(corr, [200, 200], 200, k=0)
+
+
+def test_statistics_correlation_is_the_numpy_formula():
+    # the torch correlation (by blocks of rows, on the sums' device) against the float64
+    # numpy formula it replaced, with constant units and the tie-break
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(30, 12)) * rng.uniform(0.5, 3, size=12) + rng.normal(size=12)
+    x[:, 3] = 2.0  # constant
+    x[:, 10] = 2.0  # the same constant, in model 1
+    x[:, 7] = 0.0
+    stats = SpaceStats([6, 6])
+    stats.add([torch.from_numpy(x[:, :6]), torch.from_numpy(x[:, 6:])])
+    corr = stats.correlation().numpy()
+    sx, sxx, n = x.sum(0), x.T @ x, len(x)
+    ref = np.asarray(correlation_from_moments(sx, sxx, n, widths=[6, 6]))
+    mean = sx / n
+    std = np.sqrt(np.clip(np.diag(sxx) / n - mean ** 2, 0.0, None))
+    gap = np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])
+    size = np.abs(mean) + std
+    scale = size[:, None] + size[None, :]
+    ref = ref - TIE_BREAK * gap / np.maximum(scale, 1e-12)
+    np.testing.assert_allclose(corr, ref, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(corr, corr.T)
+    assert corr[3, 10] > 1 - 2 * TIE_BREAK and abs(corr[3, 4]) < 2 * TIE_BREAK
+    out = correlation_from_moments(torch.from_numpy(sx), torch.from_numpy(sxx), n)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+
+
+def test_group_correlations_reads_the_pairs():
+    rng = np.random.default_rng(6)
+    c = _random_scores(rng, 9, "normal", 0.0)
+    groups = [[0, 4, 7], [1], [2, 8], [3, 5, 6]]
+    expected = [float(np.mean([c[i, j] for i, j in itertools.combinations(g, 2)]))
+                for g in groups if len(g) > 1]
+    np.testing.assert_allclose(group_correlations(c, groups), expected, rtol=1e-12)
+    np.testing.assert_allclose(group_correlations(torch.from_numpy(c), groups), expected,
+                               rtol=1e-12)
+    assert group_correlations(c, [[0], [1]]) == []
 
 
 # ---------------------------------------------------------------------------- the rule itself

@@ -22,13 +22,19 @@ Matchers (registry :data:`MATCHERS`, lookup :func:`get_matcher`):
                groups, across *and* within models, down to any width ``1 <= r <= d``.  See
                :func:`zip_match` for the exact rule, :func:`zip_groups_naive` for a plain
                reference implementation and :func:`zip_groups` for the fast one (same output,
-               bit for bit).
+               bit for bit); :func:`zip_groups_candidates` applies the rule to each group's
+               best partners only (``zip_match(candidates=k)``: no copy of ``corr``, not
+               exact).
+
+``corr`` may be a numpy array or a torch tensor (the statistics give one on their device); the
+matchers read its upper triangle where it lies and copy only what they need.
 
 :func:`correlation_from_moments` builds ``corr`` from streamed sums.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
@@ -38,6 +44,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 
 from graphmerge.errors import ConfigError, DataError, MismatchError
@@ -53,6 +60,7 @@ __all__ = [
     "zip_match",
     "zip_groups",
     "zip_groups_naive",
+    "zip_groups_candidates",
     "zip_budgets",
     "correlation_from_moments",
     "group_correlations",
@@ -62,8 +70,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MATCHER = "zip"
 
-# Rows per block when the zip score matrix is mirrored and its row maxima are started.
-_TILE = 64
+# Rows per block when a [d, d] matrix is built or mirrored, and when the zip's row maxima are
+# started; columns per block of a transposing copy.
+_TILE = 256
+_BLOCK = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,30 +128,47 @@ def _check_widths(widths: Sequence[int]) -> list[int]:
     return ws
 
 
-def _check_corr(corr: np.ndarray, d: int) -> np.ndarray:
-    """A float64 symmetric copy of ``corr`` [d, d] with NaN -> 0; DataError on bad input.
+def _as_tensor(corr: object) -> torch.Tensor:
+    """``corr`` as a floating torch tensor, without a copy where possible (a numpy array or a
+    tensor keeps its memory and its device); DataError for anything else."""
+    try:
+        c = torch.as_tensor(corr)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"corr must be a numpy array or a torch tensor, got "
+                        f"{type(corr).__name__}") from exc
+    return c if c.is_floating_point() else c.double()
 
-    Cost O(d^2).  Asymmetry up to rounding (rtol 1e-6) is removed by averaging with the
-    transpose; larger asymmetry or +-inf is rejected.
+
+def _check_corr(corr: object, d: int) -> torch.Tensor:
+    """``corr`` [d, d] as a torch tensor on its own device (no copy); DataError on bad input.
+
+    The check is cheap, two reductions (O(d^2) reads, O(d) memory): the row sums must equal
+    the column sums up to rounding, which an asymmetric entry upsets, and be finite (+-inf is
+    rejected; NaN is read as 0, on a copy made only then).  The matchers read only the upper
+    triangle of ``corr``.
     """
-    c = np.array(corr, dtype=np.float64, copy=True)
-    if c.shape != (d, d):
+    c = _as_tensor(corr)
+    if tuple(c.shape) != (d, d):
         raise DataError(
-            f"corr has shape {c.shape} but the widths sum to d={d}; pass the [d, d] correlation "
-            "of all models' units stacked (model 0 first)"
+            f"corr has shape {tuple(c.shape)} but the widths sum to d={d}; pass the [d, d] "
+            "correlation of all models' units stacked (model 0 first)"
         )
-    c[np.isnan(c)] = 0.0
-    if not np.isfinite(c).all():
+    rows, cols = c.sum(dim=1, dtype=torch.float64), c.sum(dim=0, dtype=torch.float64)
+    if not bool(torch.isfinite(rows).all() and torch.isfinite(cols).all()):
+        finite = torch.nan_to_num(c, nan=0.0)  # a copy, only when there is NaN or inf
+        rows, cols = finite.sum(dim=1, dtype=torch.float64), finite.sum(dim=0,
+                                                                         dtype=torch.float64)
+        if not bool(torch.isfinite(rows).all() and torch.isfinite(cols).all()):
+            raise DataError(
+                "corr contains +-inf; correlations must be finite (NaN is allowed and read as "
+                "0)"
+            )
+    worst = float((rows - cols).abs().max())
+    if worst > 1e-6 * float(torch.maximum(rows.abs(), cols.abs()).max()) + 1e-9 * d:
         raise DataError(
-            "corr contains +-inf; correlations must be finite (NaN is allowed and read as 0)"
+            f"corr is not symmetric (its row and column sums differ by up to {worst:.3g}); "
+            "pass a correlation matrix, e.g. from correlation_from_moments()"
         )
-    if not np.allclose(c, c.T, rtol=1e-6, atol=1e-9):
-        worst = float(np.max(np.abs(c - c.T)))
-        raise DataError(
-            f"corr is not symmetric (largest |corr - corr.T| = {worst:.3g}); pass a "
-            "correlation matrix, e.g. from correlation_from_moments()"
-        )
-    c = (c + c.T) * 0.5
     return c
 
 
@@ -200,43 +227,48 @@ def _offsets(ws: list[int]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def group_correlations(corr: np.ndarray, groups: list[list[int]]) -> list[float]:
+def group_correlations(corr: np.ndarray | torch.Tensor, groups: list[list[int]]) -> list[float]:
     """Per group with >= 2 members, in order, the mean pairwise correlation of its members
-    (what a merge averaged: the report's histograms).  O(sum |g|^2)."""
-    means = []
-    for g in groups:
-        if len(g) < 2:
-            continue
-        sub = corr[np.ix_(g, g)]
-        iu = np.triu_indices(len(g), k=1)
-        means.append(float(np.mean(sub[iu])))
-    return means
+    (what a merge averaged: the report's histograms; NaN read as 0).  Reads ``corr[i, j]``,
+    ``i < j``, on its device: one gather of the O(sum |g|^2) pairs."""
+    multi = [sorted(g) for g in groups if len(g) >= 2]
+    if not multi:
+        return []
+    pairs = [(i, j, k) for k, g in enumerate(multi) for i, j in itertools.combinations(g, 2)]
+    ii, jj, gid = (np.array(x, dtype=np.int64) for x in zip(*pairs))
+    c = _as_tensor(corr)
+    at = [torch.from_numpy(x).to(c.device) for x in (ii, jj)]
+    vals = np.nan_to_num(c[at[0], at[1]].to("cpu", torch.float64).numpy())
+    sums = np.bincount(gid, weights=vals, minlength=len(multi))
+    return [float(x) for x in sums / np.bincount(gid, minlength=len(multi))]
 
 
-def _mean_group_correlation(corr: np.ndarray, groups: list[list[int]]) -> float:
+def _mean_group_correlation(corr: np.ndarray | torch.Tensor, groups: list[list[int]]) -> float:
     """Mean over groups with >= 2 members of their mean pairwise correlation."""
     means = group_correlations(corr, groups)
     return float(np.mean(means)) if means else float("nan")
 
 
-def _match_from_groups(corr: np.ndarray, ws: list[int], groups: list[list[int]]) -> Match:
-    """``U`` = group membership [d, r] (0/1); ``M`` = ``U.T`` with rows divided by group size.
-
-    Cost O(d r) memory and time.
-    """
-    d = sum(ws)
-    r = len(groups)
-    u = np.zeros((d, r), dtype=np.float64)
-    for k, g in enumerate(groups):
-        u[g, k] = 1.0
-    m = u.T / u.sum(axis=0)[:, None]
-    off = _offsets(ws)
-    return Match(
-        merge=[np.ascontiguousarray(m[:, a:b]) for a, b in itertools.pairwise(off)],
-        unmerge=[np.ascontiguousarray(u[a:b]) for a, b in itertools.pairwise(off)],
-        groups=groups,
-        mean_correlation=_mean_group_correlation(corr, groups),
-    )
+def _match_from_groups(corr: np.ndarray | torch.Tensor, ws: list[int],
+                       groups: list[list[int]]) -> Match:
+    """``U_i`` = group membership [d_i, r] (0/1); ``M_i`` = ``U_i.T`` with rows divided by
+    group size, written per model.  Cost O(d r) memory (the dense matrices) and O(d) writes."""
+    unit = np.fromiter(itertools.chain.from_iterable(groups), dtype=np.int64)
+    sizes = np.array([len(g) for g in groups], dtype=np.int64)
+    col = np.repeat(np.arange(len(groups)), sizes)
+    weight = 1.0 / sizes.astype(np.float64)
+    merge, unmerge = [], []
+    for a, b in itertools.pairwise(_offsets(ws)):
+        own = (unit >= a) & (unit < b)
+        # torch's allocator maps large zeroed buffers several times faster than numpy's
+        u = torch.zeros((b - a, len(groups)), dtype=torch.float64).numpy()
+        m = torch.zeros((len(groups), b - a), dtype=torch.float64).numpy()
+        u[unit[own] - a, col[own]] = 1.0
+        m[col[own], unit[own] - a] = weight[col[own]]
+        merge.append(m)
+        unmerge.append(u)
+    return Match(merge=merge, unmerge=unmerge, groups=groups,
+                 mean_correlation=_mean_group_correlation(corr, groups))
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +284,7 @@ def average_match(corr: np.ndarray, widths: Sequence[int], r: int | None = None)
         widths: ``d_i`` per model; must all be equal (MismatchError otherwise).
         r: None or the common width (ConfigError otherwise).
 
-    Cost O(d^2) for the checks.
+    Cost O(d^2) reads for the checks.
     """
     ws = _check_widths(widths)
     w = _check_equal_widths(ws, "average")
@@ -282,7 +314,8 @@ def hungarian_match(corr: np.ndarray, widths: Sequence[int], r: int | None = Non
         widths: ``d_i`` per model; must all be equal (MismatchError otherwise).
         r: None or the common width (ConfigError otherwise).
 
-    Cost O((N-1) w^3) for the assignments (w = common width), O(d^2) for the checks.
+    Cost O((N-1) w^3) for the assignments (w = common width), on the host (scipy): each
+    block [w, w] is copied there once; O(d^2) reads for the checks.
     """
     ws = _check_widths(widths)
     w = _check_equal_widths(ws, "permute")
@@ -294,7 +327,7 @@ def hungarian_match(corr: np.ndarray, widths: Sequence[int], r: int | None = Non
     unmerge = [eye.copy()]
     groups = [[k] for k in range(w)]
     for i in range(1, n):
-        block = c[:w, i * w:(i + 1) * w]
+        block = np.nan_to_num(c[:w, i * w:(i + 1) * w].to("cpu", torch.float64).numpy())
         rows, cols = linear_sum_assignment(block, maximize=True)
         match = np.empty(w, dtype=np.int64)
         match[rows] = cols  # model 0's unit k <-> model i's unit match[k]
@@ -328,38 +361,44 @@ def zip_budgets(widths: Sequence[int], r: int, beta: float) -> np.ndarray:
 
 
 def _prepare_scores(
-    C: np.ndarray, widths: Sequence[int], r: int, alpha: float, beta: float
-) -> tuple[np.ndarray, list[int], int, float, float]:
+    C: np.ndarray | torch.Tensor, widths: Sequence[int], r: int, alpha: float, beta: float,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, list[int], int, float, float]:
     """Validate the zip_groups arguments; return a private score matrix and clean arguments.
 
-    The scores are a float64 copy of ``C`` [d, d] with NaN -> 0, the strict upper triangle
-    mirrored into the lower one (so only ``C[i, j]``, ``i < j``, is read) and ``-inf`` on the
-    diagonal.  Off-diagonal +-inf raises DataError.  Cost O(d^2): one copy, the lower triangle
-    written by blocks of rows (a transpose of the whole matrix at once runs across memory).
+    The scores are a float64 copy of ``C`` [d, d] on ``C``'s device with NaN -> 0, the strict
+    upper triangle mirrored into the lower one (so only ``C[i, j]``, ``i < j``, is read) and
+    ``-inf`` on the diagonal.  Off-diagonal +-inf raises DataError.  Cost O(d^2): one copy, the
+    lower triangle written by blocks of rows from transposed column strips (torch tiles the
+    transposing copy), NaN looked for only when the sum is not finite.  ``symmetric``: ``C``
+    is taken as symmetric after the cheap check of :func:`_check_corr` (DataError unless it is,
+    up to rounding) and copied as it is, without the mirroring (which reads across memory).
     """
     ws = _check_widths(widths)
     d = sum(ws)
-    c = np.asarray(C)
-    if c.shape != (d, d):
-        raise DataError(f"C has shape {c.shape} but the widths {ws} sum to d={d}; pass [d, d]")
+    c = _check_corr(C, d) if symmetric else _as_tensor(C)
+    if tuple(c.shape) != (d, d):
+        raise DataError(f"C has shape {tuple(c.shape)} but the widths {ws} sum to d={d}; pass "
+                        "[d, d]")
     r = _check_r(r, d, d)
     alpha, beta = _check_alpha_beta(alpha, beta)
-    s = np.empty((d, d), dtype=np.float64)
-    t = _TILE
-    for a in range(0, d, t):
-        b = min(a + t, d)
-        s[a:b, a:] = c[a:b, a:]
-        s[a:b, :a] = np.ascontiguousarray(c[:a, a:b]).T  # read row-wise, transpose in cache
-        tile = s[a:b, a:b]
-        lower = np.tril_indices(b - a, -1)
-        tile[lower] = tile.T[lower]
-    np.fill_diagonal(s, 0.0)
-    if not np.isfinite(s.sum()):  # cheap: a finite sum has finite terms
-        s[np.isnan(s)] = 0.0
-        if not np.isfinite(s).all():
+    s = torch.empty((d, d), dtype=torch.float64, device=c.device)
+    if symmetric:
+        s.copy_(c)
+    else:
+        for a in range(0, d, _TILE):
+            b = min(a + _TILE, d)
+            s[a:b, a:] = c[a:b, a:]
+            _transposed(c, a, b, a, s[a:b])
+            tile = s[a:b, a:b]
+            tile.copy_(tile.triu(1) + tile.triu(1).T)
+    s.diagonal().zero_()
+    if not bool(torch.isfinite(s.sum())):  # cheap: a finite sum has finite terms
+        s.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        if not bool(torch.isfinite(s).all()):
             raise DataError("C has +-inf off the diagonal; scores must be finite (NaN reads as "
                             "0)")
-    np.fill_diagonal(s, -np.inf)
+    s.diagonal().fill_(-math.inf)
     return s, ws, r, alpha, beta
 
 
@@ -376,6 +415,7 @@ def zip_groups_naive(
         ``r`` groups of global unit indices, each ascending, ordered by their lowest index.
     """
     S, ws, r, alpha, beta = _prepare_scores(C, widths, r, alpha, beta)
+    S = S.cpu().numpy()
     d = S.shape[0]
     model = np.repeat(np.arange(len(ws)), ws)  # model of each unit = model of the group it heads
     budget = zip_budgets(ws, r, beta)
@@ -460,7 +500,7 @@ def zip_groups(
         ``r`` groups of global unit indices, each ascending, ordered by their lowest index.
     """
     S, ws, r, alpha, beta = _prepare_scores(C, widths, r, alpha, beta)
-    return _Zipper(S, ws, r, alpha, beta).run()
+    return _Zipper(S.cpu().numpy(), ws, r, alpha, beta).run()
 
 
 class _Zipper:
@@ -611,10 +651,12 @@ def zip_match(
     r: int | None = None,
     alpha: float = 0.5,
     beta: float = 1.0,
+    candidates: int = 0,
 ) -> Match:
     """Elastic ZipIt!: greedily merge the most correlated groups, within and across models.
 
-    Rule (``C`` starts as ``corr`` with NaN -> 0 and -inf on the diagonal):
+    Rule (``C`` starts as ``corr``, symmetric up to rounding (checked), with NaN -> 0 and
+    -inf on the diagonal):
 
     1. Target width ``r``: default ``max_i d_i``; any ``1 <= r <= d``.
     2. ``R = d - r`` merges are made.  Model ``i`` may merge ``budget_i =
@@ -647,16 +689,247 @@ def zip_match(
         r: merged width, default ``max(widths)``.
         alpha: in [0, 1], damping of a merged group's correlations (ZipIt! uses 0.5).
         beta: >= 0, scale of the within-model budgets.
+        candidates: 0 (default): the exact greedy (:func:`zip_groups`); ``k >= 1``: the
+            variant on each group's ``k`` best partners (:func:`zip_groups_candidates`, not
+            exact; e.g. :data:`DEFAULT_CANDIDATES`), which never copies ``corr``.
 
-    Cost: O(d^2) memory, time dominated by :func:`zip_groups`.
+    ``corr`` may be a numpy array or a torch tensor; the scores are built on its device.  Cost:
+    exact, a float64 copy of ``corr`` (O(d^2) memory) and :func:`zip_groups`' time; with
+    candidates, no copy, one pass over ``corr`` and about O(k) per merge.  Both build the
+    dense M_i, U_i (O(d r)).
     """
     ws = _check_widths(widths)
     d = sum(ws)
     r = _check_r(r, d, max(ws))
     alpha, beta = _check_alpha_beta(alpha, beta)
-    c = _check_corr(corr, d)
-    groups = zip_groups(c, ws, r, alpha, beta)
-    return _match_from_groups(c, ws, groups)
+    if candidates:
+        c = _check_corr(corr, d)
+        groups = zip_groups_candidates(c, ws, r, alpha, beta, candidates)
+        log.debug("zip: %d units matched on %d candidates per group (not exact)", d,
+                  candidates)
+    else:
+        scores, ws, r, alpha, beta = _prepare_scores(corr, ws, r, alpha, beta, symmetric=True)
+        groups = _Zipper(scores.cpu().numpy(), ws, r, alpha, beta).run()
+        del scores
+    return _match_from_groups(corr, ws, groups)
+
+
+# --------------------------------------------------------------------------------------------
+# ZipIt on candidate pairs: the faster variant for very wide spaces
+# --------------------------------------------------------------------------------------------
+
+#: candidates per group of the faster variant, a good default (benchmarks/speed.py --matcher)
+DEFAULT_CANDIDATES = 32
+
+
+class _CandidateZipper:
+    """ZipIt's rule (:func:`zip_match`) on a sparse set of candidate pairs: every group's
+    ``k`` best partners, kept in a heap; see :func:`zip_groups_candidates`."""
+
+    def __init__(self, c: torch.Tensor, ws: list[int], r: int, alpha: float, beta: float,
+                 k: int) -> None:
+        d = sum(ws)
+        self.c, self.d, self.r, self.alpha, self.k = c, d, r, alpha, k
+        self.host = c.cpu().numpy() if c.device.type == "cpu" else None  # a view, no copy
+        self.model = np.repeat(np.arange(len(ws)), ws)
+        self.budget = zip_budgets(ws, r, beta)
+        self.members: list[list[int]] = [[i] for i in range(d)]
+        self.mult: list[np.ndarray] = [np.ones(1) for _ in range(d)]  # alpha^(folds), per member
+        self.carries: list[set[int]] = [set() for _ in range(d)]
+        self.alive = np.ones(d, dtype=bool)
+        self.nb: list[dict[int, float]] = [{} for _ in range(d)]  # candidate partner -> score
+        self.heap: list[tuple[float, int, int]] = []
+        self.held: list[tuple[float, int, int]] = []  # forbidden when popped, kept for a lift
+        self.lifted = False
+        self.n_groups = d
+
+    def entries(self, rows: list[int], cols: list[int]) -> np.ndarray:
+        """C0[rows][:, cols] as float64 on the host, NaN -> 0."""
+        if self.host is not None:
+            sub = self.host[np.ix_(rows, cols)]
+        else:
+            at = torch.tensor(rows, device=self.c.device), torch.tensor(cols, device=self.c.device)
+            sub = self.c[at[0]][:, at[1]].to("cpu", torch.float64).numpy()
+        return np.nan_to_num(sub.astype(np.float64, copy=False), nan=0.0)
+
+    def scores(self, g: int, others: list[int]) -> list[float]:
+        """C(g, h) for each h in others: min over members u, v of mult_u mult_v C0[u, v]."""
+        cols = [v for h in others for v in self.members[h]]
+        sub = self.entries(self.members[g], cols) * self.mult[g][:, None]
+        mult = np.concatenate([self.mult[h] for h in others])
+        cut = np.cumsum([0] + [len(self.members[h]) for h in others])
+        worst = (sub * mult[None, :]).min(axis=0)
+        return [float(x) for x in np.minimum.reduceat(worst, cut[:-1])]
+
+    def link(self, g: int, h: int, s: float) -> None:
+        p, q = min(g, h), max(g, h)
+        self.nb[p][q] = s
+        self.nb[q][p] = s
+        heapq.heappush(self.heap, (-s, p, q))
+
+    def refill(self) -> None:
+        """Every live group's ``k`` best live partners become candidates (exact scores): one
+        pass over ``C0`` by blocks of units, on its device."""
+        live = np.flatnonzero(self.alive)
+        head = np.empty(self.d, dtype=np.int64)
+        mult = np.empty(self.d)
+        for g in live:
+            head[self.members[g]] = g
+            mult[self.members[g]] = self.mult[g]
+        singles = all(len(self.members[g]) == 1 for g in live)
+        if not singles:  # few groups are merged when the candidates run out: score them all
+            for g in live:
+                others = [int(h) for h in live if h != g and int(h) not in self.nb[g]]
+                for h, s in zip(others, self.scores(int(g), others) if others else []):
+                    self.link(int(g), h, s)
+            return
+        dev = self.c.device
+        idx = torch.from_numpy(live).to(dev)
+        kk = min(self.k, len(live) - 1)
+        found = []
+        for a in range(0, len(live), _TILE):
+            n = min(_TILE, len(live) - a)
+            val, at = self.best(idx, a, n, kk, len(live) == self.d)
+            found.append((np.repeat(live[a:a + n], kk), live[at].ravel(), val.ravel()))
+        g, h, val = (np.concatenate(x) for x in zip(*found))
+        p, q = np.minimum(g, h), np.maximum(g, h)
+        keep = val > -math.inf
+        pairs, first = np.unique(p[keep] * self.d + q[keep], return_index=True)
+        val = val[keep][first]
+        p, q = divmod(pairs, self.d)
+        fresh = [(-float(x), int(a), int(b)) for x, a, b in zip(val, p, q)
+                 if int(b) not in self.nb[int(a)]]
+        for s, a, b in fresh:
+            self.nb[a][b] = -s
+            self.nb[b][a] = -s
+        self.heap.extend(fresh)
+        heapq.heapify(self.heap)
+
+    def best(self, idx: torch.Tensor, a: int, n: int, kk: int, whole: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``a:a + n`` of the live groups: their ``kk`` largest scores among the live
+        groups (NaN read as 0, never the group itself) and where they are.  With every unit
+        live (the start), the rows are read in place: ``kk + 1`` largest, the diagonal
+        dropped."""
+        dev = self.c.device
+        if whole and kk < self.d:
+            val, at = self.c[a:a + n].topk(kk + 1, dim=1)
+            if not bool(torch.isnan(val).any()):
+                val, at = val.to(torch.float64).cpu().numpy(), at.cpu().numpy()
+                own = at == np.arange(a, a + n)[:, None]
+                drop = np.where(own.any(axis=1), own.argmax(axis=1), kk)  # self, else last
+                keep = np.ones_like(own)
+                keep[np.arange(n), drop] = False
+                return val[keep].reshape(n, kk), at[keep].reshape(n, kk)
+        block = self.c[idx[a:a + n]][:, idx].to(torch.float64).nan_to_num_(nan=0.0)
+        block[torch.arange(n, device=dev), torch.arange(a, a + n, device=dev)] = -math.inf
+        val, at = block.topk(kk, dim=1)  # ties: any order; the heap orders them
+        return val.cpu().numpy(), at.cpu().numpy()
+
+    def allowed(self, p: int, q: int) -> bool:
+        return self.lifted or not (self.carries[p] & self.carries[q])
+
+    def flag(self, m: int) -> None:
+        for g in np.flatnonzero(self.alive & (self.model == m)):
+            self.carries[g].add(m)
+
+    def pop(self) -> tuple[int, int] | None:
+        """The best live allowed candidate pair (ties: smallest p, then q); None if none."""
+        while self.heap:
+            s, p, q = heapq.heappop(self.heap)
+            if not (self.alive[p] and self.alive[q]) or self.nb[p].get(q) != -s:
+                continue  # stale
+            if not self.allowed(p, q):
+                self.held.append((s, p, q))
+                continue
+            return p, q
+        return None
+
+    def fold(self, p: int, q: int) -> None:
+        """q into p: members, flags, budget, and p's candidates with their new scores."""
+        self.alive[q] = False
+        self.n_groups -= 1
+        near = (set(self.nb[p]) | set(self.nb[q])) - {p, q}
+        old_p, old_q = self.nb[p], self.nb[q]
+        for j in (set(old_p) | set(old_q)):
+            self.nb[j].pop(p, None)
+            self.nb[j].pop(q, None)
+        near = sorted(j for j in near if self.alive[j])
+        miss_p = [j for j in near if j not in old_p]
+        miss_q = [j for j in near if j not in old_q]
+        known_p = dict(zip(miss_p, self.scores(p, miss_p))) if miss_p else {}
+        known_q = dict(zip(miss_q, self.scores(q, miss_q))) if miss_q else {}
+        self.members[p] = self.members[p] + self.members[q]
+        self.mult[p] = np.concatenate([self.mult[p], self.mult[q]]) * self.alpha
+        self.members[q], self.mult[q] = [], np.ones(0)
+        self.carries[p] |= self.carries[q]
+        self.nb[p], self.nb[q] = {}, {}
+        new = [(self.alpha * min(old_p.get(j, known_p.get(j)), old_q.get(j, known_q.get(j))),
+                j) for j in near]
+        for sc, j in heapq.nlargest(self.k, new, key=lambda x: (x[0], -x[1])):
+            self.link(p, j, sc)  # the k best partners stay candidates
+        if self.model[p] == self.model[q] and not self.lifted:
+            m = int(self.model[p])
+            self.budget[m] -= 1
+            if self.budget[m] == 0:
+                self.flag(m)
+
+    def run(self) -> list[list[int]]:
+        for m in np.flatnonzero(self.budget <= 0):
+            self.flag(int(m))
+        self.refill()
+        while self.n_groups > self.r:
+            pair = self.pop()
+            if pair is None:
+                self.refill()
+                pair = self.pop()
+            if pair is None:
+                self.lifted = True
+                log.debug("zip (candidates): no allowed pair left with %d groups > r=%d; "
+                          "lifting the within-model budgets", self.n_groups, self.r)
+                for item in self.held:
+                    heapq.heappush(self.heap, item)
+                self.held = []
+                continue
+            self.fold(*pair)
+        return [sorted(self.members[i]) for i in np.flatnonzero(self.alive)]
+
+
+def zip_groups_candidates(
+    C: np.ndarray | torch.Tensor, widths: Sequence[int], r: int, alpha: float = 0.5,
+    beta: float = 1.0, k: int = DEFAULT_CANDIDATES,
+) -> list[list[int]]:
+    """ZipIt grouping on candidate pairs: the faster variant of :func:`zip_groups` for very
+    wide spaces (not exact).
+
+    The rule is :func:`zip_match`'s, except that only *candidate* pairs of groups are
+    considered: at first each unit's ``k`` most correlated units (its row of ``C``, on
+    ``C``'s device, by blocks of rows); a fold gives the merged group the ``k`` best of both
+    groups' candidates, scored exactly (``C(G, H) = min`` over members ``u, v`` of
+    ``alpha^(folds of u) alpha^(folds of v) C[u, v]``, which is what the repeated ``alpha *
+    min`` makes, read from ``C`` for the partners only one of them had).  When no candidate
+    pair is left, every live group's candidates are scored again among all live groups
+    (then the flags are lifted as in the exact rule).  Pairs are taken best first from a
+    heap (ties: smallest ``p``, then ``q``), so where every pair the exact greedy takes is a
+    candidate the result is the exact one.  ``C`` is read, never copied: time O(d^2 / tile)
+    for the candidates and about O(k) per merge, memory O(d k).  Reads rows of ``C``: pass
+    a symmetric matrix.
+    """
+    ws = _check_widths(widths)
+    d = sum(ws)
+    c = _as_tensor(C)
+    if tuple(c.shape) != (d, d):
+        raise DataError(f"C has shape {tuple(c.shape)} but the widths {ws} sum to d={d}; pass "
+                        "[d, d]")
+    r = _check_r(r, d, d)
+    alpha, beta = _check_alpha_beta(alpha, beta)
+    try:
+        k = operator.index(k)
+    except TypeError as exc:
+        raise ConfigError(f"candidates must be a positive integer, got {k!r}") from exc
+    if k < 1:
+        raise ConfigError(f"candidates must be >= 1, got {k}")
+    return _CandidateZipper(c, ws, r, alpha, beta, k).run()
 
 
 @dataclass(frozen=True)
@@ -708,12 +981,13 @@ def get_matcher(name: str) -> Matcher:
 
 
 def correlation_from_moments(
-    sum_x: np.ndarray,
-    sum_xx: np.ndarray,
+    sum_x: np.ndarray | torch.Tensor,
+    sum_xx: np.ndarray | torch.Tensor,
     n: int,
     eps: float = 1e-10,
     widths: Sequence[int] | None = None,
-) -> np.ndarray:
+    tie_break: float = 0.0,
+) -> np.ndarray | torch.Tensor:
     """Pearson correlation [d, d] (float64) from streamed sums; constant units paired by value.
 
     Args:
@@ -723,6 +997,10 @@ def correlation_from_moments(
         eps: relative tolerance for constant units (below).
         widths: ``d_i`` per model when the units of several models are stacked: the scale of
             a unit is then that of its own model's units.  None: one model.
+        tie_break: >= 0; each correlation is lowered by ``tie_break * gap / size`` (at most
+            ``tie_break``), ``gap = |mean_i - mean_j| + |std_i - std_j|`` and ``size =
+            (|mean_i| + std_i) + (|mean_j| + std_j)``: exact ties go to units of equal mean and
+            spread; the result stays exactly symmetric.
 
     A unit is *constant* on the data when its variance is at most ``eps`` times the larger of
     its own ``E[x^2]`` (a large mean: the cancellation in ``E[x^2] - E[x]^2`` leaves a
@@ -736,7 +1014,9 @@ def correlation_from_moments(
     copy.  It correlates 0 with every other unit, so zip never prefers it to a real pair of
     varying units.  Other units get Pearson correlations, 1 on the diagonal, clipped to
     [-1, 1].  Accumulate the sums in float64: float32 sums lose the variance of units with a
-    large mean.  Cost O(d^2).
+    large mean.  Cost O(d^2), on the device of ``sum_xx`` (torch, by blocks of rows: one
+    [d, d] output, no other d x d temporary); a tensor in gives a tensor out, an array an
+    array.
 
     Example:
         >>> x = np.array([[1.0, 0.0, 2.0, 0.0], [2.0, 0.0, 4.0, 0.0], [4.0, 0.0, 8.0, 0.0]])
@@ -747,36 +1027,71 @@ def correlation_from_moments(
                [0., 1., 0., 1.]])
     """
     sx, sxx, ws, n, eps = _check_moments(sum_x, sum_xx, n, eps, widths)
+    corr = _correlation_tensor(sx, sxx, ws, n, eps, float(tie_break))
+    return corr if isinstance(sum_xx, torch.Tensor) else corr.numpy()
+
+
+def _correlation_tensor(sx: torch.Tensor, sxx: torch.Tensor, ws: list[int], n: int,
+                       eps: float = 1e-10, tie_break: float = 0.0) -> torch.Tensor:
+    """:func:`correlation_from_moments` on checked float64 tensors, on their device, written
+    into one new [d, d] tensor by blocks of rows (O(block * d) temporaries, no other d x d
+    copy).  ``tie_break > 0`` lowers each correlation by at most ``tie_break`` as units'
+    means and spreads differ (``SpaceStats.correlation``)."""
+    d = sx.numel()
     mean = sx / n
-    second = (sxx + sxx.T) / (2.0 * n)
-    cov = second - np.outer(mean, mean)
-    var = np.maximum(np.diag(cov), 0.0)
-    typical = np.repeat([var[a:b].mean() for a, b in itertools.pairwise(_offsets(ws))], ws)
-    scale = np.maximum(np.diag(second), typical)
+    second_diag = (sxx.diagonal() + sxx.diagonal()) / (2.0 * n)
+    var = torch.clamp(second_diag - mean * mean, min=0.0)
+    off = _offsets(ws)
+    typical = torch.repeat_interleave(
+        torch.stack([var[a:b].mean() for a, b in itertools.pairwise(off)]),
+        torch.tensor(ws, device=sx.device))
+    scale = torch.maximum(second_diag, typical)
     live = var > eps * scale
-    std = np.sqrt(np.where(live, var, 1.0))
-    corr = cov / np.outer(std, std)
-    corr[~live, :] = 0.0
-    corr[:, ~live] = 0.0
-    np.clip(corr, -1.0, 1.0, out=corr)
-    idx = np.flatnonzero(live)
-    corr[idx, idx] = 1.0
-    _pair_constant_units(corr, mean, scale, live, eps)
+    std = torch.sqrt(torch.where(live, var, torch.ones_like(var)))
+    dead = torch.nonzero(~live).flatten()
+    spread = torch.sqrt(torch.clamp(sxx.diagonal() / n - mean ** 2, min=0.0))
+    corr = torch.empty((d, d), dtype=torch.float64, device=sx.device)
+    work = torch.empty((2, min(_TILE, d), d), dtype=torch.float64, device=sx.device)
+    for a in range(0, d, _TILE):
+        b = min(a + _TILE, d)
+        tile, tmp, tmp2 = corr[a:b], work[0, :b - a], work[1, :b - a]
+        _transposed(sxx, a, b, d, tile)
+        tile += sxx[a:b]  # sxx[j, i] + sxx[i, j]: exactly symmetric
+        tile /= 2.0 * n
+        tile -= torch.outer(mean[a:b], mean, out=tmp)
+        tile /= torch.outer(std[a:b], std, out=tmp)
+        if dead.numel():
+            tile[:, dead] = 0.0
+            tile[(dead[(dead >= a) & (dead < b)] - a)] = 0.0
+        tile.clamp_(-1.0, 1.0)
+        rows = torch.nonzero(live[a:b]).flatten()
+        tile[rows, rows + a] = 1.0
+        _pair_constant_units(tile, a, dead, mean, scale, eps)
+        if tie_break > 0.0:  # tie_break * gap / size, in place in two scratch tiles
+            torch.sub(mean[a:b, None], mean[None, :], out=tmp).abs_()
+            tmp += torch.sub(spread[a:b, None], spread[None, :], out=tmp2).abs_()
+            size = mean.abs() + spread  # (|m_i| + s_i) + (|m_j| + s_j): exactly symmetric
+            torch.add(size[a:b, None], size[None, :], out=tmp2)
+            tmp *= tie_break
+            tile -= tmp.div_(tmp2.clamp_(min=1e-12))
     return corr
 
 
 def _check_moments(
-    sum_x: np.ndarray, sum_xx: np.ndarray, n: int, eps: float, widths: Sequence[int] | None
-) -> tuple[np.ndarray, np.ndarray, list[int], int, float]:
-    """Validate the arguments of :func:`correlation_from_moments`; return the sums as float64,
-    the widths, ``n`` as an int and ``eps`` as a float."""
-    sx = np.asarray(sum_x, dtype=np.float64)
-    sxx = np.asarray(sum_xx, dtype=np.float64)
-    if sx.ndim != 1 or sxx.shape != (sx.size, sx.size):
+    sum_x: np.ndarray | torch.Tensor, sum_xx: np.ndarray | torch.Tensor, n: int, eps: float,
+    widths: Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor, list[int], int, float]:
+    """Validate the arguments of :func:`correlation_from_moments`; return the sums as float64
+    tensors on the device of ``sum_xx`` (no copy where they are already), the widths, ``n`` as
+    an int and ``eps`` as a float.  The finiteness check sums columns (O(d) memory)."""
+    sxx = torch.as_tensor(sum_xx).to(torch.float64)
+    sx = torch.as_tensor(sum_x).to(sxx.device, torch.float64)
+    if sx.dim() != 1 or tuple(sxx.shape) != (sx.numel(), sx.numel()):
         raise DataError(
-            f"sum_x must be [d] and sum_xx [d, d]; got {sx.shape} and {sxx.shape}"
+            f"sum_x must be [d] and sum_xx [d, d]; got {tuple(sx.shape)} and "
+            f"{tuple(sxx.shape)}"
         )
-    d = sx.size
+    d = sx.numel()
     ws = [d] if widths is None else _check_widths(widths)
     if sum(ws) != d:
         raise DataError(f"widths {ws} sum to {sum(ws)} but the moments have d={d} units")
@@ -786,7 +1101,7 @@ def _check_moments(
         raise ConfigError(f"n must be the integer sample count, got {n!r}") from exc
     if n < 1:
         raise DataError(f"n={n}: no samples were accumulated; feed data before correlating")
-    if not (np.isfinite(sx).all() and np.isfinite(sxx).all()):
+    if not bool(torch.isfinite(sx).all() and torch.isfinite(sxx.sum(dim=0)).all()):
         raise DataError("sum_x / sum_xx contain NaN or inf; check the features fed in")
     eps = float(eps)
     if not (math.isfinite(eps) and 0.0 <= eps < 1.0):
@@ -794,13 +1109,23 @@ def _check_moments(
     return sx, sxx, ws, n, eps
 
 
-def _pair_constant_units(corr: np.ndarray, mean: np.ndarray, scale: np.ndarray,
-                         live: np.ndarray, eps: float) -> None:
-    """In place: 1 between constant units whose means agree within ``s_i + s_j``, ``s =
-    sqrt(eps * scale)`` (the precision their values are known to), else 0."""
-    dead = np.flatnonzero(~live)
-    if dead.size:
+def _transposed(c: torch.Tensor, a: int, b: int, stop: int, out: torch.Tensor) -> None:
+    """``out[:, :stop] = c[:stop, a:b].T``, copied by blocks of ``_BLOCK`` rows of ``c`` (a
+    whole transposed strip at once reads across memory, several times slower)."""
+    for k in range(0, stop, _BLOCK):
+        e = min(k + _BLOCK, stop)
+        out[:, k:e] = c[k:e, a:b].T
+
+
+def _pair_constant_units(tile: torch.Tensor, a: int, dead: torch.Tensor, mean: torch.Tensor,
+                         scale: torch.Tensor, eps: float) -> None:
+    """In place, on the rows ``a:a + len(tile)`` of the correlation: 1 between constant
+    units whose means agree within ``s_i + s_j``, ``s = sqrt(eps * scale)`` (the precision
+    their values are known to), else 0."""
+    rows = dead[(dead >= a) & (dead < a + tile.shape[0])]
+    if rows.numel():
         m = mean[dead]
-        s = np.sqrt(eps * scale[dead])
-        same = np.abs(m[:, None] - m[None, :]) <= s[:, None] + s[None, :]
-        corr[np.ix_(dead, dead)] = same.astype(np.float64)
+        s = torch.sqrt(eps * scale[dead])
+        same = ((mean[rows, None] - m[None, :]).abs()
+                <= torch.sqrt(eps * scale[rows])[:, None] + s[None, :])
+        tile[(rows - a)[:, None], dead[None, :]] = same.to(tile.dtype)

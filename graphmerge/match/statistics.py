@@ -85,19 +85,18 @@ class SpaceStats:
         all_reduce(self._sx, self._sxx, count)
         self.count = int(count.item())
 
-    def correlation(self) -> np.ndarray:
-        """[d, d] correlation; a constant unit (relative to the scale of its model's units)
+    def correlation(self) -> torch.Tensor:
+        """[d, d] float64 correlation, on the device of the sums (one new d x d tensor, built
+        by blocks of rows); a constant unit (relative to the scale of its model's units)
         correlates 1 with constant units of the same value and 0 with everything else
         (`correlation_from_moments`). Exact ties (units that are affine functions of each
         other on the data, e.g. in a rank-deficient layer) are broken toward units of equal
-        mean and spread, by at most `TIE_BREAK`."""
-        sum_x, sum_xx = self.sum_x, self.sum_xx
-        corr = correlation_from_moments(sum_x, sum_xx, self.count, widths=self.widths)
-        mean = sum_x / self.count
-        std = np.sqrt(np.clip(np.diag(sum_xx) / self.count - mean ** 2, 0.0, None))
-        gap = np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])
-        scale = np.abs(mean)[:, None] + np.abs(mean)[None, :] + std[:, None] + std[None, :]
-        return corr - TIE_BREAK * gap / np.maximum(scale, 1e-12)
+        mean and spread, by at most `TIE_BREAK`. Exactly symmetric."""
+        d = sum(self.widths)
+        sx = self._sx if self._sx is not None else torch.zeros(d, dtype=torch.float64)
+        sxx = self._sxx if self._sxx is not None else torch.zeros(d, d, dtype=torch.float64)
+        return correlation_from_moments(sx, sxx, self.count, widths=self.widths,
+                                        tie_break=TIE_BREAK)
 
 
 def moments(sum_x: np.ndarray, sum_xx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

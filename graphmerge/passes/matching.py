@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 @merge_pass(needs=("stats",), provides=("plans",))
 def match_spaces(ctx: MergeContext) -> None:
-    """Run the configured matcher on every merged space's correlation matrix."""
+    """Run the configured matcher on every merged space's correlation matrix (a torch tensor
+    on the statistics' device, built once per space and read by the matcher there)."""
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
     check_width_spaces(cfg.width, set(ctx.stats), set(head_projections(
@@ -55,7 +56,9 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
                 f"merging heads of different widths is not supported; models may differ in "
                 f"their number of heads")
     counts = [t[h].width for t in tables]
-    hm = match_heads([ctx.stats[ks[0]].correlation() for ks in by_dim.values()], counts,
+    # the heads' projections are small spaces: match_heads pairs their dims on the host
+    hm = match_heads([ctx.stats[ks[0]].correlation().cpu().numpy() for ks in by_dim.values()],
+                     counts,
                      [tables[0][d].width for d in by_dim], matcher,
                      target_width(ctx.config.width, h, counts),
                      fixed=[tables[0][d].frozen for d in by_dim],
