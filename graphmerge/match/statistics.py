@@ -81,7 +81,8 @@ class SpaceStats:
         return self._sxx.cpu().numpy()
 
     def all_reduce(self) -> None:
-        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        count = torch.tensor([float(self.count)], dtype=torch.float64,
+                             device=self._sx.device if self._sx is not None else None)
         all_reduce(self._sx, self._sxx, count)
         self.count = int(count.item())
 
@@ -130,7 +131,8 @@ class UnitStats:
         self.count += n
 
     def all_reduce(self) -> None:
-        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        on = self.sum_x.device if isinstance(self.sum_x, torch.Tensor) else None
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=on)
         all_reduce(self.sum_x, self.sum_xx, count)
         self.count = int(count.item())
 
