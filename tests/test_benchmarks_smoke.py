@@ -78,3 +78,18 @@ def test_device_check_smoke(tmp_path, monkeypatch):
     assert "| mlp | self | ok | 0.0e+00 |" in table and "| mlp | hetero | ok |" in table
     if device_check._hf_builders():
         assert "| llama h64 f128 L1 | pair | ok |" in table
+
+
+def test_scale_smoke():
+    """One tiny LLaMA pair merged and measured in this process, and the table rendered."""
+    import argparse
+
+    import scale
+
+    row = scale.one(64, 128, 1, "cpu", (16, 16), None)
+    assert row["params"] > 0 and row["merge"] > 0 and row["coverage"] > 0.9
+    assert set(scale.PASSES) <= set(row["passes"]) and row["peak_gib"] > 0
+    args = argparse.Namespace(device="cpu", tokens="16x16")
+    table = scale.render([row, dict(row, params=2 * row["params"], merge=2 * row["merge"])],
+                         args, 1.0)
+    assert "| 64 / 128 / 1 |" in table and "parameters^1.00" in table
