@@ -175,16 +175,28 @@ class _Graph:
                                            for a in n.all_input_nodes if a.op != "get_attr"):
                     outside.add(n)
             for n in reversed(window):
-                if n not in stream and n.users and all(u in outside for u in n.users):
+                if n not in stream and readers(n) and all(u in outside for u in readers(n)):
                     outside.add(n)
         members: set[fx.Node] = set()
+        dead = self._dead(window)
         for n in reversed(window):
-            if n in outside and n is not end:
+            if (n in outside or n in dead) and n is not end:
                 continue
-            if n in stream or n is end or (n.users and all(u in members for u in n.users)) or (
+            if n is end or n in stream or (
+                    readers(n) and all(u in members for u in readers(n))) or (
                     not n.users and any(a in stream for a in n.all_input_nodes)):  # a check
                 members.add(n)
         return [n for n in window if n in members]
+
+    def _dead(self, window: list[fx.Node]) -> set[fx.Node]:
+        """The tensors of `window` that nothing but such tensors read (a hidden state a model
+        reshapes for an output it does not return): no unit's structure — a model computes
+        them once per stage, not once per unit."""
+        dead: set[fx.Node] = set()
+        for n in reversed(window):
+            if self.shape(n) is not None and all(u in dead for u in n.users):
+                dead.add(n)
+        return dead
 
     def post_ops(self, n: fx.Node) -> list[fx.Node]:
         """The single-reader chain of activations, norms and dropout after `n`."""
