@@ -39,7 +39,7 @@ from graphmerge.graph.kinds import (
 from graphmerge.graph.rules.registry import is_metadata
 
 __all__ = ["Unit", "Stage", "find_stages", "aligned_stages", "trunk", "corresponding_stages",
-           "check_trunks", "is_add", "branch_producer", "readers", "through_identity"]
+           "check_trunks", "is_add", "is_affine", "branch_producer", "readers", "through_identity"]
 
 
 def _ends_unit(n: fx.Node) -> bool:
@@ -50,6 +50,12 @@ def _ends_unit(n: fx.Node) -> bool:
 def _post_op(n: fx.Node) -> bool:
     """An op that may follow a unit's layer or add: an activation, a norm, dropout."""
     return _ends_unit(n) or is_norm(n) or is_pass(n)
+
+
+def is_affine(n: fx.Node) -> bool:
+    """x · w or x + b with parameters w, b (an elementwise affine such as MobileBERT's NoNorm):
+    it may follow a residual add like a norm, and is the identity with w = 1, b = 0."""
+    return kind(n) in ("mul", "add") and any(a.op == "get_attr" for a in n.all_input_nodes)
 
 
 @dataclass
@@ -199,12 +205,14 @@ class _Graph:
         return dead
 
     def post_ops(self, n: fx.Node) -> list[fx.Node]:
-        """The single-reader chain of activations, norms and dropout after `n`."""
+        """The single-reader chain of activations, norms, elementwise affines and dropout after
+        `n`."""
         out = []
         while len(readers(n)) == 1:
             u = readers(n)[0]
             inputs = [a for a in u.all_input_nodes if a.op != "get_attr"]
-            if inputs != [n] or not _post_op(u) or self.shape(u) != self.shape(n):
+            if inputs != [n] or not (_post_op(u) or is_affine(u)) or \
+                    self.shape(u) != self.shape(n):
                 break
             out.append(u)
             n = u
