@@ -39,7 +39,7 @@ from graphmerge.graph.kinds import (
 from graphmerge.graph.rules.registry import is_metadata
 
 __all__ = ["Unit", "Stage", "find_stages", "aligned_stages", "trunk", "corresponding_stages",
-           "check_trunks", "is_add", "is_affine", "branch_producer", "readers", "through_identity"]
+           "check_trunks", "check_widening", "is_add", "is_affine", "branch_producer", "readers", "through_identity"]
 
 
 def _ends_unit(n: fx.Node) -> bool:
@@ -306,6 +306,54 @@ def _trim_last(g: _Graph, chain: list[list], shared: bool) -> None:
         chain[-1][2] = post[:k]
 
 
+def _concat_units(g: _Graph, shared: bool, taken: set[str]) -> list[list[Unit]]:
+    """Chains of concatenation units x ← cat([x, f(x)]) (a dense layer): f ends in a layer with
+    weights, keeps x's shape but along the concatenated axis (no pooling, no upsampling: a
+    U-Net level is no unit) and nothing it computes from x is read outside. Every unit widens
+    the stream, so a deeper chain is wider too (see `check_widening`)."""
+    chains: list[list[Unit]] = []
+    for n in g.nodes:
+        parts = n.args[0] if kind(n) == "cat" and n.args else None
+        if n.name in taken or not isinstance(parts, (list, tuple)) or len(parts) != 2 \
+                or not all(isinstance(a, fx.Node) for a in parts) or g.shape(n) is None:
+            continue
+        skip, branch = _skip_and_branch(g, *parts)
+        if skip is None or skip is not parts[0] or not g.closed(skip, n) or \
+                branch_producer(branch, set(g.window(skip, n))) is None:
+            continue
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        shape = g.shape(skip)
+        if shape is None or not isinstance(dim, int):
+            continue
+        dim %= len(shape)
+        if any(s is None or len(s) != len(shape) or any(
+                a != b for k, (a, b) in enumerate(zip(s, shape)) if k != dim)
+               for s in (g.shape(m) for m in g._stream(skip, g.window(skip, n)))):
+            continue
+        nodes = g.members(skip, n, shared)
+        unit = Unit(skip.name, n.name, [m.name for m in nodes], "concat", _signature(nodes))
+        chain = next((c for c in chains if c[-1].output == skip.name), None)
+        if chain is not None:
+            chain.append(unit)
+        else:
+            chains.append([unit])
+    return chains
+
+
+def check_widening(ref_stages: Sequence[Stage], other_stages: Sequence[Stage]) -> None:
+    """Raises MismatchError when two models' corresponding stages of concatenation units
+    (dense blocks) differ in depth: a deeper one also widens its output."""
+    at = {s.anchor: s for s in other_stages}
+    for s in ref_stages:
+        other = at.get(s.anchor)
+        d = other.depth if other is not None else 0
+        if d != s.depth and s.units[0].kind == "concat":
+            raise MismatchError(
+                f"the {s.name} is a dense block (each unit concatenates its output onto its "
+                f"input) with {d} and {s.depth} units: a deeper dense block also widens its "
+                f"output; merging dense blocks of different depths is not supported yet")
+
+
 def _plain_units(g: _Graph, taken: set[str]) -> list[list[Unit]]:
     """Chains of layer units (linear/conv [→ norm/dropout] → activation, shape kept)."""
     units = []
@@ -362,7 +410,9 @@ def find_stages(traced: Traced, plain: bool = True, shared: bool = False) -> lis
     g = _Graph(traced)
     residual = _residual_units(g, shared)
     taken = {n for chain in residual for u in chain for n in u.nodes}
-    chains = residual + (_plain_units(g, taken) if plain else [])
+    dense = _concat_units(g, shared, taken)
+    taken |= {n for chain in dense for u in chain for n in u.nodes}
+    chains = residual + dense + (_plain_units(g, taken) if plain else [])
     chains.sort(key=lambda c: g.order[traced.node(c[0].input)])
     inside = {n for chain in chains for u in chain for n in u.nodes}
     stages: list[Stage] = []
@@ -393,6 +443,7 @@ def corresponding_stages(ref: Traced, ref_stages: Sequence[Stage], other: Traced
             `other` that `ref` has no stage for.
     """
     check_trunks(ref, ref_stages, other, other_stages)
+    check_widening(ref_stages, other_stages)
     at = {s.anchor: s for s in other_stages}
     extra = set(at) - {s.anchor for s in ref_stages}
     if extra:
@@ -409,12 +460,27 @@ def check_trunks(ref: Traced, ref_stages: Sequence[Stage], other: Traced,
         if node_key(a) != node_key(b):
             raise MismatchError(
                 f"outside their units of depth the models differ at node {k}: `{b.name}` "
-                f"({kind(b)}) where the reference has `{a.name}` ({kind(a)}); depth alignment "
-                f"needs models of one family whose stages differ only in their number of units")
+                f"({kind(b)}) where the reference has `{a.name}` ({kind(a)}); "
+                f"{_why(ref, a, 'the reference') or _why(other, b, 'the model') or ''}depth "
+                f"alignment needs models of one family whose stages differ only in their "
+                f"number of units")
     if len(ta) != len(tb):
         raise MismatchError(f"outside their units of depth the models have {len(tb)} and "
                             f"{len(ta)} nodes; they are not of one family")
 
+
+
+def _why(traced: Traced, n: fx.Node, who: str) -> str | None:
+    """Why a trunk node no counterpart matches is structure, when it changes the shape of the
+    stream (a pool, a strided or widening layer: a stage or level one model lacks)."""
+    if family(n) == "reshape":
+        return None
+    x = next((a for a in n.all_input_nodes if a.op != "get_attr"), None)
+    before, after = (traced.shapes.get(m.name) if m is not None else None for m in (x, n))
+    if not isinstance(before, tuple) or not isinstance(after, tuple) or before == after:
+        return None
+    return (f"{who} has a stage there that changes the stream's shape ({list(before)} → "
+            f"{list(after)}), so their stage structure differs; ")
 
 
 def aligned_stages(traced: Sequence[Traced], check: Callable[[list[list[Stage]], int], None]
