@@ -3,7 +3,7 @@
 A **residual unit** is the stretch of graph between two reads of one residual stream:
 x ← x + f(x) for any branch f (attention, MLP, inverted residual, squeeze-and-excitation, layer
 scale), followed by the ops that map the sum to the next unit's input (a ReLU as in ResNets, a
-LayerNorm as in post-norm BERT). It is found at an add one of whose operands (the skip x) is an
+LayerNorm as in post-norm BERT, an elementwise affine with parameters as MobileBERT's NoNorm). It is found at an add one of whose operands (the skip x) is an
 ancestor of the other (the branch), when the branch ends in a layer with weights reached through
 ops that keep a zero (so the unit can be made the identity) and nothing between x and the add is
 read from outside. Units whose skip is the previous unit's output form a chain; a chain's units
@@ -11,6 +11,14 @@ are grouped by the period of their op sequence (attention, MLP, attention, MLP, 
 
 A **plain unit** is linear/conv [→ norm, dropout] → activation with equal input and output
 shapes; consecutive plain units of one op sequence, each the only reader of the last, chain.
+
+A **concatenation unit** is x ← cat([x, f(x)]) (a dense layer); it widens the stream, so a
+deeper chain of them is wider as well, and is refused (`check_widening`).
+
+Shape reads and asserts are no structure (a deeper model reads shapes more often). Tensors
+that nothing but such tensors read belong to no unit but to the trunk: a stage may reshape its
+input once for an output the model does not return, which in its first unit would break the
+period.
 
 A **stage** is a maximal chain. Everything outside stages is the **trunk**; a stage is placed
 by the number of trunk nodes before it (its anchor), so two models of one family that differ in
