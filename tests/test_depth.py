@@ -166,12 +166,15 @@ def test_calibration_batches_of_two_are_pooled_for_cka():
         assert _rel(shallow(y), result.module(y)) < 1e-4
 
 
-def test_deepen_refuses_when_no_units_of_depth_are_found():
-    """A dense block concatenates: a unit would widen the concatenation, so none is found."""
+def test_deepen_refuses_a_deeper_dense_block_naming_it():
+    """A dense block concatenates: each unit widens the stream, so a deeper block is depth and
+    width at once, refused in one line that names the stage (not a confusing trunk mismatch)."""
     model, x = zoo.builtin("densenet", batch=2)
     deeper = zoo.build("densenet", block_layers=(5, 5)).eval()
-    with pytest.raises(gm.MismatchError, match="no units of depth"):
+    with pytest.raises(gm.MismatchError, match=r"stage at `\w+` is a dense block .* with 3 and 5 "
+                       r"units: a deeper dense block also widens its output") as e:
         deepen(model.eval(), x, deeper)
+    assert "\n" not in str(e.value)
 
 
 def test_plain_units_need_a_proven_identity_region():
@@ -291,3 +294,112 @@ def test_blocks_that_read_shapes_and_end_in_a_reshaped_norm_align_in_depth(front
     with torch.no_grad():
         y = result.module(x)
     assert torch.isfinite(y).all() and not torch.allclose(y, deep(x), atol=1e-3)
+
+
+def _swin(depths):
+    from transformers import SwinConfig, SwinForImageClassification
+
+    from hf_models import HFWrapper
+
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=32, patch_size=2, num_channels=3, embed_dim=16,
+                        depths=list(depths), num_heads=[2, 4], window_size=4, num_labels=5,
+                        attn_implementation="sdpa")
+    return HFWrapper(SwinForImageClassification(config), "logits", ("pixel_values",)).eval()
+
+
+def _mobilebert(layers):
+    from transformers import MobileBertConfig, MobileBertModel
+
+    from hf_models import HFWrapper
+
+    torch.manual_seed(0)
+    config = MobileBertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers,
+                              num_attention_heads=4, intermediate_size=64, embedding_size=16,
+                              intra_bottleneck_size=16, num_feedforward_networks=4,
+                              true_hidden_size=16)
+    return HFWrapper(MobileBertModel(config), "last_hidden_state", ("input_ids",),
+                     head=(32, 5)).eval()
+
+
+def test_swin_blocks_pair_into_units_and_deepen_exactly():
+    """A Swin stage alternates unshifted and shifted blocks (a roll, a mask): the pair is one
+    unit (period 4 of residual adds), the shifted block's mask and the hidden states a stage
+    reshapes for an unreturned output are no trunk structure, so stages of 2 and 4 blocks align
+    and the shallow model deepens exactly."""
+    pytest.importorskip("transformers")
+    shallow, deep = _swin((2, 2)), _swin((2, 4))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    unit = find_stages(gm.trace(deep, x[:2], frontend="export"))[1].units[0]
+    assert sum(op == ("call_function", "add") for op in unit.signature) >= 4
+    assert ("call_function", "roll") in unit.signature
+    expanded = deepen(shallow, x[:2], deep)
+    with torch.no_grad():
+        assert _rel(shallow(x), expanded(x)) < 1e-6
+    result = gm.merge([shallow, deep], [x[:2], x[2:]], x[:2], progress=False)
+    assert [a.depths for a in result.alignments] == [[1, 1], [1, 2]]
+
+
+def test_mobilebert_layers_chain_through_their_elementwise_affine():
+    """MobileBERT's NoNorm (x · w + b with parameters) follows each residual add: it chains
+    the layers into one stage, and an inserted layer is exact with w = 1, b = 0."""
+    pytest.importorskip("transformers")
+    shallow, deep = _mobilebert(2), _mobilebert(3)
+    x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(1))
+    expanded = deepen(shallow, x[:2], deep)
+    with torch.no_grad():
+        assert _rel(shallow(x), expanded(x)) < 1e-6
+    result = gm.merge([shallow, deep], [x[:2], x[2:]], x[:2], progress=False)
+    assert [a.depths for a in result.alignments][0] == [2, 3]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_merging_dense_blocks_of_different_depths_is_refused_in_one_line(frontend):
+    torch.manual_seed(0)
+    a, b = zoo.build("densenet", block_layers=(3, 3)).eval(), zoo.build(
+        "densenet", block_layers=(3, 4)).eval()
+    x = zoo.example_input("densenet", batch=4)
+    with pytest.raises(gm.MismatchError, match=r"stage at `\w+` is a dense block .* with 3 and "
+                       r"4 units: a deeper dense block also widens its output") as e:
+        gm.merge([a, b], [x], x, frontend=frontend, progress=False)
+    assert "\n" not in str(e.value)
+
+
+class _UNet(nn.Module):
+    """A U-Net with `levels` pooling levels (each a level of resolution and width)."""
+
+    def __init__(self, levels: int, base: int = 4) -> None:
+        super().__init__()
+        ch = [base * 2 ** i for i in range(levels + 1)]
+
+        def double(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.ReLU())
+
+        self.down = nn.ModuleList([double(1, ch[0])] + [double(ch[i], ch[i + 1])
+                                                        for i in range(levels)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2)
+                                 for i in range(levels)])
+        self.dec = nn.ModuleList([double(2 * ch[i], ch[i]) for i in range(levels)])
+        self.out = nn.Conv2d(base, 3, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, down in enumerate(self.down):
+            x = down(nn.functional.max_pool2d(x, 2) if i else x)
+            skips.append(x)
+        for i in reversed(range(len(self.up))):
+            x = self.dec[i](torch.cat([self.up[i](x), skips[i]], 1))
+        return self.out(x)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_unets_with_another_number_of_levels_are_refused_naming_the_node(frontend):
+    """A level one U-Net lacks changes resolution and width: no unit of depth, refused with the
+    node where the structure differs and why (never merged silently)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    with pytest.raises(gm.MismatchError, match=r"differ at node \d+: `\w+` .* where the "
+                       r"reference has `\w+` \(max_pool\); the reference has a stage there "
+                       r"that changes the stream's shape"):
+        gm.merge([_UNet(2).eval(), _UNet(3).eval()], [x], x, frontend=frontend, progress=False)

@@ -144,6 +144,9 @@ _BUILTIN = (
                                       "transpose", "reshape_as", "view_as"), keeps_zero=True,
            keeps_range=True),
     OpKind("getitem", "reshape", (), ("getitem",), keeps_zero=True, keeps_range=True),
+    # only move values (a shifted window's roll, cutting padding off): a zero stays a zero
+    OpKind("roll", "reshape", (), ("roll",), keeps_zero=True, keeps_range=True),
+    OpKind("slice", "reshape", (), ("slice",), keeps_zero=True, keeps_range=True),
     OpKind("add", "arith", (), ("add", "iadd")),
     OpKind("mul", "arith", (), ("mul", "imul"), keeps_zero=True),  # zero when a factor is
     # a cast to another tensor's dtype keeps a zero; it is no "identity" (its own kind)

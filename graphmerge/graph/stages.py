@@ -3,7 +3,7 @@
 A **residual unit** is the stretch of graph between two reads of one residual stream:
 x ← x + f(x) for any branch f (attention, MLP, inverted residual, squeeze-and-excitation, layer
 scale), followed by the ops that map the sum to the next unit's input (a ReLU as in ResNets, a
-LayerNorm as in post-norm BERT). It is found at an add one of whose operands (the skip x) is an
+LayerNorm as in post-norm BERT, an elementwise affine with parameters as MobileBERT's NoNorm). It is found at an add one of whose operands (the skip x) is an
 ancestor of the other (the branch), when the branch ends in a layer with weights reached through
 ops that keep a zero (so the unit can be made the identity) and nothing between x and the add is
 read from outside. Units whose skip is the previous unit's output form a chain; a chain's units
@@ -11,6 +11,14 @@ are grouped by the period of their op sequence (attention, MLP, attention, MLP, 
 
 A **plain unit** is linear/conv [→ norm, dropout] → activation with equal input and output
 shapes; consecutive plain units of one op sequence, each the only reader of the last, chain.
+
+A **concatenation unit** is x ← cat([x, f(x)]) (a dense layer); it widens the stream, so a
+deeper chain of them is wider as well, and is refused (`check_widening`).
+
+Shape reads and asserts are no structure (a deeper model reads shapes more often). Tensors
+that nothing but such tensors read belong to no unit but to the trunk: a stage may reshape its
+input once for an output the model does not return, which in its first unit would break the
+period.
 
 A **stage** is a maximal chain. Everything outside stages is the **trunk**; a stage is placed
 by the number of trunk nodes before it (its anchor), so two models of one family that differ in
@@ -39,7 +47,7 @@ from graphmerge.graph.kinds import (
 from graphmerge.graph.rules.registry import is_metadata
 
 __all__ = ["Unit", "Stage", "find_stages", "aligned_stages", "trunk", "corresponding_stages",
-           "check_trunks", "is_add", "branch_producer", "readers", "through_identity"]
+           "check_trunks", "check_widening", "is_add", "is_affine", "branch_producer", "readers", "through_identity"]
 
 
 def _ends_unit(n: fx.Node) -> bool:
@@ -50,6 +58,12 @@ def _ends_unit(n: fx.Node) -> bool:
 def _post_op(n: fx.Node) -> bool:
     """An op that may follow a unit's layer or add: an activation, a norm, dropout."""
     return _ends_unit(n) or is_norm(n) or is_pass(n)
+
+
+def is_affine(n: fx.Node) -> bool:
+    """x · w or x + b with parameters w, b (an elementwise affine such as MobileBERT's NoNorm):
+    it may follow a residual add like a norm, and is the identity with w = 1, b = 0."""
+    return kind(n) in ("mul", "add") and any(a.op == "get_attr" for a in n.all_input_nodes)
 
 
 @dataclass
@@ -175,24 +189,38 @@ class _Graph:
                                            for a in n.all_input_nodes if a.op != "get_attr"):
                     outside.add(n)
             for n in reversed(window):
-                if n not in stream and n.users and all(u in outside for u in n.users):
+                if n not in stream and readers(n) and all(u in outside for u in readers(n)):
                     outside.add(n)
         members: set[fx.Node] = set()
+        dead = self._dead(window)
         for n in reversed(window):
-            if n in outside and n is not end:
+            if (n in outside or n in dead) and n is not end:
                 continue
-            if n in stream or n is end or (n.users and all(u in members for u in n.users)) or (
+            if n is end or n in stream or (
+                    readers(n) and all(u in members for u in readers(n))) or (
                     not n.users and any(a in stream for a in n.all_input_nodes)):  # a check
                 members.add(n)
         return [n for n in window if n in members]
 
+    def _dead(self, window: list[fx.Node]) -> set[fx.Node]:
+        """The tensors of `window` that nothing but such tensors read (a hidden state a model
+        reshapes for an output it does not return): no unit's structure — a model computes
+        them once per stage, not once per unit."""
+        dead: set[fx.Node] = set()
+        for n in reversed(window):
+            if self.shape(n) is not None and all(u in dead for u in n.users):
+                dead.add(n)
+        return dead
+
     def post_ops(self, n: fx.Node) -> list[fx.Node]:
-        """The single-reader chain of activations, norms and dropout after `n`."""
+        """The single-reader chain of activations, norms, elementwise affines and dropout after
+        `n`."""
         out = []
         while len(readers(n)) == 1:
             u = readers(n)[0]
             inputs = [a for a in u.all_input_nodes if a.op != "get_attr"]
-            if inputs != [n] or not _post_op(u) or self.shape(u) != self.shape(n):
+            if inputs != [n] or not (_post_op(u) or is_affine(u)) or \
+                    self.shape(u) != self.shape(n):
                 break
             out.append(u)
             n = u
@@ -286,6 +314,54 @@ def _trim_last(g: _Graph, chain: list[list], shared: bool) -> None:
         chain[-1][2] = post[:k]
 
 
+def _concat_units(g: _Graph, shared: bool, taken: set[str]) -> list[list[Unit]]:
+    """Chains of concatenation units x ← cat([x, f(x)]) (a dense layer): f ends in a layer with
+    weights, keeps x's shape but along the concatenated axis (no pooling, no upsampling: a
+    U-Net level is no unit) and nothing it computes from x is read outside. Every unit widens
+    the stream, so a deeper chain is wider too (see `check_widening`)."""
+    chains: list[list[Unit]] = []
+    for n in g.nodes:
+        parts = n.args[0] if kind(n) == "cat" and n.args else None
+        if n.name in taken or not isinstance(parts, (list, tuple)) or len(parts) != 2 \
+                or not all(isinstance(a, fx.Node) for a in parts) or g.shape(n) is None:
+            continue
+        skip, branch = _skip_and_branch(g, *parts)
+        if skip is None or skip is not parts[0] or not g.closed(skip, n) or \
+                branch_producer(branch, set(g.window(skip, n))) is None:
+            continue
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        shape = g.shape(skip)
+        if shape is None or not isinstance(dim, int):
+            continue
+        dim %= len(shape)
+        if any(s is None or len(s) != len(shape) or any(
+                a != b for k, (a, b) in enumerate(zip(s, shape)) if k != dim)
+               for s in (g.shape(m) for m in g._stream(skip, g.window(skip, n)))):
+            continue
+        nodes = g.members(skip, n, shared)
+        unit = Unit(skip.name, n.name, [m.name for m in nodes], "concat", _signature(nodes))
+        chain = next((c for c in chains if c[-1].output == skip.name), None)
+        if chain is not None:
+            chain.append(unit)
+        else:
+            chains.append([unit])
+    return chains
+
+
+def check_widening(ref_stages: Sequence[Stage], other_stages: Sequence[Stage]) -> None:
+    """Raises MismatchError when two models' corresponding stages of concatenation units
+    (dense blocks) differ in depth: a deeper one also widens its output."""
+    at = {s.anchor: s for s in other_stages}
+    for s in ref_stages:
+        other = at.get(s.anchor)
+        d = other.depth if other is not None else 0
+        if d != s.depth and s.units[0].kind == "concat":
+            raise MismatchError(
+                f"the {s.name} is a dense block (each unit concatenates its output onto its "
+                f"input) with {d} and {s.depth} units: a deeper dense block also widens its "
+                f"output; merging dense blocks of different depths is not supported yet")
+
+
 def _plain_units(g: _Graph, taken: set[str]) -> list[list[Unit]]:
     """Chains of layer units (linear/conv [→ norm/dropout] → activation, shape kept)."""
     units = []
@@ -342,7 +418,9 @@ def find_stages(traced: Traced, plain: bool = True, shared: bool = False) -> lis
     g = _Graph(traced)
     residual = _residual_units(g, shared)
     taken = {n for chain in residual for u in chain for n in u.nodes}
-    chains = residual + (_plain_units(g, taken) if plain else [])
+    dense = _concat_units(g, shared, taken)
+    taken |= {n for chain in dense for u in chain for n in u.nodes}
+    chains = residual + dense + (_plain_units(g, taken) if plain else [])
     chains.sort(key=lambda c: g.order[traced.node(c[0].input)])
     inside = {n for chain in chains for u in chain for n in u.nodes}
     stages: list[Stage] = []
@@ -373,6 +451,7 @@ def corresponding_stages(ref: Traced, ref_stages: Sequence[Stage], other: Traced
             `other` that `ref` has no stage for.
     """
     check_trunks(ref, ref_stages, other, other_stages)
+    check_widening(ref_stages, other_stages)
     at = {s.anchor: s for s in other_stages}
     extra = set(at) - {s.anchor for s in ref_stages}
     if extra:
@@ -389,12 +468,27 @@ def check_trunks(ref: Traced, ref_stages: Sequence[Stage], other: Traced,
         if node_key(a) != node_key(b):
             raise MismatchError(
                 f"outside their units of depth the models differ at node {k}: `{b.name}` "
-                f"({kind(b)}) where the reference has `{a.name}` ({kind(a)}); depth alignment "
-                f"needs models of one family whose stages differ only in their number of units")
+                f"({kind(b)}) where the reference has `{a.name}` ({kind(a)}); "
+                f"{_why(ref, a, 'the reference') or _why(other, b, 'the model') or ''}depth "
+                f"alignment needs models of one family whose stages differ only in their "
+                f"number of units")
     if len(ta) != len(tb):
         raise MismatchError(f"outside their units of depth the models have {len(tb)} and "
                             f"{len(ta)} nodes; they are not of one family")
 
+
+
+def _why(traced: Traced, n: fx.Node, who: str) -> str | None:
+    """Why a trunk node no counterpart matches is structure, when it changes the shape of the
+    stream (a pool, a strided or widening layer: a stage or level one model lacks)."""
+    if family(n) == "reshape":
+        return None
+    x = next((a for a in n.all_input_nodes if a.op != "get_attr"), None)
+    before, after = (traced.shapes.get(m.name) if m is not None else None for m in (x, n))
+    if not isinstance(before, tuple) or not isinstance(after, tuple) or before == after:
+        return None
+    return (f"{who} has a stage there that changes the stream's shape ({list(before)} → "
+            f"{list(after)}), so their stage structure differs; ")
 
 
 def aligned_stages(traced: Sequence[Traced], check: Callable[[list[list[Stage]], int], None]

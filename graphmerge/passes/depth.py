@@ -26,6 +26,7 @@ from graphmerge.graph.stages import (
     Stage,
     aligned_stages,
     check_trunks,
+    check_widening,
     find_stages,
     trunk,
 )
@@ -74,6 +75,7 @@ def _align(ctx: MergeContext, measure: bool) -> None:
         for i in range(n):
             try:
                 check_trunks(traced[base], stages[base], traced[i], stages[i])
+                check_widening(stages[base], stages[i])
             except MismatchError as e:
                 raise MismatchError(f"model {i} cannot be aligned to model {base}: {e}") from e
 

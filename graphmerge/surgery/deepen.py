@@ -64,6 +64,7 @@ from graphmerge.graph.stages import (
     branch_producer,
     corresponding_stages,
     is_add,
+    is_affine,
     readers,
     through_identity,
     trunk,
@@ -265,7 +266,11 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
     table = ref.space_table
     for n in nodes:
         inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
-        if is_add(n):
+        if is_affine(n) and len(inputs) == 1 and inputs[0] in stream:  # w = 1, b = 0
+            for name in _node_tensors(n):
+                _set(gm, name, 1.0 if kind(n) == "mul" else 0.0)
+            stream.add(n)
+        elif is_add(n):
             skip = [a for a in inputs if a in stream or through_identity(a) in stream]
             branch = [a for a in inputs if a not in skip]
             if len(skip) == 1 and len(branch) == 1:
