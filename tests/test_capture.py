@@ -229,7 +229,7 @@ DEEPER = {"resnet": {"depths": (2, 3, 2), "stem_stride": 2}, "vit": {"depth": 4}
           "mlp": {"hidden": (256, 256, 256)}, "senet": {"depths": (2, 3)}, "mha": {"depth": 4},
           "mobilenet": {"depths": (1, 3, 3)}, "densenet": {"block_layers": (5, 5)},
           "gpt": {"n_layer": 4}, "convnext": {"depths": (2, 3)}}
-# a dense block concatenates (a unit would widen the concatenation): no units of depth
+# a dense block's units concatenate: a deeper one also widens its output (refused by name)
 DEPTH_REFUSED = {"densenet"}
 
 
@@ -246,7 +246,7 @@ def test_zoo_architecture_across_depths(name, frontend):
     model, x = _randomise_norms(model), (x,)
     reference = build(name, **DEEPER[name]).eval()
     if name in DEPTH_REFUSED:
-        with pytest.raises(gm.MismatchError, match="no units of depth"):
+        with pytest.raises(gm.MismatchError, match="a deeper dense block also widens"):
             gm.deepen(gm.permute(model, x, seed=1), x, reference, frontend=frontend)
         return
     before = _snapshot(model)
