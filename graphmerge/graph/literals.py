@@ -44,9 +44,16 @@ class Literal:
     fixed: int = 0
     sign: int = 1
     bound: str | None = None
+    # an attention's default scale (1/√E of its query head dim, space `space`, of width
+    # `fixed`): pinned as the keyword `scale` when that width changes, so the scale stays
+    scale: bool = False
 
-    def value(self, widths: Mapping[int, int]) -> int | None:
-        """The literal for spaces of `widths` (a plain width: None when its space is absent)."""
+    def value(self, widths: Mapping[int, int]) -> int | float | None:
+        """The literal for spaces of `widths` (a plain width: None when its space is absent;
+        a scale: None while its head dim keeps its width)."""
+        if self.scale:
+            return None if widths.get(self.space, self.fixed) == self.fixed \
+                else 1.0 / math.sqrt(self.fixed)
         if not self.terms:
             return widths.get(self.space)
         return self.sign * (self.fixed + sum(widths.get(s, w) for s, w in self.terms))
@@ -134,7 +141,20 @@ def find_literals(traced: Traced) -> list[Literal]:
                 _tie_groups(table, n, 6, x, out)
         elif name == "group_norm" and len(n.args) > 1 and isinstance(n.args[0], fx.Node):
             _tie_groups(table, n, 1, n.args[0], out)
+        elif name == "scaled_dot_product_attention":
+            out.extend(_default_scale(traced, n))
     return out
+
+
+def _default_scale(traced: Traced, n: fx.Node) -> Iterator[Literal]:
+    """The default scale of scaled_dot_product_attention (no `scale` given) depends on the
+    width of the queries' last axis: tied to that space, to be pinned when it changes."""
+    given = n.kwargs.get("scale", n.args[6] if len(n.args) > 6 else None)
+    q = n.args[0] if n.args else n.kwargs.get("query")
+    rank = len(traced.shapes.get(q.name) or ()) if isinstance(q, fx.Node) else 0
+    space = traced.space_table.space_of(q.name, rank - 1) if rank else None
+    if given is None and space is not None:
+        yield Literal(n.name, 6, None, space.id, fixed=space.width, scale=True)
 
 
 def _slice_bounds(traced: Traced, n: fx.Node) -> Iterator[Literal]:
@@ -209,8 +229,14 @@ def _tie_groups(table: SpaceTable, n: fx.Node, arg: int, x: fx.Node, out: list[L
 
 def merged_widths(table: SpaceTable, widths: Mapping[int, int]) -> dict[int, int]:
     """The width of every space after a rewrite that gives base spaces `widths` (others keep
-    theirs; derived spaces follow their parts)."""
+    theirs; derived spaces follow their parts). A head dim not given follows its projection
+    and heads when both are given (projection = heads × group × head dim)."""
     out: dict[int, int] = {}
+    widths = dict(widths)
+    for h, ks in table.heads.items():
+        for k, d in ks:
+            if h in widths and k in widths and d not in widths and widths[h]:
+                widths[d] = widths[k] // (widths[h] * table.head_groups.get(k, 1))
 
     def width(sid: int) -> int:
         if sid not in out:
@@ -236,6 +262,13 @@ def resize_literals(gm: fx.GraphModule, literals: list[Literal],
     for lit in literals:
         n, new = nodes.get(lit.node), lit.value(widths)
         if n is None or new is None:
+            continue
+        if lit.scale:  # a keyword (keyword-only in aten) unless given in its place
+            if len(n.args) > lit.arg:
+                n.args = (*n.args[:lit.arg], new, *n.args[lit.arg + 1:])
+            else:
+                n.kwargs = {**n.kwargs, "scale": new}
+            changed += 1
             continue
         args: list[Any] = list(n.args)
         seq = [args[lit.arg]] if lit.index is None else list(args[lit.arg])

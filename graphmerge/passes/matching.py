@@ -47,19 +47,20 @@ def match_spaces(ctx: MergeContext) -> None:
 def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list[int]],
                  matcher: Any, options: dict) -> None:
     """Plans of a heads space, of its projections and of its shared head dims
-    (`graphmerge.match.heads`)."""
-    for d in by_dim:
-        dims = [t[d].width for t in tables]
-        if len(set(dims)) > 1:
-            raise MismatchError(
-                f"the attention heads of space {h} have head dims of widths {dims} (space {d}): "
-                f"merging heads of different widths is not supported; models may differ in "
-                f"their number of heads")
+    (`graphmerge.match.heads`); head dims may differ in width between models (elastic: the
+    merged head dim is the widest)."""
     counts = [t[h].width for t in tables]
+    for krons in by_dim.values():
+        for k in krons[1:]:
+            groups = [t.head_groups.get(k, 1) for t in tables]
+            if len(set(groups)) > 1:
+                raise MismatchError(
+                    f"the query heads of space {h} share their key/value heads in groups of "
+                    f"{groups} (space {k}): merging grouped-query attention of different group "
+                    f"sizes is not supported")
     # the heads' projections are small spaces: match_heads pairs their dims on the host
     hm = match_heads([ctx.stats[ks[0]].correlation().cpu().numpy() for ks in by_dim.values()],
-                     counts,
-                     [tables[0][d].width for d in by_dim], matcher,
+                     counts, [[t[d].width for t in tables] for d in by_dim], matcher,
                      target_width(ctx.config.width, h, counts),
                      fixed=[tables[0][d].frozen for d in by_dim],
                      shared=[d in tables[0].shared_dims for d in by_dim], **options)
@@ -70,7 +71,7 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
         if krons[0] in tables[0].head_groups:
             raise MismatchError(f"the attention heads of space {h} are only read grouped (head "
                                 f"dim {d}): their key/value projection was not found")
-        width = tables[0][d].width
+        width = hm.widths[j]
         if hm.dims[j] is not None:  # one permutation of the dim for every head (group):
             # a weight that writes it alone (a transposed grouped conv's axis 1) averages
             n = len(tables)
@@ -81,5 +82,11 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
             group = tables[0].head_groups.get(k, 1)
             ctx.plans[k] = SpacePlan(
                 k, [t[k].width for t in tables], r * group * width, ctx.config.method,
-                [grouped(m, width, group) for m in hm.merge[j]],
-                [grouped(m, width, group) for m in hm.unmerge[j]], hm.heads.mean_correlation)
+                [grouped(m, w, group, width) for m, w in zip(hm.merge[j], _widths(tables, d))],
+                [grouped(m, w, group, width, rows=False)
+                 for m, w in zip(hm.unmerge[j], _widths(tables, d))],
+                hm.heads.mean_correlation)
+
+
+def _widths(tables: list, sid: int) -> list[int]:
+    return [t[sid].width for t in tables]
