@@ -4,6 +4,7 @@ function and merges back into it, and models with different numbers of heads mer
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -263,3 +264,145 @@ def test_frozen_attention_keeps_heads_in_place():
     assert output_error(model, same.module, (calibration[0],)) < 1e-5
     with pytest.raises(gm.ConfigError, match="unknown attention 'head'; valid: heads, frozen"):
         gm.merge([model, twin], calibration, x, attention="head", progress=False)
+
+
+# ---- elastic attention: heads of different widths ------------------------------------------
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("grow", [{"head_dim": 4}, {"heads": 2}, {"heads": 1, "head_dim": 3}])
+def test_a_model_merged_with_its_copy_of_wider_heads_is_given_back(grow):
+    """widen() adds zero heads / zero head dims (the function is kept); merged with the model,
+    either first, the merged attention has the wider heads and computes the model's function
+    (model 0's scale stays a literal; zero query/key dims do not change q·kᵀ)."""
+    from graphmerge.surgery.widen import widen
+    torch.manual_seed(0)
+    model = build("vit", dim=32, depth=1, heads=4, mlp_dim=40).eval()
+    calibration = [torch.randn(32, 1, 28, 28) for _ in range(2)]
+    wide = widen(model, calibration[0], extra=0, seed=3, **grow)
+    q = dict(wide.named_parameters())["blocks.0.attn.q.weight"]
+    assert q.shape[0] == (4 + grow.get("heads", 0)) * (8 + grow.get("head_dim", 0))
+    for pair in ([model, wide], [wide, model]):
+        result = gm.merge(pair, calibration, heads="average", norms="none", progress=False)
+        assert all(s["width"] == max(s["widths"]) for s in result.spaces)
+        with torch.no_grad():
+            assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
+
+
+class _SDPA(nn.Module):
+    """Fused q, k, v split and viewed heads × head dim, SDPA with its default scale."""
+
+    def __init__(self, heads: int, dim: int) -> None:
+        super().__init__()
+        self.heads, self.dim, width = heads, dim, heads * dim
+        self.inp, self.qkv = nn.Linear(12, width), nn.Linear(width, 3 * width)
+        self.o, self.out = nn.Linear(width, width), nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        y = self.inp(x)
+        q, k, v = (z.view(b, t, self.heads, self.dim).transpose(1, 2)
+                   for z in self.qkv(y).split(self.heads * self.dim, -1))
+        z = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y + self.o(z.transpose(1, 2).reshape(b, t, self.heads * self.dim)))
+
+
+def test_the_default_attention_scale_is_pinned_when_the_head_dim_grows():
+    """SDPA's default scale is 1/√E of the runtime head dim: a merged (or widened) graph
+    whose head dim changes carries model 0's scale explicitly, so the self-merge with a copy
+    of wider heads is exact; two models of head dims 8 and 12 merge to 12 (scale 1/√8)."""
+    from graphmerge.surgery.widen import widen
+    torch.manual_seed(0)
+    model = _SDPA(2, 8).eval()
+    calibration = [torch.randn(8, 6, 12) for _ in range(2)]
+    wide = widen(model, calibration[0], extra=0, head_dim=4)
+    scales = [n.kwargs.get("scale") for n in wide.graph.nodes if "scaled_dot" in str(n.target)]
+    assert scales == [pytest.approx(8 ** -0.5)]
+    result = gm.merge([model, wide], calibration, norms="none", progress=False)
+    with torch.no_grad():
+        assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
+    torch.manual_seed(1)
+    other = _SDPA(2, 12).eval()
+    result = gm.merge([model, other], calibration, progress=False)
+    scales = [n.kwargs.get("scale") for n in result.module.graph.nodes
+              if "scaled_dot" in str(n.target)]
+    assert scales == [pytest.approx(8 ** -0.5)]
+    with torch.no_grad():
+        out = result.module(calibration[1])
+        assert torch.isfinite(out).all()
+        assert min(_rel(out, m(calibration[1])) for m in (model, other)) > 1e-2
+
+
+@pytest.mark.parametrize("dims", [(64, 4, 96, 4), (64, 4, 96, 6)])
+def test_vits_of_different_head_dims_or_counts_merge(dims):
+    """zoo vit 64/4 ⊕ 96/4 (head dims 16 and 24) and 64/4 ⊕ 96/6: the merged attention has the
+    widest head dim and the larger head count, runs, is finite and differs from both."""
+    torch.manual_seed(0)
+    a = build("vit", dim=dims[0], depth=1, heads=dims[1], mlp_dim=64).eval()
+    b = build("vit", dim=dims[2], depth=1, heads=dims[3], mlp_dim=64).eval()
+    calibration = [torch.randn(32, 1, 28, 28) for _ in range(2)]
+    result = gm.merge([a, b], calibration, heads="average", progress=False)
+    q = dict(result.module.named_parameters())["blocks.0.attn.q.weight"]
+    assert q.shape == (96, 96)
+    with torch.no_grad():
+        out = result.module(calibration[1])
+        assert torch.isfinite(out).all()
+        assert min(_rel(out, m(calibration[1])) for m in (a, b)) > 1e-2
+
+
+def test_gpts_of_different_head_dims_merge_on_the_exported_graph():
+    """zoo gpt n_embd 32 ⊕ 48, 4 heads (head dims 8 and 12), exported: the scale
+    1/√k.size(-1) is a constant there (model 0's)."""
+    torch.manual_seed(0)
+    a, b = build("gpt", n_embd=32, n_head=4).eval(), build("gpt", n_embd=48, n_head=4).eval()
+    tokens = [torch.randint(0, 50, (8, 16)) for _ in range(2)]
+    result = gm.merge([a, b], tokens, heads="average", frontend="export", progress=False)
+    assert any(s["widths"] == [32, 48] for s in result.spaces)
+    first = (lambda o: o[0] if isinstance(o, tuple) else o)
+    with torch.no_grad():
+        out = first(result.module(tokens[1]))
+        assert torch.isfinite(out).all()
+        assert min(_rel(out, first(m(tokens[1]))) for m in (a, b)) > 1e-2
+
+
+def test_rotary_heads_of_different_head_dims_are_refused_in_one_line():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(12, 32), _RotaryGQA(kv=2), nn.Linear(32, 5)).eval()
+    b = nn.Sequential(nn.Linear(12, 48), _RotaryGQA(kv=2, dim=12), nn.Linear(48, 5)).eval()
+    calibration = [torch.randn(8, 6, 12) for _ in range(2)]
+    with pytest.raises(gm.MismatchError, match="rotary position encoding") as info:
+        gm.merge([a, b], calibration, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_elastic_head_dims_merge_and_unmerge_to_the_identity():
+    """match_heads on heads of dims 2 and 3: Σ_i M_i U_i = I on the merged axis (every merged
+    dim averages what is paired with it, a dim only model 1 has is model 1's alone)."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((200, 2 * 2 + 2 * 3))
+    corr = np.corrcoef(feats.T)
+    for name in ("zip", "permute"):
+        hm = match_heads([corr], [2, 2], [[2, 3]], get_matcher(name))
+        assert hm.widths == [3] and hm.merge[0][0].shape == (6, 4)
+        total = sum(m @ u for m, u in zip(hm.merge[0], hm.unmerge[0]))
+        assert np.allclose(total, np.eye(6))
+
+
+def test_group_norm_of_two_widths_merges_and_grouped_convolutions_are_refused():
+    """GroupNorm's groups are heads of the channel space: 4 groups of 4 and of 6 channels merge
+    (6 per group); a grouped convolution's units are one transform for every group, so groups
+    of different widths are refused by name."""
+    from graphmerge.lab.zoo.grouped import resnext
+    from graphmerge.lab.zoo.normfree import gncnn
+    torch.manual_seed(0)
+    calibration = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    a, b = gncnn(width=16, groups=4).eval(), gncnn(width=24, groups=4).eval()
+    result = gm.merge([a, b], calibration, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(result.module(calibration[1])).all()
+    with pytest.raises(gm.MismatchError, match="groups of different widths"):
+        gm.merge([resnext(width=1).eval(), resnext(width=2).eval()], calibration,
+                 progress=False)

@@ -50,6 +50,14 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
     (`graphmerge.match.heads`); head dims may differ in width between models (elastic: the
     merged head dim is the widest)."""
     counts = [t[h].width for t in tables]
+    for d in by_dim:
+        dims = _widths(tables, d)
+        if len(set(dims)) > 1 and d in tables[0].shared_dims:
+            raise MismatchError(
+                f"the groups of space {h} have units of widths {dims} (space {d}), one "
+                f"transform for every group (a grouped op's weight reads them alike): groups "
+                f"of different widths are not merged; models may differ in their number of "
+                f"groups")
     for krons in by_dim.values():
         for k in krons[1:]:
             groups = [t.head_groups.get(k, 1) for t in tables]
