@@ -53,7 +53,6 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     traced = trace(model, inputs)
     table = traced.space_table
     g = torch.Generator().manual_seed(seed)
-    base: dict[int, Selection] = {}
     # attention heads and head dims grow by zero units only (`heads`, `head_dim`): copies
     # would add to queries · keys, which sums over the head dim
     zero = _head_units(table, heads, head_dim)
@@ -62,19 +61,7 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
         for s in table if s.derived is None}
     plain = plain_weights(model)  # parametrized tensors as plain ones, as the table has them
     _check_size(plain, table, added, extra)
-    masks: dict[int, Selection] = {}
-    for s in table:
-        if s.derived is not None:
-            continue
-        n_extra = added[s.id]
-        index = torch.cat([torch.arange(s.width), torch.randint(0, s.width, (n_extra,),
-                                                                generator=g)])
-        copies = torch.bincount(index, minlength=s.width).double()
-        base[s.id] = Selection(index, 1.0 / copies[index], s.width)  # scale: 1 / copies
-        if s.id in zero:  # new units are zero, old ones keep their weight
-            base[s.id] = Selection(index, torch.ones(len(index), dtype=torch.float64), s.width)
-            masks[s.id] = Selection(index, (torch.arange(len(index)) < s.width).double(),
-                                    s.width)
+    base, masks = _selections(table, added, zero, g)
 
     def own(sid: int, _: bool) -> Selection | None:
         return base.get(sid)
@@ -123,6 +110,27 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
         raise GraphmergeError(f"widening changed the model's outputs (relative error {err:.1e}); "
                               f"a space is normalised in a way widen() does not detect")
     return wide
+
+
+def _selections(table: Any, added: dict[int, int], zero: dict[int, int],
+                g: torch.Generator) -> tuple[dict[int, Selection], dict[int, Selection]]:
+    """Per base space, the selection of its widened units (copies of random units; readers
+    scaled by 1 / copies), and for heads and head dims (`zero`) a mask: 1 on the old units,
+    0 on the new ones (readers keep their weight: the new units are zero)."""
+    base: dict[int, Selection] = {}
+    masks: dict[int, Selection] = {}
+    for s in table:
+        if s.derived is not None:
+            continue
+        index = torch.cat([torch.arange(s.width), torch.randint(0, s.width, (added[s.id],),
+                                                                generator=g)])
+        copies = torch.bincount(index, minlength=s.width).double()
+        base[s.id] = Selection(index, 1.0 / copies[index], s.width)  # scale: 1 / copies
+        if s.id in zero:
+            base[s.id] = Selection.of(index, s.width)
+            masks[s.id] = Selection(index, (torch.arange(len(index)) < s.width).double(),
+                                    s.width)
+    return base, masks
 
 
 def _head_units(table: Any, heads: int, head_dim: int) -> dict[int, int]:
