@@ -406,3 +406,23 @@ def test_group_norm_of_two_widths_merges_and_grouped_convolutions_are_refused():
     with pytest.raises(gm.MismatchError, match="groups of different widths"):
         gm.merge([resnext(width=1).eval(), resnext(width=2).eval()], calibration,
                  progress=False)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_hugging_face_heads_of_different_widths(name, monkeypatch):
+    """Hugging Face BERT / GPT-2 (exported, SDPA with the model's scale): a copy with a head
+    and 4 head dims more merges back exactly; hidden 32 ⊕ 48 at 4 heads (head dims 8 and 12)
+    merges, finite."""
+    pytest.importorskip("transformers")
+    import hf_models  # tests/hf_models.py
+    from graphmerge.surgery.widen import widen
+    model, x = getattr(hf_models, name)(seed=0)
+    wide = widen(model, x, extra=0, heads=1, head_dim=4)
+    result = gm.merge([model, wide], [x, x], x, norms="none", progress=False)
+    with torch.no_grad():
+        assert _rel(result.module(*x), model(*x)) < 1e-5
+    monkeypatch.setattr(hf_models, "HEAD_DIM", 12)
+    other, _ = getattr(hf_models, name)(seed=1)
+    result = gm.merge([model, other], [x, x], x, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(result.module(*x)).all()
