@@ -391,21 +391,43 @@ def test_elastic_head_dims_merge_and_unmerge_to_the_identity():
         assert np.allclose(total, np.eye(6))
 
 
-def test_group_norm_of_two_widths_merges_and_grouped_convolutions_are_refused():
-    """GroupNorm's groups are heads of the channel space: 4 groups of 4 and of 6 channels merge
-    (6 per group); a grouped convolution's units are one transform for every group, so groups
-    of different widths are refused by name."""
+def test_groups_of_two_widths_merge():
+    """Groups are heads of the channel space: GroupNorm nets of 4 groups of 4 and of 6
+    channels, ResNeXt nets of 4 groups of 4 and of 8 units (a grouped convolution's input
+    units: one pairing for every group) merge to the wider groups, the modules' group counts
+    following the merged groups (not the units per group)."""
     from graphmerge.lab.zoo.grouped import resnext
     from graphmerge.lab.zoo.normfree import gncnn
     torch.manual_seed(0)
     calibration = [torch.randn(8, 3, 32, 32) for _ in range(2)]
-    a, b = gncnn(width=16, groups=4).eval(), gncnn(width=24, groups=4).eval()
-    result = gm.merge([a, b], calibration, progress=False)
+    for a, b in ((gncnn(width=16, groups=4), gncnn(width=24, groups=4)),
+                 (resnext(width=1), resnext(width=2))):
+        result = gm.merge([a.eval(), b.eval()], calibration, progress=False)
+        grouped = [m for m in result.module.modules()
+                   if getattr(m, "num_groups", getattr(m, "groups", 1)) > 1]
+        assert grouped and all(getattr(m, "num_groups", getattr(m, "groups", 1)) == 4
+                               for m in grouped)
+        with torch.no_grad():
+            out = result.module(calibration[1])
+            assert torch.isfinite(out).all()
+            assert min(_rel(out, m(calibration[1])) for m in (a, b)) > 1e-2
+
+
+@pytest.mark.parametrize("grow", [{"heads": 1}, {"head_dim": 2}])
+def test_a_resnext_merged_with_its_copy_of_wider_groups_is_given_back(grow):
+    from graphmerge.lab.zoo.grouped import resnext
+    from graphmerge.passes import reset_batch_norms
+    from graphmerge.surgery.widen import widen
+    torch.manual_seed(0)
+    calibration = [torch.randn(32, 3, 32, 32) for _ in range(2)]
+    model = resnext(width=1)
+    reset_batch_norms(model, [(calibration[0],)], progress=False)
+    model.eval()
+    wide = widen(model, calibration[0], extra=0, **grow)
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in model.parameters())
+    result = gm.merge([wide, model], calibration, norms="none", progress=False)
     with torch.no_grad():
-        assert torch.isfinite(result.module(calibration[1])).all()
-    with pytest.raises(gm.MismatchError, match="groups of different widths"):
-        gm.merge([resnext(width=1).eval(), resnext(width=2).eval()], calibration,
-                 progress=False)
+        assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])

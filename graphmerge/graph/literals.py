@@ -24,7 +24,7 @@ from graphmerge.graph.kinds import arg_position, target_name
 from graphmerge.graph.rules.shape import index_axes
 from graphmerge.graph.spaces import SpaceTable
 
-__all__ = ["Literal", "find_literals", "merged_widths", "resize_literals"]
+__all__ = ["Literal", "find_literals", "merged_widths", "resize_literals", "module_groups"]
 
 aten = torch.ops.aten
 
@@ -280,3 +280,25 @@ def resize_literals(gm: fx.GraphModule, literals: list[Literal],
         args[lit.arg] = seq[0] if lit.index is None else type(n.args[lit.arg])(seq)
         n.args = tuple(args)
     return changed
+
+
+def module_groups(traced: Traced, widths: Mapping[int, int]) -> dict[str, int]:
+    """The number of groups of each grouped module (a grouped convolution, a GroupNorm) whose
+    input channels are groups × units of one group, for spaces of `widths` (as
+    `merged_widths` gives them): the width of its groups space. By module path, for
+    `sync_module_attributes` (groups held as module attributes, not as graph literals)."""
+    table = traced.space_table
+    out: dict[str, int] = {}
+    for n in traced.graph.nodes:
+        if n.op != "call_module" or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        m = traced.graph_module.get_submodule(n.target)
+        groups = getattr(m, "num_groups", getattr(m, "groups", 1))
+        space = table.space_of(n.args[0].name, 1)
+        if not isinstance(groups, int) or groups < 2 or space is None or \
+                space.derived is None or space.derived.kind != "kron":
+            continue
+        g = space.derived.parts[0]
+        if g is not None and g in table.heads and table[g].width == groups and g in widths:
+            out[n.target] = widths[g]
+    return out

@@ -56,7 +56,8 @@ class HeadMatch:
     heads: Match
     merge: list[list[np.ndarray]]     # [head dim][model] -> [r_heads · D, heads_i · d_i]
     unmerge: list[list[np.ndarray]]   # [head dim][model] -> [heads_i · d_i, r_heads · D]
-    # [head dim] -> per model, the permutation [dim, dim] of a shared head dim (else None)
+    # [head dim] -> per model, the merge matrix [D, d_i] of a shared head dim (else None):
+    # each merged dim averages the dims paired with it; the unmerge is its pattern
     dims: list[list[np.ndarray] | None] | None = None
     # [head dim] -> the merged width of that head dim (the widest model's)
     widths: list[int] | None = None
@@ -105,10 +106,9 @@ def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int],
     fixed = list(fixed) or [False] * len(widths)
     shared = list(shared) or [False] * len(widths)
     for j, ws in enumerate(widths):
-        if (fixed[j] or shared[j]) and len(set(ws)) > 1:
-            raise MismatchError(
-                f"a head dim that keeps {'the identity' if fixed[j] else 'one transform for every head'} "
-                f"has widths {ws}: only a head dim moved head by head may differ in width")
+        if fixed[j] and len(set(ws)) > 1:
+            raise MismatchError(f"a head dim that keeps the identity has widths {ws}: only a "
+                                f"head dim that is matched may differ in width")
 
     def pairing(j: int, a: tuple[int, int], b: tuple[int, int]) -> tuple[np.ndarray, float]:
         block = _block(corrs[j], offsets[j], widths[j], a, b)
@@ -137,8 +137,8 @@ def match_heads(corrs: Sequence[np.ndarray], heads: Sequence[int],
                              lambda a, b, j=j: pairing(j, a, b)[0], common[j])
         merge.append(m)
         unmerge.append(u)
-    # a shared dim's permutation: row e holds the model's dim paired with merged dim e
-    perms = [None if c is None else [np.eye(len(cols))[cols].T for cols in c] for c in common]
+    perms = [None if c is None else _shared_merges(c, max(ws))
+             for c, ws in zip(common, widths)]
     return HeadMatch(match, merge, unmerge, perms, [max(ws) for ws in widths])
 
 
@@ -176,19 +176,30 @@ def _elastic_dims(match: Match, members: list[list[tuple[int, int]]], ws: Sequen
 
 def _shared_pairings(corr: np.ndarray, offsets: Sequence[int], ws: Sequence[int],
                      n_models: int, members: list[list[tuple[int, int]]]) -> list[np.ndarray]:
-    """Per model, cols[e]: its dim paired with dim e of model 0, one pairing for every head:
-    the correlations of model 0's heads with the model's heads merged into the same head,
-    summed (no shared merged head: the identity)."""
-    dim = ws[0]
-    out = [np.arange(dim)]
-    for i in range(1, n_models):
-        cost = np.zeros((dim, dim))
+    """Per model, ref_of[c]: the dim of the reference model (the first widest) that its dim c
+    is paired with, one pairing for every head: the correlations of the reference's heads
+    with the model's heads merged into the same head, summed (no shared merged head: the
+    identity)."""
+    ref = int(np.argmax(ws))
+    out = []
+    for i in range(n_models):
+        cost = np.zeros((ws[ref], ws[i]))
         for group in members:
-            for a in (m for m in group if m[0] == 0):
+            for a in (m for m in group if m[0] == ref):
                 for b in (m for m in group if m[0] == i):
                     cost += np.nan_to_num(_block(corr, offsets, ws, a, b))
-        out.append(_pairing(cost)[0] if cost.any() else np.arange(dim))
+        out.append(np.arange(ws[i]) if i == ref or not cost.any() else _pairing(cost)[0])
     return out
+
+
+def _shared_merges(ref_of: list[np.ndarray], width: int) -> list[np.ndarray]:
+    """Per model, the merge matrix [width, d_i] of a shared head dim on its own: merged dim e
+    averages the models' dims paired with it (a dim only wider models have: theirs)."""
+    out = [np.zeros((width, len(r))) for r in ref_of]
+    for m, r in zip(out, ref_of):
+        m[r, np.arange(len(r))] = 1.0
+    holders = sum(m.sum(1) for m in out)
+    return [m / np.maximum(holders, 1)[:, None] for m in out]
 
 
 def grouped(matrix: np.ndarray, dim: int, group: int, merged: int | None = None,

@@ -50,14 +50,6 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
     (`graphmerge.match.heads`); head dims may differ in width between models (elastic: the
     merged head dim is the widest)."""
     counts = [t[h].width for t in tables]
-    for d in by_dim:
-        dims = _widths(tables, d)
-        if len(set(dims)) > 1 and d in tables[0].shared_dims:
-            raise MismatchError(
-                f"the groups of space {h} have units of widths {dims} (space {d}), one "
-                f"transform for every group (a grouped op's weight reads them alike): groups "
-                f"of different widths are not merged; models may differ in their number of "
-                f"groups")
     for krons in by_dim.values():
         for k in krons[1:]:
             groups = [t.head_groups.get(k, 1) for t in tables]
@@ -80,11 +72,10 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
             raise MismatchError(f"the attention heads of space {h} are only read grouped (head "
                                 f"dim {d}): their key/value projection was not found")
         width = hm.widths[j]
-        if hm.dims[j] is not None:  # one permutation of the dim for every head (group):
-            # a weight that writes it alone (a transposed grouped conv's axis 1) averages
-            n = len(tables)
-            ctx.plans[d] = SpacePlan(d, [width] * n, width, ctx.config.method,
-                                     [m / n for m in hm.dims[j]], [m.T for m in hm.dims[j]],
+        if hm.dims[j] is not None:  # one pairing of the dim for every head (group): a
+            # weight that writes it alone (a transposed grouped conv's axis 1) averages
+            ctx.plans[d] = SpacePlan(d, _widths(tables, d), width, ctx.config.method,
+                                     hm.dims[j], [(m != 0).T.astype(float) for m in hm.dims[j]],
                                      hm.heads.mean_correlation)
         for k in krons:
             group = tables[0].head_groups.get(k, 1)

@@ -24,7 +24,8 @@ from torch import nn
 from graphmerge.errors import ConfigError, GraphmergeError, summarize
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import plain_weights, set_eval
-from graphmerge.graph.literals import find_literals, merged_widths, resize_literals
+from graphmerge.graph.literals import (find_literals, merged_widths, module_groups,
+                                       resize_literals)
 from graphmerge.graph.oracle import check_seed, check_tolerance, output_error
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
@@ -73,10 +74,10 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     grow = {s.id: compose(table, s.id, own, SELECTIONS) for s in table}
     keep = {s.id: compose(table, s.id, own_mask, SELECTIONS) for s in table} if masks else {}
     roles = {(a.param, a.dim): a.role for s in table for a in s.params}
+    widths = merged_widths(table, {sid: table[sid].width + n for sid, n in added.items()})
     if masks:  # a head count or head dim is often a module attribute: the graph module
         wide = copy.deepcopy(traced.graph_module)
-        resize_literals(wide, find_literals(traced), merged_widths(table, {
-            sid: table[sid].width + n for sid, n in added.items()}))
+        resize_literals(wide, find_literals(traced), widths)
         wide.recompile()
     else:
         wide = plain if plain is not model else copy.deepcopy(model)
@@ -98,7 +99,7 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
                     shape[dim] = -1
                     t = t * keep[sid].scale.to(t.device, t.dtype).reshape(shape)
             set_tensor(wide, name, t.contiguous())
-    sync_module_attributes(wide)
+    sync_module_attributes(wide, module_groups(traced, widths))
     set_eval(wide)
     try:
         err = output_error(model, wide, inputs)
