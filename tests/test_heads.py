@@ -430,6 +430,63 @@ def test_a_resnext_merged_with_its_copy_of_wider_groups_is_given_back(grow):
         assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
 
 
+class _GQA(_RotaryGQA):
+    """Grouped-query attention without rotary embeddings."""
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _gqa(group: int) -> nn.Module:
+    width = 2 * group * HEAD_DIM
+    return nn.Sequential(nn.Linear(12, width), _GQA(kv=2, group=group), nn.Linear(width, 5))
+
+
+def _with_a_zero_query_per_group(model: nn.Module) -> nn.Module:
+    """A copy of a group-2 `_gqa` with groups of 3: the third query of every group is zero
+    (uniform attention, read by zero output columns) and the extra residual units are zero,
+    so it computes the same function."""
+    big = _gqa(3)
+    a, b = model[1], big[1]
+    with torch.no_grad():
+        for p in big.parameters():
+            p.zero_()
+        big[0].weight[:32], big[0].bias[:32] = model[0].weight, model[0].bias
+        big[2].weight[:, :32], big[2].bias[:] = model[2].weight, model[2].bias
+        for name in ("k", "v"):
+            getattr(b, name).weight[:, :32] = getattr(a, name).weight
+            getattr(b, name).bias[:] = getattr(a, name).bias
+        b.q.weight.view(2, 3, HEAD_DIM, 48)[:, :2, :, :32] = a.q.weight.view(2, 2, HEAD_DIM, 32)
+        b.q.bias.view(2, 3, HEAD_DIM)[:, :2] = a.q.bias.view(2, 2, HEAD_DIM)
+        b.o.weight.view(48, 2, 3, HEAD_DIM)[:32, :, :2] = a.o.weight.view(32, 2, 2, HEAD_DIM)
+        b.o.bias[:32] = a.o.bias
+    return big.eval()
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_grouped_query_attention_of_different_group_sizes(frontend):
+    """Groups of 2 and 3 queries per key/value head merge to groups of 3 (query j of a group
+    is merged query j; the repeat count and the view sizes follow): with a copy whose third
+    query is zero the merge gives the model back, with an independent model it is finite and
+    differs from both."""
+    torch.manual_seed(0)
+    model, other = _gqa(2).eval(), _gqa(3).eval()
+    twin = _with_a_zero_query_per_group(model)
+    calibration = [torch.randn(16, 6, 12) for _ in range(2)]
+    x = torch.randn(2, 6, 12)
+    assert output_error(model, twin, (calibration[1],)) < 1e-6
+    for pair in ([model, twin], [twin, model]):
+        result = gm.merge(pair, calibration, x, frontend=frontend, norms="none",
+                          progress=False)
+        with torch.no_grad():
+            assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
+    result = gm.merge([model, other], calibration, x, frontend=frontend, progress=False)
+    with torch.no_grad():
+        out = result.module(calibration[1])
+        assert torch.isfinite(out).all()
+        assert min(_rel(out, m(calibration[1])) for m in (model, other)) > 1e-2
+
+
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_hugging_face_heads_of_different_widths(name, monkeypatch):
     """Hugging Face BERT / GPT-2 (exported, SDPA with the model's scale): a copy with a head

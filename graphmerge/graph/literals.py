@@ -47,10 +47,16 @@ class Literal:
     # an attention's default scale (1/√E of its query head dim, space `space`, of width
     # `fixed`): pinned as the keyword `scale` when that width changes, so the scale stays
     scale: bool = False
+    # a ratio: the width of `space` over that of space `per` (a repeat count: the group of
+    # grouped-query attention, the keys' heads repeated into the queries' heads × group)
+    per: int | None = None
 
     def value(self, widths: Mapping[int, int]) -> int | float | None:
         """The literal for spaces of `widths` (a plain width: None when its space is absent;
         a scale: None while its head dim keeps its width)."""
+        if self.per is not None:
+            whole, part = widths.get(self.space), widths.get(self.per)
+            return None if not whole or not part else whole // part
         if self.scale:
             return None if widths.get(self.space, self.fixed) == self.fixed \
                 else 1.0 / math.sqrt(self.fixed)
@@ -143,7 +149,27 @@ def find_literals(traced: Traced) -> list[Literal]:
             _tie_groups(table, n, 1, n.args[0], out)
         elif name == "scaled_dot_product_attention":
             out.extend(_default_scale(traced, n))
+        elif name == "repeat_interleave" and len(n.args) > 1 and isinstance(n.args[0], fx.Node):
+            out.extend(_repeats(traced, n))
     return out
+
+
+def _repeats(traced: Traced, n: fx.Node) -> Iterator[Literal]:
+    """repeat_interleave(x, repeats, dim) along an axis whose output is x's space × a part
+    of `repeats` units (the keys' heads repeated for each query of a group): the repeat
+    count is the ratio of the two widths."""
+    repeats = n.args[1]
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    rank = len(traced.shapes.get(n.args[0].name) or ())
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not isinstance(dim, int) \
+            or not rank:
+        return
+    table = traced.space_table
+    src, dst = table.space_of(n.args[0].name, dim % rank), table.space_of(n.name, dim % rank)
+    if src is not None and dst is not None and dst.derived is not None and \
+            dst.derived.kind == "kron" and dst.derived.parts[0] == src.id and \
+            dst.width == src.width * repeats:
+        yield Literal(n.name, 1, None, dst.id, per=src.id)
 
 
 def _default_scale(traced: Traced, n: fx.Node) -> Iterator[Literal]:
@@ -234,9 +260,15 @@ def merged_widths(table: SpaceTable, widths: Mapping[int, int]) -> dict[int, int
     out: dict[int, int] = {}
     widths = dict(widths)
     for h, ks in table.heads.items():
-        for k, d in ks:
-            if h in widths and k in widths and d not in widths and widths[h]:
-                widths[d] = widths[k] // (widths[h] * table.head_groups.get(k, 1))
+        for k, d in ks:  # heads × head dim first, then heads × group × head dim
+            if h in widths and k in widths and d not in widths and widths[h] and \
+                    k not in table.head_groups:
+                widths[d] = widths[k] // widths[h]
+        for k, d in ks:  # the group follows: (heads × group) × head dim
+            parts = table[k].derived.parts if table[k].derived is not None else ()
+            if k in table.head_groups and k in widths and d in widths and len(parts) == 2 \
+                    and parts[1] == d and parts[0] is not None and parts[0] not in widths:
+                widths[parts[0]] = widths[k] // widths[d]
 
     def width(sid: int) -> int:
         if sid not in out:

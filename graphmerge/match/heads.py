@@ -45,7 +45,7 @@ from scipy.optimize import linear_sum_assignment
 from graphmerge.errors import MismatchError
 from graphmerge.match.matchers import Match
 
-__all__ = ["HeadMatch", "match_heads", "grouped"]
+__all__ = ["HeadMatch", "match_heads", "grouped", "renormalized"]
 
 
 @dataclass
@@ -203,18 +203,29 @@ def _shared_merges(ref_of: list[np.ndarray], width: int) -> list[np.ndarray]:
 
 
 def grouped(matrix: np.ndarray, dim: int, group: int, merged: int | None = None,
-            rows: bool = True) -> np.ndarray:
+            rows: bool = True, merged_group: int | None = None) -> np.ndarray:
     """A heads × dim block matrix as it acts on a layout heads × group × dim (grouped-query
     attention: each key/value head's queries): the same block for every member of a group,
-    the group kept in order. The model's head dim is `dim`, the merged one `merged` (default
-    `dim`): a merge matrix [a · merged, b · dim] (`rows`), or an unmerge matrix [b · dim,
-    a · merged]. group == 1 returns `matrix`."""
-    if group == 1:
-        return matrix
+    the group kept in order. The model's head dim and group are `dim` and `group`, the merged
+    ones `merged` and `merged_group` (defaults: the model's; query j of a group is merged
+    query j): a merge matrix [a · G · merged, b · group · dim] (`rows`), or an unmerge matrix
+    [b · group · dim, a · G · merged]. A group of 1 in both returns `matrix`."""
     merged = dim if merged is None else merged
+    big = group if merged_group is None else merged_group
+    if group == big == 1:
+        return matrix
     if not rows:
-        return grouped(matrix.T, dim, group, merged).T
+        return grouped(matrix.T, dim, group, merged, True, big).T
     a, b = matrix.shape[0] // merged, matrix.shape[1] // dim
     blocks = matrix.reshape(a, merged, b, dim)
-    out = np.einsum("iejc,gh->igejhc", blocks, np.eye(group))
-    return out.reshape(a * group * merged, b * group * dim)
+    out = np.einsum("iejc,gh->igejhc", blocks, np.eye(big, group))
+    return out.reshape(a * big * merged, b * group * dim)
+
+
+def renormalized(merges: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Merge matrices whose rows, summed over the models, are scaled to 1 (a merged unit
+    that only some models hold, as a query slot of a larger group, averages those alone);
+    rows no model holds stay zero."""
+    total = sum(m.sum(1) for m in merges)
+    scale = np.where(total != 0, total, 1.0)[:, None]
+    return [m / scale for m in merges]

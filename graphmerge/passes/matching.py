@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from graphmerge.errors import MismatchError
-from graphmerge.match.heads import grouped, match_heads
+from graphmerge.match.heads import grouped, match_heads, renormalized
 from graphmerge.match.matchers import get_matcher, group_correlations
 from graphmerge.match.plans import SpacePlan
 from graphmerge.match.selection import check_width_spaces, head_projections, target_width
@@ -50,14 +50,6 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
     (`graphmerge.match.heads`); head dims may differ in width between models (elastic: the
     merged head dim is the widest)."""
     counts = [t[h].width for t in tables]
-    for krons in by_dim.values():
-        for k in krons[1:]:
-            groups = [t.head_groups.get(k, 1) for t in tables]
-            if len(set(groups)) > 1:
-                raise MismatchError(
-                    f"the query heads of space {h} share their key/value heads in groups of "
-                    f"{groups} (space {k}): merging grouped-query attention of different group "
-                    f"sizes is not supported")
     # the heads' projections are small spaces: match_heads pairs their dims on the host
     hm = match_heads([ctx.stats[ks[0]].correlation().cpu().numpy() for ks in by_dim.values()],
                      counts, [[t[d].width for t in tables] for d in by_dim], matcher,
@@ -78,13 +70,23 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
                                      hm.dims[j], [(m != 0).T.astype(float) for m in hm.dims[j]],
                                      hm.heads.mean_correlation)
         for k in krons:
-            group = tables[0].head_groups.get(k, 1)
-            ctx.plans[k] = SpacePlan(
-                k, [t[k].width for t in tables], r * group * width, ctx.config.method,
-                [grouped(m, w, group, width) for m, w in zip(hm.merge[j], _widths(tables, d))],
-                [grouped(m, w, group, width, rows=False)
-                 for m, w in zip(hm.unmerge[j], _widths(tables, d))],
-                hm.heads.mean_correlation)
+            ctx.plans[k] = _projection_plan(ctx, tables, k, d, hm, j)
+
+
+def _projection_plan(ctx: MergeContext, tables: list, k: int, d: int, hm: Any,
+                     j: int) -> SpacePlan:
+    """The plan of projection k (heads × group × head dim j): the heads' blocks repeated
+    over the group; models with groups of different sizes merge to the largest (query j of
+    a group is merged query j, a slot only larger groups have averages those alone)."""
+    groups = [t.head_groups.get(k, 1) for t in tables]
+    big, width = max(groups), hm.widths[j]
+    merge = [grouped(m, w, g, width, True, big)
+             for m, w, g in zip(hm.merge[j], _widths(tables, d), groups)]
+    unmerge = [grouped(u, w, g, width, False, big)
+               for u, w, g in zip(hm.unmerge[j], _widths(tables, d), groups)]
+    return SpacePlan(k, _widths(tables, k), hm.heads.width * big * width, ctx.config.method,
+                     renormalized(merge) if len(set(groups)) > 1 else merge, unmerge,
+                     hm.heads.mean_correlation)
 
 
 def _widths(tables: list, sid: int) -> list[int]:
