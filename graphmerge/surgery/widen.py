@@ -127,7 +127,7 @@ def _selections(table: Any, added: dict[int, int], zero: dict[int, int],
                                                                 generator=g)])
         copies = torch.bincount(index, minlength=s.width).double()
         base[s.id] = Selection(index, 1.0 / copies[index], s.width)  # scale: 1 / copies
-        if s.id in zero:
+        if zero.get(s.id):  # (none added: the model keeps its own form)
             base[s.id] = Selection.of(index, s.width)
             masks[s.id] = Selection(index, (torch.arange(len(index)) < s.width).double(),
                                     s.width)
