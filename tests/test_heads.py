@@ -355,13 +355,19 @@ def test_vits_of_different_head_dims_or_counts_merge(dims):
 
 def test_gpts_of_different_head_dims_merge_on_the_exported_graph():
     """zoo gpt n_embd 32 ⊕ 48, 4 heads (head dims 8 and 12), exported: the scale
-    1/√k.size(-1) is a constant there (model 0's)."""
+    1/√k.size(-1) is a constant there (model 0's), so a copy with 4 more (zero) dims per head
+    merges back exactly, and the independent pair is finite and differs from both."""
+    from graphmerge.surgery.widen import widen
     torch.manual_seed(0)
     a, b = build("gpt", n_embd=32, n_head=4).eval(), build("gpt", n_embd=48, n_head=4).eval()
     tokens = [torch.randint(0, 50, (8, 16)) for _ in range(2)]
+    first = (lambda o: o[0] if isinstance(o, tuple) else o)
+    wide = widen(a, tokens[0], extra=0, head_dim=4)
+    result = gm.merge([a, wide], tokens, frontend="export", norms="none", progress=False)
+    with torch.no_grad():
+        assert _rel(first(result.module(tokens[1])), first(a(tokens[1]))) < 1e-5
     result = gm.merge([a, b], tokens, heads="average", frontend="export", progress=False)
     assert any(s["widths"] == [32, 48] for s in result.spaces)
-    first = (lambda o: o[0] if isinstance(o, tuple) else o)
     with torch.no_grad():
         out = first(result.module(tokens[1]))
         assert torch.isfinite(out).all()
