@@ -31,7 +31,8 @@ convolution, which its weight reads alike in every group). Each model's dims are
 once with model 0's, on the correlations summed over the merged heads, and the head dim gets a
 permutation per model (`HeadMatch.dims`).
 
-Cost: one Hungarian problem of size head dim per pair of heads per head dim, plus the matcher on the heads.
+Cost: one Hungarian problem of size head dim per pair of heads per head dim, plus the
+matcher on the heads.
 """
 
 from __future__ import annotations
