@@ -4,6 +4,7 @@ function and merges back into it, and models with different numbers of heads mer
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -263,3 +264,250 @@ def test_frozen_attention_keeps_heads_in_place():
     assert output_error(model, same.module, (calibration[0],)) < 1e-5
     with pytest.raises(gm.ConfigError, match="unknown attention 'head'; valid: heads, frozen"):
         gm.merge([model, twin], calibration, x, attention="head", progress=False)
+
+
+# ---- elastic attention: heads of different widths ------------------------------------------
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("grow", [{"head_dim": 4}, {"heads": 2}, {"heads": 1, "head_dim": 3}])
+def test_a_model_merged_with_its_copy_of_wider_heads_is_given_back(grow):
+    """widen() adds zero heads / zero head dims (the function is kept); merged with the model,
+    either first, the merged attention has the wider heads and computes the model's function
+    (model 0's scale stays a literal; zero query/key dims do not change q·kᵀ)."""
+    from graphmerge.surgery.widen import widen
+    torch.manual_seed(0)
+    model = build("vit", dim=32, depth=1, heads=4, mlp_dim=40).eval()
+    calibration = [torch.randn(32, 1, 28, 28) for _ in range(2)]
+    wide = widen(model, calibration[0], extra=0, seed=3, **grow)
+    q = dict(wide.named_parameters())["blocks.0.attn.q.weight"]
+    assert q.shape[0] == (4 + grow.get("heads", 0)) * (8 + grow.get("head_dim", 0))
+    for pair in ([model, wide], [wide, model]):
+        result = gm.merge(pair, calibration, heads="average", norms="none", progress=False)
+        assert all(s["width"] == max(s["widths"]) for s in result.spaces)
+        with torch.no_grad():
+            assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
+
+
+class _SDPA(nn.Module):
+    """Fused q, k, v split and viewed heads × head dim, SDPA with its default scale."""
+
+    def __init__(self, heads: int, dim: int) -> None:
+        super().__init__()
+        self.heads, self.dim, width = heads, dim, heads * dim
+        self.inp, self.qkv = nn.Linear(12, width), nn.Linear(width, 3 * width)
+        self.o, self.out = nn.Linear(width, width), nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        y = self.inp(x)
+        q, k, v = (z.view(b, t, self.heads, self.dim).transpose(1, 2)
+                   for z in self.qkv(y).split(self.heads * self.dim, -1))
+        z = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y + self.o(z.transpose(1, 2).reshape(b, t, self.heads * self.dim)))
+
+
+def test_the_default_attention_scale_is_pinned_when_the_head_dim_grows():
+    """SDPA's default scale is 1/√E of the runtime head dim: a merged (or widened) graph
+    whose head dim changes carries model 0's scale explicitly, so the self-merge with a copy
+    of wider heads is exact; two models of head dims 8 and 12 merge to 12 (scale 1/√8)."""
+    from graphmerge.surgery.widen import widen
+    torch.manual_seed(0)
+    model = _SDPA(2, 8).eval()
+    calibration = [torch.randn(8, 6, 12) for _ in range(2)]
+    wide = widen(model, calibration[0], extra=0, head_dim=4)
+    scales = [n.kwargs.get("scale") for n in wide.graph.nodes if "scaled_dot" in str(n.target)]
+    assert scales == [pytest.approx(8 ** -0.5)]
+    result = gm.merge([model, wide], calibration, norms="none", progress=False)
+    with torch.no_grad():
+        assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
+    torch.manual_seed(1)
+    other = _SDPA(2, 12).eval()
+    result = gm.merge([model, other], calibration, progress=False)
+    scales = [n.kwargs.get("scale") for n in result.module.graph.nodes
+              if "scaled_dot" in str(n.target)]
+    assert scales == [pytest.approx(8 ** -0.5)]
+    with torch.no_grad():
+        out = result.module(calibration[1])
+        assert torch.isfinite(out).all()
+        assert min(_rel(out, m(calibration[1])) for m in (model, other)) > 1e-2
+
+
+@pytest.mark.parametrize("dims", [(64, 4, 96, 4), (64, 4, 96, 6)])
+def test_vits_of_different_head_dims_or_counts_merge(dims):
+    """zoo vit 64/4 ⊕ 96/4 (head dims 16 and 24) and 64/4 ⊕ 96/6: the merged attention has the
+    widest head dim and the larger head count, runs, is finite and differs from both."""
+    torch.manual_seed(0)
+    a = build("vit", dim=dims[0], depth=1, heads=dims[1], mlp_dim=64).eval()
+    b = build("vit", dim=dims[2], depth=1, heads=dims[3], mlp_dim=64).eval()
+    calibration = [torch.randn(32, 1, 28, 28) for _ in range(2)]
+    result = gm.merge([a, b], calibration, heads="average", progress=False)
+    q = dict(result.module.named_parameters())["blocks.0.attn.q.weight"]
+    assert q.shape == (96, 96)
+    with torch.no_grad():
+        out = result.module(calibration[1])
+        assert torch.isfinite(out).all()
+        assert min(_rel(out, m(calibration[1])) for m in (a, b)) > 1e-2
+
+
+def test_gpts_of_different_head_dims_merge_on_the_exported_graph():
+    """zoo gpt n_embd 32 ⊕ 48, 4 heads (head dims 8 and 12), exported: the scale
+    1/√k.size(-1) is a constant there (model 0's), so a copy with 4 more (zero) dims per head
+    merges back exactly, and the independent pair is finite and differs from both."""
+    from graphmerge.surgery.widen import widen
+    torch.manual_seed(0)
+    a, b = build("gpt", n_embd=32, n_head=4).eval(), build("gpt", n_embd=48, n_head=4).eval()
+    tokens = [torch.randint(0, 50, (8, 16)) for _ in range(2)]
+    first = (lambda o: o[0] if isinstance(o, tuple) else o)
+    wide = widen(a, tokens[0], extra=0, head_dim=4)
+    result = gm.merge([a, wide], tokens, frontend="export", norms="none", progress=False)
+    with torch.no_grad():
+        assert _rel(first(result.module(tokens[1])), first(a(tokens[1]))) < 1e-5
+    result = gm.merge([a, b], tokens, heads="average", frontend="export", progress=False)
+    assert any(s["widths"] == [32, 48] for s in result.spaces)
+    with torch.no_grad():
+        out = first(result.module(tokens[1]))
+        assert torch.isfinite(out).all()
+        assert min(_rel(out, first(m(tokens[1]))) for m in (a, b)) > 1e-2
+
+
+def test_rotary_heads_of_different_head_dims_are_refused_in_one_line():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(12, 32), _RotaryGQA(kv=2), nn.Linear(32, 5)).eval()
+    b = nn.Sequential(nn.Linear(12, 48), _RotaryGQA(kv=2, dim=12), nn.Linear(48, 5)).eval()
+    calibration = [torch.randn(8, 6, 12) for _ in range(2)]
+    with pytest.raises(gm.MismatchError, match="rotary position encoding") as info:
+        gm.merge([a, b], calibration, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_elastic_head_dims_merge_and_unmerge_to_the_identity():
+    """match_heads on heads of dims 2 and 3: Σ_i M_i U_i = I on the merged axis (every merged
+    dim averages what is paired with it, a dim only model 1 has is model 1's alone)."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((200, 2 * 2 + 2 * 3))
+    corr = np.corrcoef(feats.T)
+    for name in ("zip", "permute"):
+        hm = match_heads([corr], [2, 2], [[2, 3]], get_matcher(name))
+        assert hm.widths == [3] and hm.merge[0][0].shape == (6, 4)
+        total = sum(m @ u for m, u in zip(hm.merge[0], hm.unmerge[0]))
+        assert np.allclose(total, np.eye(6))
+
+
+def test_groups_of_two_widths_merge():
+    """Groups are heads of the channel space: GroupNorm nets of 4 groups of 4 and of 6
+    channels, ResNeXt nets of 4 groups of 4 and of 8 units (a grouped convolution's input
+    units: one pairing for every group) merge to the wider groups, the modules' group counts
+    following the merged groups (not the units per group)."""
+    from graphmerge.lab.zoo.grouped import resnext
+    from graphmerge.lab.zoo.normfree import gncnn
+    torch.manual_seed(0)
+    calibration = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    for a, b in ((gncnn(width=16, groups=4), gncnn(width=24, groups=4)),
+                 (resnext(width=1), resnext(width=2))):
+        result = gm.merge([a.eval(), b.eval()], calibration, progress=False)
+        grouped = [m for m in result.module.modules()
+                   if getattr(m, "num_groups", getattr(m, "groups", 1)) > 1]
+        assert grouped and all(getattr(m, "num_groups", getattr(m, "groups", 1)) == 4
+                               for m in grouped)
+        with torch.no_grad():
+            out = result.module(calibration[1])
+            assert torch.isfinite(out).all()
+            assert min(_rel(out, m(calibration[1])) for m in (a, b)) > 1e-2
+
+
+@pytest.mark.parametrize("grow", [{"heads": 1}, {"head_dim": 2}])
+def test_a_resnext_merged_with_its_copy_of_wider_groups_is_given_back(grow):
+    from graphmerge.lab.zoo.grouped import resnext
+    from graphmerge.passes import reset_batch_norms
+    from graphmerge.surgery.widen import widen
+    torch.manual_seed(0)
+    calibration = [torch.randn(32, 3, 32, 32) for _ in range(2)]
+    model = resnext(width=1)
+    reset_batch_norms(model, [(calibration[0],)], progress=False)
+    model.eval()
+    wide = widen(model, calibration[0], extra=0, **grow)
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in model.parameters())
+    result = gm.merge([wide, model], calibration, norms="none", progress=False)
+    with torch.no_grad():
+        assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
+
+
+class _GQA(_RotaryGQA):
+    """Grouped-query attention without rotary embeddings."""
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _gqa(group: int) -> nn.Module:
+    width = 2 * group * HEAD_DIM
+    return nn.Sequential(nn.Linear(12, width), _GQA(kv=2, group=group), nn.Linear(width, 5))
+
+
+def _with_a_zero_query_per_group(model: nn.Module) -> nn.Module:
+    """A copy of a group-2 `_gqa` with groups of 3: the third query of every group is zero
+    (uniform attention, read by zero output columns) and the extra residual units are zero,
+    so it computes the same function."""
+    big = _gqa(3)
+    a, b = model[1], big[1]
+    with torch.no_grad():
+        for p in big.parameters():
+            p.zero_()
+        big[0].weight[:32], big[0].bias[:32] = model[0].weight, model[0].bias
+        big[2].weight[:, :32], big[2].bias[:] = model[2].weight, model[2].bias
+        for name in ("k", "v"):
+            getattr(b, name).weight[:, :32] = getattr(a, name).weight
+            getattr(b, name).bias[:] = getattr(a, name).bias
+        b.q.weight.view(2, 3, HEAD_DIM, 48)[:, :2, :, :32] = a.q.weight.view(2, 2, HEAD_DIM, 32)
+        b.q.bias.view(2, 3, HEAD_DIM)[:, :2] = a.q.bias.view(2, 2, HEAD_DIM)
+        b.o.weight.view(48, 2, 3, HEAD_DIM)[:32, :, :2] = a.o.weight.view(32, 2, 2, HEAD_DIM)
+        b.o.bias[:32] = a.o.bias
+    return big.eval()
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_grouped_query_attention_of_different_group_sizes(frontend):
+    """Groups of 2 and 3 queries per key/value head merge to groups of 3 (query j of a group
+    is merged query j; the repeat count and the view sizes follow): with a copy whose third
+    query is zero the merge gives the model back, with an independent model it is finite and
+    differs from both."""
+    torch.manual_seed(0)
+    model, other = _gqa(2).eval(), _gqa(3).eval()
+    twin = _with_a_zero_query_per_group(model)
+    calibration = [torch.randn(16, 6, 12) for _ in range(2)]
+    x = torch.randn(2, 6, 12)
+    assert output_error(model, twin, (calibration[1],)) < 1e-6
+    for pair in ([model, twin], [twin, model]):
+        result = gm.merge(pair, calibration, x, frontend=frontend, norms="none",
+                          progress=False)
+        with torch.no_grad():
+            assert _rel(result.module(calibration[1]), model(calibration[1])) < 1e-5
+    result = gm.merge([model, other], calibration, x, frontend=frontend, progress=False)
+    with torch.no_grad():
+        out = result.module(calibration[1])
+        assert torch.isfinite(out).all()
+        assert min(_rel(out, m(calibration[1])) for m in (model, other)) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_hugging_face_heads_of_different_widths(name, monkeypatch):
+    """Hugging Face BERT / GPT-2 (exported, SDPA with the model's scale): a copy with a head
+    and 4 head dims more merges back exactly; hidden 32 ⊕ 48 at 4 heads (head dims 8 and 12)
+    merges, finite."""
+    pytest.importorskip("transformers")
+    import hf_models  # tests/hf_models.py
+    from graphmerge.surgery.widen import widen
+    model, x = getattr(hf_models, name)(seed=0)
+    wide = widen(model, x, extra=0, heads=1, head_dim=4)
+    result = gm.merge([model, wide], [x, x], x, norms="none", progress=False)
+    with torch.no_grad():
+        assert _rel(result.module(*x), model(*x)) < 1e-5
+    monkeypatch.setattr(hf_models, "HEAD_DIM", 12)
+    other, _ = getattr(hf_models, name)(seed=1)
+    result = gm.merge([model, other], [x, x], x, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(result.module(*x)).all()

@@ -1230,8 +1230,10 @@ def test_hostile_input(name, tmp_path):
 
 
 def test_a_size_that_differs_on_an_axis_in_no_space_is_refused_by_name():
-    """nn.MultiheadAttention of two embed dims: its in_proj axis 0 has no space, so the merge
-    once died inside merge_parameters with a raw shape RuntimeError."""
+    """nn.MultiheadAttention of two embed dims: under fx it is one opaque call whose in_proj
+    axis 0 has no space, so the merge (which once died inside merge_parameters with a raw
+    shape RuntimeError) is refused by name; exported, its head dims are seen (one transform
+    for q, k, v and every head, the heads in place) and the pair merges."""
 
     class Attend(nn.Module):
         def __init__(self, d: int) -> None:
@@ -1246,3 +1248,9 @@ def test_a_size_that_differs_on_an_axis_in_no_space_is_refused_by_name():
     torch.manual_seed(0)
     with pytest.raises(gm.MismatchError, match=r"`att\.in_proj_weight` has size 288 on axis 0"):
         gm.merge([Attend(64).eval(), Attend(96).eval()], [torch.randn(4, 5, 8)], progress=False)
+    pair = [Attend(64).eval(), Attend(96).eval()]
+    x = torch.randn(4, 5, 8)
+    result = gm.merge(pair, [x], frontend="export", progress=False)
+    assert any(s["widths"] == [16, 24] for s in result.spaces)  # the head dims
+    with torch.no_grad():
+        assert torch.isfinite(result.module(x)).all()

@@ -24,7 +24,7 @@ from graphmerge.graph.kinds import arg_position, target_name
 from graphmerge.graph.rules.shape import index_axes
 from graphmerge.graph.spaces import SpaceTable
 
-__all__ = ["Literal", "find_literals", "merged_widths", "resize_literals"]
+__all__ = ["Literal", "find_literals", "merged_widths", "resize_literals", "module_groups"]
 
 aten = torch.ops.aten
 
@@ -44,9 +44,22 @@ class Literal:
     fixed: int = 0
     sign: int = 1
     bound: str | None = None
+    # an attention's default scale (1/√E of its query head dim, space `space`, of width
+    # `fixed`): pinned as the keyword `scale` when that width changes, so the scale stays
+    scale: bool = False
+    # a ratio: the width of `space` over that of space `per` (a repeat count: the group of
+    # grouped-query attention, the keys' heads repeated into the queries' heads × group)
+    per: int | None = None
 
-    def value(self, widths: Mapping[int, int]) -> int | None:
-        """The literal for spaces of `widths` (a plain width: None when its space is absent)."""
+    def value(self, widths: Mapping[int, int]) -> int | float | None:
+        """The literal for spaces of `widths` (a plain width: None when its space is absent;
+        a scale: None while its head dim keeps its width)."""
+        if self.per is not None:
+            whole, part = widths.get(self.space), widths.get(self.per)
+            return None if not whole or not part else whole // part
+        if self.scale:
+            return None if widths.get(self.space, self.fixed) == self.fixed \
+                else 1.0 / math.sqrt(self.fixed)
         if not self.terms:
             return widths.get(self.space)
         return self.sign * (self.fixed + sum(widths.get(s, w) for s, w in self.terms))
@@ -134,7 +147,40 @@ def find_literals(traced: Traced) -> list[Literal]:
                 _tie_groups(table, n, 6, x, out)
         elif name == "group_norm" and len(n.args) > 1 and isinstance(n.args[0], fx.Node):
             _tie_groups(table, n, 1, n.args[0], out)
+        elif name == "scaled_dot_product_attention":
+            out.extend(_default_scale(traced, n))
+        elif name == "repeat_interleave" and len(n.args) > 1 and isinstance(n.args[0], fx.Node):
+            out.extend(_repeats(traced, n))
     return out
+
+
+def _repeats(traced: Traced, n: fx.Node) -> Iterator[Literal]:
+    """repeat_interleave(x, repeats, dim) along an axis whose output is x's space × a part
+    of `repeats` units (the keys' heads repeated for each query of a group): the repeat
+    count is the ratio of the two widths."""
+    repeats = n.args[1]
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    rank = len(traced.shapes.get(n.args[0].name) or ())
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not isinstance(dim, int) \
+            or not rank:
+        return
+    table = traced.space_table
+    src, dst = table.space_of(n.args[0].name, dim % rank), table.space_of(n.name, dim % rank)
+    if src is not None and dst is not None and dst.derived is not None and \
+            dst.derived.kind == "kron" and dst.derived.parts[0] == src.id and \
+            dst.width == src.width * repeats:
+        yield Literal(n.name, 1, None, dst.id, per=src.id)
+
+
+def _default_scale(traced: Traced, n: fx.Node) -> Iterator[Literal]:
+    """The default scale of scaled_dot_product_attention (no `scale` given) depends on the
+    width of the queries' last axis: tied to that space, to be pinned when it changes."""
+    given = n.kwargs.get("scale", n.args[6] if len(n.args) > 6 else None)
+    q = n.args[0] if n.args else n.kwargs.get("query")
+    rank = len(traced.shapes.get(q.name) or ()) if isinstance(q, fx.Node) else 0
+    space = traced.space_table.space_of(q.name, rank - 1) if rank else None
+    if given is None and space is not None:
+        yield Literal(n.name, 6, None, space.id, fixed=space.width, scale=True)
 
 
 def _slice_bounds(traced: Traced, n: fx.Node) -> Iterator[Literal]:
@@ -209,8 +255,20 @@ def _tie_groups(table: SpaceTable, n: fx.Node, arg: int, x: fx.Node, out: list[L
 
 def merged_widths(table: SpaceTable, widths: Mapping[int, int]) -> dict[int, int]:
     """The width of every space after a rewrite that gives base spaces `widths` (others keep
-    theirs; derived spaces follow their parts)."""
+    theirs; derived spaces follow their parts). A head dim not given follows its projection
+    and heads when both are given (projection = heads × group × head dim)."""
     out: dict[int, int] = {}
+    widths = dict(widths)
+    for h, ks in table.heads.items():
+        for k, d in ks:  # heads × head dim first, then heads × group × head dim
+            if h in widths and k in widths and d not in widths and widths[h] and \
+                    k not in table.head_groups:
+                widths[d] = widths[k] // widths[h]
+        for k, d in ks:  # the group follows: (heads × group) × head dim
+            parts = table[k].derived.parts if table[k].derived is not None else ()
+            if k in table.head_groups and k in widths and d in widths and len(parts) == 2 \
+                    and parts[1] == d and parts[0] is not None and parts[0] not in widths:
+                widths[parts[0]] = widths[k] // widths[d]
 
     def width(sid: int) -> int:
         if sid not in out:
@@ -237,6 +295,13 @@ def resize_literals(gm: fx.GraphModule, literals: list[Literal],
         n, new = nodes.get(lit.node), lit.value(widths)
         if n is None or new is None:
             continue
+        if lit.scale:  # a keyword (keyword-only in aten) unless given in its place
+            if len(n.args) > lit.arg:
+                n.args = (*n.args[:lit.arg], new, *n.args[lit.arg + 1:])
+            else:
+                n.kwargs = {**n.kwargs, "scale": new}
+            changed += 1
+            continue
         args: list[Any] = list(n.args)
         seq = [args[lit.arg]] if lit.index is None else list(args[lit.arg])
         k = lit.index or 0
@@ -247,3 +312,25 @@ def resize_literals(gm: fx.GraphModule, literals: list[Literal],
         args[lit.arg] = seq[0] if lit.index is None else type(n.args[lit.arg])(seq)
         n.args = tuple(args)
     return changed
+
+
+def module_groups(traced: Traced, widths: Mapping[int, int]) -> dict[str, int]:
+    """The number of groups of each grouped module (a grouped convolution, a GroupNorm) whose
+    input channels are groups × units of one group, for spaces of `widths` (as
+    `merged_widths` gives them): the width of its groups space. By module path, for
+    `sync_module_attributes` (groups held as module attributes, not as graph literals)."""
+    table = traced.space_table
+    out: dict[str, int] = {}
+    for n in traced.graph.nodes:
+        if n.op != "call_module" or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        m = traced.graph_module.get_submodule(n.target)
+        groups = getattr(m, "num_groups", getattr(m, "groups", 1))
+        space = table.space_of(n.args[0].name, 1)
+        if not isinstance(groups, int) or groups < 2 or space is None or \
+                space.derived is None or space.derived.kind != "kron":
+            continue
+        g = space.derived.parts[0]
+        if g is not None and g in table.heads and table[g].width == groups and g in widths:
+            out[n.target] = widths[g]
+    return out

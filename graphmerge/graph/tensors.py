@@ -3,6 +3,8 @@ and make module attributes agree with their new weights' shapes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -62,10 +64,13 @@ def resize_axes(t: torch.Tensor, dims: dict[int, int], widths: dict[int, int]) -
     return out.clone()
 
 
-def sync_module_attributes(root: nn.Module) -> None:
+def sync_module_attributes(root: nn.Module, groups: Mapping[str, int] | None = None) -> None:
     """Make module attributes (in/out features, channels, groups, norm sizes) agree with the
-    shapes of their new weights."""
-    for m in root.modules():
+    shapes of their new weights. `groups`: the new number of groups of grouped modules, by
+    path (`graphmerge.graph.literals.module_groups`); a grouped module not named keeps the
+    number of units of one group."""
+    groups = groups or {}
+    for path, m in root.named_modules():
         w = getattr(m, "weight", None)
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
@@ -76,6 +81,8 @@ def sync_module_attributes(root: nn.Module) -> None:
             out_c, in_per_group = (b * m.groups, a) if transposed else (a, b)
             if depthwise:
                 m.groups = out_c
+            elif path in groups:
+                m.groups = groups[path]
             elif m.groups > 1:  # grouped: the units of one group keep their number
                 m.groups = a // ((m.in_channels if transposed else m.out_channels) // m.groups)
             m.out_channels = out_c
@@ -85,7 +92,7 @@ def sync_module_attributes(root: nn.Module) -> None:
         elif isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
             m.num_features = m.running_mean.shape[0]
         elif isinstance(m, nn.GroupNorm) and w is not None:  # whole groups were merged
-            m.num_groups = w.shape[0] // (m.num_channels // m.num_groups)
+            m.num_groups = groups.get(path, w.shape[0] // (m.num_channels // m.num_groups))
             m.num_channels = w.shape[0]
         elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and w is not None:
             m.normalized_shape = tuple(w.shape)

@@ -62,6 +62,13 @@ def pair_models(traced: Sequence[Traced]) -> None:
                     f"{pa[:3]}… vs {pb[:3]}…")
             # (an output's width may differ: per-task heads are attached by attach_heads)
             if sa.frozen and sa.width != sb.width and sa.frozen_by.by != FrozenBy.GRAPH_OUTPUT:
+                if any(sa.id == d for ks in ta.heads.values() for _, d in ks):
+                    raise MismatchError(
+                        f"space {sa.id} is a head dim that keeps its order ({sa.why}) and its "
+                        f"width differs between model 0 ({sa.width}) and model {i} "
+                        f"({sb.width}): a rotary position encoding's frequencies depend on the "
+                        f"head dim's width, so heads of different widths are refused here (a "
+                        f"wider FFN or more heads of the same dim still merge)")
                 raise MismatchError(
                     f"space {sa.id} keeps the identity ({sa.why}) but its width differs between "
                     f"model 0 ({sa.width}) and model {i} ({sb.width}); models must agree on it")

@@ -13,7 +13,8 @@ import torch.fx as fx
 
 from graphmerge.errors import GraphmergeError, summarize
 from graphmerge.graph.capture import set_eval
-from graphmerge.graph.literals import find_literals, merged_widths, resize_literals
+from graphmerge.graph.literals import (find_literals, merged_widths, module_groups,
+                                       resize_literals)
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 from graphmerge.graph.tensors import set_tensor, sync_module_attributes
@@ -29,9 +30,9 @@ def compile_merged(ctx: MergeContext) -> None:
     with torch.no_grad():
         for name, value in ctx.merged_state.items():
             set_tensor(gm, name, value.contiguous())
-    sync_module_attributes(gm)
     table = ctx.traced[0].space_table  # widths held as literals follow their spaces
     widths = merged_widths(table, {sid: plan.width for sid, plan in ctx.plans.items()})
+    sync_module_attributes(gm, module_groups(ctx.traced[0], widths))
     resize_literals(gm, find_literals(ctx.traced[0]), widths)
     gm.recompile()
     set_eval(gm)

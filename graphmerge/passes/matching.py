@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from graphmerge.errors import MismatchError
-from graphmerge.match.heads import grouped, match_heads
+from graphmerge.match.heads import grouped, match_heads, renormalized
 from graphmerge.match.matchers import get_matcher, group_correlations
 from graphmerge.match.plans import SpacePlan
 from graphmerge.match.selection import check_width_spaces, head_projections, target_width
@@ -47,19 +47,12 @@ def match_spaces(ctx: MergeContext) -> None:
 def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list[int]],
                  matcher: Any, options: dict) -> None:
     """Plans of a heads space, of its projections and of its shared head dims
-    (`graphmerge.match.heads`)."""
-    for d in by_dim:
-        dims = [t[d].width for t in tables]
-        if len(set(dims)) > 1:
-            raise MismatchError(
-                f"the attention heads of space {h} have head dims of widths {dims} (space {d}): "
-                f"merging heads of different widths is not supported; models may differ in "
-                f"their number of heads")
+    (`graphmerge.match.heads`); head dims may differ in width between models (elastic: the
+    merged head dim is the widest)."""
     counts = [t[h].width for t in tables]
     # the heads' projections are small spaces: match_heads pairs their dims on the host
     hm = match_heads([ctx.stats[ks[0]].correlation().cpu().numpy() for ks in by_dim.values()],
-                     counts,
-                     [tables[0][d].width for d in by_dim], matcher,
+                     counts, [[t[d].width for t in tables] for d in by_dim], matcher,
                      target_width(ctx.config.width, h, counts),
                      fixed=[tables[0][d].frozen for d in by_dim],
                      shared=[d in tables[0].shared_dims for d in by_dim], **options)
@@ -70,16 +63,31 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
         if krons[0] in tables[0].head_groups:
             raise MismatchError(f"the attention heads of space {h} are only read grouped (head "
                                 f"dim {d}): their key/value projection was not found")
-        width = tables[0][d].width
-        if hm.dims[j] is not None:  # one permutation of the dim for every head (group):
-            # a weight that writes it alone (a transposed grouped conv's axis 1) averages
-            n = len(tables)
-            ctx.plans[d] = SpacePlan(d, [width] * n, width, ctx.config.method,
-                                     [m / n for m in hm.dims[j]], [m.T for m in hm.dims[j]],
+        width = hm.widths[j]
+        if hm.dims[j] is not None:  # one pairing of the dim for every head (group): a
+            # weight that writes it alone (a transposed grouped conv's axis 1) averages
+            ctx.plans[d] = SpacePlan(d, _widths(tables, d), width, ctx.config.method,
+                                     hm.dims[j], [(m != 0).T.astype(float) for m in hm.dims[j]],
                                      hm.heads.mean_correlation)
         for k in krons:
-            group = tables[0].head_groups.get(k, 1)
-            ctx.plans[k] = SpacePlan(
-                k, [t[k].width for t in tables], r * group * width, ctx.config.method,
-                [grouped(m, width, group) for m in hm.merge[j]],
-                [grouped(m, width, group) for m in hm.unmerge[j]], hm.heads.mean_correlation)
+            ctx.plans[k] = _projection_plan(ctx, tables, k, d, hm, j)
+
+
+def _projection_plan(ctx: MergeContext, tables: list, k: int, d: int, hm: Any,
+                     j: int) -> SpacePlan:
+    """The plan of projection k (heads × group × head dim j): the heads' blocks repeated
+    over the group; models with groups of different sizes merge to the largest (query j of
+    a group is merged query j, a slot only larger groups have averages those alone)."""
+    groups = [t.head_groups.get(k, 1) for t in tables]
+    big, width = max(groups), hm.widths[j]
+    merge = [grouped(m, w, g, width, True, big)
+             for m, w, g in zip(hm.merge[j], _widths(tables, d), groups)]
+    unmerge = [grouped(u, w, g, width, False, big)
+               for u, w, g in zip(hm.unmerge[j], _widths(tables, d), groups)]
+    return SpacePlan(k, _widths(tables, k), hm.heads.width * big * width, ctx.config.method,
+                     renormalized(merge) if len(set(groups)) > 1 else merge, unmerge,
+                     hm.heads.mean_correlation)
+
+
+def _widths(tables: list, sid: int) -> list[int]:
+    return [t[sid].width for t in tables]

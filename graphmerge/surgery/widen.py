@@ -4,6 +4,11 @@
 producers (`out` axes) copy the unit, consumers (`in` axes) share its weight among the copies,
 so the wider model computes the same function. Used to test heterogeneous-width merging
 (a narrow model merged with a widened copy of itself must give back its function).
+
+`heads=` and `head_dim=` add attention heads and head dims (per heads space, per head dim):
+their new units are zero (zero queries, keys and values: q·kᵀ, the softmax's input and the
+output do not change), and the widened model is then the traced graph module, its shape
+literals (view(b, t, heads, head_dim)) rewritten to the new widths.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from torch import nn
 from graphmerge.errors import ConfigError, GraphmergeError, summarize
 from graphmerge.graph.analyse import trace
 from graphmerge.graph.capture import plain_weights, set_eval
+from graphmerge.graph.literals import (find_literals, merged_widths, module_groups,
+                                       resize_literals)
 from graphmerge.graph.oracle import check_seed, check_tolerance, output_error
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
@@ -27,7 +34,7 @@ from graphmerge.graph.tensors import named_tensors, set_tensor, sync_module_attr
 __all__ = ["widen"]
 
 def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed: int = 0,
-          rtol: float = 1e-4) -> nn.Module:
+          rtol: float = 1e-4, heads: int = 0, head_dim: int = 0) -> nn.Module:
     """A copy of `model` whose free spaces are wider by `extra` (a ratio, or a number of units)
     and that computes the same function (checked on the example inputs).
 
@@ -38,35 +45,42 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
     if isinstance(extra, bool) or not isinstance(extra, (int, float)) or not (
             math.isfinite(extra) and extra >= 0):
         raise ConfigError(f"extra must be a non-negative ratio or number of units, got {extra!r}")
+    for name, value in (("heads", heads), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be a non-negative number of units, got {value!r}")
     check_seed(seed)
     check_tolerance(rtol)
     inputs = as_inputs(example_inputs)
-    table = trace(model, inputs).space_table
+    traced = trace(model, inputs)
+    table = traced.space_table
     g = torch.Generator().manual_seed(seed)
-    base: dict[int, Selection] = {}
-    # attention heads keep their number and width: a head count is often a module attribute
-    # (x.view(b, t, self.heads, d)), and queries · keys sums over the head dim
-    heads = {sid for h, ks in table.heads.items() for sid in (h, *(d for _, d in ks))}
-    added = {s.id: 0 if s.frozen or s.reduced or s.id in heads else (
+    # attention heads and head dims grow by zero units only (`heads`, `head_dim`): copies
+    # would add to queries · keys, which sums over the head dim
+    zero = _head_units(table, heads, head_dim)
+    added = {s.id: zero[s.id] if s.id in zero else 0 if s.frozen or s.reduced else (
         extra if isinstance(extra, int) else round(extra * s.width))
         for s in table if s.derived is None}
     plain = plain_weights(model)  # parametrized tensors as plain ones, as the table has them
     _check_size(plain, table, added, extra)
-    for s in table:
-        if s.derived is not None:
-            continue
-        n_extra = added[s.id]
-        index = torch.cat([torch.arange(s.width), torch.randint(0, s.width, (n_extra,),
-                                                                generator=g)])
-        copies = torch.bincount(index, minlength=s.width).double()
-        base[s.id] = Selection(index, 1.0 / copies[index], s.width)  # scale: 1 / copies
+    base, masks = _selections(table, added, zero, g)
 
     def own(sid: int, _: bool) -> Selection | None:
         return base.get(sid)
 
+    def own_mask(sid: int, _: bool) -> Selection | None:
+        b = base.get(sid)
+        return masks.get(sid) or (None if b is None else Selection.of(b.index, b.width))
+
     grow = {s.id: compose(table, s.id, own, SELECTIONS) for s in table}
+    keep = {s.id: compose(table, s.id, own_mask, SELECTIONS) for s in table} if masks else {}
     roles = {(a.param, a.dim): a.role for s in table for a in s.params}
-    wide = plain if plain is not model else copy.deepcopy(model)
+    widths = merged_widths(table, {sid: table[sid].width + n for sid, n in added.items()})
+    if masks:  # a head count or head dim is often a module attribute: the graph module
+        wide = copy.deepcopy(traced.graph_module)
+        resize_literals(wide, find_literals(traced), widths)
+        wide.recompile()
+    else:
+        wide = plain if plain is not model else copy.deepcopy(model)
     named = named_tensors(wide)
     with torch.no_grad():
         for name, dims in table.param_axes.items():
@@ -80,8 +94,12 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
                     shape[dim] = -1
                     scale = grow[sid].scale.to(t.device).reshape(shape)
                     t = (t.double() * scale).to(t.dtype)
+                if sid in keep and t.is_floating_point() and not bool(keep[sid].scale.all()):
+                    shape = [1] * t.dim()
+                    shape[dim] = -1
+                    t = t * keep[sid].scale.to(t.device, t.dtype).reshape(shape)
             set_tensor(wide, name, t.contiguous())
-    sync_module_attributes(wide)
+    sync_module_attributes(wide, module_groups(traced, widths))
     set_eval(wide)
     try:
         err = output_error(model, wide, inputs)
@@ -93,6 +111,38 @@ def widen(model: nn.Module, example_inputs: Any, extra: float | int = 0.5, seed:
         raise GraphmergeError(f"widening changed the model's outputs (relative error {err:.1e}); "
                               f"a space is normalised in a way widen() does not detect")
     return wide
+
+
+def _selections(table: Any, added: dict[int, int], zero: dict[int, int],
+                g: torch.Generator) -> tuple[dict[int, Selection], dict[int, Selection]]:
+    """Per base space, the selection of its widened units (copies of random units; readers
+    scaled by 1 / copies), and for heads and head dims (`zero`) a mask: 1 on the old units,
+    0 on the new ones (readers keep their weight: the new units are zero)."""
+    base: dict[int, Selection] = {}
+    masks: dict[int, Selection] = {}
+    for s in table:
+        if s.derived is not None:
+            continue
+        index = torch.cat([torch.arange(s.width), torch.randint(0, s.width, (added[s.id],),
+                                                                generator=g)])
+        copies = torch.bincount(index, minlength=s.width).double()
+        base[s.id] = Selection(index, 1.0 / copies[index], s.width)  # scale: 1 / copies
+        if zero.get(s.id):  # (none added: the model keeps its own form)
+            base[s.id] = Selection.of(index, s.width)
+            masks[s.id] = Selection(index, (torch.arange(len(index)) < s.width).double(),
+                                    s.width)
+    return base, masks
+
+
+def _head_units(table: Any, heads: int, head_dim: int) -> dict[int, int]:
+    """Zero units to add: `heads` to every heads space, `head_dim` to every head dim that
+    moves head by head; 0 to the others (attention keeps its number and width of heads)."""
+    out: dict[int, int] = {}
+    for h, ks in table.heads.items():
+        out[h] = 0 if table[h].frozen else heads
+        for _, d in ks:
+            out[d] = 0 if table[d].frozen or d in table.shared_dims else head_dim
+    return out
 
 
 def _check_size(model: nn.Module, table: Any, added: dict[int, int], extra: float) -> None:
