@@ -578,8 +578,9 @@ measured** (no time to train dim-256 pairs on this machine). At dim 128 default 
    parents' heads attend differently: their attention maps correlate 0.05–0.13 under the
    best head pairing. Merged heads attend more uniformly (entropy 2.73–2.77 nats against the
    parents' 2.52–2.61; their logit spread is 0.5–0.6 of the parents'), but restoring the
-   spread per head (`correct_temperature`) gives back the entropy and not the accuracy
-   (±2 points): flat attention is a symptom, not the cause.
+   spread per head (`correct_temperature`) gives back the entropy and little accuracy
+   (dim 64: within 2 points; dim 128, one pair: zip +2, permute +6): flat attention is
+   mostly a symptom, not the cause.
 3. **Permutations cannot see the residual stream's or the head dims' basis.** At block 0's
    input the two streams are linear images of each other (mean canonical correlation
    0.985–1.000) yet the best unit pairing reaches 0.57–0.62; deeper, permutation gets 0.36–
@@ -609,10 +610,14 @@ the all-ones direction), pair B's heads with A's by canonical correlation and ro
 head's q/k and v/o dims onto its partner's; an exact reparametrisation (logits move by
 < 2e-5, and a permuted self-merge stays exact), then the ordinary merge. Zip keeps 54% of the
 ensemble at dim 64 (from 41%; the stream rotation alone 56%) and 70% at dim 128 (from 64%).
-The engine's part of it (`attention="rotate"`, head dims only, /work/vitdiag_patch.diff) is
-in the `attention rotate` rows. The stream rotation needs graph surgery the engine lacks
-(folding norm affines, an orthogonal matcher for a space whose every reader is a LayerNorm
-or a linear); see the report.""".splitlines()
+The engine's part of it (`attention="rotate"`: head dims aligned by Procrustes on their
+cross-covariance inside the engine's own head matching; /work/vitdiag_patch.diff) is in the
+`attention rotate` rows and is not a reliable gain: against the default head matching it
+moves permute by −7 and +6 points at dim 64 and +8 at dim 128, zip by −1 and +8 at dim 64
+and −7 at dim 128. The prototype's gain comes mostly from the stream rotation, which needs
+graph surgery the engine lacks (folding norm affines into their readers, and an orthogonal
+matcher for a stream whose readers are all LayerNorms or linears, kept to the all-ones
+direction).""".splitlines()
 
 
 def render(record: dict, out: Path) -> None:
@@ -710,8 +715,10 @@ def _plot(runs, path: Path) -> None:
             if key in r:
                 axes[1].plot([(b["cka_a"] + b["cka_b"]) / 2 for b in r[key]], style,
                              label=f"{key.removeprefix('breakdown ')}, {tag}")
+                axes[1].plot([(b["cls_a"] + b["cls_b"]) / 2 for b in r[key]], style[0] + ":",
+                             label=f"{key.removeprefix('breakdown ')} [cls], {tag}")
     for ax, title in zip(axes, ("parents: best unit pairing vs best linear map",
-                                "merged vs parents: mean linear CKA")):
+                                "merged vs parents: mean linear CKA (all tokens; dotted: [cls])")):
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_title(title, fontsize=10)
