@@ -43,7 +43,6 @@ from _protocol import (
 from scipy.optimize import linear_sum_assignment
 
 import graphmerge as gm
-from graphmerge.config import ATTENTION_MODES
 from graphmerge.io.atomic import write_text_atomic
 from graphmerge.lab.evaluation import evaluate_multitask
 from graphmerge.lab.experiment import TaskPairConfig, calibration_batches
@@ -433,11 +432,6 @@ def merge_rows(models, tasks, calibration, x_test, y_test, depth, heads, x_feat)
                 extra[f"breakdown {name}"] = breakdown(res, models, x_feat, depth)
             if norms == "repair" and name == "zip":
                 extra["spaces"] = space_correlations(res, models[0], calibration)
-    if "rotate" in ATTENTION_MODES:  # /work/vitdiag_patch.diff applied
-        for name in ("permute", "zip"):
-            for norms in ("repair", "none"):
-                run(f"{name}, attention rotate", norms, calibration, method=name,
-                    attention="rotate")
     for per_class in (10, 200):
         run("zip", "repair", calibration_batches(tasks, per_class=per_class))
     run("average", "repair", calibration, method="average")
@@ -612,11 +606,10 @@ head's q/k and v/o dims onto its partner's; an exact reparametrisation (logits m
 < 2e-5, and a permuted self-merge stays exact), then the ordinary merge. At dim 64 zip keeps
 53% of the ensemble (from 42%) and permute after the stream rotation alone 56% (from 46%);
 at dim 128 zip keeps 70% (from 64%). The spread over seed pairs is large (± 4–10 points).
-The engine's part of it (`attention="rotate"`: head dims aligned by Procrustes on their
-cross-covariance inside the engine's own head matching; /work/vitdiag_patch.diff) is in the
-`attention rotate` rows and is not a reliable gain: against the default head matching it
-moves zip by −1, +8, +5 points over the three dim-64 pairs and −7 at dim 128, permute by
-−7, +6, 0 and +8. The prototype's gain comes mostly from the stream rotation, which needs
+An engine variant tried and not kept (head dims aligned by Procrustes on their
+cross-covariance inside the engine's own head matching) was no reliable gain: against the
+default head matching it moved zip by −1, +8, +5 points over the three dim-64 pairs and −7
+at dim 128, permute by −7, +6, 0 and +8. The prototype's gain comes mostly from the stream rotation, which needs
 graph surgery the engine lacks (folding norm affines into their readers, and an orthogonal
 matcher for a stream whose readers are all LayerNorms or linears, kept to the all-ones
 direction)""".splitlines()
@@ -636,8 +629,7 @@ def render(record: dict, out: Path) -> None:
           f"torch {record['torch']}, {record['machine']}, 1 thread, wall time "
           f"{record['wall_minutes']:.1f} min. In a git worktree run it with "
           "`PYTHONPATH=.` (the editable install otherwise imports the main checkout's "
-          "package). The rows `attention rotate` need `/work/vitdiag_patch.diff` applied "
-          "(they are absent without it).", "", *FINDINGS, ""]
+          "package).", "", *FINDINGS, ""]
     for dim in dims:
         rs = [r for r in runs if r["dim"] == dim]
         md += [f"## dim {dim}: how well the parents can be aligned", "",
