@@ -66,9 +66,10 @@ def pair_models(traced: Sequence[Traced]) -> None:
                     raise MismatchError(
                         f"space {sa.id} is a head dim that keeps its order ({sa.why}) and its "
                         f"width differs between model 0 ({sa.width}) and model {i} "
-                        f"({sb.width}): a rotary position encoding's frequencies depend on the "
-                        f"head dim's width, so heads of different widths are refused here (a "
-                        f"wider FFN or more heads of the same dim still merge)")
+                        f"({sb.width}): its units cannot be paired across widths (a rotary "
+                        f"position encoding's frequencies, for one, depend on the head dim's "
+                        f"width), so heads of different widths are refused here (a wider FFN or "
+                        f"more heads of the same dim still merge)")
                 raise MismatchError(
                     f"space {sa.id} keeps the identity ({sa.why}) but its width differs between "
                     f"model 0 ({sa.width}) and model {i} ({sb.width}); models must agree on it")
