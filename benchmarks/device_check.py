@@ -66,6 +66,18 @@ def _to(x: Any, device: torch.device) -> Any:
         x.to(device) if isinstance(x, torch.Tensor) else x)
 
 
+def forward_floor(models: list[nn.Module], batches: list[Any], device: torch.device) -> float:
+    """Seconds for every model to run over every batch (no grad): what a merge is compared
+    with."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for m in models:
+        for b in batches:
+            _forward(m, b)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / a.norm().clamp_min(1e-30))
@@ -123,13 +135,7 @@ def _merge_both(models: list[nn.Module], calib: list[tuple], probe: tuple, devic
     cpu = gm.merge(models, calib, calib[0], progress=False).module
     on = [m.to(device) for m in _copies(models)]
     data = [_to(b, device) for b in calib]
-    _sync(device)
-    t0 = time.perf_counter()
-    for m in on:
-        for b in data:
-            _forward(m, b)
-    _sync(device)
-    floor = time.perf_counter() - t0
+    floor = forward_floor(on, data, device)
     t0 = time.perf_counter()
     merged = gm.merge(on, data, data[0], progress=False, device=device).module
     _sync(device)
@@ -217,13 +223,7 @@ def sweep_rows(shapes: list[tuple[int, int, int]], device: torch.device, tokens:
             g = torch.Generator().manual_seed(5)
             ids = torch.randint(1, 32000, (n, seq), generator=g).to(device)
             calib = [(ids[i:i + 16],) for i in range(0, n, 16)]
-            _sync(device)
-            t0 = time.perf_counter()
-            for m in models:
-                for b in calib:
-                    _forward(m, b)
-            _sync(device)
-            floor = time.perf_counter() - t0
+            floor = forward_floor(models, calib, device)
             t0 = time.perf_counter()
             result = gm.merge(models, calib, progress=False, device=device)
             _sync(device)

@@ -42,7 +42,7 @@ def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int]
         max_memory: int | None) -> dict:
     """Merge one pair in this process and measure it."""
     import graphmerge as gm
-    from device_check import llama_pair
+    from device_check import _sync, forward_floor, llama_pair
 
     torch.set_flush_denormal(True)
     dev = torch.device(device)
@@ -51,23 +51,11 @@ def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int]
     n, seq = tokens
     ids = torch.randint(1, 32000, (n, seq), generator=torch.Generator().manual_seed(5))
     calib = [(ids[i:i + 16].to(dev),) for i in range(0, n, 16)]
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    with torch.no_grad():
-        sync()
-        t0 = time.perf_counter()
-        for m in models:
-            for (b,) in calib:
-                m(b)
-        sync()
-        floor = time.perf_counter() - t0
+    floor = forward_floor(models, calib, dev)
     options = {"max_memory": max_memory} if max_memory else {}
     t0 = time.perf_counter()
     result = gm.merge(models, calib, progress=False, device=dev, **options)
-    sync()
+    _sync(dev)
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
