@@ -132,6 +132,47 @@ def test_transformers_models_with_different_head_counts_merge(name):
     assert out.shape == ref.shape and torch.isfinite(out).all()
 
 
+def _llama_groups(group: int, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer LLaMA of hidden 48 with 2 key/value heads of 8 dims, each shared by `group`
+    query heads (transformers repeats the keys by a broadcast: expand, then reshape)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=hf_models.VOCAB, hidden_size=48, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2 * group,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+                         tie_word_embeddings=False, use_cache=False)
+    return hf_models._wrap(LlamaForCausalLM(config), "logits", ("input_ids",)).eval()
+
+
+def test_llama_grouped_query_attention_of_different_group_sizes():
+    """Groups of 2 and 3 queries per key/value head (one rotary table read by every layer)
+    merge to groups of 3, the broadcast's size following the merged group; a copy whose third
+    query of every group is zero (read by zero output columns: the same function) gives the
+    model back, and an independent model of groups of 3 merges, finite."""
+    model, x = _llama_groups(2), hf_models._token_inputs(False)
+    twin = _llama_groups(3)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.copy_(torch.zeros_like(p))
+        twin.load_state_dict({k: v for k, v in model.state_dict().items()
+                              if "q_proj" not in k and "o_proj" not in k}, strict=False)
+        for a, b in zip(model.model.model.layers, twin.model.model.layers):
+            b.self_attn.q_proj.weight.view(2, 3, 8, 48)[:, :2] = \
+                a.self_attn.q_proj.weight.view(2, 2, 8, 48)
+            b.self_attn.o_proj.weight.view(48, 2, 3, 8)[:, :, :2] = \
+                a.self_attn.o_proj.weight.view(48, 2, 2, 8)
+    calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(2)]
+    assert output_error(model, twin, calibration[0]) < TOL
+    result = gm.merge([model, twin], calibration, x, norms="none", progress=False)
+    assert any(s["widths"] == [32, 48] for s in result.spaces)  # the query projections
+    assert output_error(model, result.module, calibration[1]) < TOL
+    result = gm.merge([model, _llama_groups(3, seed=1)], calibration, x, progress=False)
+    with torch.no_grad():
+        out = result.module(*calibration[1])
+    assert out.shape == model(*calibration[1]).shape and torch.isfinite(out).all()
+
+
 def test_weights_shared_across_layers_albert():
     """ALBERT runs one set of layer weights at every depth: its spaces join across the
     layers, and a self-merge gives it back."""

@@ -112,6 +112,8 @@ def find_literals(traced: Traced) -> list[Literal]:
         if name in _SIZE_OPS:
             for arg, index, dim in _sizes(n):
                 tie(n, arg, index, n.name, dim)
+            if name == "expand":
+                out.extend(_expanded_groups(traced, n))
         elif name == "unflatten" and len(n.args) > 2 and isinstance(n.args[2], (list, tuple)):
             rank = len(traced.shapes.get(n.args[0].name) or ())
             dim = n.args[1] + rank if n.args[1] < 0 else n.args[1]  # x.unflatten(dim, sizes)
@@ -170,6 +172,34 @@ def _repeats(traced: Traced, n: fx.Node) -> Iterator[Literal]:
             dst.derived.kind == "kron" and dst.derived.parts[0] == src.id and \
             dst.width == src.width * repeats:
         yield Literal(n.name, 1, None, dst.id, per=src.id)
+
+
+def _expanded_groups(traced: Traced, n: fx.Node) -> Iterator[Literal]:
+    """x[:, :, None].expand(b, h, g, ...).reshape(b, h * g, ...): the keys' heads repeated
+    for each query of a group by a broadcast, where the reshape's axis is x's heads space × a
+    part of g units (grouped-query attention as transformers writes it). The broadcast size g
+    is the ratio of the two widths, like `repeat_interleave`'s repeat count."""
+    table, shapes = traced.space_table, traced.shapes
+    x, users = n.args[0], list(n.users)
+    src_shape, out_shape = shapes.get(x.name) if isinstance(x, fx.Node) else None, \
+        shapes.get(n.name)
+    if not src_shape or not out_shape or len(src_shape) != len(out_shape) or len(users) != 1 \
+            or target_name(users[0]) not in ("view", "reshape", "_unsafe_view"):
+        return
+    after = shapes.get(users[0].name) or ()
+    for arg, index, dim in _sizes(n):
+        value = n.args[arg] if index is None else n.args[arg][index]
+        heads = table.space_of(n.name, dim - 1) if dim > 0 else None
+        if src_shape[dim] != 1 or not isinstance(value, int) or isinstance(value, bool) or \
+                value < 2 or heads is None or table.space_of(n.name, dim) is not None:
+            continue
+        for j in range(len(after)):  # the axis the reshape makes of heads × group
+            whole = table.space_of(users[0].name, j)
+            if whole is not None and whole.derived is not None and \
+                    whole.derived.kind == "kron" and whole.derived.parts[0] == heads.id \
+                    and whole.width == heads.width * value:
+                yield Literal(n.name, arg, index, whole.id, per=heads.id)
+                break
 
 
 def _default_scale(traced: Traced, n: fx.Node) -> Iterator[Literal]:

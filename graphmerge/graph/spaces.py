@@ -764,8 +764,9 @@ class _HeadFinder:
                 # a product with one transformable part is a valid plain product; it is heads
                 # (with a head dim that keeps the identity) when that part pairs with another,
                 # transformable head dim elsewhere
-                h = free[0]
-                if many == free and h not in self.derived and any(
+                h = free[0]  # (the fixed part may pair with many: one rotary table for
+                # every layer)
+                if h in many and h not in self.derived and any(
                         not self.fixed(q) for q in partners[h]):
                     out[r] = (h, axes[1] if axes[0] == h else axes[0])
                 continue

@@ -52,7 +52,8 @@ def pair_models(traced: Sequence[Traced]) -> None:
                         f"{ref.shapes[n.name]} (per sample they must agree)")
         ta, tb = ref.space_table, t.space_table
         if len(ta) != len(tb):
-            raise MismatchError(f"model {i} has {len(tb)} spaces, model 0 has {len(ta)}")
+            raise MismatchError(f"model {i} has {len(tb)} spaces, model 0 has {len(ta)}: "
+                                f"{_first_grouping_difference(ta, tb, i)}")
         for sa, sb in zip(ta, tb):
             pa = sorted((p.param, p.dim) for p in sa.params)
             pb = sorted((p.param, p.dim) for p in sb.params)
@@ -74,6 +75,27 @@ def pair_models(traced: Sequence[Traced]) -> None:
                     f"space {sa.id} keeps the identity ({sa.why}) but its width differs between "
                     f"model 0 ({sa.width}) and model {i} ({sb.width}); models must agree on it")
         _check_unaligned_sizes(ref, t, i)
+
+
+def _first_grouping_difference(ta, tb, i: int) -> str:
+    """Where two space tables of one graph first group the parameters' axes differently
+    (which tensor axis joins other axes in one model and not in the other)."""
+    def axes_of(table) -> dict[tuple[str, int], frozenset]:
+        by = {}
+        for s in table:
+            keys = frozenset((a.param, a.dim) for a in s.params)
+            by.update({k: keys for k in keys})
+        return by
+
+    a, b = axes_of(ta), axes_of(tb)
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key) != b.get(key):
+            mine, other = (len(x.get(key, ())) for x in (a, b))
+            return (f"`{key[0]}` axis {key[1]} shares its space with {mine - 1} other "
+                    f"parameter axes in model 0 and with {max(other - 1, 0)} in model {i}"
+                    f"{'' if key in b else ' (in no space there)'}: the models differ in "
+                    f"structure there, and models must agree on how their axes are tied")
+    return "the parameters' axes are grouped alike, the activations' are not"
 
 
 def _check_unaligned_sizes(ref: Traced, other: Traced, i: int) -> None:

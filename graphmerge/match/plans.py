@@ -77,6 +77,12 @@ class SpaceTransforms:
             self.cache[key] = compose(self.tables[i], sid,
                                       lambda s, primary: self._own(i, s, average and primary),
                                       MATRICES)
+            rows = self.cache[key].shape[0]
+            if i and rows != self.get(0, sid, average).shape[0]:
+                raise MismatchError(
+                    f"space {sid} ({self.tables[0][sid]}) merges to {rows} units for model "
+                    f"{i} and {self.get(0, sid, average).shape[0]} for model 0: a part of it "
+                    f"that keeps the identity differs in width between the models")
         return self.cache[key]
 
     def _own(self, i: int, sid: int, average: bool) -> np.ndarray | None:
