@@ -117,4 +117,16 @@ def _check_unaligned_sizes(ref: Traced, other: Traced, i: int) -> None:
                     f"`{name}` has size {y} on axis {d} in model {i} and {x} in model 0, and "
                     f"no space holds that axis (no op rule placed it), so the two widths cannot "
                     f"be aligned; models must agree on it, or the op that reads `{name}` needs a "
-                    f"rule")
+                    f"rule{_opaque_hint(ref, name)}")
+
+
+def _opaque_hint(ref: Traced, name: str) -> str:
+    """Where `name` belongs to a module the graph calls as one opaque op (an fx leaf, such as
+    nn.MultiheadAttention), the capture that opens it up."""
+    owner = name.rpartition(".")[0]
+    for n in ref.graph.nodes:
+        if n.op == "call_module" and n.target == owner:
+            kind = type(ref.graph_module.get_submodule(owner)).__name__
+            return (f" (`{owner}` is one opaque {kind} call in this capture; "
+                    f"frontend=\"export\" records the ops inside it)")
+    return ""
