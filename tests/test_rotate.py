@@ -103,10 +103,11 @@ def test_fold_and_rotation_are_exact(frontend, norm):
     torch.testing.assert_close(twin(x), m(x), atol=2e-5, rtol=0)
 
 
-def test_permuted_self_merge_stays_exact_with_rotation():
+@pytest.mark.parametrize("n, method", [(2, "zip"), (3, "permute")])
+def test_permuted_self_merge_stays_exact_with_rotation(n, method):
     m, x = _model(), torch.randn(96, T, 6)
-    b = gm.permute(m, x[:8], seed=3)
-    res = gm.merge([m, b], [x[:48], x[48:]], rotate=True, progress=False)
+    twins = [gm.permute(m, x[:8], seed=s) for s in range(3, 2 + n)]
+    res = gm.merge([m, *twins], [x[:48], x[48:]], rotate=True, method=method, progress=False)
     sid = _stream(gm.trace(m, x[:8]))
     assert res.rotations[sid].ok and res.rotations[sid].ones
     assert f"rotated spaces: {sid} (Q·1 = 1)" in res.summary

@@ -29,6 +29,8 @@ def rotate_space(module: nn.Module, table: SpaceTable, sid: int, q: torch.Tensor
         if not dims or name in skip or name not in named:
             continue
         t = named[name]
+        if not t.is_floating_point():
+            continue
         value = t.detach().double()
         qt = q.to(device=t.device, dtype=torch.float64).T
         for d in dims:

@@ -215,6 +215,11 @@ def _attention(site: Site) -> Verdict:
     return OK
 
 
+@orthogonal_rule("batch_norm", "group_norm", "GroupNorm", "instance_norm")
+def _unit_norm(site: Site) -> Verdict:
+    return _no(f"{site.kind} normalises each unit (or group) with its own statistics")
+
+
 def _norm_axis(site: Site) -> Verdict | None:
     """None when the norm normalises over exactly the axis (its last dim); else the refusal."""
     x = next((d for n, d in site.ins if n is site.node.args[0]), ())
