@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from graphmerge.graph.kinds import tensor_args
 from graphmerge.graph.rotatable import fold_readers
-from graphmerge.graph.tensors import get_tensor
+from graphmerge.graph.tensors import canonical_names, get_tensor
 
 __all__ = ["fold_problem", "fold_norms"]
 
@@ -28,16 +28,28 @@ def _affine(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor | None, tor
 def fold_problem(gm: fx.GraphModule, norms: list[str]) -> str:
     """'' when every norm in `norms` (node names) can be folded into its readers (all linears,
     graph.rotatable checked that); else why not: a reader without a bias where the norm's bias
-    is not zero."""
+    is not zero, or a reader whose weight something else also uses (a tied or reused layer)
+    where the affine is not the identity."""
+    canonical = canonical_names(gm)
+    uses: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        for name in tensor_args(n).values():
+            uses[canonical.get(name, name)] = uses.get(canonical.get(name, name), 0) + 1
     for name in norms:
         node = _node(gm, name)
-        _, beta = _affine(gm, node)
-        if beta is None or not bool(beta.detach().any()):
-            continue
+        gamma, beta = _affine(gm, node)
+        shifts = beta is not None and bool(beta.detach().any())
+        scales = gamma is not None and not bool((gamma.detach() == 1).all())
         for user in fold_readers(node)[0]:
-            if "bias" not in tensor_args(user):
+            roles = tensor_args(user)
+            if shifts and "bias" not in roles:
                 return (f"the bias of norm `{name}` cannot be folded into `{user.name}`: that "
                         f"linear has no bias")
+            shared = [r for r in roles.values() if uses.get(canonical.get(r, r), 0) > 1
+                      or sum(c == canonical.get(r, r) for c in canonical.values()) > 1]
+            if (shifts or scales) and shared:
+                return (f"the affine of norm `{name}` cannot be folded into `{user.name}`: "
+                        f"its `{shared[0]}` is also used elsewhere (tied or reused)")
     return ""
 
 

@@ -160,8 +160,9 @@ def _linear(site: Site) -> Verdict:
 
 @orthogonal_rule("conv")
 def _conv(site: Site) -> Verdict:
+    at = 8 if target_name(site.node) == "convolution" else 6  # aten.convolution: 8
     groups = (getattr(site.module, "groups", 1) if site.module is not None
-              else site.node.args[6] if len(site.node.args) > 6 else
+              else site.node.args[at] if len(site.node.args) > at else
               site.node.kwargs.get("groups", 1))
     if groups != 1:
         return _no("a grouped convolution acts on groups of units")
