@@ -48,7 +48,7 @@ class Tiny(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, T, D) * 0.5)
         self.blocks = nn.Sequential(Block(norm, post), Block(norm, post))
         self.norm = norm(D)
-        self.head = nn.Linear(D, 3)
+        self.head = nn.Linear(D, 3, bias=False)  # the final norm's bias stays on it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.blocks(self.embed(x) + self.pos))[:, 0])
@@ -80,14 +80,14 @@ def _rotated(model: nn.Module, x: torch.Tensor, frontend: str, seed: int = 1):
     sid = _stream(t)
     r = rotatable_spaces(t, t.space_table, [s.id for s in mergeable(t.space_table)])[sid]
     assert r.ok, r.reason
-    fold_norms(t.graph_module, list(r.norms))
+    identity = fold_norms(t.graph_module, list(r.norms))
     g = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
     if r.ones:
         p = ones_complement(D)
         q = p @ torch.linalg.qr(torch.randn(D - 1, D - 1, generator=g,
                                             dtype=torch.float64))[0] @ p.T + 1.0 / D
-    rotate_space(t.graph_module, t.space_table, sid, q, skip=r.params)
+    rotate_space(t.graph_module, t.space_table, sid, q, skip=identity)
     return twin, r
 
 

@@ -30,7 +30,8 @@ __all__ = ["Rotatable", "rotatable_spaces", "space_sites", "fold_readers"]
 class Rotatable:
     """One space's answer: `ok`; `ones` (Q must keep the all-ones direction); `norms` (nodes of
     the norms over it, whose affine is folded first); `params` (the norms' weight and bias
-    names: the identity once folded, left as they are by a rotation); `reason` (why not)."""
+    names; once folded, those that became the identity, which a rotation leaves alone);
+    `reason` (why not)."""
 
     space: int
     ok: bool

@@ -47,11 +47,11 @@ def fold_norms(ctx: MergeContext) -> None:
     ok = [sid for sid, r in ctx.rotatable.items() if r.ok]
     if not ok:
         return
+    identity: set[str] = set()
     for i, t in enumerate(ctx.traced):
         gm = copy.deepcopy(t.graph_module)
-        fold(gm, [n for sid in ok for n in per_model[i][sid].norms])
+        identity |= set(fold(gm, [n for sid in ok for n in per_model[i][sid].norms]))
         ctx.traced[i] = replace(t, graph_module=gm)
-        if i:  # each model's own norm parameters, by name (model 0's are never rotated)
-            ctx.rotatable.update({sid: replace(ctx.rotatable[sid], params=tuple(
-                dict.fromkeys(ctx.rotatable[sid].params + per_model[i][sid].params)))
-                for sid in ok})
+    for sid in ok:  # a rotation leaves the folded scales (and biases) alone, in every model
+        names = {n for p in per_model for n in p[sid].params} & identity
+        ctx.rotatable[sid] = replace(ctx.rotatable[sid], params=tuple(sorted(names)))
