@@ -621,7 +621,7 @@ pass already collects, then the ordinary merge runs. Per-task mean, of the ensem
 42% → 54%, permute 45% → 56% (joint: zip 36% → 59%, permute 41% → 49%; per seed pair zip
 +27, +28, +14 points of the ensemble's joint, permute −0, +21, +3). The permuted self-merge
 stays exact (5.5e-6). The target (≥ 70% per-task mean) is still **not met**: what remains
-is finding 5 (one 64-wide stream holding two tasks) and the heads (finding 2)""".splitlines()
+is finding 5 (one 64-wide stream holding two tasks) and the heads (finding 2).""".splitlines()
 
 
 def render(record: dict, out: Path) -> None:
