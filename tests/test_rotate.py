@@ -11,7 +11,7 @@ from torch import nn
 
 import graphmerge as gm
 from graphmerge.graph.rotatable import rotatable_spaces
-from graphmerge.match.rotation import ones_complement
+from graphmerge.match.rotation import RANK_RTOL, ones_complement, procrustes
 from graphmerge.match.selection import mergeable
 from graphmerge.surgery.fold import fold_norms
 from graphmerge.surgery.rotate import rotate_space
@@ -136,3 +136,19 @@ def test_rotation_recovers_a_rotated_stream():
     err_on = float((on.module(x) - ref).abs().max())
     err_off = float((off.module(x) - ref).abs().max())
     assert err_on < 1e-3 < err_off, (err_on, err_off)
+
+
+@pytest.mark.parametrize("ones", [False, True])
+def test_procrustes_finds_a_permutation_and_refuses_rank_deficient_moments(ones):
+    """On x_k = x_0 P the solution is Pᵀ (with or without Q·1 = 1); on features of rank 5 of
+    8 it is not unique and refused."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    p = torch.eye(8, dtype=torch.float64)[torch.randperm(8, generator=g)]
+    q, ratio = procrustes((x0 @ p).T @ x0, ones)
+    assert ratio > RANK_RTOL
+    torch.testing.assert_close(q, p.T, atol=1e-10, rtol=0)
+    low = torch.randn(200, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 8, generator=g, dtype=torch.float64)
+    q, ratio = procrustes((low @ p).T @ low, ones)
+    assert q is None and ratio < RANK_RTOL
