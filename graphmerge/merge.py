@@ -43,8 +43,10 @@ class SpaceSummary(TypedDict):
 @dataclass
 class MergeResult:
     """The merged module, the match graph, a per-space summary (`spaces`, one
-    `SpaceSummary` per merged space), and `coverage`: how many of model 0's parameters the
-    merge aligned, and why the others kept the identity (`graphmerge.match.coverage`)."""
+    `SpaceSummary` per merged space), `coverage`: how many of model 0's parameters the
+    merge aligned, and why the others kept the identity (`graphmerge.match.coverage`), and,
+    with rotate=True, `rotations`: per merged space whether it was rotated onto model 0's
+    basis, and else why not (`graphmerge.graph.rotatable.Rotatable`)."""
 
     module: fx.GraphModule
     match_graph: nx.Graph
