@@ -62,5 +62,5 @@ def rotate_stats(stats: SpaceStats, qs: dict[int, torch.Tensor]) -> SpaceStats:
     t = torch.eye(int(at[-1]), dtype=torch.float64, device=stats._sx.device)
     for k, q in qs.items():
         t[at[k]:at[k + 1], at[k]:at[k + 1]] = q.to(t)
-    return SpaceStats(list(stats.widths), stats.count, _sx=stats._sx @ t,
-                      _sxx=t.T @ stats._sxx @ t)
+    sx = (stats._sx.reshape(1, -1) @ t).reshape(-1)
+    return SpaceStats(list(stats.widths), stats.count, _sx=sx, _sxx=t.T @ stats._sxx @ t)
