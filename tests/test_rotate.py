@@ -152,3 +152,23 @@ def test_procrustes_finds_a_permutation_and_refuses_rank_deficient_moments(ones)
         5, 8, generator=g, dtype=torch.float64)
     q, ratio = procrustes((low @ p).T @ low, ones)
     assert q is None and ratio < RANK_RTOL
+
+
+def test_rotation_on_another_device_matches_the_cpu_merge():
+    """rotate=True on the emulated second device of test_device.py: every tensor the fold,
+    the Procrustes solve and the rotated statistics make stays there."""
+    from test_device import ONE, SECOND, X, _rel, _vit, devices, moved, on_second_device
+
+    torch.manual_seed(0)
+    model = _vit()
+    twin = gm.permute(model, X[:4], seed=3)
+    on_cpu = gm.merge([model, twin], ONE, rotate=True, progress=False)
+    with on_second_device():
+        result = gm.merge([moved(model), moved(twin)], [x.to(SECOND) for x in ONE],
+                          rotate=True, progress=False)
+        with torch.no_grad():
+            y = result.module(X[:16].to(SECOND)).cpu()
+    assert devices(result.module) == {str(SECOND)}
+    assert any(r.ok for r in result.rotations.values())
+    with torch.no_grad():
+        assert _rel(on_cpu.module(X[:16]), y) < 1e-5
