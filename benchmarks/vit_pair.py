@@ -46,6 +46,7 @@ import graphmerge as gm
 from graphmerge.io.atomic import write_text_atomic
 from graphmerge.lab.experiment import TaskPairConfig
 from graphmerge.lab.training import predict_logits
+from graphmerge.merge import rotation_rows
 
 NORMS = ("repair", "none")
 VARIANTS = {"average": {"method": "average"},
@@ -54,25 +55,29 @@ VARIANTS = {"average": {"method": "average"},
             "permute, heads frozen": {"method": "permute", "attention": "frozen"},
             "zip, heads frozen": {"method": "zip", "attention": "frozen"},
             "zip, partial 1/3": {"method": "zip", "partial": 1 / 3},
-            "zip, partial 2/3": {"method": "zip", "partial": 2 / 3}}
+            "zip, partial 2/3": {"method": "zip", "partial": 2 / 3},
+            "permute, rotated": {"method": "permute", "rotate": True},
+            "zip, rotated": {"method": "zip", "rotate": True}}
 VIT = {"patch_size": 7, "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128}
 TRAIN = {"optimizer": "adam", "lr": 1e-3}
 
 
-def self_merge_error(model: torch.nn.Module, calibration, x_test) -> dict:
+def self_merge_error(model: torch.nn.Module, calibration, x_test, **options) -> dict:
     """Merge `model` with a copy whose every free space is permuted (heads as wholes, each
-    head's dims by its own permutation), with the defaults; the largest output difference."""
+    head's dims by its own permutation), with the defaults and `options`; the largest output
+    difference."""
     twin = gm.permute(model, calibration[0], seed=7)
     with torch.no_grad():
         moved = max(float((a - b).abs().max()) for a, b in
                     zip(model.state_dict().values(), twin.state_dict().values()))
-    res = gm.merge([model, twin], calibration, progress=False)
+    res = gm.merge([model, twin], calibration, progress=False, **options)
     x = x_test[:2000]
     ref = predict_logits(model, x)
     return {"twin_max_weight_change": moved,
             "twin_output_error": float((predict_logits(twin, x) - ref).abs().max()),
             "merged_output_error": float((predict_logits(res.module, x) - ref).abs().max()),
-            "heads_spaces": len(gm.trace(model, calibration[0]).space_table.heads)}
+            "heads_spaces": len(gm.trace(model, calibration[0]).space_table.heads),
+            "rotated": sorted(s for s, r in res.rotations.items() if r.ok)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         x_test, y_test = x_test[:500], y_test[:500]
         calibration, pairs = calibration[:2], pairs[:1]
         vit = {**VIT, "dim": 16, "depth": 1, "mlp_dim": 16}
-    runs, check = [], None
+    runs, check, rotations = [], None, []
     for seeds in pairs:
         cfg = TaskPairConfig(family="vit", model=vit, seeds=seeds, epochs=args.epochs)
         if args.smoke:
@@ -112,14 +117,25 @@ def main(argv: list[str] | None = None) -> None:
                       for t, s in zip(tasks, seeds)]
         if check is None:
             check = self_merge_error(models[0], calibration, x_test)
+            check["with_rotation"] = self_merge_error(models[0], calibration, x_test,
+                                                      rotate=True)
             print(f"self-merge with a permuted copy: {check}", flush=True)
-        rows = score(models, tasks, calibration, "embedding", x_test, y_test, VARIANTS, NORMS)
+        notes = {}
+
+        def on_merge(name, norm, res, notes=notes):
+            if res.rotations and norm == NORMS[0]:
+                notes[name] = rotation_rows(res.rotations)
+
+        rows = score(models, tasks, calibration, "embedding", x_test, y_test, VARIANTS, NORMS,
+                     on_merge=on_merge)
+        rotations.append(notes)
         ens = next(r["joint"] for r in rows if r["method"] == "ensemble")
         print(f"\nseeds {seeds}\n{table(rows, ens, EXTRA)}", flush=True)
         runs.append(rows)
     command = rerun_command(__file__, argv)
     record = {"command": command, "args": vars(args), "vit": vit, "train": TRAIN,
-              "seed_pairs": pairs, "self_merge": check, "runs": runs, "mean": mean_rows(runs),
+              "seed_pairs": pairs, "self_merge": check, "runs": runs, "rotations": rotations,
+              "mean": mean_rows(runs),
               "wall_minutes": (time.perf_counter() - t_start) / 60,
               "torch": torch.__version__, "machine": platform.machine()}
     for r, rows in zip(record["mean"], zip(*runs)):
@@ -130,6 +146,28 @@ def main(argv: list[str] | None = None) -> None:
 
 
 EXTRA = [("merge s", "seconds", "{:.1f}")]
+
+
+def _rotation_section(record: dict) -> list[str]:
+    """The self-merge with rotate=True and, per seed pair, what the rotated merges rotated."""
+    c = record["self_merge"].get("with_rotation")
+    if c is None:
+        return []
+    md = ["## Rotation (merge option rotate=True)", "",
+          "Rows \"…, rotated\": before matching, every space the graph lets rotate (every op "
+          "on it commutes with an orthogonal map once each LayerNorm's affine is folded into "
+          "the linears reading it) is rotated in model B onto model A by orthogonal "
+          "Procrustes on the features' cross moment, kept to Q·1 = 1 (LayerNorm): an exact "
+          "reparametrisation of B; then the same matcher runs.", "",
+          f"Self-merge with the permuted copy and rotate=True: spaces rotated "
+          f"{c['rotated']}, merged model's max |logit difference| "
+          f"{c['merged_output_error']:.2g}.", ""]
+    for seeds, notes in zip(record["seed_pairs"], record.get("rotations", [])):
+        lines = notes.get("zip, rotated", [])
+        if lines:
+            md += [f"Seeds {tuple(seeds)}, zip rotated: " + "; ".join(x.strip() for x in lines),
+                   ""]
+    return md
 
 
 def render(record: dict, out: Path) -> None:
@@ -175,7 +213,7 @@ def render(record: dict, out: Path) -> None:
           f"{c['twin_max_weight_change']:.3g}, the twin's outputs differ by "
           f"{c['twin_output_error']:.2g}, the merged model's by {c['merged_output_error']:.2g} "
           f"(max |logit difference| on 2,000 test images; logits are in [-16, 16]).", "",
-          "## Summary", "", *summary, "",
+          *_rotation_section(record), "## Summary", "", *summary, "",
           "## Mean over seed pairs", "", table(rows, ens, EXTRA), ""]
     for seeds, run in zip(record["seed_pairs"], record["runs"]):
         e = next(r["joint"] for r in run if r["method"] == "ensemble")

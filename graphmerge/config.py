@@ -50,7 +50,7 @@ class MergeConfig:
         >>> MergeConfig.from_dict({"metod": "zip"})
         Traceback (most recent call last):
         ...
-        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory, attention, min_coverage
+        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory, attention, min_coverage, rotate
     """
 
     method: str = _option(
@@ -117,6 +117,14 @@ class MergeConfig:
         "it aligns a smaller fraction of the parameters than this; the rest would keep the "
         "identity and only be averaged (MergeResult.coverage says which spaces froze them). "
         "Below one half, the merge warns either way.")
+    rotate: bool = _option(
+        False, "True: before matching, rotate every model's residual-stream-like spaces onto "
+        "model 0's by orthogonal Procrustes on their features — an exact reparametrisation, "
+        "found from the graph where every op on the space commutes with an orthogonal map "
+        "(linears, sums, LayerNorm/RMSNorm with their affine folded into the linears reading "
+        "them; LayerNorm keeps the all-ones direction); the matcher then runs as usual. "
+        "MergeResult.summary lists the spaces rotated and why the others were not. Default "
+        "False.")
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, sorted(MATCHERS))
@@ -125,7 +133,7 @@ class MergeConfig:
         _one_of("norms", self.norms, NORM_MODES)
         _one_of("attention", self.attention, ATTENTION_MODES)
         _one_of("frontend", self.frontend, FRONTENDS)
-        for key in ("check", "progress"):
+        for key in ("check", "progress", "rotate"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
         options = {k: v for k, v in (("alpha", self.alpha), ("beta", self.beta))

@@ -19,6 +19,7 @@ from graphmerge.config import MergeConfig, option_help
 from graphmerge.errors import ConfigError, DataError
 from graphmerge.graph.capture import check_materialized, eval_mode
 from graphmerge.inputs import as_inputs, infer_input_count
+from graphmerge.graph.rotatable import Rotatable
 from graphmerge.match.align import StageAlignment
 from graphmerge.match.coverage import Coverage
 from graphmerge.match.plans import SpacePlan
@@ -42,8 +43,10 @@ class SpaceSummary(TypedDict):
 @dataclass
 class MergeResult:
     """The merged module, the match graph, a per-space summary (`spaces`, one
-    `SpaceSummary` per merged space), and `coverage`: how many of model 0's parameters the
-    merge aligned, and why the others kept the identity (`graphmerge.match.coverage`)."""
+    `SpaceSummary` per merged space), `coverage`: how many of model 0's parameters the
+    merge aligned, and why the others kept the identity (`graphmerge.match.coverage`), and,
+    with rotate=True, `rotations`: per merged space whether it was rotated onto model 0's
+    basis, and else why not (`graphmerge.graph.rotatable.Rotatable`)."""
 
     module: fx.GraphModule
     match_graph: nx.Graph
@@ -55,6 +58,7 @@ class MergeResult:
     config: MergeConfig = field(default_factory=MergeConfig)
     plans: dict[int, SpacePlan] = field(default_factory=dict)  # per space: merge matrices
     coverage: Coverage | None = None  # parameters aligned (None: not measured)
+    rotations: dict[int, Rotatable] = field(default_factory=dict)  # rotate=True: per space
 
     @property
     def summary(self) -> str:
@@ -63,6 +67,7 @@ class MergeResult:
                 f"parameters; {self.seconds.get('total', 0.0):.1f}s"]
         if self.coverage is not None:
             rows.append(self.coverage.format())
+        rows += rotation_rows(self.rotations)
         rows.append(f"{'space':>5}  {'widths':<16} {'merged':>6}  {'matcher':<8} mean corr")
         for s in self.spaces:
             rows.append(f"{s['space']:>5}  {str(s['widths']):<16} {s['width']:>6}  "
@@ -72,6 +77,17 @@ class MergeResult:
                 rows.append(f"stage {a.stage} ({a.name}): depths {a.depths}, positions in "
                             f"model {a.reference}: {a.positions}")
         return "\n".join(rows)
+
+
+def rotation_rows(rotations: Mapping[int, Rotatable]) -> list[str]:
+    """The summary's lines on rotate=True: the spaces rotated, and why each other was not."""
+    if not rotations:
+        return []
+    done = [f"{s}{' (Q·1 = 1)' if r.ones else ''}" for s, r in sorted(rotations.items()) if r.ok]
+    rows = [f"rotated spaces: {', '.join(done) or 'none'}"]
+    rows += [f"  space {s} not rotated: {r.reason}" for s, r in sorted(rotations.items())
+             if not r.ok]
+    return rows
 
 
 #: tracing, shape propagation and the permutation oracle run on at most this many samples
@@ -186,7 +202,8 @@ def merge(
               for sid, p in sorted(ctx.plans.items())]
     ctx.seconds["total"] = time.perf_counter() - t0
     return MergeResult(ctx.module, ctx.match_graph, spaces, ctx.head_mode, cfg.method,
-                       ctx.seconds, ctx.alignments, cfg, ctx.plans, ctx.coverage)
+                       ctx.seconds, ctx.alignments, cfg, ctx.plans, ctx.coverage,
+                       ctx.rotations or {})
 
 
 merge.__doc__ = merge.__doc__.replace("{options}", option_help(indent=12))

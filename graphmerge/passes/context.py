@@ -14,6 +14,7 @@ from graphmerge.calibration import Calibration
 from graphmerge.config import MergeConfig
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import Traced
+from graphmerge.graph.rotatable import Rotatable
 from graphmerge.match.align import StageAlignment
 from graphmerge.match.coverage import Coverage
 from graphmerge.match.plans import SpacePlan  # re-exported: defined in the match layer
@@ -37,9 +38,11 @@ class MergeContext:
     checked: bool | None = None                             # check_spaces
     alignments: list[StageAlignment] | None = None          # align_depths
     paired: bool | None = None                              # pair_models
+    rotatable: dict[int, Rotatable] | None = None           # fold_norms
     stats: dict[int, SpaceStats] | None = None              # collect_statistics
     reads: dict[int, list[list[NodeAxis]]] | None = None    # collect_statistics
     unit_stats: list[dict[str, UnitStats]] | None = None    # collect_statistics (REPAIR)
+    rotations: dict[int, Rotatable] | None = None           # rotate_spaces
     plans: dict[int, SpacePlan] | None = None               # match_spaces, attach_heads
     head_mode: str | None = None                            # attach_heads
     coverage: Coverage | None = None                        # measure_coverage
