@@ -133,6 +133,8 @@ def merge_stats(res, heads: set[int], head_ids: set[int]) -> dict:
     for s in units.values():
         for k in ("corr cross", "corr within"):
             s[k] = float(np.mean(s[k])) if s[k] else None
+    if res.coverage is not None:
+        units["coverage"] = {"aligned": res.coverage.aligned / res.coverage.total}
     return units
 
 
@@ -231,7 +233,8 @@ def _zip(run: list[dict], norm: str, method: str = "zip") -> dict:
 def target_lines(record: dict) -> list[str]:
     """Per heterogeneous pair, method and norms: its zip against the homogeneous reference's
     zip (same norms), joint and per-task mean, each mean ± half-range over the seed pairs, and
-    the paired difference (same model B, same seeds) mean ± half-range."""
+    the paired difference (same model B, same seeds) mean ± half-range; then the share of
+    each pair's own ensemble and the difference to the narrow homogeneous pair's zip."""
     lines, pairs = [], record["pairs"]
     for hetero, ref in TARGETS.items():
         if hetero not in pairs or ref not in pairs:
@@ -250,8 +253,25 @@ def target_lines(record: dict) -> list[str]:
                     f"homogeneous {ref} zip {_pm([y['joint'] for y in r])}: "
                     f"{_pm(dj, True)} (**{verdict}**); per-task mean "
                     f"{_pm([x['task_mean'] for x in h])} vs {_pm([y['task_mean'] for y in r])}:"
-                    f" {_pm(dt, True)}")
+                    f" {_pm(dt, True)}; {_context(pairs, hetero, ref, h, norm)}")
     return lines
+
+
+def _context(pairs: dict, hetero: str, ref: str, h: list[dict], norm: str) -> str:
+    """The heterogeneous zip's and the reference zip's shares of their own ensembles, and the
+    joint difference to the narrow homogeneous pair's zip (when it was run)."""
+    def share(name, rows):
+        ens = [next(r["joint"] for r in run if r["method"] == "ensemble")
+               for run in pairs[name]["runs"]]
+        return sum(x["joint"] / e for x, e in zip(rows, ens)) / len(ens)
+
+    r = [_zip(run, norm) for run in pairs[ref]["runs"]]
+    text = f"of own ensemble {share(hetero, h):.1%} vs {share(ref, r):.1%}"
+    narrow = "64/4 ⊕ 64/4"
+    if narrow in pairs:
+        d = [x["joint"] - _zip(run, norm)["joint"] for x, run in zip(h, pairs[narrow]["runs"])]
+        text += f"; vs {narrow} zip {_pm(d, True)}"
+    return text
 
 
 def _pm(vals: list[float], signed: bool = False) -> str:
@@ -266,12 +286,17 @@ def stats_table(record: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rec in record["pairs"].items():
         for key, s in rec["mean_stats"].items():
+            if key == "coverage":
+                continue
             corr = [f"{s[k]:.3f}" if s[k] is not None else "-" for k in
                     ("corr cross", "corr within")]
             lines.append(f"| {name} | {key} | {s['spaces']:.0f} | {s['merged']:.1f} | "
                          f"{s['both']:.1f} | {s['A only']:.1f} | {s['B only']:.1f} | "
                          f"{' | '.join(corr)} |")
-    return lines
+    cover = [f"{name} {rec['mean_stats']['coverage']['aligned']:.1%}"
+             for name, rec in record["pairs"].items() if "coverage" in rec["mean_stats"]]
+    return lines + ["", "Parameters aligned (coverage of model 0's parameter elements): "
+                    + ", ".join(cover) + "."]
 
 
 #: what the measured numbers say (written from the results in vit_width.json; a rerun that
