@@ -58,8 +58,11 @@ PAIRS = {"64/4 ⊕ 64/4": ("64/4", "64/4"), "96/4 ⊕ 96/4": ("96/4", "96/4"),
          "64/4 ⊕ 96/6": ("64/4", "96/6")}
 SMOKE_PAIRS = ("96/4 ⊕ 96/4", "64/4 ⊕ 96/4", "64/4 ⊕ 96/6")  # both elastic paths, one reference
 TARGETS = {"64/4 ⊕ 96/4": "96/4 ⊕ 96/4", "64/4 ⊕ 96/6": "96/6 ⊕ 96/6"}  # hetero -> reference
-HOMOGENEOUS = {"permute": {"method": "permute"}, "zip": {"method": "zip"}}
-HETEROGENEOUS = {"zip": {"method": "zip"}}
+# zip, β=0: no merged unit (head) holds two units (heads) of one model (ZipIt!'s default β=1
+# lets each model fold up to R · d_i / d pairs of its own, R = d - r)
+HOMOGENEOUS = {"permute": {"method": "permute"}, "zip": {"method": "zip"},
+               "zip, β=0": {"method": "zip", "beta": 0.0}}
+HETEROGENEOUS = {"zip": {"method": "zip"}, "zip, β=0": {"method": "zip", "beta": 0.0}}
 TRAIN = {"optimizer": "adam", "lr": 1e-3}
 
 
@@ -110,7 +113,8 @@ def merge_stats(res, heads: set[int], head_ids: set[int]) -> dict:
     """What a zip merged, per kind of space: for the unit spaces (grouped by their widths)
     the merged units holding units of both models, of A only, of B only, and the mean
     correlation of the cross-model groups and of the within-model groups; for the heads
-    spaces the merged heads holding heads of both, of A only, of B only; the merged scale."""
+    spaces the merged heads holding heads of both, of A only, of B only; the share of
+    parameters aligned."""
     units: dict[str, dict] = {}
     for sid, p in res.plans.items():
         if p.matcher == "concat" or (sid in head_ids and sid not in heads):
@@ -239,25 +243,27 @@ def target_lines(record: dict) -> list[str]:
     for hetero, ref in TARGETS.items():
         if hetero not in pairs or ref not in pairs:
             continue
-        for method in ("zip", "zip, B first"):
+        for method in ("zip", "zip, B first", "zip, β=0"):
+            like = "zip, β=0" if method == "zip, β=0" else "zip"  # the reference's merge
             for norm in NORMS:
                 h = [_zip(run, norm, method) for run in pairs[hetero]["runs"]]
-                r = [_zip(run, norm) for run in pairs[ref]["runs"]]
+                r = [_zip(run, norm, like) for run in pairs[ref]["runs"]]
                 dj = [x["joint"] - y["joint"] for x, y in zip(h, r)]
                 dt = [x["task_mean"] - y["task_mean"] for x, y in zip(h, r)]
-                mj = sum(dj) / len(dj)
+                mj = round(sum(dj) / len(dj), 3)  # the verdict on the point shown
                 verdict = ("within 1 point" if abs(mj) <= 0.01 else
                            "above" if mj > 0 else "missed")
                 lines.append(
                     f"- {hetero}, {method}, {norm}: joint {_pm([x['joint'] for x in h])} vs "
-                    f"homogeneous {ref} zip {_pm([y['joint'] for y in r])}: "
+                    f"homogeneous {ref} {like} {_pm([y['joint'] for y in r])}: "
                     f"{_pm(dj, True)} (**{verdict}**); per-task mean "
                     f"{_pm([x['task_mean'] for x in h])} vs {_pm([y['task_mean'] for y in r])}:"
-                    f" {_pm(dt, True)}; {_context(pairs, hetero, ref, h, norm)}")
+                    f" {_pm(dt, True)}; {_context(pairs, hetero, ref, h, norm, like)}")
     return lines
 
 
-def _context(pairs: dict, hetero: str, ref: str, h: list[dict], norm: str) -> str:
+def _context(pairs: dict, hetero: str, ref: str, h: list[dict], norm: str, like: str
+             ) -> str:
     """The heterogeneous zip's and the reference zip's shares of their own ensembles, and the
     joint difference to the narrow homogeneous pair's zip (when it was run)."""
     def share(name, rows):
@@ -265,12 +271,13 @@ def _context(pairs: dict, hetero: str, ref: str, h: list[dict], norm: str) -> st
                for run in pairs[name]["runs"]]
         return sum(x["joint"] / e for x, e in zip(rows, ens)) / len(ens)
 
-    r = [_zip(run, norm) for run in pairs[ref]["runs"]]
+    r = [_zip(run, norm, like) for run in pairs[ref]["runs"]]
     text = f"of own ensemble {share(hetero, h):.1%} vs {share(ref, r):.1%}"
     narrow = "64/4 ⊕ 64/4"
     if narrow in pairs:
-        d = [x["joint"] - _zip(run, norm)["joint"] for x, run in zip(h, pairs[narrow]["runs"])]
-        text += f"; vs {narrow} zip {_pm(d, True)}"
+        d = [x["joint"] - _zip(run, norm, like)["joint"]
+             for x, run in zip(h, pairs[narrow]["runs"])]
+        text += f"; vs {narrow} {like} {_pm(d, True)}"
     return text
 
 
