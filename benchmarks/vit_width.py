@@ -50,7 +50,7 @@ from graphmerge.lab.experiment import TaskPairConfig
 from graphmerge.lab.training import predict_logits
 from graphmerge.lab.zoo.registry import build
 
-NORMS = ("repair", "none")
+NORMS = ("repair", "none")  # the smoke run: "repair" only
 ARCHS = {"64/4": (64, 4), "96/4": (96, 4), "96/6": (96, 6)}       # dim / heads
 SMOKE_ARCHS = {"64/4": (16, 4), "96/4": (24, 4), "96/6": (24, 6)}  # same head-dim ratios
 PAIRS = {"64/4 ⊕ 64/4": ("64/4", "64/4"), "96/4 ⊕ 96/4": ("96/4", "96/4"),
@@ -87,12 +87,12 @@ def pair_models(name: str, seeds, tasks, args) -> list[torch.nn.Module]:
     return models
 
 
-def swapped_rows(models, tasks, calibration, x_test, y_test) -> list[dict]:
+def swapped_rows(models, tasks, calibration, x_test, y_test, norms) -> list[dict]:
     """Zip with model B first (B's attention scale and interface), scored like `score`'s
     rows."""
     classes = [list(t.classes) for t in tasks]
     rows = []
-    for norm in NORMS:
+    for norm in norms:
         t0 = time.perf_counter()
         res = gm.merge(models[::-1], calibration, heads="average", norms=norm, progress=False)
         seconds = time.perf_counter() - t0
@@ -150,15 +150,16 @@ def run_pair(name, seeds, tasks, calibration, x_test, y_test, args) -> tuple[lis
     table_a = gm.trace(models[0], calibration[0][:8]).space_table
     heads, head_ids = set(table_a.heads), head_space_ids(table_a)
     stats: dict = {}
+    norms = NORMS[:1] if args.smoke else NORMS
 
     def collect(method, norm, res):
         if method == "zip" and norm == "repair":
             stats.update(merge_stats(res, heads, head_ids))
 
     rows = score(models, tasks, calibration, "embedding", x_test, y_test,
-                 HETEROGENEOUS if hetero else HOMOGENEOUS, NORMS, on_merge=collect)
+                 HETEROGENEOUS if hetero else HOMOGENEOUS, norms, on_merge=collect)
     if hetero:
-        rows += swapped_rows(models, tasks, calibration, x_test, y_test)
+        rows += swapped_rows(models, tasks, calibration, x_test, y_test, norms)
     return rows, stats
 
 
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         rec["mean_stats"] = mean_stats(rec["stats"])
     record = {"command": rerun_command(__file__, argv), "args": vars(args),
               "archs": {a: vit_config(a, args.smoke) for a in ARCHS}, "train": TRAIN,
-              "seed_pairs": seed_pairs, "pairs": pairs,
+              "seed_pairs": seed_pairs, "norms": NORMS[:1] if args.smoke else NORMS,
+              "pairs": pairs,
               "wall_minutes": (time.perf_counter() - t_start) / 60,
               "torch": torch.__version__, "machine": platform.machine()}
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +247,7 @@ def target_lines(record: dict) -> list[str]:
             continue
         for method in ("zip", "zip, B first", "zip, β=0"):
             like = "zip, β=0" if method == "zip, β=0" else "zip"  # the reference's merge
-            for norm in NORMS:
+            for norm in record["norms"]:
                 h = [_zip(run, norm, method) for run in pairs[hetero]["runs"]]
                 r = [_zip(run, norm, like) for run in pairs[ref]["runs"]]
                 dj = [x["joint"] - y["joint"] for x, y in zip(h, r)]
@@ -354,7 +356,7 @@ def render(record: dict, out: Path) -> None:
         md += [f"## {name} (mean over seed pairs)", "", table(rec["mean"], ens, EXTRA), ""]
     write_text_atomic(out / "vit_width.md", "\n".join(md))
     plot({name: rec["mean"] for name, rec in record["pairs"].items()}, out / "vit_width.png",
-         NORMS, title="{}: mean over seed pairs")
+         record["norms"], title="{}: mean over seed pairs")
     print("\n".join(targets))
     print(f"wrote {out / 'vit_width.md'}; wall time {record['wall_minutes']:.1f} min; rerun: "
           f"{record['command']}")

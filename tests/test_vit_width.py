@@ -21,7 +21,7 @@ def test_vit_width_smoke(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "vit_width.json").read_text())
     pairs = record["pairs"]
     methods = {(r["method"], r["norms"]) for r in pairs["64/4 ⊕ 96/4"]["mean"]}
-    assert {("zip", "repair"), ("zip", "none"), ("zip, B first", "repair")} <= methods
+    assert {("zip", "repair"), ("zip, β=0", "repair"), ("zip, B first", "repair")} <= methods
     assert ("permute", "repair") in {(r["method"], r["norms"]) for r in pairs["96/4 ⊕ 96/4"]["mean"]}
     # elastic merges: the wider model's residual width (24) and, for 24/6, its 6 heads
     zipped = {r["method"]: r for r in pairs["64/4 ⊕ 96/4"]["mean"] if r["norms"] == "repair"}
