@@ -191,10 +191,13 @@ def main(argv: list[str] | None = None) -> None:
                                         "500 test images, one seed pair (tests)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed-pairs", default="0,1;2,3;4,5")
+    p.add_argument("--archs", default=",".join(ARCHS),
+                   help="run the pairs both of whose architectures are in this list")
+    p.add_argument("--name", default="vit_width", help="the result files' stem")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.render:
-        render(json.loads((out / "vit_width.json").read_text()), out)
+        render(json.loads((out / f"{args.name}.json").read_text()), out)
         return
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -205,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         tasks, x_test, y_test, calibration, seed_pairs = smoke_setup()
     else:
         tasks, x_test, y_test, calibration, seed_pairs = fashion_mnist_setup(args.seed_pairs)
-    pairs = {name: {"runs": [], "stats": []} for name in (SMOKE_PAIRS if args.smoke else PAIRS)}
+    archs = set(args.archs.split(","))
+    pairs = {name: {"runs": [], "stats": []} for name in (SMOKE_PAIRS if args.smoke else PAIRS)
+             if set(PAIRS[name]) <= archs}
     for seeds in seed_pairs:
         for name, rec in pairs.items():
             rows, stats = run_pair(name, seeds, tasks, calibration, x_test, y_test, args)
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
               "wall_minutes": (time.perf_counter() - t_start) / 60,
               "torch": torch.__version__, "machine": platform.machine()}
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "vit_width.json", json.dumps(record, indent=1))
+    write_text_atomic(out / f"{args.name}.json", json.dumps(record, indent=1))
     render(record, out)
 
 
@@ -310,7 +315,8 @@ def stats_table(record: dict) -> list[str]:
 
 #: what the measured numbers say (written from the results in vit_width.json; a rerun that
 #: changes them should revisit it)
-FINDINGS = [
+FINDINGS: dict[str, list[str]] = {}
+FINDINGS["vit_width"] = [
     "**Verdict (run of 2026-12-05, engine of main at b287d25).** 64/4 ⊕ 96/4: **not met** "
     "(zip, repair: 1.9 points below the homogeneous 96/4 zip; none: 2.5 below), but not "
     "resolved either: per seed pair the difference is +2.8, -8.0 and -0.4 points, a half-range "
@@ -348,7 +354,9 @@ FINDINGS = [
 
 
 def render(record: dict, out: Path) -> None:
-    """vit_width.md and .png from the measured record (vit_width.json)."""
+    """<name>.md and .png from the measured record (<name>.json; name: vit_width unless
+    --name said otherwise)."""
+    stem = record["args"].get("name", "vit_width")
     a = record["args"]
     archs = ", ".join(f"{k}: dim {v['dim']}, {v['heads']} heads (head dim "
                       f"{v['dim'] // v['heads']}), MLP {v['mlp_dim']}"
@@ -380,7 +388,7 @@ def render(record: dict, out: Path) -> None:
           f"{record['wall_minutes']:.1f} min", "",
           "## Target: the heterogeneous zip within 1 point of the homogeneous zip (same norms)",
           "", "Differences are paired (same seeds, same model B): mean ± half-range.", "",
-          *targets, "", *FINDINGS, "",
+          *targets, "", *FINDINGS.get(stem, []), "",
           "## What the zip (repair) merged", "",
           "Per kind of space (unit spaces grouped by their widths per model, heads spaces by "
           "their head counts), summed over the spaces of that kind, mean over the seed pairs: "
@@ -390,11 +398,11 @@ def render(record: dict, out: Path) -> None:
     for name, rec in record["pairs"].items():
         ens = next(r["joint"] for r in rec["mean"] if r["method"] == "ensemble")
         md += [f"## {name} (mean over seed pairs)", "", table(rec["mean"], ens, EXTRA), ""]
-    write_text_atomic(out / "vit_width.md", "\n".join(md))
-    plot({name: rec["mean"] for name, rec in record["pairs"].items()}, out / "vit_width.png",
+    write_text_atomic(out / f"{stem}.md", "\n".join(md))
+    plot({k: rec["mean"] for k, rec in record["pairs"].items()}, out / f"{stem}.png",
          record["norms"], title="{}: mean over seed pairs")
     print("\n".join(targets))
-    print(f"wrote {out / 'vit_width.md'}; wall time {record['wall_minutes']:.1f} min; rerun: "
+    print(f"wrote {out / (stem + '.md')}; wall time {record['wall_minutes']:.1f} min; rerun: "
           f"{record['command']}")
 
 
