@@ -17,7 +17,7 @@ Rerun:  python benchmarks/vit_width.py --cache /work/vitcache   (about 35 min co
         dim-96 models of about 2.5 min each on one thread; 5 min cached)
 Writes: benchmarks/results/vit_width.md, vit_width.json, vit_width.png
 Replication of 64/4 ⊕ 96/4 on three more seed pairs (writes vit_width_96x4_seeds6-11.*):
-        python benchmarks/vit_width.py --cache /work/vitcache --seed-pairs "6,7;8,9;10,11" \
+        python benchmarks/vit_width.py --cache /work/vitcache --seed-pairs "6,7;8,9;10,11"
             --archs 64/4,96/4 --name vit_width_96x4_seeds6-11
 """
 
