@@ -1,5 +1,6 @@
 """How a merge scales with model size (issue 21): LLaMA-style pairs from transformers configs
-(`device_check.llama_pair`: random init, seeds 0 and 1, vocab 32000, heads of 64 dims), from
+(`device_check.llama_pair`: random init, seeds 0 and 1, vocab 32000 or `--vocab`, untied, heads
+of 64 dims), from
 hidden 256 / 4 layers upwards, merged with the defaults (zip, REPAIR, the oracle check).
 
 Per pair: parameters per model, the forward floor (both models over the calibration data, no
@@ -39,17 +40,17 @@ PASSES = ("trace_models", "check_spaces", "collect_statistics", "match_spaces",
 
 
 def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int],
-        max_memory: int | None) -> dict:
+        max_memory: int | None, vocab: int = 32000) -> dict:
     """Merge one pair in this process and measure it."""
     import graphmerge as gm
     from device_check import _sync, forward_floor, llama_pair
 
     torch.set_flush_denormal(True)
     dev = torch.device(device)
-    models = llama_pair(hidden, ffn, layers, dev)
+    models = llama_pair(hidden, ffn, layers, dev, vocab)
     params = sum(p.numel() for p in models[0].parameters())
     n, seq = tokens
-    ids = torch.randint(1, 32000, (n, seq), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(1, vocab, (n, seq), generator=torch.Generator().manual_seed(5))
     calib = [(ids[i:i + 16].to(dev),) for i in range(0, n, 16)]
     floor = forward_floor(models, calib, dev)
     options = {"max_memory": max_memory} if max_memory else {}
@@ -59,7 +60,7 @@ def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int]
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"hidden": hidden, "ffn": ffn, "layers": layers, "params": params,
+    return {"hidden": hidden, "ffn": ffn, "layers": layers, "vocab": vocab, "params": params,
             "model_gib": params * 4 / 2**30, "floor": floor, "merge": seconds,
             "passes": {k: v for k, v in result.seconds.items() if k != "total"},
             "peak_gib": peak / 2**30, "coverage": result.coverage.fraction}
@@ -68,7 +69,7 @@ def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int]
 def _run_child(size: tuple[int, int, int], args: argparse.Namespace) -> dict:
     h, f, layers = size
     cmd = [sys.executable, __file__, "--one", f"{h}x{f}x{layers}", "--device", args.device,
-           "--tokens", args.tokens] + (["--max-memory", str(args.max_memory)]
+           "--tokens", args.tokens, "--vocab", str(args.vocab)] + (["--max-memory", str(args.max_memory)]
                                        if args.max_memory else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -148,6 +149,7 @@ def main() -> None:
     p.add_argument("--big", action="store_true", help="add the 1.2B pair (2048x8192x16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", default="32x64", help="SEQUENCESxTOKENS of calibration")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (8192: ~84M at 1024)")
     p.add_argument("--max-memory", type=int, default=None, help="merge's max_memory (bytes)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per pair")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -155,7 +157,7 @@ def main() -> None:
     args = p.parse_args()
     tokens = tuple(int(v) for v in args.tokens.split("x"))
     if args.one:
-        print(json.dumps(one(*_size(args.one), args.device, tokens, args.max_memory)))
+        print(json.dumps(one(*_size(args.one), args.device, tokens, args.max_memory, args.vocab)))
         return
     sizes = [_size(s) for s in args.sizes.split(",")] if args.sizes else SIZES + (
         BIG if args.big else [])

@@ -23,12 +23,29 @@ from graphmerge.passes.manager import merge_pass
 __all__ = ["merge_parameters"]
 
 
+#: a transform with at most this many nonzeros per output row on average is applied as a
+#: gather and a scatter-add (a matcher's merge matrix: 1 or a few members per merged unit)
+_SPARSE = 4
+
+
 def _apply(t: torch.Tensor, dim: int, a: np.ndarray) -> torch.Tensor:
     """Contract axis `dim` of t (size d) with a [r, d]: the axis becomes size r (on t's device,
-    in t's dtype)."""
-    moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=t.dtype), t,
-                            dims=([1], [dim]))
-    return moved.movedim(0, dim)
+    in t's dtype). A sparse `a` (the usual case: memberships and group averages) reads only
+    the rows of t it weights, O(nonzeros · rest) instead of a dense O(r · d · rest) product."""
+    rows, cols = np.nonzero(a)
+    if len(rows) > _SPARSE * a.shape[0]:
+        moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=t.dtype), t,
+                                dims=([1], [dim]))
+        return moved.movedim(0, dim)
+    src = t.movedim(dim, 0)
+    at = torch.from_numpy(cols).to(t.device)
+    to = torch.from_numpy(rows).to(t.device)
+    weight = torch.from_numpy(a[rows, cols]).to(device=t.device, dtype=t.dtype)
+    picked = src.index_select(0, at)
+    picked *= weight.reshape(-1, *([1] * (src.dim() - 1)))
+    out = torch.zeros((a.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device)
+    out.index_add_(0, to, picked)
+    return out.movedim(0, dim)
 
 
 @merge_pass(needs=("plans", "head_mode"), provides=("merged_state",))
