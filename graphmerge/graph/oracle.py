@@ -205,7 +205,8 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: float = 1e-5,
                  leaf_modules: Iterable[type[nn.Module] | str] = (),
-                 traced: Analysed | None = None, frontend: str = "auto") -> OracleReport:
+                 traced: Analysed | None = None, frontend: str = "auto",
+                 own: bool = False) -> OracleReport:
     """Verify a model's space table with random permutations, in float64 and eval mode.
 
     For each trial, every node of the permuted graph must equal the original node's value with
@@ -213,7 +214,9 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     not is reported with its op and spaces: that op's rule is wrong.
 
     `traced`: the model's trace (`graphmerge.trace`) to check instead of a float64 trace of
-    its own; the check then runs in that trace's precision and inputs.
+    its own; the check then runs in that trace's precision and inputs. `own`: the trace's
+    module is a copy the oracle may change (its last trial permutes it in place instead of
+    permuting a second copy); a float64 trace of its own always is.
 
     Raises:
         SpaceCheckError: naming the node, op and spaces that broke the function.
@@ -231,22 +234,28 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
                        else x for x in inputs)
         model64 = set_eval(to_double(copy.deepcopy(model)))
         traced = trace(model64, inputs, frontend=frontend, leaf_modules=leaf_modules)
+        own = True
     table = traced.space_table
     gm = traced.graph_module
     with eval_mode(gm):  # a given trace shares its modules with the caller's model
-        changed, worst = _trials(gm, table, inputs, trials, rtol)
+        changed, worst = _trials(gm, table, inputs, trials, rtol, own)
     return OracleReport(trials, len(table.free), len(table) - len(table.free), changed, worst)
 
 
 def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], trials: int,
-            rtol: float) -> tuple[int, float]:
-    """Run the oracle's trials: (tensors changed, worst relative output error)."""
+            rtol: float, own: bool = False) -> tuple[int, float]:
+    """Run the oracle's trials: (tensors changed, worst relative output error). Each trial
+    permutes a copy of `gm`, the last one `gm` itself when it is `own` (the reference values
+    are kept, so no second copy of the weights is needed)."""
     reference = run_nodes(gm, inputs)
+    if own:  # values that are (views of) the weights would change with them: keep copies
+        weights = {t.untyped_storage().data_ptr() for t in named_tensors(gm).values()}
+        reference = {k: _detached(v, weights) for k, v in reference.items()}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     changed, worst = 0, 0.0
     for trial in range(trials):
         perms = draw_permutations(table, torch.Generator().manual_seed(trial))
-        permuted = copy.deepcopy(gm)
+        permuted = gm if own and trial == trials - 1 else copy.deepcopy(gm)
         changed += apply_permutations(permuted, table, perms)
         values = run_nodes(permuted, inputs)
         for n in gm.graph.nodes:
@@ -257,6 +266,16 @@ def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], tria
             if isinstance(reference[o.name], torch.Tensor):
                 worst = max(worst, _rel_error(reference[o.name], values[o.name]))
     return changed, worst
+
+
+def _detached(value: Any, storages: set[int]) -> Any:
+    """`value` with each tensor in it that lives in one of `storages` copied."""
+    if isinstance(value, (tuple, list)):
+        items = [_detached(v, storages) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else tuple(items)
+    if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in storages:
+        return value.clone()
+    return value
 
 
 def to_double(model: nn.Module) -> nn.Module:
