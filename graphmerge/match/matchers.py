@@ -63,6 +63,7 @@ __all__ = [
     "zip_groups_candidates",
     "zip_budgets",
     "correlation_from_moments",
+    "correlation_in_place",
     "group_correlations",
 ]
 
@@ -1031,12 +1032,27 @@ def correlation_from_moments(
     return corr if isinstance(sum_xx, torch.Tensor) else corr.numpy()
 
 
+def correlation_in_place(sum_x: torch.Tensor, sum_xx: torch.Tensor, n: int,
+                         eps: float = 1e-10, widths: Sequence[int] | None = None,
+                         tie_break: float = 0.0) -> torch.Tensor:
+    """:func:`correlation_from_moments` written over ``sum_xx`` (a float64 tensor, returned):
+    the same values, bit for bit, without a second [d, d] tensor."""
+    if not (isinstance(sum_xx, torch.Tensor) and sum_xx.dtype == torch.float64):
+        raise ConfigError("correlation_in_place needs sum_xx as a float64 torch tensor")
+    sx, sxx, ws, n, eps = _check_moments(sum_x, sum_xx, n, eps, widths)
+    return _correlation_tensor(sx, sxx, ws, n, eps, float(tie_break), in_place=True)
+
+
 def _correlation_tensor(sx: torch.Tensor, sxx: torch.Tensor, ws: list[int], n: int,
-                       eps: float = 1e-10, tie_break: float = 0.0) -> torch.Tensor:
+                       eps: float = 1e-10, tie_break: float = 0.0,
+                       in_place: bool = False) -> torch.Tensor:
     """:func:`correlation_from_moments` on checked float64 tensors, on their device, written
     into one new [d, d] tensor by blocks of rows (O(block * d) temporaries, no other d x d
     copy).  ``tie_break > 0`` lowers each correlation by at most ``tie_break`` as units'
-    means and spreads differ (``SpaceStats.correlation``)."""
+    means and spreads differ (``SpaceStats.correlation``).  ``in_place``: written over
+    ``sxx`` itself (no new [d, d] tensor): each block of rows is computed from column ``a`` on,
+    where ``sxx`` is still unread, and its left part mirrored from the rows above (the result
+    is exactly symmetric, so it is the same, bit for bit)."""
     d = sx.numel()
     mean = sx / n
     second_diag = (sxx.diagonal() + sxx.diagonal()) / (2.0 * n)
@@ -1050,31 +1066,62 @@ def _correlation_tensor(sx: torch.Tensor, sxx: torch.Tensor, ws: list[int], n: i
     std = torch.sqrt(torch.where(live, var, torch.ones_like(var)))
     dead = torch.nonzero(~live).flatten()
     spread = torch.sqrt(torch.clamp(sxx.diagonal() / n - mean ** 2, min=0.0))
-    corr = torch.empty((d, d), dtype=torch.float64, device=sx.device)
+    units = _Units(mean, std, dead, scale, spread, eps, tie_break)
+    corr = sxx if in_place else torch.empty((d, d), dtype=torch.float64, device=sx.device)
     work = torch.empty((2, min(_TILE, d), d), dtype=torch.float64, device=sx.device)
     for a in range(0, d, _TILE):
         b = min(a + _TILE, d)
-        tile, tmp, tmp2 = corr[a:b], work[0, :b - a], work[1, :b - a]
-        _transposed(sxx, a, b, d, tile)
-        tile += sxx[a:b]  # sxx[j, i] + sxx[i, j]: exactly symmetric
-        tile /= 2.0 * n
-        tile -= torch.outer(mean[a:b], mean, out=tmp)
-        tile /= torch.outer(std[a:b], std, out=tmp)
-        if dead.numel():
-            tile[:, dead] = 0.0
-            tile[(dead[(dead >= a) & (dead < b)] - a)] = 0.0
-        tile.clamp_(-1.0, 1.0)
-        rows = torch.nonzero(live[a:b]).flatten()
-        tile[rows, rows + a] = 1.0
-        _pair_constant_units(tile, a, dead, mean, scale, eps)
-        if tie_break > 0.0:  # tie_break * gap / size, in place in two scratch tiles
-            torch.sub(mean[a:b, None], mean[None, :], out=tmp).abs_()
-            tmp += torch.sub(spread[a:b, None], spread[None, :], out=tmp2).abs_()
-            size = mean.abs() + spread  # (|m_i| + s_i) + (|m_j| + s_j): exactly symmetric
-            torch.add(size[a:b, None], size[None, :], out=tmp2)
-            tmp *= tie_break
-            tile -= tmp.div_(tmp2.clamp_(min=1e-12))
+        c0 = a if in_place else 0  # the tile's first column
+        tile, tmp, tmp2 = corr[a:b, c0:], work[0, :b - a, :d - c0], work[1, :b - a, :d - c0]
+        if in_place:  # sxx[i, j] + sxx[j, i] for j >= a, before the rows a:b are overwritten
+            _transposed(sxx[a:], a, b, d - a, tmp)
+            tile += tmp
+        else:
+            _transposed(sxx, a, b, d, tile)
+            tile += sxx[a:b]  # sxx[j, i] + sxx[i, j]: exactly symmetric
+        _finish_tile(tile, a, c0, n, live, units, tmp, tmp2)
+        if in_place and a:
+            _transposed(corr, a, b, a, corr[a:b])  # the left part: rows above, transposed
     return corr
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Per-unit moments of :func:`_correlation_tensor`."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    dead: torch.Tensor
+    scale: torch.Tensor
+    spread: torch.Tensor
+    eps: float
+    tie_break: float
+
+
+def _finish_tile(tile: torch.Tensor, a: int, c0: int, n: int, live: torch.Tensor, u: _Units,
+                 tmp: torch.Tensor, tmp2: torch.Tensor) -> None:
+    """Rows ``a:a + len(tile)``, columns ``c0:`` of the correlation, in place, from the sums
+    ``sxx[i, j] + sxx[j, i]`` in ``tile``; ``tmp``, ``tmp2``: scratch of the tile's shape."""
+    b = a + tile.shape[0]
+    mean, std, dead = u.mean, u.std, u.dead
+    tile /= 2.0 * n
+    tile -= torch.outer(mean[a:b], mean[c0:], out=tmp)
+    tile /= torch.outer(std[a:b], std[c0:], out=tmp)
+    if dead.numel():
+        tile[:, dead[dead >= c0] - c0] = 0.0
+        tile[(dead[(dead >= a) & (dead < b)] - a)] = 0.0
+    tile.clamp_(-1.0, 1.0)
+    rows = torch.nonzero(live[a:b]).flatten()
+    tile[rows, rows + a - c0] = 1.0
+    _pair_constant_units(tile, a, c0, dead, mean, u.scale, u.eps)
+    if u.tie_break > 0.0:  # tie_break * gap / size, in place in two scratch tiles
+        spread = u.spread
+        torch.sub(mean[a:b, None], mean[None, c0:], out=tmp).abs_()
+        tmp += torch.sub(spread[a:b, None], spread[None, c0:], out=tmp2).abs_()
+        size = mean.abs() + spread  # (|m_i| + s_i) + (|m_j| + s_j): exactly symmetric
+        torch.add(size[a:b, None], size[None, c0:], out=tmp2)
+        tmp *= u.tie_break
+        tile -= tmp.div_(tmp2.clamp_(min=1e-12))
 
 
 def _check_moments(
@@ -1117,15 +1164,16 @@ def _transposed(c: torch.Tensor, a: int, b: int, stop: int, out: torch.Tensor) -
         out[:, k:e] = c[k:e, a:b].T
 
 
-def _pair_constant_units(tile: torch.Tensor, a: int, dead: torch.Tensor, mean: torch.Tensor,
-                         scale: torch.Tensor, eps: float) -> None:
-    """In place, on the rows ``a:a + len(tile)`` of the correlation: 1 between constant
-    units whose means agree within ``s_i + s_j``, ``s = sqrt(eps * scale)`` (the precision
-    their values are known to), else 0."""
+def _pair_constant_units(tile: torch.Tensor, a: int, c0: int, dead: torch.Tensor,
+                         mean: torch.Tensor, scale: torch.Tensor, eps: float) -> None:
+    """In place, on the rows ``a:a + len(tile)``, columns ``c0:`` of the correlation: 1
+    between constant units whose means agree within ``s_i + s_j``, ``s = sqrt(eps * scale)``
+    (the precision their values are known to), else 0."""
     rows = dead[(dead >= a) & (dead < a + tile.shape[0])]
+    cols = dead[dead >= c0]
     if rows.numel():
-        m = mean[dead]
-        s = torch.sqrt(eps * scale[dead])
+        m = mean[cols]
+        s = torch.sqrt(eps * scale[cols])
         same = ((mean[rows, None] - m[None, :]).abs()
                 <= torch.sqrt(eps * scale[rows])[:, None] + s[None, :])
-        tile[(rows - a)[:, None], dead[None, :]] = same.to(tile.dtype)
+        tile[(rows - a)[:, None], (cols - c0)[None, :]] = same.to(tile.dtype)

@@ -23,7 +23,7 @@ from graphmerge.errors import ConfigError, DataError, GraphmergeError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import set_eval
 from graphmerge.graph.lockstep import run_lockstep
-from graphmerge.match.matchers import correlation_from_moments
+from graphmerge.match.matchers import correlation_from_moments, correlation_in_place
 
 __all__ = ["SpaceStats", "UnitStats", "moments", "feature_module", "collect_stats", "unit_sums",
            "statistics_bytes"]
@@ -86,9 +86,10 @@ class SpaceStats:
         all_reduce(self._sx, self._sxx, count)
         self.count = int(count.item())
 
-    def correlation(self) -> torch.Tensor:
+    def correlation(self, consume: bool = False) -> torch.Tensor:
         """[d, d] float64 correlation, on the device of the sums (one new d x d tensor, built
-        by blocks of rows); a constant unit (relative to the scale of its model's units)
+        by blocks of rows; with `consume`, written over Σxxᵀ instead, which these statistics
+        then no longer hold: no second d x d tensor); a constant unit (relative to the scale of its model's units)
         correlates 1 with constant units of the same value and 0 with everything else
         (`correlation_from_moments`). Exact ties (units that are affine functions of each
         other on the data, e.g. in a rank-deficient layer) are broken toward units of equal
@@ -96,8 +97,12 @@ class SpaceStats:
         d = sum(self.widths)
         sx = self._sx if self._sx is not None else torch.zeros(d, dtype=torch.float64)
         sxx = self._sxx if self._sxx is not None else torch.zeros(d, d, dtype=torch.float64)
-        return correlation_from_moments(sx, sxx, self.count, widths=self.widths,
-                                        tie_break=TIE_BREAK)
+        if not consume:
+            return correlation_from_moments(sx, sxx, self.count, widths=self.widths,
+                                            tie_break=TIE_BREAK)
+        self._sxx = None
+        return correlation_in_place(sx, sxx, self.count, widths=self.widths,
+                                    tie_break=TIE_BREAK)
 
 
 def moments(sum_x: np.ndarray, sum_xx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,10 +18,12 @@ __all__ = ["match_spaces"]
 log = logging.getLogger(__name__)
 
 
-@merge_pass(needs=("stats",), provides=("plans",))
+@merge_pass(needs=("stats",), provides=("plans",), writes=("stats",))
 def match_spaces(ctx: MergeContext) -> None:
     """Run the configured matcher on every merged space's correlation matrix (a torch tensor
-    on the statistics' device, built once per space and read by the matcher there)."""
+    on the statistics' device, built once per space and read by the matcher there). Each
+    space's correlation is written over its Σxxᵀ, which is used up (one d x d tensor per
+    space, freed once the space is matched)."""
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
     check_width_spaces(cfg.width, set(ctx.stats), set(head_projections(
@@ -34,11 +36,12 @@ def match_spaces(ctx: MergeContext) -> None:
     for sid, st in ctx.stats.items():
         if sid in projections:
             continue
-        corr = st.correlation()
+        corr = st.correlation(consume=True)
         match = matcher(corr, st.widths, target_width(cfg.width, sid, st.widths), **options)
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, cfg.method, match.merge,
                                    match.unmerge, match.mean_correlation,
                                    group_correlations(corr, match.groups))
+        del corr, match  # before the next space's correlation is built
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)
     log.info("matched %d spaces with %s", len(ctx.plans), cfg.method)
@@ -51,7 +54,8 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
     merged head dim is the widest)."""
     counts = [t[h].width for t in tables]
     # the heads' projections are small spaces: match_heads pairs their dims on the host
-    hm = match_heads([ctx.stats[ks[0]].correlation().cpu().numpy() for ks in by_dim.values()],
+    hm = match_heads([ctx.stats[ks[0]].correlation(consume=True).cpu().numpy()
+                      for ks in by_dim.values()],
                      counts, [[t[d].width for t in tables] for d in by_dim], matcher,
                      target_width(ctx.config.width, h, counts),
                      fixed=[tables[0][d].frozen for d in by_dim],
