@@ -38,6 +38,7 @@ import heapq
 import itertools
 import logging
 import math
+import mmap
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -250,6 +251,15 @@ def _mean_group_correlation(corr: np.ndarray | torch.Tensor, groups: list[list[i
     return float(np.mean(means)) if means else float("nan")
 
 
+def _sparse_zeros(rows: int, cols: int) -> np.ndarray:
+    """A float64 [rows, cols] array of zeros for a matrix that stays mostly zeros: a large one
+    is an anonymous mapping, whose pages take memory only once written (a zeroed buffer
+    would write, and hold, every page; numpy's would take huge pages)."""
+    if rows * cols < 1 << 17:
+        return np.zeros((rows, cols))
+    return np.frombuffer(mmap.mmap(-1, rows * cols * 8), dtype=np.float64).reshape(rows, cols)
+
+
 def _match_from_groups(corr: np.ndarray | torch.Tensor, ws: list[int],
                        groups: list[list[int]]) -> Match:
     """``U_i`` = group membership [d_i, r] (0/1); ``M_i`` = ``U_i.T`` with rows divided by
@@ -261,9 +271,8 @@ def _match_from_groups(corr: np.ndarray | torch.Tensor, ws: list[int],
     merge, unmerge = [], []
     for a, b in itertools.pairwise(_offsets(ws)):
         own = (unit >= a) & (unit < b)
-        # torch's allocator maps large zeroed buffers several times faster than numpy's
-        u = torch.zeros((b - a, len(groups)), dtype=torch.float64).numpy()
-        m = torch.zeros((len(groups), b - a), dtype=torch.float64).numpy()
+        u = _sparse_zeros(b - a, len(groups))
+        m = _sparse_zeros(len(groups), b - a)
         u[unit[own] - a, col[own]] = 1.0
         m[col[own], unit[own] - a] = weight[col[own]]
         merge.append(m)
@@ -522,6 +531,7 @@ class _Zipper:
         self.rowmax = np.full(d, -np.inf)
         self.rowarg = np.full(d, -1, dtype=np.int64)
         self.n_groups = d
+        self.survived = np.zeros(d, dtype=bool)  # rescored: its row and column were merged
 
     def flag(self, m: int) -> None:
         """Model m's budget is 0: its live groups carry its flag."""
@@ -596,19 +606,40 @@ class _Zipper:
                 self.flag(event)
         return event
 
+    def row(self, i: int) -> np.ndarray:
+        """The current scores of live group i against every live group (the naive version's
+        S[i]; other entries finite or -inf, masked by the caller), -inf on the diagonal. The
+        scores are kept in the upper triangle where a pair was rescored (one of the two, live,
+        survived a fold); any other pair is read from S[i, j] as given (for j < i the lower
+        triangle, in place), so only the rescored live entries of column i are gathered."""
+        S = self.S
+        out = np.empty(self.d)
+        out[i + 1:] = S[i, i + 1:]
+        out[:i] = S[i, :i]
+        above = np.flatnonzero(self.alive[:i] if self.survived[i] else self.survived[:i])
+        out[above] = S[above, i]
+        out[i] = -np.inf
+        return out
+
     def merge_scores(self, p: int, q: int) -> np.ndarray:
         """Row and column p become the naive version's alpha * min(S[p], S[q]), -inf at dead
-        groups and on the diagonal; row p's maximum is recomputed.  Returns that row."""
+        groups and on the diagonal, kept in the upper triangle (row p right of the diagonal,
+        column p above it at the live rows; the lower triangle is never written); row p's
+        maximum is recomputed.  Returns that row."""
         S = self.S
-        merged = S[p]
-        np.minimum(merged, S[q], out=merged)
+        merged = self.row(p)
+        np.minimum(merged, self.row(q), out=merged)
+        self.survived[q] = False  # dead: its scores are no longer read
         if self.alpha == 0.0:
             merged[:] = 0.0
         else:
             merged *= self.alpha
         merged += self.dead
         merged[p] = -np.inf
-        S[:, p] = merged
+        S[p, p + 1:] = merged[p + 1:]
+        above = np.flatnonzero(self.alive[:p])
+        S[above, p] = merged[above]
+        self.survived[p] = True
         self.recompute(p, merged[p + 1:])
         return merged
 
@@ -653,6 +684,7 @@ def zip_match(
     alpha: float = 0.5,
     beta: float = 1.0,
     candidates: int = 0,
+    overwrite: bool = False,
 ) -> Match:
     """Elastic ZipIt!: greedily merge the most correlated groups, within and across models.
 
@@ -693,6 +725,10 @@ def zip_match(
         candidates: 0 (default): the exact greedy (:func:`zip_groups`); ``k >= 1``: the
             variant on each group's ``k`` best partners (:func:`zip_groups_candidates`, not
             exact; e.g. :data:`DEFAULT_CANDIDATES`), which never copies ``corr``.
+        overwrite: ``corr`` (a float64 tensor, exactly symmetric, e.g. a correlation from
+            moments) is the caller's to overwrite: the exact greedy keeps its scores in
+            ``corr``'s upper triangle instead of a copy (NaN set to 0 in place); the lower
+            triangle keeps the correlations (``corr.T`` is what ``corr`` was).  Same groups.
 
     ``corr`` may be a numpy array or a torch tensor; the scores are built on its device.  Cost:
     exact, a float64 copy of ``corr`` (O(d^2) memory) and :func:`zip_groups`' time; with
@@ -708,11 +744,28 @@ def zip_match(
         groups = zip_groups_candidates(c, ws, r, alpha, beta, candidates)
         log.debug("zip: %d units matched on %d candidates per group (not exact)", d,
                   candidates)
+    elif overwrite:
+        c = _scratch_scores(corr, d)
+        groups = _Zipper(c.cpu().numpy(), ws, r, alpha, beta).run()
+        return _match_from_groups(c.mT, ws, groups)  # the lower triangle: never written
     else:
         scores, ws, r, alpha, beta = _prepare_scores(corr, ws, r, alpha, beta, symmetric=True)
         groups = _Zipper(scores.cpu().numpy(), ws, r, alpha, beta).run()
         del scores
     return _match_from_groups(corr, ws, groups)
+
+
+def _scratch_scores(corr: object, d: int) -> torch.Tensor:
+    """``corr`` checked (:func:`_check_corr`) as the zip's own score matrix: a float64
+    tensor, exactly symmetric, its NaN set to 0 in place (the diagonal is never read)."""
+    c = _check_corr(corr, d)
+    if not isinstance(corr, torch.Tensor) or c.dtype != torch.float64:
+        raise ConfigError("zip_match(overwrite=True) needs a float64 torch tensor")
+    if not bool(torch.isfinite(c.sum())):
+        c.nan_to_num_(nan=0.0)
+    if not torch.equal(c[:_TILE], c[:, :_TILE].T):  # a cheap look: a matrix from moments is
+        raise DataError("zip_match(overwrite=True) needs an exactly symmetric correlation")
+    return c
 
 
 # --------------------------------------------------------------------------------------------
@@ -942,6 +995,7 @@ class Matcher:
     fn: Callable[..., Match]
     options: dict[str, object]
     elastic: bool
+    overwrites: bool = False  # fn takes overwrite=True: corr is its scratch (zip_match)
 
     def check_options(self, options: dict[str, object]) -> None:
         """ConfigError for an option this matcher does not accept, or a bad value."""
@@ -954,13 +1008,18 @@ class Matcher:
             _check_alpha_beta(options.get("alpha", 0.5), options.get("beta", 1.0))
 
     def __call__(self, corr: np.ndarray, widths: Sequence[int], r: int | None = None,
-                 **options: object) -> Match:
+                 overwrite: bool = False, **options: object) -> Match:
+        """The match of one space. ``overwrite``: ``corr`` (a float64 tensor, exactly
+        symmetric) is the caller's scratch, for a matcher that can use it (``overwrites``):
+        its upper triangle may be overwritten, its lower one is kept."""
         self.check_options(options)
+        if overwrite and self.overwrites:
+            options = {**options, "overwrite": True}
         return self.fn(corr, widths, r, **options)
 
 
 MATCHERS: dict[str, Matcher] = {m.name: m for m in (
-    Matcher("zip", zip_match, {"alpha": 0.5, "beta": 1.0}, elastic=True),
+    Matcher("zip", zip_match, {"alpha": 0.5, "beta": 1.0}, elastic=True, overwrites=True),
     Matcher("permute", hungarian_match, {}, elastic=False),
     Matcher("average", average_match, {}, elastic=False),
 )}

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 def match_spaces(ctx: MergeContext) -> None:
     """Run the configured matcher on every merged space's correlation matrix (a torch tensor
     on the statistics' device, built once per space and read by the matcher there). Each
-    space's correlation is written over its Σxxᵀ, which is used up (one d x d tensor per
-    space, freed once the space is matched)."""
+    space's correlation is written over its Σxxᵀ, which is used up, and is the zip's scratch
+    (scores in its upper triangle, the correlations kept in its lower one): one d x d tensor
+    per space, freed once the space is matched."""
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
     check_width_spaces(cfg.width, set(ctx.stats), set(head_projections(
@@ -37,10 +38,11 @@ def match_spaces(ctx: MergeContext) -> None:
         if sid in projections:
             continue
         corr = st.correlation(consume=True)
-        match = matcher(corr, st.widths, target_width(cfg.width, sid, st.widths), **options)
+        match = matcher(corr, st.widths, target_width(cfg.width, sid, st.widths),
+                        overwrite=True, **options)  # its upper triangle: the zip's scores
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, cfg.method, match.merge,
                                    match.unmerge, match.mean_correlation,
-                                   group_correlations(corr, match.groups))
+                                   group_correlations(corr.mT, match.groups))
         del corr, match  # before the next space's correlation is built
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)
