@@ -9,6 +9,7 @@ all-reduced, so several processes give the result of one.
 from __future__ import annotations
 
 import logging
+import mmap
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from graphmerge.errors import ConfigError, DataError, GraphmergeError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import set_eval
 from graphmerge.graph.lockstep import run_lockstep
-from graphmerge.match.matchers import correlation_from_moments, correlation_in_place
+from graphmerge.match.matchers import _transposed, correlation_from_moments, correlation_in_place
 
 __all__ = ["SpaceStats", "UnitStats", "moments", "feature_module", "collect_stats", "unit_sums",
            "statistics_bytes"]
@@ -37,38 +38,53 @@ TIE_BREAK = 1e-6
 
 @dataclass
 class SpaceStats:
-    """Streamed moments of one space's concatenated features. Memory 8·(d² + d) bytes."""
+    """Streamed moments of one space's concatenated features. Memory 8·(d² + d) bytes at
+    most: while streaming, only the blocks of Σxxᵀ on and above the diagonal (model i against
+    model j >= i) are written, and on the CPU the blocks below take no memory until they are
+    mirrored (`_mirror`, when the whole matrix is read): 8·(Σ_i d_i² + Σ_{i<j} d_i d_j)."""
 
     widths: list[int]
     count: int = 0
     _sx: torch.Tensor | None = field(default=None, repr=False)
     _sxx: torch.Tensor | None = field(default=None, repr=False)
+    _mirrored: bool = field(default=True, repr=False)  # the blocks below hold their values
 
     def add(self, rows: Sequence[torch.Tensor]) -> None:
         """rows: per model, its [n, d_i] features of the same n samples. Each batch's
         centred products are taken in the features' dtype (float32 or wider: fast, and
-        centred, so no cancellation), block by block (the blocks below the diagonal are the
-        transposes of those above), then added into the float64 sums."""
+        centred, so no cancellation), block by block, then added into the float64 sums of the
+        blocks on and above the diagonal (those below are their transposes, `_mirror`)."""
         rows = [r.detach() if r.is_floating_point() and r.element_size() >= 4
                 else r.detach().float() for r in rows]
         if self._sx is None:
             d = sum(self.widths)
             self._sx = torch.zeros(d, dtype=torch.float64, device=rows[0].device)
-            self._sxx = torch.zeros(d, d, dtype=torch.float64, device=rows[0].device)
+            self._sxx = _zeros(d, rows[0].device)
         n = rows[0].shape[0]
         means = [r.mean(0, keepdim=True) for r in rows]
         centred = [r - m for r, m in zip(rows, means)]
+        mean = torch.cat(means, dim=1).reshape(-1).double()
         at = np.cumsum([0, *self.widths])
         for i, a in enumerate(centred):
             for j in range(i, len(centred)):
-                block = (a.T @ centred[j]).double()
-                self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]] += block
-                if j > i:
-                    self._sxx[at[j]:at[j + 1], at[i]:at[i + 1]] += block.T
-        mean = torch.cat(means, dim=1).reshape(-1).double()
+                block = self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]]
+                block += (a.T @ centred[j]).double()
+                block.addr_(mean[at[i]:at[i + 1]], mean[at[j]:at[j + 1]], alpha=n)
+        self._mirrored = len(self.widths) == 1
         self._sx += n * mean
-        self._sxx.addr_(mean, mean, alpha=n)
         self.count += n
+
+    def _mirror(self) -> None:
+        """Each block below the diagonal becomes the transpose of its block above (exactly the
+        sums it would have streamed: the same terms in the same order)."""
+        if self._mirrored or self._sxx is None:
+            return
+        at = np.cumsum([0, *self.widths])
+        for i in range(len(self.widths)):
+            for j in range(i + 1, len(self.widths)):
+                _transposed(self._sxx[at[i]:at[i + 1]], at[j], at[j + 1], at[i + 1] - at[i],
+                            self._sxx[at[j]:at[j + 1], at[i]:at[i + 1]])
+        self._mirrored = True
 
     @property
     def sum_x(self) -> np.ndarray:
@@ -78,9 +94,11 @@ class SpaceStats:
     def sum_xx(self) -> np.ndarray:
         if self._sxx is None:
             return np.zeros((sum(self.widths),) * 2)
+        self._mirror()
         return self._sxx.cpu().numpy()
 
     def all_reduce(self) -> None:
+        self._mirror()
         count = torch.tensor([float(self.count)], dtype=torch.float64,
                              device=self._sx.device if self._sx is not None else None)
         all_reduce(self._sx, self._sxx, count)
@@ -95,6 +113,7 @@ class SpaceStats:
         other on the data, e.g. in a rank-deficient layer) are broken toward units of equal
         mean and spread, by at most `TIE_BREAK`. Exactly symmetric."""
         d = sum(self.widths)
+        self._mirror()
         sx = self._sx if self._sx is not None else torch.zeros(d, dtype=torch.float64)
         sxx = self._sxx if self._sxx is not None else torch.zeros(d, d, dtype=torch.float64)
         if not consume:
@@ -286,6 +305,15 @@ def _check_finite(stats: dict[Any, SpaceStats], reads: dict[Any, list[list[NodeA
                 raise DataError(f"model {i} produces NaN/inf at node `{name}` on the "
                                 f"calibration data; check the model's weights and the input "
                                 f"scaling")
+
+
+def _zeros(d: int, device: torch.device) -> torch.Tensor:
+    """A float64 [d, d] of zeros; on the CPU an anonymous mapping, whose pages take memory
+    only once written."""
+    if device.type != "cpu" or d * d < 1 << 17:
+        return torch.zeros(d, d, dtype=torch.float64, device=device)
+    return torch.from_numpy(np.frombuffer(mmap.mmap(-1, 8 * d * d), dtype=np.float64)
+                            .reshape(d, d))
 
 
 def statistics_bytes(width: int) -> int:
