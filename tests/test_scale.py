@@ -65,7 +65,7 @@ def test_a_sparse_transform_is_the_dense_product():
     dense = rng.standard_normal((4, 7))
     for a in (sparse, dense):
         expected = torch.tensordot(torch.from_numpy(a), t, dims=([1], [1])).movedim(0, 1)
-        got = _apply(t, 1, a)
+        got = _apply(t, 1, a, torch.float64)
         assert got.shape == (6, 4, 5)
         torch.testing.assert_close(got, expected, rtol=1e-15, atol=1e-15)
 

@@ -249,8 +249,11 @@ def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], tria
     are kept, so no second copy of the weights is needed)."""
     reference = run_nodes(gm, inputs)
     if own:  # values that are (views of) the weights would change with them: keep copies
-        weights = {t.untyped_storage().data_ptr() for t in named_tensors(gm).values()}
-        reference = {k: _detached(v, weights) for k, v in reference.items()}
+        try:
+            weights = {t.untyped_storage().data_ptr() for t in named_tensors(gm).values()}
+            reference = {k: _detached(v, weights) for k, v in reference.items()}
+        except RuntimeError:  # a device whose storages have no address: permute a copy
+            own = False
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     changed, worst = 0, 0.0
     for trial in range(trials):

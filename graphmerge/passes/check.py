@@ -23,6 +23,7 @@ from graphmerge.graph.oracle import check_spaces as run_oracle
 from graphmerge.graph.oracle import to_double
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
+from graphmerge.passes.memory import give_back
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def check_spaces(ctx: MergeContext) -> None:
             log.debug("the oracle on %d samples failed (%s: %s); checking the whole batch",
                       ORACLE_SAMPLES, type(exc).__name__, exc)
             _oracle(ctx, ctx.example_inputs)
+        give_back()  # the float64 copy and its values, before the statistics are streamed
     ctx.checked = ctx.config.check
 
 

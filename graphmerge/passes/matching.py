@@ -12,6 +12,7 @@ from graphmerge.match.plans import SpacePlan
 from graphmerge.match.selection import check_width_spaces, head_projections, target_width
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
+from graphmerge.passes.memory import give_back
 
 __all__ = ["match_spaces"]
 
@@ -46,6 +47,7 @@ def match_spaces(ctx: MergeContext) -> None:
         del corr, match  # before the next space's correlation is built
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)
+    give_back()  # the statistics, used up
     log.info("matched %d spaces with %s", len(ctx.plans), cfg.method)
 
 

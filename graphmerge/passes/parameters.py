@@ -28,23 +28,26 @@ __all__ = ["merge_parameters"]
 _SPARSE = 4
 
 
-def _apply(t: torch.Tensor, dim: int, a: np.ndarray) -> torch.Tensor:
-    """Contract axis `dim` of t (size d) with a [r, d]: the axis becomes size r (on t's device,
-    in t's dtype). A sparse `a` (the usual case: memberships and group averages) reads only
-    the rows of t it weights, O(nonzeros · rest) instead of a dense O(r · d · rest) product."""
+def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Contract axis `dim` of t (size d) with a [r, d] in `dtype`: the axis becomes size r (on
+    t's device). A sparse `a` (the usual case: memberships and group averages) reads only the
+    rows of t it weights, converted to `dtype` once gathered (the same values as converting
+    first): O(nonzeros · rest) instead of a dense O(r · d · rest) product and a full copy."""
     rows, cols = np.nonzero(a)
     if len(rows) > _SPARSE * a.shape[0]:
-        moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=t.dtype), t,
-                                dims=([1], [dim]))
+        moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=dtype),
+                                t.to(dtype), dims=([1], [dim]))
         return moved.movedim(0, dim)
     src = t.movedim(dim, 0)
-    at = torch.from_numpy(cols).to(t.device)
-    to = torch.from_numpy(rows).to(t.device)
-    weight = torch.from_numpy(a[rows, cols]).to(device=t.device, dtype=t.dtype)
-    picked = src.index_select(0, at)
-    picked *= weight.reshape(-1, *([1] * (src.dim() - 1)))
-    out = torch.zeros((a.shape[0], *src.shape[1:]), dtype=t.dtype, device=t.device)
-    out.index_add_(0, to, picked)
+    picked = src.index_select(0, torch.from_numpy(cols).to(t.device)).to(dtype)
+    weight = a[rows, cols]
+    if not (weight == 1.0).all():  # x * 1 is x: a selection needs no product
+        picked *= torch.from_numpy(weight).to(device=t.device, dtype=dtype).reshape(
+            -1, *([1] * (src.dim() - 1)))
+    if len(rows) == a.shape[0] and (rows == np.arange(len(rows))).all():
+        return picked.movedim(0, dim)  # one entry per row (nonzero lists rows in order)
+    out = torch.zeros((a.shape[0], *src.shape[1:]), dtype=dtype, device=t.device)
+    out.index_add_(0, torch.from_numpy(rows).to(t.device), picked)
     return out.movedim(0, dim)
 
 
@@ -68,12 +71,13 @@ def merge_parameters(ctx: MergeContext) -> None:
         avg_axis = next((d for d in outs if tx.merged(axes[d])), outs[0] if outs else None)
         total = None
         for i in range(ctx.n_models):
-            value = named[i][name].detach().double()
+            value = named[i][name].detach()  # float64 from its first transform on
             for dim, sid in sorted(axes.items()):
                 if tx.merged(sid):
-                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis))
+                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis), torch.float64)
                 elif dim == avg_axis:  # the identity / N, without a dense [d, d] (a vocabulary)
-                    value = value / ctx.n_models
+                    value = value.double() / ctx.n_models
+            value = value.double()
             total = value if total is None else total + value
         if avg_axis is None:
             total = total / ctx.n_models
