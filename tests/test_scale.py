@@ -104,3 +104,19 @@ def test_a_model_that_runs_on_its_whole_batch_only_is_checked_on_it():
     x = torch.randn(8, 3)
     result = gm.merge([_FixedBatch(), _FixedBatch()], [(x,)], frontend="fx", progress=False)
     assert result.module(x).shape == (8, 2)
+
+
+def test_the_zip_plans_nonzeros_give_the_merge_that_reading_the_matrices_gives(monkeypatch):
+    from graphmerge.match.plans import SpaceTransforms
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 24), nn.ReLU(), nn.Linear(24, 12), nn.ReLU(),
+                            nn.Linear(12, 3)) for _ in range(2)]
+    data = [(torch.randn(32, 5),)]
+    result = gm.merge(models, data, progress=False)
+    assert any(plan.groups for plan in result.plans.values())  # the nonzeros are known
+    known = result.module.state_dict()
+    monkeypatch.setattr(SpaceTransforms, "entries", lambda self, i, sid, average: None)
+    read = gm.merge(models, data, progress=False).module.state_dict()
+    assert known.keys() == read.keys()
+    assert all(torch.equal(known[k], read[k]) for k in known)

@@ -43,7 +43,8 @@ def match_spaces(ctx: MergeContext) -> None:
                         overwrite=True, **options)  # its upper triangle: the zip's scores
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, cfg.method, match.merge,
                                    match.unmerge, match.mean_correlation,
-                                   group_correlations(corr.mT, match.groups))
+                                   group_correlations(corr.mT, match.groups),
+                                   match.groups if cfg.method == "zip" else None)
         del corr, match  # before the next space's correlation is built
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)

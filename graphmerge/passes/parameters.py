@@ -28,19 +28,22 @@ __all__ = ["merge_parameters"]
 _SPARSE = 4
 
 
-def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype,
+           entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
     """Contract axis `dim` of t (size d) with a [r, d] in `dtype`: the axis becomes size r (on
     t's device). A sparse `a` (the usual case: memberships and group averages) reads only the
     rows of t it weights, converted to `dtype` once gathered (the same values as converting
-    first): O(nonzeros · rest) instead of a dense O(r · d · rest) product and a full copy."""
-    rows, cols = np.nonzero(a)
+    first): O(nonzeros · rest) instead of a dense O(r · d · rest) product and a full copy.
+    `entries`: a's nonzeros (rows, columns, values; row-major) when known, so that `a`, mostly
+    zeros that never took memory, is not read."""
+    rows, cols = entries[:2] if entries is not None else np.nonzero(a)
     if len(rows) > _SPARSE * a.shape[0]:
         moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=dtype),
                                 t.to(dtype), dims=([1], [dim]))
         return moved.movedim(0, dim)
     src = t.movedim(dim, 0)
     picked = src.index_select(0, torch.from_numpy(cols).to(t.device)).to(dtype)
-    weight = a[rows, cols]
+    weight = entries[2] if entries is not None else a[rows, cols]
     if not (weight == 1.0).all():  # x * 1 is x: a selection needs no product
         picked *= torch.from_numpy(weight).to(device=t.device, dtype=dtype).reshape(
             -1, *([1] * (src.dim() - 1)))
@@ -74,7 +77,8 @@ def merge_parameters(ctx: MergeContext) -> None:
             value = named[i][name].detach()  # float64 from its first transform on
             for dim, sid in sorted(axes.items()):
                 if tx.merged(sid):
-                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis), torch.float64)
+                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis), torch.float64,
+                                   tx.entries(i, sid, dim == avg_axis))
                 elif dim == avg_axis:  # the identity / N, without a dense [d, d] (a vocabulary)
                     value = value.double() / ctx.n_models
             value = value.double()
