@@ -11,6 +11,7 @@ growth is the slope of log(merge seconds) against log(parameters), fitted over t
 
 Rerun:  .venv/bin/python benchmarks/scale.py                   (CPU, about 10 min)
         .venv/bin/python benchmarks/scale.py --sizes 256x1024x4,512x2048x4 --tokens 16x64
+        .venv/bin/python benchmarks/scale.py --sizes 1024x4096x4x8192   (the ~78M pair)
         PYTHONPATH=. python benchmarks/scale.py --device cuda --big   (adds the 1.2B pair)
 Writes: benchmarks/results/scale.md and scale.png (or --out DIR)
 """
@@ -33,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-SIZES = [(256, 1024, 4), (512, 2048, 4), (1024, 4096, 4), (1024, 4096, 8)]
-BIG = [(2048, 8192, 16)]
+SIZES = [(256, 1024, 4, None), (512, 2048, 4, None), (1024, 4096, 4, None), (1024, 4096, 8, None)]
+BIG = [(2048, 8192, 16, None)]
 PASSES = ("trace_models", "check_spaces", "collect_statistics", "match_spaces",
           "merge_parameters", "correct_norms")
 
@@ -66,16 +67,17 @@ def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int]
             "peak_gib": peak / 2**30, "coverage": result.coverage.fraction}
 
 
-def _run_child(size: tuple[int, int, int], args: argparse.Namespace) -> dict:
-    h, f, layers = size
+def _run_child(size: tuple[int, int, int, int | None], args: argparse.Namespace) -> dict:
+    h, f, layers, vocab = size
+    vocab = vocab or args.vocab
     cmd = [sys.executable, __file__, "--one", f"{h}x{f}x{layers}", "--device", args.device,
-           "--tokens", args.tokens, "--vocab", str(args.vocab)] + (["--max-memory", str(args.max_memory)]
+           "--tokens", args.tokens, "--vocab", str(vocab)] + (["--max-memory", str(args.max_memory)]
                                        if args.max_memory else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"hidden": h, "ffn": f, "layers": layers, "error": tail[:160]}
+        return {"hidden": h, "ffn": f, "layers": layers, "vocab": vocab, "error": tail[:160]}
     return json.loads(lines[-1])
 
 
@@ -91,11 +93,11 @@ def _growth(rows: list[dict]) -> float | None:
 
 
 def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
-    head = ("| hidden / FFN / layers | params per model | floor s | merge s | merge / floor | "
+    head = ("| hidden / FFN / layers / vocab | params per model | floor s | merge s | merge / floor | "
             + " | ".join(f"{p} s" for p in PASSES) + " | peak GiB | models GiB | coverage |")
     lines = [head, "|" + "---|" * (8 + len(PASSES))]
     for r in rows:
-        name = f"{r['hidden']} / {r['ffn']} / {r['layers']}"
+        name = f"{r['hidden']} / {r['ffn']} / {r['layers']} / {r.get('vocab', 32000)}"
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} |" + " |" * (7 + len(PASSES)))
             continue
@@ -109,8 +111,8 @@ def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
     peak = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else \
         "peak RSS of the pair's own process (ru_maxrss)"
     return (f"# Merge time and memory against model size\n\n"
-            f"LLaMA-style pairs (transformers LlamaConfig, random init, vocab 32000, heads of 64 "
-            f"dims), merged with the defaults on `{args.device}`; calibration {args.tokens} "
+            f"LLaMA-style pairs (transformers LlamaConfig, random init, untied, heads of 64 "
+            f"dims, a key/value head per 256 dims), merged with the defaults on `{args.device}`; calibration {args.tokens} "
             f"(sequences × tokens) in batches of 16. Peak: {peak}; models GiB: both models' "
             f"float32 parameters. {growth}.\n\n"
             f"Command: `{' '.join(['python', 'benchmarks/scale.py', *sys.argv[1:]])}`  \n"
@@ -138,14 +140,16 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _size(text: str) -> tuple[int, int, int]:
-    h, f, layers = (int(v) for v in text.lower().split("x"))
-    return h, f, layers
+def _size(text: str) -> tuple[int, int, int, int | None]:
+    """HIDDENxFFNxLAYERS, or HIDDENxFFNxLAYERSxVOCAB (else --vocab)."""
+    h, f, layers, *vocab = (int(v) for v in text.lower().split("x"))
+    return h, f, layers, (vocab[0] if vocab else None)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", help="comma-separated HIDDENxFFNxLAYERS (default: the sweep)")
+    p.add_argument("--sizes", help="comma-separated HIDDENxFFNxLAYERS[xVOCAB] (default: the "
+                   "sweep)")
     p.add_argument("--big", action="store_true", help="add the 1.2B pair (2048x8192x16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", default="32x64", help="SEQUENCESxTOKENS of calibration")
@@ -157,7 +161,8 @@ def main() -> None:
     args = p.parse_args()
     tokens = tuple(int(v) for v in args.tokens.split("x"))
     if args.one:
-        print(json.dumps(one(*_size(args.one), args.device, tokens, args.max_memory, args.vocab)))
+        print(json.dumps(one(*_size(args.one)[:3], args.device, tokens, args.max_memory,
+                             args.vocab)))
         return
     sizes = [_size(s) for s in args.sizes.split(",")] if args.sizes else SIZES + (
         BIG if args.big else [])
