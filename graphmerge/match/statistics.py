@@ -49,11 +49,13 @@ class SpaceStats:
     _sxx: torch.Tensor | None = field(default=None, repr=False)
     _mirrored: bool = field(default=True, repr=False)  # the blocks below hold their values
 
-    def add(self, rows: Sequence[torch.Tensor]) -> None:
+    def add(self, rows: Sequence[torch.Tensor], work: dict | None = None) -> None:
         """rows: per model, its [n, d_i] features of the same n samples. Each batch's
         centred products are taken in the features' dtype (float32 or wider: fast, and
         centred, so no cancellation), block by block, then added into the float64 sums of the
-        blocks on and above the diagonal (those below are their transposes, `_mirror`)."""
+        blocks on and above the diagonal (those below are their transposes, `_mirror`).
+        `work`: scratch kept between calls (the products are written into one buffer instead
+        of a fresh tensor each)."""
         rows = [r.detach() if r.is_floating_point() and r.element_size() >= 4
                 else r.detach().float() for r in rows]
         if self._sx is None:
@@ -68,7 +70,8 @@ class SpaceStats:
         for i, a in enumerate(centred):
             for j in range(i, len(centred)):
                 block = self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]]
-                block += (a.T @ centred[j]).double()
+                product = _scratch(work, (a.shape[1], centred[j].shape[1]), a)
+                block += torch.matmul(a.T, centred[j], out=product)  # added in float64
                 block.addr_(mean[at[i]:at[i + 1]], mean[at[j]:at[j + 1]], alpha=n)
         self._mirrored = len(self.widths) == 1
         self._sx += n * mean
@@ -241,6 +244,7 @@ def collect_stats(
     stats: dict[Any, SpaceStats] = {}
     sums: list[dict[str, UnitStats]] = [{name: UnitStats() for name in units or {}}
                                         for _ in modules]
+    work: dict = {}  # the products' scratch, shared by every space
     for g, keys in enumerate(groups):
         taps: dict[str, list[tuple[Any, int, NodeAxis]]] = {}  # node -> (space, read, axis)
         for key in keys:
@@ -263,7 +267,7 @@ def collect_stats(
                     rows = [unit_rows(v, axis.dim, idx) for v in per_model]
                     if key not in stats:
                         stats[key] = SpaceStats([x.shape[1] for x in rows])
-                    stats[key].add(rows)
+                    stats[key].add(rows, work)
                 if n.name in wanted:
                     for own, v in zip(sums, values):
                         own[n.name].add(v, wanted[n.name])
@@ -305,6 +309,18 @@ def _check_finite(stats: dict[Any, SpaceStats], reads: dict[Any, list[list[NodeA
                 raise DataError(f"model {i} produces NaN/inf at node `{name}` on the "
                                 f"calibration data; check the model's weights and the input "
                                 f"scaling")
+
+
+def _scratch(work: dict | None, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
+    """An uninitialised [shape] tensor of `like`'s dtype and device, a view of one buffer in
+    `work` grown as needed (None without `work`: matmul allocates its result)."""
+    if work is None:
+        return None
+    key = (like.dtype, like.device)
+    size = shape[0] * shape[1]
+    if key not in work or work[key].numel() < size:
+        work[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+    return work[key][:size].view(shape)
 
 
 def _zeros(d: int, device: torch.device) -> torch.Tensor:
