@@ -1,11 +1,11 @@
 """How a merge scales with model size (issue 21): LLaMA-style pairs from transformers configs
 (`device_check.llama_pair`: random init, seeds 0 and 1, vocab 32000 or `--vocab`, untied, heads
-of 64 dims), from
-hidden 256 / 4 layers upwards, merged with the defaults (zip, REPAIR, the oracle check).
+of 64 dims), from hidden 256 / 4 layers upwards, merged with the defaults (zip, REPAIR, the
+oracle check).
 
 Per pair: parameters per model, the forward floor (both models over the calibration data, no
-grad), the merge's wall time and its ratio to the floor, the seconds of each pass
-(`MergeResult.seconds`), and the peak memory: each pair runs in its own process, so its peak
+grad; the second of two runs, warm), the merge's wall time and its ratio to the floor, the
+seconds of each pass (`MergeResult.seconds`), and the peak memory: each pair runs in its own process, so its peak
 RSS (`ru_maxrss`) is that pair's alone (on CUDA: `torch.cuda.max_memory_allocated`). The
 growth is the slope of log(merge seconds) against log(parameters), fitted over the rows.
 
@@ -53,7 +53,8 @@ def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int]
     n, seq = tokens
     ids = torch.randint(1, vocab, (n, seq), generator=torch.Generator().manual_seed(5))
     calib = [(ids[i:i + 16].to(dev),) for i in range(0, n, 16)]
-    floor = forward_floor(models, calib, dev)
+    forward_floor(models, calib, dev)  # a first run: lazy initialisation, fresh memory
+    floor = forward_floor(models, calib, dev)  # the floor: a warm run
     options = {"max_memory": max_memory} if max_memory else {}
     t0 = time.perf_counter()
     result = gm.merge(models, calib, progress=False, device=dev, **options)
@@ -113,7 +114,8 @@ def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
     return (f"# Merge time and memory against model size\n\n"
             f"LLaMA-style pairs (transformers LlamaConfig, random init, untied, heads of 64 "
             f"dims, a key/value head per 256 dims), merged with the defaults on `{args.device}`; calibration {args.tokens} "
-            f"(sequences × tokens) in batches of 16. Peak: {peak}; models GiB: both models' "
+            f"(sequences × tokens) in batches of 16. Floor: both models' forward over the same "
+            f"batches, the second of two runs (warm). Peak: {peak}; models GiB: both models' "
             f"float32 parameters. {growth}.\n\n"
             f"Command: `{' '.join(['python', 'benchmarks/scale.py', *sys.argv[1:]])}`  \n"
             f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} "
