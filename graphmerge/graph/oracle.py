@@ -71,8 +71,11 @@ def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int
             else compose(table, s.id, own, SELECTIONS).index for s in table}
 
 
-def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, torch.Tensor]) -> int:
-    """Permute, in place, every parameter/buffer axis of `module` that belongs to a space.
+def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, torch.Tensor],
+                       rebind: bool = False) -> int:
+    """Permute, in place, every parameter/buffer axis of `module` that belongs to a space
+    (`rebind`: the module's attributes are bound to new permuted tensors instead, and the
+    tensors they held, and any value that views them, are left as they were).
 
     Returns the number of tensors whose values changed. A tensor shared under several names is
     permuted once.
@@ -98,8 +101,24 @@ def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, to
             new = _transform(t, dims, perms, table)
             if not torch.equal(new, t):
                 changed += 1
-            t.copy_(new)
+            if rebind:
+                _bind(module, [n for n, u in named.items() if u is t], t, new)
+            else:
+                t.copy_(new)
     return changed
+
+
+def _bind(module: nn.Module, names: list[str], old: torch.Tensor, new: torch.Tensor) -> None:
+    """Bind every name of `old` (a parameter or buffer of `module`) to `new`, one tensor."""
+    if isinstance(old, nn.Parameter):
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        if isinstance(new, nn.Parameter):
+            sub._parameters[attr] = new
+        else:
+            sub._buffers[attr] = new
 
 
 def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
@@ -245,21 +264,17 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
 def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], trials: int,
             rtol: float, own: bool = False) -> tuple[int, float]:
     """Run the oracle's trials: (tensors changed, worst relative output error). Each trial
-    permutes a copy of `gm`, the last one `gm` itself when it is `own` (the reference values
-    are kept, so no second copy of the weights is needed)."""
+    permutes a copy of `gm`, the last one `gm` itself when it is `own`: its weights are bound
+    to permuted tensors one at a time, with no copy of the whole module first (the reference
+    values keep the weights they read)."""
     reference = run_nodes(gm, inputs)
-    if own:  # values that are (views of) the weights would change with them: keep copies
-        try:
-            weights = {t.untyped_storage().data_ptr() for t in named_tensors(gm).values()}
-            reference = {k: _detached(v, weights) for k, v in reference.items()}
-        except RuntimeError:  # a device whose storages have no address: permute a copy
-            own = False
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     changed, worst = 0, 0.0
     for trial in range(trials):
         perms = draw_permutations(table, torch.Generator().manual_seed(trial))
-        permuted = gm if own and trial == trials - 1 else copy.deepcopy(gm)
-        changed += apply_permutations(permuted, table, perms)
+        last = own and trial == trials - 1  # then gm's own weights are not needed any more
+        permuted = gm if last else copy.deepcopy(gm)
+        changed += apply_permutations(permuted, table, perms, rebind=last)
         values = run_nodes(permuted, inputs)
         for n in gm.graph.nodes:
             _check_node(n, reference, values, table, perms, rtol, trial)
@@ -269,16 +284,6 @@ def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], tria
             if isinstance(reference[o.name], torch.Tensor):
                 worst = max(worst, _rel_error(reference[o.name], values[o.name]))
     return changed, worst
-
-
-def _detached(value: Any, storages: set[int]) -> Any:
-    """`value` with each tensor in it that lives in one of `storages` copied."""
-    if isinstance(value, (tuple, list)):
-        items = [_detached(v, storages) for v in value]
-        return value if all(a is b for a, b in zip(items, value)) else tuple(items)
-    if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in storages:
-        return value.clone()
-    return value
 
 
 def to_double(model: nn.Module) -> nn.Module:

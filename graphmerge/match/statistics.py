@@ -48,14 +48,15 @@ class SpaceStats:
     _sx: torch.Tensor | None = field(default=None, repr=False)
     _sxx: torch.Tensor | None = field(default=None, repr=False)
     _mirrored: bool = field(default=True, repr=False)  # the blocks below hold their values
+    work: dict | None = field(default=None, repr=False, compare=False)  # products' scratch
 
-    def add(self, rows: Sequence[torch.Tensor], work: dict | None = None) -> None:
+    def add(self, rows: Sequence[torch.Tensor]) -> None:
         """rows: per model, its [n, d_i] features of the same n samples. Each batch's
         centred products are taken in the features' dtype (float32 or wider: fast, and
         centred, so no cancellation), block by block, then added into the float64 sums of the
         blocks on and above the diagonal (those below are their transposes, `_mirror`).
-        `work`: scratch kept between calls (the products are written into one buffer instead
-        of a fresh tensor each)."""
+        With `work` set (scratch shared between calls and spaces), the products are written
+        into one buffer instead of a fresh tensor each."""
         rows = [r.detach() if r.is_floating_point() and r.element_size() >= 4
                 else r.detach().float() for r in rows]
         if self._sx is None:
@@ -70,7 +71,7 @@ class SpaceStats:
         for i, a in enumerate(centred):
             for j in range(i, len(centred)):
                 block = self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]]
-                product = _scratch(work, (a.shape[1], centred[j].shape[1]), a)
+                product = _scratch(self.work, (a.shape[1], centred[j].shape[1]), a)
                 block += torch.matmul(a.T, centred[j], out=product)  # added in float64
                 block.addr_(mean[at[i]:at[i + 1]], mean[at[j]:at[j + 1]], alpha=n)
         self._mirrored = len(self.widths) == 1
@@ -266,8 +267,8 @@ def collect_stats(
                     idx = _subsample(per_model[0], axis.dim, quota, gen)
                     rows = [unit_rows(v, axis.dim, idx) for v in per_model]
                     if key not in stats:
-                        stats[key] = SpaceStats([x.shape[1] for x in rows])
-                    stats[key].add(rows, work)
+                        stats[key] = SpaceStats([x.shape[1] for x in rows], work=work)
+                    stats[key].add(rows)
                 if n.name in wanted:
                     for own, v in zip(sums, values):
                         own[n.name].add(v, wanted[n.name])
