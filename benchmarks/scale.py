@@ -5,9 +5,10 @@ oracle check).
 
 Per pair: parameters per model, the forward floor (both models over the calibration data, no
 grad; the second of two runs, warm), the merge's wall time and its ratio to the floor, the
-seconds of each pass (`MergeResult.seconds`), and the peak memory: each pair runs in its own process, so its peak
-RSS (`ru_maxrss`) is that pair's alone (on CUDA: `torch.cuda.max_memory_allocated`). The
-growth is the slope of log(merge seconds) against log(parameters), fitted over the rows.
+seconds of each pass (`MergeResult.seconds`), and the peak memory: each pair runs in its own
+process, so its peak RSS (`ru_maxrss`) is that pair's alone (on CUDA:
+`torch.cuda.max_memory_allocated`). The growth is the slope of log(merge seconds) against
+log(parameters), fitted over the rows.
 
 Rerun:  .venv/bin/python benchmarks/scale.py                   (CPU, about 10 min)
         .venv/bin/python benchmarks/scale.py --sizes 256x1024x4,512x2048x4 --tokens 16x64
@@ -94,7 +95,8 @@ def _growth(rows: list[dict]) -> float | None:
 
 
 def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
-    head = ("| hidden / FFN / layers / vocab | params per model | floor s | merge s | merge / floor | "
+    head = ("| hidden / FFN / layers / vocab | params per model | floor s | merge s | "
+            "merge / floor | "
             + " | ".join(f"{p} s" for p in PASSES) + " | peak GiB | models GiB | coverage |")
     lines = [head, "|" + "---|" * (8 + len(PASSES))]
     for r in rows:
@@ -113,7 +115,8 @@ def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
         "peak RSS of the pair's own process (ru_maxrss)"
     return (f"# Merge time and memory against model size\n\n"
             f"LLaMA-style pairs (transformers LlamaConfig, random init, untied, heads of 64 "
-            f"dims, a key/value head per 256 dims), merged with the defaults on `{args.device}`; calibration {args.tokens} "
+            f"dims, a key/value head per 256 dims), merged with the defaults on "
+            f"`{args.device}`; calibration {args.tokens} "
             f"(sequences × tokens) in batches of 16. Floor: both models' forward over the same "
             f"batches, the second of two runs (warm). Peak: {peak}; models GiB: both models' "
             f"float32 parameters. {growth}.\n\n"

@@ -32,7 +32,7 @@ from graphmerge.inputs import as_inputs
 from graphmerge.graph.tensors import named_tensors
 
 __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
-           "output_error", "check_seed", "check_tolerance", "to_double"]
+           "output_error", "check_seed", "check_tolerance", "to_double", "double_copy"]
 
 
 def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -251,7 +251,7 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     if traced is None:
         inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
                        else x for x in inputs)
-        model64 = set_eval(to_double(copy.deepcopy(model)))
+        model64 = set_eval(double_copy(model))
         traced = trace(model64, inputs, frontend=frontend, leaf_modules=leaf_modules)
         own = True
     table = traced.space_table
@@ -284,6 +284,18 @@ def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], tria
             if isinstance(reference[o.name], torch.Tensor):
                 worst = max(worst, _rel_error(reference[o.name], values[o.name]))
     return changed, worst
+
+
+def double_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of `model` (`to_double` of a deep copy), whose floating parameters and
+    buffers are converted as they are copied: no copy in their own dtype first."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and id(t) not in memo:
+            new = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = (nn.Parameter(new, requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else new)
+    return to_double(copy.deepcopy(model, memo))
 
 
 def to_double(model: nn.Module) -> nn.Module:

@@ -24,7 +24,8 @@ from graphmerge.errors import ConfigError, DataError, GraphmergeError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import set_eval
 from graphmerge.graph.lockstep import run_lockstep
-from graphmerge.match.matchers import _transposed, correlation_from_moments, correlation_in_place
+from graphmerge.match.matchers import (_transposed, correlation_from_moments,
+                                       correlation_in_place)
 
 __all__ = ["SpaceStats", "UnitStats", "moments", "feature_module", "collect_stats", "unit_sums",
            "statistics_bytes"]

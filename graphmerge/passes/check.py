@@ -11,7 +11,6 @@ oracle refuses on them, is checked again on the whole batch, whose verdict stand
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import replace
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 
 from graphmerge.calibration import first_samples
 from graphmerge.graph.oracle import check_spaces as run_oracle
-from graphmerge.graph.oracle import to_double
+from graphmerge.graph.oracle import double_copy
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 from graphmerge.passes.memory import give_back
@@ -53,7 +52,7 @@ def _oracle(ctx: MergeContext, inputs: tuple[Any, ...]) -> None:
     place: the oracle owns it); an exported graph has the dtype baked into its ops and is
     captured again from a float64 copy of the model."""
     if ctx.traced[0].frontend == "fx":
-        copy64 = to_double(copy.deepcopy(ctx.traced[0].graph_module))
+        copy64 = double_copy(ctx.traced[0].graph_module)
         inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
                        else x for x in inputs)
         run_oracle(None, inputs, trials=1, traced=replace(ctx.traced[0], graph_module=copy64),
