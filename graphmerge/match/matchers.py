@@ -500,8 +500,15 @@ def zip_groups(
     ``-inf`` penalties: one row for the dead groups (they are not erased from the score matrix,
     which would be a strided column write) and one per model for the groups carrying its flag.
 
+    The scores are kept in the upper triangle: a fold writes row ``p`` right of the diagonal
+    and column ``p`` above it (at the live rows only); the lower triangle is never written and
+    is read, in place, for the pairs that were never rescored (neither group survived a fold),
+    so a caller may lend its correlation (``zip_match(overwrite=True)``) and read the
+    correlations from the lower triangle afterwards.
+
     Cost: the O(d^2) copy, O(d) per row to start, then per merge a few O(d) vector operations,
-    one strided column write and O(d) per recomputed row (typically a few).  Measured with one
+    a strided column gather and write over the live (rescored) groups and O(d) per recomputed
+    row (typically a few).  Measured with one
     thread (``benchmarks/results/speed.md``): d = 2048+1024 -> 2048 in about 0.1 s, over 100
     times faster than :func:`zip_groups_naive`; 8192+8192 -> 8192 in about 5 s.  Memory: the
     float64 score copy, O(d^2), and O(N d) for the flags of N models.
