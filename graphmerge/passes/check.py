@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from graphmerge.calibration import first_samples
+from graphmerge.graph.memory import give_back
 from graphmerge.graph.oracle import check_spaces as run_oracle
 from graphmerge.graph.oracle import double_copy
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.passes.memory import give_back
 
 log = logging.getLogger(__name__)
 

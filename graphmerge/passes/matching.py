@@ -6,13 +6,13 @@ import logging
 from typing import Any
 
 from graphmerge.errors import MismatchError
+from graphmerge.graph.memory import give_back
 from graphmerge.match.heads import grouped, match_heads, renormalized
 from graphmerge.match.matchers import get_matcher, group_correlations
 from graphmerge.match.plans import SpacePlan
 from graphmerge.match.selection import check_width_spaces, head_projections, target_width
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.passes.memory import give_back
 
 __all__ = ["match_spaces"]
 
