@@ -41,17 +41,18 @@ def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype,
         moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=dtype),
                                 t.to(dtype), dims=([1], [dim]))
         return moved.movedim(0, dim)
-    src = t.movedim(dim, 0)
-    picked = src.index_select(0, torch.from_numpy(cols).to(t.device)).to(dtype)
+    picked = t.index_select(dim, torch.from_numpy(cols).to(t.device)).to(dtype)
     weight = entries[2] if entries is not None else a[rows, cols]
     if not (weight == 1.0).all():  # x * 1 is x: a selection needs no product
-        picked *= torch.from_numpy(weight).to(device=t.device, dtype=dtype).reshape(
-            -1, *([1] * (src.dim() - 1)))
+        shape = [1] * t.dim()
+        shape[dim] = -1
+        picked *= torch.from_numpy(weight).to(device=t.device, dtype=dtype).reshape(shape)
     if len(rows) == a.shape[0] and (rows == np.arange(len(rows))).all():
-        return picked.movedim(0, dim)  # one entry per row (nonzero lists rows in order)
-    out = torch.zeros((a.shape[0], *src.shape[1:]), dtype=dtype, device=t.device)
-    out.index_add_(0, torch.from_numpy(rows).to(t.device), picked)
-    return out.movedim(0, dim)
+        return picked  # one entry per row (nonzero lists rows in order)
+    size = list(t.shape)
+    size[dim] = a.shape[0]
+    out = torch.zeros(size, dtype=dtype, device=t.device)
+    return out.index_add_(dim, torch.from_numpy(rows).to(t.device), picked)
 
 
 @merge_pass(needs=("plans", "head_mode"), provides=("merged_state",))
