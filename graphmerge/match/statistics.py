@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from graphmerge.calibration import all_reduce, with_progress
+from graphmerge.calibration import all_reduce, distributed, with_progress
 from graphmerge.errors import ConfigError, DataError, GraphmergeError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import set_eval
@@ -103,7 +103,8 @@ class SpaceStats:
         return self._sxx.cpu().numpy()
 
     def all_reduce(self) -> None:
-        self._mirror()
+        if distributed()[1] > 1:
+            self._mirror()
         count = torch.tensor([float(self.count)], dtype=torch.float64,
                              device=self._sx.device if self._sx is not None else None)
         all_reduce(self._sx, self._sxx, count)
@@ -297,7 +298,9 @@ def _check_finite(stats: dict[Any, SpaceStats], reads: dict[Any, list[list[NodeA
                   sums: list[dict[str, UnitStats]]) -> None:
     """NaN/inf in the features, found in their sums: named by model and node."""
     for key, s in stats.items():
-        bad = ~torch.isfinite(s._sx) | ~torch.isfinite(s._sxx).all(0)
+        at = np.cumsum([0, *s.widths])  # each model's own block: a unit's NaN shows in its column
+        bad = ~torch.isfinite(s._sx) | torch.cat([
+            ~torch.isfinite(s._sxx[a:b, a:b]).all(0) for a, b in zip(at[:-1], at[1:])])
         if bool(bad.any()):
             model = int(np.searchsorted(np.cumsum(s.widths), int(bad.nonzero()[0, 0]),
                                         side="right"))
