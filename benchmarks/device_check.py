@@ -186,14 +186,15 @@ def family_rows(names: list[str], device: torch.device) -> list[str]:
     return rows
 
 
-def llama_pair(hidden: int, ffn: int, layers: int, device: torch.device) -> list[nn.Module]:
+def llama_pair(hidden: int, ffn: int, layers: int, device: torch.device,
+               vocab: int = 32000) -> list[nn.Module]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf = _hf_builders()["llama"].__globals__["HFWrapper"]
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=ffn,
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
                              num_hidden_layers=layers, num_attention_heads=hidden // 64,
                              num_key_value_heads=max(1, hidden // 256),
                              max_position_embeddings=256, tie_word_embeddings=False,

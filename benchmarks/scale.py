@@ -1,15 +1,18 @@
 """How a merge scales with model size (issue 21): LLaMA-style pairs from transformers configs
-(`device_check.llama_pair`: random init, seeds 0 and 1, vocab 32000, heads of 64 dims), from
-hidden 256 / 4 layers upwards, merged with the defaults (zip, REPAIR, the oracle check).
+(`device_check.llama_pair`: random init, seeds 0 and 1, vocab 32000 or `--vocab`, untied, heads
+of 64 dims), from hidden 256 / 4 layers upwards, merged with the defaults (zip, REPAIR, the
+oracle check).
 
 Per pair: parameters per model, the forward floor (both models over the calibration data, no
-grad), the merge's wall time and its ratio to the floor, the seconds of each pass
-(`MergeResult.seconds`), and the peak memory: each pair runs in its own process, so its peak
-RSS (`ru_maxrss`) is that pair's alone (on CUDA: `torch.cuda.max_memory_allocated`). The
-growth is the slope of log(merge seconds) against log(parameters), fitted over the rows.
+grad; the second of two runs, warm), the merge's wall time and its ratio to the floor, the
+seconds of each pass (`MergeResult.seconds`), and the peak memory: each pair runs in its own
+process, so its peak RSS (`ru_maxrss`) is that pair's alone (on CUDA:
+`torch.cuda.max_memory_allocated`). The growth is the slope of log(merge seconds) against
+log(parameters), fitted over the rows.
 
 Rerun:  .venv/bin/python benchmarks/scale.py                   (CPU, about 10 min)
         .venv/bin/python benchmarks/scale.py --sizes 256x1024x4,512x2048x4 --tokens 16x64
+        .venv/bin/python benchmarks/scale.py --sizes 1024x4096x4x8192   (the ~78M pair)
         PYTHONPATH=. python benchmarks/scale.py --device cuda --big   (adds the 1.2B pair)
 Writes: benchmarks/results/scale.md and scale.png (or --out DIR)
 """
@@ -32,26 +35,27 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-SIZES = [(256, 1024, 4), (512, 2048, 4), (1024, 4096, 4), (1024, 4096, 8)]
-BIG = [(2048, 8192, 16)]
+SIZES = [(256, 1024, 4, None), (512, 2048, 4, None), (1024, 4096, 4, None), (1024, 4096, 8, None)]
+BIG = [(2048, 8192, 16, None)]
 PASSES = ("trace_models", "check_spaces", "collect_statistics", "match_spaces",
           "merge_parameters", "correct_norms")
 
 
 def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int],
-        max_memory: int | None) -> dict:
+        max_memory: int | None, vocab: int = 32000) -> dict:
     """Merge one pair in this process and measure it."""
     import graphmerge as gm
     from device_check import _sync, forward_floor, llama_pair
 
     torch.set_flush_denormal(True)
     dev = torch.device(device)
-    models = llama_pair(hidden, ffn, layers, dev)
+    models = llama_pair(hidden, ffn, layers, dev, vocab)
     params = sum(p.numel() for p in models[0].parameters())
     n, seq = tokens
-    ids = torch.randint(1, 32000, (n, seq), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(1, vocab, (n, seq), generator=torch.Generator().manual_seed(5))
     calib = [(ids[i:i + 16].to(dev),) for i in range(0, n, 16)]
-    floor = forward_floor(models, calib, dev)
+    forward_floor(models, calib, dev)  # a first run: lazy initialisation, fresh memory
+    floor = forward_floor(models, calib, dev)  # the floor: a warm run
     options = {"max_memory": max_memory} if max_memory else {}
     t0 = time.perf_counter()
     result = gm.merge(models, calib, progress=False, device=dev, **options)
@@ -59,22 +63,23 @@ def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int]
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"hidden": hidden, "ffn": ffn, "layers": layers, "params": params,
+    return {"hidden": hidden, "ffn": ffn, "layers": layers, "vocab": vocab, "params": params,
             "model_gib": params * 4 / 2**30, "floor": floor, "merge": seconds,
             "passes": {k: v for k, v in result.seconds.items() if k != "total"},
             "peak_gib": peak / 2**30, "coverage": result.coverage.fraction}
 
 
-def _run_child(size: tuple[int, int, int], args: argparse.Namespace) -> dict:
-    h, f, layers = size
+def _run_child(size: tuple[int, int, int, int | None], args: argparse.Namespace) -> dict:
+    h, f, layers, vocab = size
+    vocab = vocab or args.vocab
     cmd = [sys.executable, __file__, "--one", f"{h}x{f}x{layers}", "--device", args.device,
-           "--tokens", args.tokens] + (["--max-memory", str(args.max_memory)]
+           "--tokens", args.tokens, "--vocab", str(vocab)] + (["--max-memory", str(args.max_memory)]
                                        if args.max_memory else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"hidden": h, "ffn": f, "layers": layers, "error": tail[:160]}
+        return {"hidden": h, "ffn": f, "layers": layers, "vocab": vocab, "error": tail[:160]}
     return json.loads(lines[-1])
 
 
@@ -90,11 +95,12 @@ def _growth(rows: list[dict]) -> float | None:
 
 
 def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
-    head = ("| hidden / FFN / layers | params per model | floor s | merge s | merge / floor | "
+    head = ("| hidden / FFN / layers / vocab | params per model | floor s | merge s | "
+            "merge / floor | "
             + " | ".join(f"{p} s" for p in PASSES) + " | peak GiB | models GiB | coverage |")
     lines = [head, "|" + "---|" * (8 + len(PASSES))]
     for r in rows:
-        name = f"{r['hidden']} / {r['ffn']} / {r['layers']}"
+        name = f"{r['hidden']} / {r['ffn']} / {r['layers']} / {r.get('vocab', 32000)}"
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} |" + " |" * (7 + len(PASSES)))
             continue
@@ -108,9 +114,11 @@ def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
     peak = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else \
         "peak RSS of the pair's own process (ru_maxrss)"
     return (f"# Merge time and memory against model size\n\n"
-            f"LLaMA-style pairs (transformers LlamaConfig, random init, vocab 32000, heads of 64 "
-            f"dims), merged with the defaults on `{args.device}`; calibration {args.tokens} "
-            f"(sequences × tokens) in batches of 16. Peak: {peak}; models GiB: both models' "
+            f"LLaMA-style pairs (transformers LlamaConfig, random init, untied, heads of 64 "
+            f"dims, a key/value head per 256 dims), merged with the defaults on "
+            f"`{args.device}`; calibration {args.tokens} "
+            f"(sequences × tokens) in batches of 16. Floor: both models' forward over the same "
+            f"batches, the second of two runs (warm). Peak: {peak}; models GiB: both models' "
             f"float32 parameters. {growth}.\n\n"
             f"Command: `{' '.join(['python', 'benchmarks/scale.py', *sys.argv[1:]])}`  \n"
             f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} "
@@ -137,17 +145,20 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _size(text: str) -> tuple[int, int, int]:
-    h, f, layers = (int(v) for v in text.lower().split("x"))
-    return h, f, layers
+def _size(text: str) -> tuple[int, int, int, int | None]:
+    """HIDDENxFFNxLAYERS, or HIDDENxFFNxLAYERSxVOCAB (else --vocab)."""
+    h, f, layers, *vocab = (int(v) for v in text.lower().split("x"))
+    return h, f, layers, (vocab[0] if vocab else None)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", help="comma-separated HIDDENxFFNxLAYERS (default: the sweep)")
+    p.add_argument("--sizes", help="comma-separated HIDDENxFFNxLAYERS[xVOCAB] (default: the "
+                   "sweep)")
     p.add_argument("--big", action="store_true", help="add the 1.2B pair (2048x8192x16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", default="32x64", help="SEQUENCESxTOKENS of calibration")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (8192: ~84M at 1024)")
     p.add_argument("--max-memory", type=int, default=None, help="merge's max_memory (bytes)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per pair")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -155,7 +166,8 @@ def main() -> None:
     args = p.parse_args()
     tokens = tuple(int(v) for v in args.tokens.split("x"))
     if args.one:
-        print(json.dumps(one(*_size(args.one), args.device, tokens, args.max_memory)))
+        print(json.dumps(one(*_size(args.one)[:3], args.device, tokens, args.max_memory,
+                             args.vocab)))
         return
     sizes = [_size(s) for s in args.sizes.split(",")] if args.sizes else SIZES + (
         BIG if args.big else [])

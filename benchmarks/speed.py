@@ -15,9 +15,12 @@ Writes: benchmarks/results/speed.md and speed.json (speed_quick.* with --quick)
 
 --matcher W (e.g. 8192): instead, the whole matching of one space of W + W units whose
 statistics come from --samples random samples (rank-deficient, as calibration statistics of
-wide layers are): SpaceStats.correlation, then zip_match exact and with --candidates, wall and
-CPU seconds, and the candidate variant's quality against the exact one (groups identical, mean
-matched correlation). Prints only.
+wide layers are): SpaceStats.correlation, then zip_match exact (on a copy, as a caller's matrix
+is; and on the correlation lent to it, `overwrite=True`, as `match_spaces` runs it) and with
+--candidates, wall and CPU seconds, and the candidate variant's quality against the exact one
+(groups identical, mean matched correlation). Writes its lines into speed.md's section "The
+whole matching of one space" (replaced on each run).
+Rerun:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py --matcher 8192
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ def prefix_estimate(corr: np.ndarray, widths: list[int], r: int, k: int) -> floa
     return seconds * (d - r) / k
 
 
-def matcher_benchmark(width: int, samples: int, candidates: list[int]) -> None:
-    """Correlation and zip_match of a [2 width, 2 width] space from `samples` random samples."""
+def matcher_benchmark(width: int, samples: int, candidates: list[int]) -> list[str]:
+    """Correlation and zip_match of a [2 width, 2 width] space from `samples` random samples:
+    the lines printed."""
     gen = torch.Generator().manual_seed(0)
     latent = torch.randn(samples, 64, generator=gen)
     feats = [torch.tanh(latent @ torch.randn(64, width, generator=gen) / 8
@@ -83,22 +87,49 @@ def matcher_benchmark(width: int, samples: int, candidates: list[int]) -> None:
         out = fn()
         return out, time.perf_counter() - wall, time.process_time() - cpu
 
+    lines = []
+
+    def say(line: str) -> None:
+        lines.append(f"{line} (load average {os.getloadavg()[0]:.1f})")
+        print(lines[-1], flush=True)
+
     corr, wall, cpu = clock(stats.correlation)
-    print(f"correlation [{2 * width}, {2 * width}] from {samples} samples: {wall:.2f} s wall, "
-          f"{cpu:.2f} s CPU", flush=True)
+    say(f"correlation [{2 * width}, {2 * width}] from {samples} samples: {wall:.2f} s wall, "
+        f"{cpu:.2f} s CPU")
     exact = None
-    for k in [0, *candidates]:
-        match, wall, cpu = clock(lambda k=k: zip_match(corr, [width, width], candidates=k))
-        line = (f"zip_match {width}+{width} -> {width}, "
-                f"{'exact' if k == 0 else f'{k} candidates'}: {wall:.2f} s wall, {cpu:.2f} s "
+    runs = [("exact, on a copy", 0, False), *[(f"{k} candidates", k, False) for k in candidates],
+            ("exact, on the lent correlation (overwrite=True, as match_spaces)", 0, True)]
+    for what, k, lent in runs:  # the lent run last: it overwrites corr's upper triangle
+        match, wall, cpu = clock(lambda k=k, lent=lent: zip_match(
+            corr, [width, width], candidates=k, overwrite=lent))
+        line = (f"zip_match {width}+{width} -> {width}, {what}: {wall:.2f} s wall, {cpu:.2f} s "
                 f"CPU, mean matched correlation {match.mean_correlation:.4f}")
         if exact is None:
             exact = match
         else:
             same = len({tuple(g) for g in match.groups} & {tuple(g) for g in exact.groups})
             line += f", groups identical to exact: {same / exact.width:.1%}"
-        print(line + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
+        say(line)
+    return lines
 
+
+def write_matcher_section(lines: list[str], path: Path, args: argparse.Namespace) -> None:
+    """speed.md's section on the whole matching of one space, replaced by `lines`."""
+    head = "## The whole matching of one space"
+    text = path.read_text() if path.exists() else "# Zip matcher: fast vs naive loop\n"
+    text = text.split(f"\n{head}")[0].rstrip("\n")
+    cmd = (f"OMP_NUM_THREADS=1 python benchmarks/speed.py --matcher {args.matcher} "
+           f"--samples {args.samples}")
+    section = [head, "", f"Command: `{cmd}`  ",
+               f"Date: {time.strftime('%Y-%m-%d')}, {platform.machine()}, torch "
+               f"{torch.__version__}, {torch.get_num_threads()} thread(s). Two models of "
+               f"{args.matcher} units, statistics from {args.samples} random samples "
+               f"(rank-deficient). Wall includes the page faults of fresh memory, which are "
+               f"slow on this machine (about 3 s per GiB).", "",
+               *[f"- {ln}" for ln in lines]]
+    from graphmerge.io.atomic import write_text_atomic
+
+    write_text_atomic(path, text + "\n\n" + "\n".join(section) + "\n")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -116,7 +147,9 @@ def main() -> None:
                    help="candidate counts of zip_match timed with --matcher")
     args = p.parse_args()
     if args.matcher:
-        matcher_benchmark(args.matcher, args.samples, args.candidates)
+        torch.set_flush_denormal(True)
+        lines = matcher_benchmark(args.matcher, args.samples, args.candidates)
+        write_matcher_section(lines, Path(args.out) / "speed.md", args)
         return
     sizes = [(256, 256), (512, 512)] if args.quick else [(1024, 1024), (2048, 1024),
                                                             (4096, 4096), (8192, 8192)]

@@ -32,7 +32,8 @@ from graphmerge.errors import ConfigError, DataError
 from graphmerge.graph.lockstep import nbytes
 from graphmerge.inputs import split_batch
 
-__all__ = ["Calibration", "KEEP_BYTES", "all_reduce", "distributed", "with_progress"]
+__all__ = ["Calibration", "KEEP_BYTES", "all_reduce", "distributed", "first_samples",
+           "with_progress"]
 
 KEEP_BYTES = 1 << 30  # a first read whose inputs fit is kept in memory and replayed
 
@@ -65,6 +66,12 @@ def with_progress(calibration: Iterable[Any], desc: str, enabled: bool = True
 def _batch_size(inputs: tuple[Any, ...]) -> int:
     sizes = [x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
     return int(sizes[0]) if sizes else 1
+
+
+def first_samples(inputs: tuple[Any, ...], n: int) -> tuple[Any, ...]:
+    """The first n samples of every batched tensor input (its first dimension the batch's);
+    `inputs` itself when the batch has at most n samples."""
+    return inputs if _batch_size(inputs) <= n else _cut(inputs, n)
 
 
 def _cut(inputs: tuple[Any, ...], n: int) -> tuple[Any, ...]:

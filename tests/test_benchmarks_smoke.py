@@ -92,4 +92,4 @@ def test_scale_smoke():
     args = argparse.Namespace(device="cpu", tokens="16x16")
     table = scale.render([row, dict(row, params=2 * row["params"], merge=2 * row["merge"])],
                          args, 1.0)
-    assert "| 64 / 128 / 1 |" in table and "parameters^1.00" in table
+    assert "| 64 / 128 / 1 / 32000 |" in table and "parameters^1.00" in table

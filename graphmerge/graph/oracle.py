@@ -32,7 +32,7 @@ from graphmerge.inputs import as_inputs
 from graphmerge.graph.tensors import named_tensors
 
 __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
-           "output_error", "check_seed", "check_tolerance", "to_double"]
+           "output_error", "check_seed", "check_tolerance", "to_double", "double_copy"]
 
 
 def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -71,8 +71,11 @@ def draw_permutations(table: SpaceTable, generator: torch.Generator) -> dict[int
             else compose(table, s.id, own, SELECTIONS).index for s in table}
 
 
-def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, torch.Tensor]) -> int:
-    """Permute, in place, every parameter/buffer axis of `module` that belongs to a space.
+def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, torch.Tensor],
+                       rebind: bool = False) -> int:
+    """Permute, in place, every parameter/buffer axis of `module` that belongs to a space
+    (`rebind`: the module's attributes are bound to new permuted tensors instead, and the
+    tensors they held, and any value that views them, are left as they were).
 
     Returns the number of tensors whose values changed. A tensor shared under several names is
     permuted once.
@@ -98,8 +101,24 @@ def apply_permutations(module: nn.Module, table: SpaceTable, perms: dict[int, to
             new = _transform(t, dims, perms, table)
             if not torch.equal(new, t):
                 changed += 1
-            t.copy_(new)
+            if rebind:
+                _bind(module, [n for n, u in named.items() if u is t], t, new)
+            else:
+                t.copy_(new)
     return changed
+
+
+def _bind(module: nn.Module, names: list[str], old: torch.Tensor, new: torch.Tensor) -> None:
+    """Bind every name of `old` (a parameter or buffer of `module`) to `new`, one tensor."""
+    if isinstance(old, nn.Parameter):
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        if isinstance(new, nn.Parameter):
+            sub._parameters[attr] = new
+        else:
+            sub._buffers[attr] = new
 
 
 def permute(model: nn.Module, example_inputs: Any, seed: int = 0,
@@ -205,7 +224,8 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: float = 1e-5,
                  leaf_modules: Iterable[type[nn.Module] | str] = (),
-                 traced: Analysed | None = None, frontend: str = "auto") -> OracleReport:
+                 traced: Analysed | None = None, frontend: str = "auto",
+                 own: bool = False) -> OracleReport:
     """Verify a model's space table with random permutations, in float64 and eval mode.
 
     For each trial, every node of the permuted graph must equal the original node's value with
@@ -213,7 +233,9 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     not is reported with its op and spaces: that op's rule is wrong.
 
     `traced`: the model's trace (`graphmerge.trace`) to check instead of a float64 trace of
-    its own; the check then runs in that trace's precision and inputs.
+    its own; the check then runs in that trace's precision and inputs. `own`: the trace's
+    module is a copy the oracle may change (its last trial permutes it in place instead of
+    permuting a second copy); a float64 trace of its own always is.
 
     Raises:
         SpaceCheckError: naming the node, op and spaces that broke the function.
@@ -229,25 +251,30 @@ def check_spaces(model: nn.Module, example_inputs: Any, trials: int = 3, rtol: f
     if traced is None:
         inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
                        else x for x in inputs)
-        model64 = set_eval(to_double(copy.deepcopy(model)))
+        model64 = set_eval(double_copy(model))
         traced = trace(model64, inputs, frontend=frontend, leaf_modules=leaf_modules)
+        own = True
     table = traced.space_table
     gm = traced.graph_module
     with eval_mode(gm):  # a given trace shares its modules with the caller's model
-        changed, worst = _trials(gm, table, inputs, trials, rtol)
+        changed, worst = _trials(gm, table, inputs, trials, rtol, own)
     return OracleReport(trials, len(table.free), len(table) - len(table.free), changed, worst)
 
 
 def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], trials: int,
-            rtol: float) -> tuple[int, float]:
-    """Run the oracle's trials: (tensors changed, worst relative output error)."""
+            rtol: float, own: bool = False) -> tuple[int, float]:
+    """Run the oracle's trials: (tensors changed, worst relative output error). Each trial
+    permutes a copy of `gm`, the last one `gm` itself when it is `own`: its weights are bound
+    to permuted tensors one at a time, with no copy of the whole module first (the reference
+    values keep the weights they read)."""
     reference = run_nodes(gm, inputs)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     changed, worst = 0, 0.0
     for trial in range(trials):
         perms = draw_permutations(table, torch.Generator().manual_seed(trial))
-        permuted = copy.deepcopy(gm)
-        changed += apply_permutations(permuted, table, perms)
+        last = own and trial == trials - 1  # then gm's own weights are not needed any more
+        permuted = gm if last else copy.deepcopy(gm)
+        changed += apply_permutations(permuted, table, perms, rebind=last)
         values = run_nodes(permuted, inputs)
         for n in gm.graph.nodes:
             _check_node(n, reference, values, table, perms, rtol, trial)
@@ -257,6 +284,18 @@ def _trials(gm: fx.GraphModule, table: SpaceTable, inputs: tuple[Any, ...], tria
             if isinstance(reference[o.name], torch.Tensor):
                 worst = max(worst, _rel_error(reference[o.name], values[o.name]))
     return changed, worst
+
+
+def double_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of `model` (`to_double` of a deep copy), whose floating parameters and
+    buffers are converted as they are copied: no copy in their own dtype first."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and id(t) not in memo:
+            new = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = (nn.Parameter(new, requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else new)
+    return to_double(copy.deepcopy(model, memo))
 
 
 def to_double(model: nn.Module) -> nn.Module:

@@ -38,6 +38,7 @@ import heapq
 import itertools
 import logging
 import math
+import mmap
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ __all__ = [
     "zip_groups_candidates",
     "zip_budgets",
     "correlation_from_moments",
+    "correlation_in_place",
     "group_correlations",
 ]
 
@@ -249,6 +251,15 @@ def _mean_group_correlation(corr: np.ndarray | torch.Tensor, groups: list[list[i
     return float(np.mean(means)) if means else float("nan")
 
 
+def _sparse_zeros(rows: int, cols: int) -> np.ndarray:
+    """A float64 [rows, cols] array of zeros for a matrix that stays mostly zeros: a large one
+    is an anonymous mapping, whose pages take memory only once written (a zeroed buffer
+    would write, and hold, every page; numpy's would take huge pages)."""
+    if rows * cols < 1 << 17:
+        return np.zeros((rows, cols))
+    return np.frombuffer(mmap.mmap(-1, rows * cols * 8), dtype=np.float64).reshape(rows, cols)
+
+
 def _match_from_groups(corr: np.ndarray | torch.Tensor, ws: list[int],
                        groups: list[list[int]]) -> Match:
     """``U_i`` = group membership [d_i, r] (0/1); ``M_i`` = ``U_i.T`` with rows divided by
@@ -260,9 +271,8 @@ def _match_from_groups(corr: np.ndarray | torch.Tensor, ws: list[int],
     merge, unmerge = [], []
     for a, b in itertools.pairwise(_offsets(ws)):
         own = (unit >= a) & (unit < b)
-        # torch's allocator maps large zeroed buffers several times faster than numpy's
-        u = torch.zeros((b - a, len(groups)), dtype=torch.float64).numpy()
-        m = torch.zeros((len(groups), b - a), dtype=torch.float64).numpy()
+        u = _sparse_zeros(b - a, len(groups))
+        m = _sparse_zeros(len(groups), b - a)
         u[unit[own] - a, col[own]] = 1.0
         m[col[own], unit[own] - a] = weight[col[own]]
         merge.append(m)
@@ -490,8 +500,15 @@ def zip_groups(
     ``-inf`` penalties: one row for the dead groups (they are not erased from the score matrix,
     which would be a strided column write) and one per model for the groups carrying its flag.
 
+    The scores are kept in the upper triangle: a fold writes row ``p`` right of the diagonal
+    and column ``p`` above it (at the live rows only); the lower triangle is never written and
+    is read, in place, for the pairs that were never rescored (neither group survived a fold),
+    so a caller may lend its correlation (``zip_match(overwrite=True)``) and read the
+    correlations from the lower triangle afterwards.
+
     Cost: the O(d^2) copy, O(d) per row to start, then per merge a few O(d) vector operations,
-    one strided column write and O(d) per recomputed row (typically a few).  Measured with one
+    a strided column gather and write over the live (rescored) groups and O(d) per recomputed
+    row (typically a few).  Measured with one
     thread (``benchmarks/results/speed.md``): d = 2048+1024 -> 2048 in about 0.1 s, over 100
     times faster than :func:`zip_groups_naive`; 8192+8192 -> 8192 in about 5 s.  Memory: the
     float64 score copy, O(d^2), and O(N d) for the flags of N models.
@@ -521,6 +538,7 @@ class _Zipper:
         self.rowmax = np.full(d, -np.inf)
         self.rowarg = np.full(d, -1, dtype=np.int64)
         self.n_groups = d
+        self.survived = np.zeros(d, dtype=bool)  # rescored: its row and column were merged
 
     def flag(self, m: int) -> None:
         """Model m's budget is 0: its live groups carry its flag."""
@@ -595,19 +613,40 @@ class _Zipper:
                 self.flag(event)
         return event
 
+    def row(self, i: int) -> np.ndarray:
+        """The current scores of live group i against every live group (the naive version's
+        S[i]; other entries finite or -inf, masked by the caller), -inf on the diagonal. The
+        scores are kept in the upper triangle where a pair was rescored (one of the two, live,
+        survived a fold); any other pair is read from S[i, j] as given (for j < i the lower
+        triangle, in place), so only the rescored live entries of column i are gathered."""
+        S = self.S
+        out = np.empty(self.d)
+        out[i + 1:] = S[i, i + 1:]
+        out[:i] = S[i, :i]
+        above = np.flatnonzero(self.alive[:i] if self.survived[i] else self.survived[:i])
+        out[above] = S[above, i]
+        out[i] = -np.inf
+        return out
+
     def merge_scores(self, p: int, q: int) -> np.ndarray:
         """Row and column p become the naive version's alpha * min(S[p], S[q]), -inf at dead
-        groups and on the diagonal; row p's maximum is recomputed.  Returns that row."""
+        groups and on the diagonal, kept in the upper triangle (row p right of the diagonal,
+        column p above it at the live rows; the lower triangle is never written); row p's
+        maximum is recomputed.  Returns that row."""
         S = self.S
-        merged = S[p]
-        np.minimum(merged, S[q], out=merged)
+        merged = self.row(p)
+        np.minimum(merged, self.row(q), out=merged)
+        self.survived[q] = False  # dead: its scores are no longer read
         if self.alpha == 0.0:
             merged[:] = 0.0
         else:
             merged *= self.alpha
         merged += self.dead
         merged[p] = -np.inf
-        S[:, p] = merged
+        S[p, p + 1:] = merged[p + 1:]
+        above = np.flatnonzero(self.alive[:p])
+        S[above, p] = merged[above]
+        self.survived[p] = True
         self.recompute(p, merged[p + 1:])
         return merged
 
@@ -652,6 +691,7 @@ def zip_match(
     alpha: float = 0.5,
     beta: float = 1.0,
     candidates: int = 0,
+    overwrite: bool = False,
 ) -> Match:
     """Elastic ZipIt!: greedily merge the most correlated groups, within and across models.
 
@@ -692,6 +732,10 @@ def zip_match(
         candidates: 0 (default): the exact greedy (:func:`zip_groups`); ``k >= 1``: the
             variant on each group's ``k`` best partners (:func:`zip_groups_candidates`, not
             exact; e.g. :data:`DEFAULT_CANDIDATES`), which never copies ``corr``.
+        overwrite: ``corr`` (a float64 tensor, exactly symmetric, e.g. a correlation from
+            moments) is the caller's to overwrite: the exact greedy keeps its scores in
+            ``corr``'s upper triangle instead of a copy (NaN set to 0 in place); the lower
+            triangle keeps the correlations (``corr.T`` is what ``corr`` was).  Same groups.
 
     ``corr`` may be a numpy array or a torch tensor; the scores are built on its device.  Cost:
     exact, a float64 copy of ``corr`` (O(d^2) memory) and :func:`zip_groups`' time; with
@@ -707,11 +751,28 @@ def zip_match(
         groups = zip_groups_candidates(c, ws, r, alpha, beta, candidates)
         log.debug("zip: %d units matched on %d candidates per group (not exact)", d,
                   candidates)
+    elif overwrite:
+        c = _scratch_scores(corr, d)
+        groups = _Zipper(c.cpu().numpy(), ws, r, alpha, beta).run()
+        return _match_from_groups(c.mT, ws, groups)  # the lower triangle: never written
     else:
         scores, ws, r, alpha, beta = _prepare_scores(corr, ws, r, alpha, beta, symmetric=True)
         groups = _Zipper(scores.cpu().numpy(), ws, r, alpha, beta).run()
         del scores
     return _match_from_groups(corr, ws, groups)
+
+
+def _scratch_scores(corr: object, d: int) -> torch.Tensor:
+    """``corr`` checked (:func:`_check_corr`) as the zip's own score matrix: a float64
+    tensor, exactly symmetric, its NaN set to 0 in place (the diagonal is never read)."""
+    c = _check_corr(corr, d)
+    if not isinstance(corr, torch.Tensor) or c.dtype != torch.float64:
+        raise ConfigError("zip_match(overwrite=True) needs a float64 torch tensor")
+    if not bool(torch.isfinite(c.sum())):
+        c.nan_to_num_(nan=0.0)
+    if not torch.equal(c[:_TILE], c[:, :_TILE].T):  # a cheap look: a matrix from moments is
+        raise DataError("zip_match(overwrite=True) needs an exactly symmetric correlation")
+    return c
 
 
 # --------------------------------------------------------------------------------------------
@@ -941,6 +1002,7 @@ class Matcher:
     fn: Callable[..., Match]
     options: dict[str, object]
     elastic: bool
+    overwrites: bool = False  # fn takes overwrite=True: corr is its scratch (zip_match)
 
     def check_options(self, options: dict[str, object]) -> None:
         """ConfigError for an option this matcher does not accept, or a bad value."""
@@ -953,13 +1015,18 @@ class Matcher:
             _check_alpha_beta(options.get("alpha", 0.5), options.get("beta", 1.0))
 
     def __call__(self, corr: np.ndarray, widths: Sequence[int], r: int | None = None,
-                 **options: object) -> Match:
+                 overwrite: bool = False, **options: object) -> Match:
+        """The match of one space. ``overwrite``: ``corr`` (a float64 tensor, exactly
+        symmetric) is the caller's scratch, for a matcher that can use it (``overwrites``):
+        its upper triangle may be overwritten, its lower one is kept."""
         self.check_options(options)
+        if overwrite and self.overwrites:
+            options = {**options, "overwrite": True}
         return self.fn(corr, widths, r, **options)
 
 
 MATCHERS: dict[str, Matcher] = {m.name: m for m in (
-    Matcher("zip", zip_match, {"alpha": 0.5, "beta": 1.0}, elastic=True),
+    Matcher("zip", zip_match, {"alpha": 0.5, "beta": 1.0}, elastic=True, overwrites=True),
     Matcher("permute", hungarian_match, {}, elastic=False),
     Matcher("average", average_match, {}, elastic=False),
 )}
@@ -1031,12 +1098,27 @@ def correlation_from_moments(
     return corr if isinstance(sum_xx, torch.Tensor) else corr.numpy()
 
 
+def correlation_in_place(sum_x: torch.Tensor, sum_xx: torch.Tensor, n: int,
+                         eps: float = 1e-10, widths: Sequence[int] | None = None,
+                         tie_break: float = 0.0) -> torch.Tensor:
+    """:func:`correlation_from_moments` written over ``sum_xx`` (a float64 tensor, returned):
+    the same values, bit for bit, without a second [d, d] tensor."""
+    if not (isinstance(sum_xx, torch.Tensor) and sum_xx.dtype == torch.float64):
+        raise ConfigError("correlation_in_place needs sum_xx as a float64 torch tensor")
+    sx, sxx, ws, n, eps = _check_moments(sum_x, sum_xx, n, eps, widths)
+    return _correlation_tensor(sx, sxx, ws, n, eps, float(tie_break), in_place=True)
+
+
 def _correlation_tensor(sx: torch.Tensor, sxx: torch.Tensor, ws: list[int], n: int,
-                       eps: float = 1e-10, tie_break: float = 0.0) -> torch.Tensor:
+                       eps: float = 1e-10, tie_break: float = 0.0,
+                       in_place: bool = False) -> torch.Tensor:
     """:func:`correlation_from_moments` on checked float64 tensors, on their device, written
     into one new [d, d] tensor by blocks of rows (O(block * d) temporaries, no other d x d
     copy).  ``tie_break > 0`` lowers each correlation by at most ``tie_break`` as units'
-    means and spreads differ (``SpaceStats.correlation``)."""
+    means and spreads differ (``SpaceStats.correlation``).  ``in_place``: written over
+    ``sxx`` itself (no new [d, d] tensor): each block of rows is computed from column ``a`` on,
+    where ``sxx`` is still unread, and its left part mirrored from the rows above (the result
+    is exactly symmetric, so it is the same, bit for bit)."""
     d = sx.numel()
     mean = sx / n
     second_diag = (sxx.diagonal() + sxx.diagonal()) / (2.0 * n)
@@ -1050,31 +1132,62 @@ def _correlation_tensor(sx: torch.Tensor, sxx: torch.Tensor, ws: list[int], n: i
     std = torch.sqrt(torch.where(live, var, torch.ones_like(var)))
     dead = torch.nonzero(~live).flatten()
     spread = torch.sqrt(torch.clamp(sxx.diagonal() / n - mean ** 2, min=0.0))
-    corr = torch.empty((d, d), dtype=torch.float64, device=sx.device)
+    units = _Units(mean, std, dead, scale, spread, eps, tie_break)
+    corr = sxx if in_place else torch.empty((d, d), dtype=torch.float64, device=sx.device)
     work = torch.empty((2, min(_TILE, d), d), dtype=torch.float64, device=sx.device)
     for a in range(0, d, _TILE):
         b = min(a + _TILE, d)
-        tile, tmp, tmp2 = corr[a:b], work[0, :b - a], work[1, :b - a]
-        _transposed(sxx, a, b, d, tile)
-        tile += sxx[a:b]  # sxx[j, i] + sxx[i, j]: exactly symmetric
-        tile /= 2.0 * n
-        tile -= torch.outer(mean[a:b], mean, out=tmp)
-        tile /= torch.outer(std[a:b], std, out=tmp)
-        if dead.numel():
-            tile[:, dead] = 0.0
-            tile[(dead[(dead >= a) & (dead < b)] - a)] = 0.0
-        tile.clamp_(-1.0, 1.0)
-        rows = torch.nonzero(live[a:b]).flatten()
-        tile[rows, rows + a] = 1.0
-        _pair_constant_units(tile, a, dead, mean, scale, eps)
-        if tie_break > 0.0:  # tie_break * gap / size, in place in two scratch tiles
-            torch.sub(mean[a:b, None], mean[None, :], out=tmp).abs_()
-            tmp += torch.sub(spread[a:b, None], spread[None, :], out=tmp2).abs_()
-            size = mean.abs() + spread  # (|m_i| + s_i) + (|m_j| + s_j): exactly symmetric
-            torch.add(size[a:b, None], size[None, :], out=tmp2)
-            tmp *= tie_break
-            tile -= tmp.div_(tmp2.clamp_(min=1e-12))
+        c0 = a if in_place else 0  # the tile's first column
+        tile, tmp, tmp2 = corr[a:b, c0:], work[0, :b - a, :d - c0], work[1, :b - a, :d - c0]
+        if in_place:  # sxx[i, j] + sxx[j, i] for j >= a, before the rows a:b are overwritten
+            _transposed(sxx[a:], a, b, d - a, tmp)
+            tile += tmp
+        else:
+            _transposed(sxx, a, b, d, tile)
+            tile += sxx[a:b]  # sxx[j, i] + sxx[i, j]: exactly symmetric
+        _finish_tile(tile, a, c0, n, live, units, tmp, tmp2)
+        if in_place and a:
+            _transposed(corr, a, b, a, corr[a:b])  # the left part: rows above, transposed
     return corr
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Per-unit moments of :func:`_correlation_tensor`."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    dead: torch.Tensor
+    scale: torch.Tensor
+    spread: torch.Tensor
+    eps: float
+    tie_break: float
+
+
+def _finish_tile(tile: torch.Tensor, a: int, c0: int, n: int, live: torch.Tensor, u: _Units,
+                 tmp: torch.Tensor, tmp2: torch.Tensor) -> None:
+    """Rows ``a:a + len(tile)``, columns ``c0:`` of the correlation, in place, from the sums
+    ``sxx[i, j] + sxx[j, i]`` in ``tile``; ``tmp``, ``tmp2``: scratch of the tile's shape."""
+    b = a + tile.shape[0]
+    mean, std, dead = u.mean, u.std, u.dead
+    tile /= 2.0 * n
+    tile -= torch.outer(mean[a:b], mean[c0:], out=tmp)
+    tile /= torch.outer(std[a:b], std[c0:], out=tmp)
+    if dead.numel():
+        tile[:, dead[dead >= c0] - c0] = 0.0
+        tile[(dead[(dead >= a) & (dead < b)] - a)] = 0.0
+    tile.clamp_(-1.0, 1.0)
+    rows = torch.nonzero(live[a:b]).flatten()
+    tile[rows, rows + a - c0] = 1.0
+    _pair_constant_units(tile, a, c0, dead, mean, u.scale, u.eps)
+    if u.tie_break > 0.0:  # tie_break * gap / size, in place in two scratch tiles
+        spread = u.spread
+        torch.sub(mean[a:b, None], mean[None, c0:], out=tmp).abs_()
+        tmp += torch.sub(spread[a:b, None], spread[None, c0:], out=tmp2).abs_()
+        size = mean.abs() + spread  # (|m_i| + s_i) + (|m_j| + s_j): exactly symmetric
+        torch.add(size[a:b, None], size[None, c0:], out=tmp2)
+        tmp *= u.tie_break
+        tile -= tmp.div_(tmp2.clamp_(min=1e-12))
 
 
 def _check_moments(
@@ -1117,15 +1230,16 @@ def _transposed(c: torch.Tensor, a: int, b: int, stop: int, out: torch.Tensor) -
         out[:, k:e] = c[k:e, a:b].T
 
 
-def _pair_constant_units(tile: torch.Tensor, a: int, dead: torch.Tensor, mean: torch.Tensor,
-                         scale: torch.Tensor, eps: float) -> None:
-    """In place, on the rows ``a:a + len(tile)`` of the correlation: 1 between constant
-    units whose means agree within ``s_i + s_j``, ``s = sqrt(eps * scale)`` (the precision
-    their values are known to), else 0."""
+def _pair_constant_units(tile: torch.Tensor, a: int, c0: int, dead: torch.Tensor,
+                         mean: torch.Tensor, scale: torch.Tensor, eps: float) -> None:
+    """In place, on the rows ``a:a + len(tile)``, columns ``c0:`` of the correlation: 1
+    between constant units whose means agree within ``s_i + s_j``, ``s = sqrt(eps * scale)``
+    (the precision their values are known to), else 0."""
     rows = dead[(dead >= a) & (dead < a + tile.shape[0])]
+    cols = dead[dead >= c0]
     if rows.numel():
-        m = mean[dead]
-        s = torch.sqrt(eps * scale[dead])
+        m = mean[cols]
+        s = torch.sqrt(eps * scale[cols])
         same = ((mean[rows, None] - m[None, :]).abs()
                 <= torch.sqrt(eps * scale[rows])[:, None] + s[None, :])
-        tile[(rows - a)[:, None], dead[None, :]] = same.to(tile.dtype)
+        tile[(rows - a)[:, None], (cols - c0)[None, :]] = same.to(tile.dtype)

@@ -28,6 +28,9 @@ class SpacePlan:
     unmerge: list[np.ndarray]
     mean_correlation: float = float("nan")
     correlations: list[float] = field(default_factory=list)  # per merged group of >= 2 units
+    #: the groups of global unit indices M_i and U_i were built from (zip's), when known: their
+    #: nonzeros without reading the dense matrices (`SpaceTransforms.entries`)
+    groups: list[list[int]] | None = None
 
 
 def transformed_spaces(table: SpaceTable, merged: Collection[int]) -> set[int]:
@@ -84,6 +87,22 @@ class SpaceTransforms:
                     f"{i} and {self.get(0, sid, average).shape[0]} for model 0: a part of it "
                     f"that keeps the identity differs in width between the models")
         return self.cache[key]
+
+    def entries(self, i: int, sid: int, average: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The nonzeros (rows, columns, values; row-major) of `get(i, sid, average)` for a
+        space whose plan keeps its groups: M_i holds 1/|g| and U_iᵀ holds 1 at (group g, each
+        member of model i). None for any other space: read the matrix."""
+        plan = self.plans.get(sid)
+        if plan is None or plan.groups is None:
+            return None
+        off, width = sum(plan.widths[:i]), plan.widths[i]
+        unit = np.fromiter((u for g in plan.groups for u in g), dtype=np.int64)
+        sizes = np.array([len(g) for g in plan.groups], dtype=np.int64)
+        row = np.repeat(np.arange(len(plan.groups)), sizes)
+        own = (unit >= off) & (unit < off + width)
+        value = 1.0 / sizes.astype(np.float64)[row[own]] if average else np.ones(int(own.sum()))
+        return row[own], unit[own] - off, value
 
     def _own(self, i: int, sid: int, average: bool) -> np.ndarray | None:
         """A plan's matrix, the identity for a space that is not merged, None to compose."""

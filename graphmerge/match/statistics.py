@@ -9,6 +9,7 @@ all-reduced, so several processes give the result of one.
 from __future__ import annotations
 
 import logging
+import mmap
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from graphmerge.calibration import all_reduce, with_progress
+from graphmerge.calibration import all_reduce, distributed, with_progress
 from graphmerge.errors import ConfigError, DataError, GraphmergeError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.capture import set_eval
 from graphmerge.graph.lockstep import run_lockstep
-from graphmerge.match.matchers import correlation_from_moments
+from graphmerge.match.matchers import (_transposed, correlation_from_moments,
+                                       correlation_in_place)
 
 __all__ = ["SpaceStats", "UnitStats", "moments", "feature_module", "collect_stats", "unit_sums",
            "statistics_bytes"]
@@ -37,38 +39,57 @@ TIE_BREAK = 1e-6
 
 @dataclass
 class SpaceStats:
-    """Streamed moments of one space's concatenated features. Memory 8·(d² + d) bytes."""
+    """Streamed moments of one space's concatenated features. Memory 8·(d² + d) bytes at
+    most: while streaming, only the blocks of Σxxᵀ on and above the diagonal (model i against
+    model j >= i) are written, and on the CPU the blocks below take no memory until they are
+    mirrored (`_mirror`, when the whole matrix is read): 8·(Σ_i d_i² + Σ_{i<j} d_i d_j)."""
 
     widths: list[int]
     count: int = 0
     _sx: torch.Tensor | None = field(default=None, repr=False)
     _sxx: torch.Tensor | None = field(default=None, repr=False)
+    _mirrored: bool = field(default=True, repr=False)  # the blocks below hold their values
+    work: dict | None = field(default=None, repr=False, compare=False)  # products' scratch
 
     def add(self, rows: Sequence[torch.Tensor]) -> None:
         """rows: per model, its [n, d_i] features of the same n samples. Each batch's
         centred products are taken in the features' dtype (float32 or wider: fast, and
-        centred, so no cancellation), block by block (the blocks below the diagonal are the
-        transposes of those above), then added into the float64 sums."""
+        centred, so no cancellation), block by block, then added into the float64 sums of the
+        blocks on and above the diagonal (those below are their transposes, `_mirror`).
+        With `work` set (scratch shared between calls and spaces), the products are written
+        into one buffer instead of a fresh tensor each."""
         rows = [r.detach() if r.is_floating_point() and r.element_size() >= 4
                 else r.detach().float() for r in rows]
         if self._sx is None:
             d = sum(self.widths)
             self._sx = torch.zeros(d, dtype=torch.float64, device=rows[0].device)
-            self._sxx = torch.zeros(d, d, dtype=torch.float64, device=rows[0].device)
+            self._sxx = _zeros(d, rows[0].device)
         n = rows[0].shape[0]
         means = [r.mean(0, keepdim=True) for r in rows]
         centred = [r - m for r, m in zip(rows, means)]
+        mean = torch.cat(means, dim=1).reshape(-1).double()
         at = np.cumsum([0, *self.widths])
         for i, a in enumerate(centred):
             for j in range(i, len(centred)):
-                block = (a.T @ centred[j]).double()
-                self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]] += block
-                if j > i:
-                    self._sxx[at[j]:at[j + 1], at[i]:at[i + 1]] += block.T
-        mean = torch.cat(means, dim=1).reshape(-1).double()
+                block = self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]]
+                product = _scratch(self.work, (a.shape[1], centred[j].shape[1]), a)
+                block += torch.matmul(a.T, centred[j], out=product)  # added in float64
+                block.addr_(mean[at[i]:at[i + 1]], mean[at[j]:at[j + 1]], alpha=n)
+        self._mirrored = len(self.widths) == 1
         self._sx += n * mean
-        self._sxx.addr_(mean, mean, alpha=n)
         self.count += n
+
+    def _mirror(self) -> None:
+        """Each block below the diagonal becomes the transpose of its block above (exactly the
+        sums it would have streamed: the same terms in the same order)."""
+        if self._mirrored or self._sxx is None:
+            return
+        at = np.cumsum([0, *self.widths])
+        for i in range(len(self.widths)):
+            for j in range(i + 1, len(self.widths)):
+                _transposed(self._sxx[at[i]:at[i + 1]], at[j], at[j + 1], at[i + 1] - at[i],
+                            self._sxx[at[j]:at[j + 1], at[i]:at[i + 1]])
+        self._mirrored = True
 
     @property
     def sum_x(self) -> np.ndarray:
@@ -78,26 +99,35 @@ class SpaceStats:
     def sum_xx(self) -> np.ndarray:
         if self._sxx is None:
             return np.zeros((sum(self.widths),) * 2)
+        self._mirror()
         return self._sxx.cpu().numpy()
 
     def all_reduce(self) -> None:
+        if distributed()[1] > 1:
+            self._mirror()
         count = torch.tensor([float(self.count)], dtype=torch.float64,
                              device=self._sx.device if self._sx is not None else None)
         all_reduce(self._sx, self._sxx, count)
         self.count = int(count.item())
 
-    def correlation(self) -> torch.Tensor:
+    def correlation(self, consume: bool = False) -> torch.Tensor:
         """[d, d] float64 correlation, on the device of the sums (one new d x d tensor, built
-        by blocks of rows); a constant unit (relative to the scale of its model's units)
+        by blocks of rows; with `consume`, written over Σxxᵀ instead, which these statistics
+        then no longer hold: no second d x d tensor); a constant unit (relative to the scale of its model's units)
         correlates 1 with constant units of the same value and 0 with everything else
         (`correlation_from_moments`). Exact ties (units that are affine functions of each
         other on the data, e.g. in a rank-deficient layer) are broken toward units of equal
         mean and spread, by at most `TIE_BREAK`. Exactly symmetric."""
         d = sum(self.widths)
+        self._mirror()
         sx = self._sx if self._sx is not None else torch.zeros(d, dtype=torch.float64)
         sxx = self._sxx if self._sxx is not None else torch.zeros(d, d, dtype=torch.float64)
-        return correlation_from_moments(sx, sxx, self.count, widths=self.widths,
-                                        tie_break=TIE_BREAK)
+        if not consume:
+            return correlation_from_moments(sx, sxx, self.count, widths=self.widths,
+                                            tie_break=TIE_BREAK)
+        self._sxx = None
+        return correlation_in_place(sx, sxx, self.count, widths=self.widths,
+                                    tie_break=TIE_BREAK)
 
 
 def moments(sum_x: np.ndarray, sum_xx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -217,6 +247,7 @@ def collect_stats(
     stats: dict[Any, SpaceStats] = {}
     sums: list[dict[str, UnitStats]] = [{name: UnitStats() for name in units or {}}
                                         for _ in modules]
+    work: dict = {}  # the products' scratch, shared by every space
     for g, keys in enumerate(groups):
         taps: dict[str, list[tuple[Any, int, NodeAxis]]] = {}  # node -> (space, read, axis)
         for key in keys:
@@ -238,7 +269,7 @@ def collect_stats(
                     idx = _subsample(per_model[0], axis.dim, quota, gen)
                     rows = [unit_rows(v, axis.dim, idx) for v in per_model]
                     if key not in stats:
-                        stats[key] = SpaceStats([x.shape[1] for x in rows])
+                        stats[key] = SpaceStats([x.shape[1] for x in rows], work=work)
                     stats[key].add(rows)
                 if n.name in wanted:
                     for own, v in zip(sums, values):
@@ -267,7 +298,9 @@ def _check_finite(stats: dict[Any, SpaceStats], reads: dict[Any, list[list[NodeA
                   sums: list[dict[str, UnitStats]]) -> None:
     """NaN/inf in the features, found in their sums: named by model and node."""
     for key, s in stats.items():
-        bad = ~torch.isfinite(s._sx) | ~torch.isfinite(s._sxx).all(0)
+        at = np.cumsum([0, *s.widths])  # each model's own block: a unit's NaN shows in its column
+        bad = ~torch.isfinite(s._sx) | torch.cat([
+            ~torch.isfinite(s._sxx[a:b, a:b]).all(0) for a, b in zip(at[:-1], at[1:])])
         if bool(bad.any()):
             model = int(np.searchsorted(np.cumsum(s.widths), int(bad.nonzero()[0, 0]),
                                         side="right"))
@@ -281,6 +314,27 @@ def _check_finite(stats: dict[Any, SpaceStats], reads: dict[Any, list[list[NodeA
                 raise DataError(f"model {i} produces NaN/inf at node `{name}` on the "
                                 f"calibration data; check the model's weights and the input "
                                 f"scaling")
+
+
+def _scratch(work: dict | None, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
+    """An uninitialised [shape] tensor of `like`'s dtype and device, a view of one buffer in
+    `work` grown as needed (None without `work`: matmul allocates its result)."""
+    if work is None:
+        return None
+    key = (like.dtype, like.device)
+    size = shape[0] * shape[1]
+    if key not in work or work[key].numel() < size:
+        work[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+    return work[key][:size].view(shape)
+
+
+def _zeros(d: int, device: torch.device) -> torch.Tensor:
+    """A float64 [d, d] of zeros; on the CPU an anonymous mapping, whose pages take memory
+    only once written."""
+    if device.type != "cpu" or d * d < 1 << 17:
+        return torch.zeros(d, d, dtype=torch.float64, device=device)
+    return torch.from_numpy(np.frombuffer(mmap.mmap(-1, 8 * d * d), dtype=np.float64)
+                            .reshape(d, d))
 
 
 def statistics_bytes(width: int) -> int:

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from graphmerge.errors import MismatchError
+from graphmerge.graph.memory import give_back
 from graphmerge.match.heads import grouped, match_heads, renormalized
 from graphmerge.match.matchers import get_matcher, group_correlations
 from graphmerge.match.plans import SpacePlan
@@ -18,10 +19,13 @@ __all__ = ["match_spaces"]
 log = logging.getLogger(__name__)
 
 
-@merge_pass(needs=("stats",), provides=("plans",))
+@merge_pass(needs=("stats",), provides=("plans",), writes=("stats",))
 def match_spaces(ctx: MergeContext) -> None:
     """Run the configured matcher on every merged space's correlation matrix (a torch tensor
-    on the statistics' device, built once per space and read by the matcher there)."""
+    on the statistics' device, built once per space and read by the matcher there). Each
+    space's correlation is written over its Σxxᵀ, which is used up, and is the zip's scratch
+    (scores in its upper triangle, the correlations kept in its lower one): one d x d tensor
+    per space, freed once the space is matched."""
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
     check_width_spaces(cfg.width, set(ctx.stats), set(head_projections(
@@ -34,13 +38,17 @@ def match_spaces(ctx: MergeContext) -> None:
     for sid, st in ctx.stats.items():
         if sid in projections:
             continue
-        corr = st.correlation()
-        match = matcher(corr, st.widths, target_width(cfg.width, sid, st.widths), **options)
+        corr = st.correlation(consume=True)
+        match = matcher(corr, st.widths, target_width(cfg.width, sid, st.widths),
+                        overwrite=True, **options)  # its upper triangle: the zip's scores
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, cfg.method, match.merge,
                                    match.unmerge, match.mean_correlation,
-                                   group_correlations(corr, match.groups))
+                                   group_correlations(corr.mT, match.groups),
+                                   match.groups if cfg.method == "zip" else None)
+        del corr, match  # before the next space's correlation is built
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)
+    give_back()  # the statistics, used up
     log.info("matched %d spaces with %s", len(ctx.plans), cfg.method)
 
 
@@ -51,7 +59,8 @@ def _match_heads(ctx: MergeContext, tables: list, h: int, by_dim: dict[int, list
     merged head dim is the widest)."""
     counts = [t[h].width for t in tables]
     # the heads' projections are small spaces: match_heads pairs their dims on the host
-    hm = match_heads([ctx.stats[ks[0]].correlation().cpu().numpy() for ks in by_dim.values()],
+    hm = match_heads([ctx.stats[ks[0]].correlation(consume=True).cpu().numpy()
+                      for ks in by_dim.values()],
                      counts, [[t[d].width for t in tables] for d in by_dim], matcher,
                      target_width(ctx.config.width, h, counts),
                      fixed=[tables[0][d].frozen for d in by_dim],

@@ -23,12 +23,36 @@ from graphmerge.passes.manager import merge_pass
 __all__ = ["merge_parameters"]
 
 
-def _apply(t: torch.Tensor, dim: int, a: np.ndarray) -> torch.Tensor:
-    """Contract axis `dim` of t (size d) with a [r, d]: the axis becomes size r (on t's device,
-    in t's dtype)."""
-    moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=t.dtype), t,
-                            dims=([1], [dim]))
-    return moved.movedim(0, dim)
+#: a transform with at most this many nonzeros per output row on average is applied as a
+#: gather and a scatter-add (a matcher's merge matrix: 1 or a few members per merged unit)
+_SPARSE = 4
+
+
+def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype,
+           entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+    """Contract axis `dim` of t (size d) with a [r, d] in `dtype`: the axis becomes size r (on
+    t's device). A sparse `a` (the usual case: memberships and group averages) reads only the
+    rows of t it weights, converted to `dtype` once gathered (the same values as converting
+    first): O(nonzeros · rest) instead of a dense O(r · d · rest) product and a full copy.
+    `entries`: a's nonzeros (rows, columns, values; row-major) when known, so that `a`, mostly
+    zeros that never took memory, is not read."""
+    rows, cols = entries[:2] if entries is not None else np.nonzero(a)
+    if len(rows) > _SPARSE * a.shape[0]:
+        moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=dtype),
+                                t.to(dtype), dims=([1], [dim]))
+        return moved.movedim(0, dim)
+    picked = t.index_select(dim, torch.from_numpy(cols).to(t.device)).to(dtype)
+    weight = entries[2] if entries is not None else a[rows, cols]
+    if not (weight == 1.0).all():  # x * 1 is x: a selection needs no product
+        shape = [1] * t.dim()
+        shape[dim] = -1
+        picked *= torch.from_numpy(weight).to(device=t.device, dtype=dtype).reshape(shape)
+    if len(rows) == a.shape[0] and (rows == np.arange(len(rows))).all():
+        return picked  # one entry per row (nonzero lists rows in order)
+    size = list(t.shape)
+    size[dim] = a.shape[0]
+    out = torch.zeros(size, dtype=dtype, device=t.device)
+    return out.index_add_(dim, torch.from_numpy(rows).to(t.device), picked)
 
 
 @merge_pass(needs=("plans", "head_mode"), provides=("merged_state",))
@@ -51,12 +75,14 @@ def merge_parameters(ctx: MergeContext) -> None:
         avg_axis = next((d for d in outs if tx.merged(axes[d])), outs[0] if outs else None)
         total = None
         for i in range(ctx.n_models):
-            value = named[i][name].detach().double()
+            value = named[i][name].detach()  # float64 from its first transform on
             for dim, sid in sorted(axes.items()):
                 if tx.merged(sid):
-                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis))
+                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis), torch.float64,
+                                   tx.entries(i, sid, dim == avg_axis))
                 elif dim == avg_axis:  # the identity / N, without a dense [d, d] (a vocabulary)
-                    value = value / ctx.n_models
+                    value = value.double() / ctx.n_models
+            value = value.double()
             total = value if total is None else total + value
         if avg_axis is None:
             total = total / ctx.n_models
