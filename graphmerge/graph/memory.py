@@ -15,6 +15,9 @@ import ctypes.util
 import functools
 import gc
 import logging
+from collections.abc import Iterable
+
+import torch.nn as nn
 
 __all__ = ["give_back"]
 
@@ -30,9 +33,18 @@ def _trim():  # noqa: ANN202 - a C function or None
         return None
 
 
-def give_back() -> None:
+#: models of fewer parameter bytes than this are left alone: a full collection costs time
+#: that grows with everything the process holds (seconds in a long-lived one), and what it
+#: would return is small
+GIVE_BACK_BYTES = 128 << 20
+
+
+def give_back(models: Iterable[nn.Module] = ()) -> None:
     """Free the cyclic garbage, then return the allocator's free heap memory to the system,
-    where it can (glibc)."""
+    where it can (glibc); only when `models` hold at least `GIVE_BACK_BYTES` of parameters."""
+    held = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    if held < GIVE_BACK_BYTES:
+        return
     gc.collect()
     trim = _trim()
     if trim is not None:

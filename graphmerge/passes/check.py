@@ -43,7 +43,7 @@ def check_spaces(ctx: MergeContext) -> None:
             log.debug("the oracle on %d samples failed (%s: %s); checking the whole batch",
                       ORACLE_SAMPLES, type(exc).__name__, exc)
             _oracle(ctx, ctx.example_inputs)
-        give_back()  # the float64 copy and its values, before the statistics are streamed
+        give_back(ctx.models)  # the float64 copy and its values, before the statistics are streamed
     ctx.checked = ctx.config.check
 
 

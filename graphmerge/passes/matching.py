@@ -48,7 +48,7 @@ def match_spaces(ctx: MergeContext) -> None:
         del corr, match  # before the next space's correlation is built
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)
-    give_back()  # the statistics, used up
+    give_back(ctx.models)  # the statistics, used up
     log.info("matched %d spaces with %s", len(ctx.plans), cfg.method)
 
 
