@@ -334,7 +334,7 @@ def _zeros(d: int, device: torch.device) -> torch.Tensor:
     if device.type != "cpu" or d * d < 1 << 17:
         return torch.zeros(d, d, dtype=torch.float64, device=device)
     return torch.from_numpy(np.frombuffer(mmap.mmap(-1, 8 * d * d), dtype=np.float64)
-                            .reshape(d, d))
+                            .reshape(d, d)).to(device=device)  # (the CPU: no copy)
 
 
 def statistics_bytes(width: int) -> int:

@@ -41,7 +41,7 @@ def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype,
         moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=dtype),
                                 t.to(dtype), dims=([1], [dim]))
         return moved.movedim(0, dim)
-    picked = t.index_select(dim, torch.from_numpy(cols).to(t.device)).to(dtype)
+    picked = t.index_select(dim, torch.from_numpy(cols).to(device=t.device)).to(dtype)
     weight = entries[2] if entries is not None else a[rows, cols]
     if not (weight == 1.0).all():  # x * 1 is x: a selection needs no product
         shape = [1] * t.dim()
@@ -52,7 +52,7 @@ def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype,
     size = list(t.shape)
     size[dim] = a.shape[0]
     out = torch.zeros(size, dtype=dtype, device=t.device)
-    return out.index_add_(dim, torch.from_numpy(rows).to(t.device), picked)
+    return out.index_add_(dim, torch.from_numpy(rows).to(device=t.device), picked)
 
 
 @merge_pass(needs=("plans", "head_mode"), provides=("merged_state",))
