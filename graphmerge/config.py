@@ -104,7 +104,7 @@ class MergeConfig:
         "caller's models are copied, never moved.")
     max_memory: Any = _option(
         None, "a bound in bytes on the feature statistics (8·d² per space of d units summed "
-        "over the models); spaces that do not fit together are measured in several passes "
+        "over the models, 4·d² from 4096 units); spaces that do not fit together are measured in several passes "
         "over the calibration data, with the same result. It also bounds the activations "
         "REPAIR holds for its single pass (default 2 GiB; past it, one pass per level).")
     attention: str = _option(

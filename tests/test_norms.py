@@ -66,7 +66,7 @@ def test_every_point_gets_its_target_statistics(method):
     sums = [unit_sums(t.graph_module, wanted, _inputs(calibration), progress=False) for t in traced]
     after = unit_sums(result.module, wanted, _inputs(calibration), progress=False)
     for p in points:
-        mean, std = targets([np.asarray(m) for m in plans[p.space].merge],
+        mean, std = targets(plans[p.space],
                             [s[p.node].moments() for s in sums])
         got_mean, got_std = after[p.node].moments()
         np.testing.assert_allclose(got_mean, mean, atol=1e-4)
@@ -97,7 +97,7 @@ def test_batch_norm_points_set_running_statistics():
     assert point.kind == "batch_norm"
     sums = [unit_sums(gm.trace(m, x).graph_module, {point.node: 1}, _inputs(calibration),
                       progress=False) for m in (a, b)]
-    mean, std = targets([np.asarray(m) for m in result.plans[point.space].merge],
+    mean, std = targets(result.plans[point.space],
                         [s[point.node].moments() for s in sums])
     got = unit_sums(result.module, {point.node: 1}, _inputs(calibration),
                     progress=False)[point.node].moments()

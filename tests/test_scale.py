@@ -120,3 +120,52 @@ def test_the_zip_plans_nonzeros_give_the_merge_that_reading_the_matrices_gives(m
     read = gm.merge(models, data, progress=False).module.state_dict()
     assert known.keys() == read.keys()
     assert all(torch.equal(known[k], read[k]) for k in known)
+
+
+def test_the_zip_plans_averages_are_the_dense_merge_products():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 24), nn.ReLU(), nn.Linear(24, 3)) for _ in range(2)]
+    result = gm.merge(models, [(torch.randn(32, 5),)], progress=False)
+    rng = np.random.default_rng(0)
+    for plan in result.plans.values():
+        assert plan.groups is not None
+        values = [rng.standard_normal(w) for w in plan.widths]
+        dense = sum(np.asarray(m) @ v for m, v in zip(plan.merge, values))
+        np.testing.assert_allclose(plan.averaged(values), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_wide_statistics_summed_in_float32_give_the_float64_correlation(monkeypatch):
+    from graphmerge.match import statistics
+
+    gen = torch.Generator().manual_seed(1)
+    latent = torch.randn(300, 8, generator=gen)
+    # units with large means and small spreads: raw float32 sums would lose their variance
+    rows = [50.0 + torch.tanh(latent @ torch.randn(8, w, generator=gen)) for w in (40, 30)]
+    batches = [[r[k:k + 100] for r in rows] for k in range(0, 300, 100)]
+    got = {}
+    for units in (10, 10_000):  # float32 sums, then float64 ones
+        monkeypatch.setattr(statistics, "FLOAT32_UNITS", units)
+        st = SpaceStats([40, 30])
+        for b in batches:
+            st.add(b)
+        assert st._sxx.dtype == (torch.float32 if units == 10 else torch.float64)
+        got[units] = st.correlation()
+    torch.testing.assert_close(got[10], got[10_000], rtol=0, atol=2e-5)
+    x = torch.cat(rows, 1).double()
+    torch.testing.assert_close(got[10_000], torch.corrcoef(x.T), rtol=0, atol=1e-6)
+
+
+def test_the_oracle_screen_in_float32_falls_back_to_float64_before_refusing(monkeypatch):
+    from graphmerge.graph import rules
+    from graphmerge.passes import check
+
+    calls = []
+    oracle64 = check._oracle64
+    monkeypatch.setattr(check, "_oracle64", lambda ctx, x: calls.append(1) or oracle64(ctx, x))
+    x = torch.randn(16, 3)
+    gm.merge([_Cumulative(), _Cumulative()], [(x,)], progress=False)
+    assert not calls  # a correct table passes the screen: no float64 copy
+    monkeypatch.setitem(rules.RULES, torch.cumsum, rules.RULES[torch.relu])
+    with pytest.raises(gm.SpaceCheckError, match="cumsum"):
+        gm.merge([_Cumulative(), _Cumulative()], [(x,)], progress=False)
+    assert calls  # the verdict is the float64 oracle's

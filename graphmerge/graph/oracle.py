@@ -29,7 +29,7 @@ from graphmerge.graph.capture import (
 from graphmerge.graph.spaces import SpaceTable
 from graphmerge.graph.transforms import SELECTIONS, Selection, compose
 from graphmerge.inputs import as_inputs
-from graphmerge.graph.tensors import named_tensors
+from graphmerge.graph.tensors import named_tensors, take
 
 __all__ = ["draw_permutations", "apply_permutations", "permute", "check_spaces", "OracleReport",
            "output_error", "check_seed", "check_tolerance", "to_double", "double_copy"]
@@ -198,7 +198,7 @@ def _transform(value: torch.Tensor, dims: dict[int, int], perms: dict[int, torch
     for dim, sid in sorted(dims.items(), key=lambda item: perms[item[1]].dim()):
         perm = perms[sid].to(value.device)
         if perm.dim() == 1:
-            value = value.index_select(dim, perm)
+            value = take(value, dim, perm)
             continue
         heads = next((d for d, s in dims.items() if s == heads_of[sid]), None)
         if heads is None:  # grouped queries: heads × group laid out on one axis

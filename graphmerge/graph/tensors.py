@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["named_tensors", "canonical_names", "get_tensor", "set_tensor", "resize_axes",
+__all__ = ["named_tensors", "canonical_names", "get_tensor", "set_tensor", "take", "resize_axes",
            "sync_module_attributes"]
 
 
@@ -51,6 +51,15 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
             owner._buffers[leaf] = value
         else:
             setattr(owner, leaf, value)
+
+
+def take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """`t.index_select(dim, index)` as a gather (on a CPU several times faster off axis 0)."""
+    shape = list(t.shape)
+    shape[dim] = len(index)
+    view = [1] * t.dim()
+    view[dim] = -1
+    return t.gather(dim, index.to(t.device).view(view).expand(shape))
 
 
 def resize_axes(t: torch.Tensor, dims: dict[int, int], widths: dict[int, int]) -> torch.Tensor:

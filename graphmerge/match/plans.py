@@ -32,6 +32,18 @@ class SpacePlan:
     #: nonzeros without reading the dense matrices (`SpaceTransforms.entries`)
     groups: list[list[int]] | None = None
 
+    def averaged(self, values: Sequence[np.ndarray]) -> np.ndarray:
+        """Σ_i M_i v_i for per-model unit values v_i [d_i]: the merged units' averages, from the
+        groups when kept (each M_i holds 1/|g| at its members of group g: the dense M_i,
+        mostly zeros that never took memory, are not read)."""
+        if self.groups is None:
+            return sum(np.asarray(m) @ np.asarray(v) for m, v in zip(self.merge, values))
+        flat = np.concatenate([np.asarray(v, dtype=np.float64) for v in values])
+        sizes = np.array([len(g) for g in self.groups], dtype=np.int64)
+        members = np.fromiter((u for g in self.groups for u in g), dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        return np.add.reduceat(flat[members], starts) / sizes
+
 
 def transformed_spaces(table: SpaceTable, merged: Collection[int]) -> set[int]:
     """The spaces a merge transforms: `merged` (the planned base spaces) and every derived

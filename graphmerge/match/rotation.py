@@ -52,17 +52,16 @@ def procrustes(cross: torch.Tensor, ones: bool) -> tuple[torch.Tensor | None, fl
 def cross_moment(stats: SpaceStats, k: int) -> torch.Tensor:
     """x_kᵀ x_0 / n: the second moment (not centred) of model k's features against model 0's."""
     at = np.cumsum([0, *stats.widths])
-    # (the blocks on and above the diagonal are the ones accumulated: read x_0ᵀ x_k)
-    return stats._sxx[at[0]:at[1], at[k]:at[k + 1]].mT / max(stats.count, 1)
+    return stats.sums()[1][at[0]:at[1], at[k]:at[k + 1]].mT / max(stats.count, 1)
 
 
 def rotate_stats(stats: SpaceStats, qs: dict[int, torch.Tensor]) -> SpaceStats:
     """The moments after model k's features became x_k Q_k (per k in `qs`): Σx ← Σx Q,
     Σxxᵀ ← Tᵀ Σxxᵀ T with T block-diagonal (identity for the other models). A new object."""
-    stats._mirror()  # the whole Σxxᵀ is rotated
+    sum_x, sum_xx = stats.sums()
     at = np.cumsum([0, *stats.widths])
-    t = torch.eye(int(at[-1]), dtype=torch.float64, device=stats._sx.device)
+    t = torch.eye(int(at[-1]), dtype=torch.float64, device=sum_x.device)
     for k, q in qs.items():
         t[at[k]:at[k + 1], at[k]:at[k + 1]] = q.to(t)
-    sx = (stats._sx.reshape(1, -1) @ t).reshape(-1)
-    return SpaceStats(list(stats.widths), stats.count, _sx=sx, _sxx=t.T @ stats._sxx @ t)
+    sx = (sum_x.reshape(1, -1) @ t).reshape(-1)
+    return SpaceStats(list(stats.widths), stats.count, _sx=sx, _sxx=t.T @ sum_xx @ t)

@@ -2,7 +2,8 @@
 
 For every space to be matched, the features of all models (the activations the space's consumers
 read, each spatial or token position a sample) are concatenated along the unit axis and streamed
-into Σx [d] and Σxxᵀ [d, d] in float64, d = Σ_i d_i. Under `torch.distributed` the sums are
+into Σx [d] and Σxxᵀ [d, d] (float64; float32 for spaces of `FLOAT32_UNITS` units and more,
+shifted by the first batch's means), d = Σ_i d_i. Under `torch.distributed` the sums are
 all-reduced, so several processes give the result of one.
 """
 
@@ -27,7 +28,7 @@ from graphmerge.graph.lockstep import run_lockstep
 from graphmerge.match.matchers import (_transposed, correlation_from_moments,
                                        correlation_in_place)
 
-__all__ = ["SpaceStats", "UnitStats", "moments", "feature_module", "collect_stats", "unit_sums",
+__all__ = ["SpaceStats", "UnitStats", "moments", "widening_buffer", "feature_module", "collect_stats", "unit_sums",
            "statistics_bytes"]
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,26 @@ log = logging.getLogger(__name__)
 TIE_BREAK = 1e-6
 
 
+#: spaces of at least this many units (over all models) accumulate Σxxᵀ in float32: half the
+#: memory, and each batch's products added by the matrix product itself (a float64 sum costs a
+#: second pass over d² per batch, several times the product on a CPU). The sums are shifted
+#: by the first batch's means, so float32 rounds the centred moments, not the raw ones.
+FLOAT32_UNITS = 4096
+
+
+def sums_dtype(width: int) -> torch.dtype:
+    """The dtype of Σxxᵀ for a space of `width` units over all models."""
+    return torch.float32 if width >= FLOAT32_UNITS else torch.float64
+
+
 @dataclass
 class SpaceStats:
-    """Streamed moments of one space's concatenated features. Memory 8·(d² + d) bytes at
-    most: while streaming, only the blocks of Σxxᵀ on and above the diagonal (model i against
-    model j >= i) are written, and on the CPU the blocks below take no memory until they are
-    mirrored (`_mirror`, when the whole matrix is read): 8·(Σ_i d_i² + Σ_{i<j} d_i d_j)."""
+    """Streamed moments of one space's concatenated features, kept shifted by the first
+    batch's means c: Σ(x - c) [d] in float64, Σ(x - c)(x - c)ᵀ [d, d] in `sums_dtype(d)`.
+    `sums()` gives the moments of x itself, in float64. While streaming, only the blocks of
+    Σxxᵀ on and above the diagonal (model i against model j >= i) are written, and on the CPU
+    the blocks below take no memory until they are mirrored (`_mirror`, when the whole matrix
+    is read)."""
 
     widths: list[int]
     count: int = 0
@@ -50,34 +65,79 @@ class SpaceStats:
     _sxx: torch.Tensor | None = field(default=None, repr=False)
     _mirrored: bool = field(default=True, repr=False)  # the blocks below hold their values
     work: dict | None = field(default=None, repr=False, compare=False)  # products' scratch
+    _shift: torch.Tensor | None = field(default=None, repr=False)  # c, float64; None: unshifted
 
     def add(self, rows: Sequence[torch.Tensor]) -> None:
-        """rows: per model, its [n, d_i] features of the same n samples. Each batch's
-        centred products are taken in the features' dtype (float32 or wider: fast, and
-        centred, so no cancellation), block by block, then added into the float64 sums of the
-        blocks on and above the diagonal (those below are their transposes, `_mirror`).
-        With `work` set (scratch shared between calls and spaces), the products are written
-        into one buffer instead of a fresh tensor each."""
+        """rows: per model, its [n, d_i] features of the same n samples. Each batch is centred
+        on its own means m (no cancellation in its products), and Σ(x - c)(x - c)ᵀ gets its
+        centred products plus n (m - c)(m - c)ᵀ. The products are taken in the features'
+        dtype (float32 or wider) block by block, and added to the blocks on and above the
+        diagonal (those below are their transposes, `_mirror`): by the product itself where
+        the sums have the features' dtype, else through `work` (scratch shared between calls
+        and spaces) or a fresh tensor."""
         rows = [r.detach() if r.is_floating_point() and r.element_size() >= 4
                 else r.detach().float() for r in rows]
-        if self._sx is None:
-            d = sum(self.widths)
-            self._sx = torch.zeros(d, dtype=torch.float64, device=rows[0].device)
-            self._sxx = _zeros(d, rows[0].device)
+        at = np.cumsum([0, *self.widths])
         n = rows[0].shape[0]
         means = [r.mean(0, keepdim=True) for r in rows]
+        if self._sx is None:
+            d = int(at[-1])
+            self._shift = torch.cat(means, dim=1).reshape(-1).double()
+            self._sx = torch.zeros(d, dtype=torch.float64, device=rows[0].device)
+            self._sxx = _zeros(d, rows[0].device, sums_dtype(d))
+        moved = torch.cat(means, dim=1).reshape(-1).double() - self._shift  # m - c
         centred = [r - m for r, m in zip(rows, means)]
-        mean = torch.cat(means, dim=1).reshape(-1).double()
-        at = np.cumsum([0, *self.widths])
+        step = moved.to(self._sxx.dtype)
         for i, a in enumerate(centred):
             for j in range(i, len(centred)):
                 block = self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]]
-                product = _scratch(self.work, (a.shape[1], centred[j].shape[1]), a)
-                block += torch.matmul(a.T, centred[j], out=product)  # added in float64
-                block.addr_(mean[at[i]:at[i + 1]], mean[at[j]:at[j + 1]], alpha=n)
+                if block.dtype == a.dtype:
+                    block.addmm_(a.T, centred[j])
+                else:
+                    product = _scratch(self.work, (a.shape[1], centred[j].shape[1]), a)
+                    block += torch.matmul(a.T, centred[j], out=product)
+                block.addr_(step[at[i]:at[i + 1]], step[at[j]:at[j + 1]], alpha=n)
         self._mirrored = len(self.widths) == 1
-        self._sx += n * mean
+        self._sx += n * moved
         self.count += n
+
+    def sums(self, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σx [d], Σxxᵀ [d, d]) of the features themselves, float64, whole (mirrored). The
+        shifted sums are converted once, in place of themselves (Σxxᵀ += c sᵀ + s cᵀ + n c cᵀ
+        for s = Σ(x - c): float64 holds the raw moments that float32 would not); float32 ones
+        into the first d² elements of `into` (a float64 buffer, reused from space to space:
+        its memory is not mapped afresh) when it has them, else into a new tensor."""
+        if self._sxx is None:
+            d = sum(self.widths)
+            return torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        if self._shift is not None:
+            self._sxx = self._widened(into)
+            self._mirror()
+            c, s = self._shift, self._sx
+            u = s + (self.count / 2) * c  # c uᵀ + u cᵀ = c sᵀ + s cᵀ + n c cᵀ
+            self._sxx.addr_(c, u).addr_(u, c)
+            self._sx = s + self.count * c
+            self._shift = None
+        self._mirror()
+        return self._sx, self._sxx
+
+    def _widened(self, into: torch.Tensor | None) -> torch.Tensor:
+        """Σxxᵀ in float64: itself when it is, else its written blocks copied into `into`
+        (or a new tensor); the blocks below are mirrored afterwards."""
+        if self._sxx.dtype == torch.float64:
+            return self._sxx
+        d = self._sxx.shape[0]
+        if into is not None and into.dtype == torch.float64 and into.numel() >= d * d \
+                and into.device == self._sxx.device:
+            out = into.view(-1)[:d * d].view(d, d)
+        else:
+            out = torch.empty(d, d, dtype=torch.float64, device=self._sxx.device)
+        at = np.cumsum([0, *self.widths])
+        for i in range(len(self.widths)):
+            rows = slice(at[i], at[i + 1])
+            start = at[i] if not self._mirrored else 0
+            out[rows, start:].copy_(self._sxx[rows, start:])
+        return out
 
     def _mirror(self) -> None:
         """Each block below the diagonal becomes the transpose of its block above (exactly the
@@ -93,41 +153,47 @@ class SpaceStats:
 
     @property
     def sum_x(self) -> np.ndarray:
-        return self._sx.cpu().numpy() if self._sx is not None else np.zeros(sum(self.widths))
+        return self.sums()[0].cpu().numpy()
 
     @property
     def sum_xx(self) -> np.ndarray:
-        if self._sxx is None:
-            return np.zeros((sum(self.widths),) * 2)
-        self._mirror()
-        return self._sxx.cpu().numpy()
+        return self.sums()[1].cpu().numpy()
 
     def all_reduce(self) -> None:
-        if distributed()[1] > 1:
-            self._mirror()
+        if distributed()[1] > 1 and self._sxx is not None:
+            self.sums()  # each process has its own shift: the raw moments add up
         count = torch.tensor([float(self.count)], dtype=torch.float64,
                              device=self._sx.device if self._sx is not None else None)
         all_reduce(self._sx, self._sxx, count)
         self.count = int(count.item())
 
-    def correlation(self, consume: bool = False) -> torch.Tensor:
+    def correlation(self, consume: bool = False, into: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """[d, d] float64 correlation, on the device of the sums (one new d x d tensor, built
         by blocks of rows; with `consume`, written over Σxxᵀ instead, which these statistics
-        then no longer hold: no second d x d tensor); a constant unit (relative to the scale of its model's units)
-        correlates 1 with constant units of the same value and 0 with everything else
-        (`correlation_from_moments`). Exact ties (units that are affine functions of each
-        other on the data, e.g. in a rank-deficient layer) are broken toward units of equal
-        mean and spread, by at most `TIE_BREAK`. Exactly symmetric."""
-        d = sum(self.widths)
-        self._mirror()
-        sx = self._sx if self._sx is not None else torch.zeros(d, dtype=torch.float64)
-        sxx = self._sxx if self._sxx is not None else torch.zeros(d, d, dtype=torch.float64)
+        then no longer hold: no second d x d tensor); a constant unit (relative to the scale
+        of its model's units) correlates 1 with constant units of the same value and 0 with
+        everything else (`correlation_from_moments`). Exact ties (units that are affine
+        functions of each other on the data, e.g. in a rank-deficient layer) are broken toward
+        units of equal mean and spread, by at most `TIE_BREAK`. Exactly symmetric. `into`:
+        as in `sums`, where the float64 sums are written (and, with `consume`, the result)."""
+        sx, sxx = self.sums(into)
         if not consume:
             return correlation_from_moments(sx, sxx, self.count, widths=self.widths,
                                             tie_break=TIE_BREAK)
         self._sxx = None
         return correlation_in_place(sx, sxx, self.count, widths=self.widths,
                                     tie_break=TIE_BREAK)
+
+
+def widening_buffer(stats: Iterable[SpaceStats]) -> torch.Tensor | None:
+    """One float64 buffer for the widest of `stats` whose sums are float32 (None: none are),
+    to widen them one after another (`SpaceStats.sums(into=...)`) in the same memory."""
+    wide = [s for s in stats if s._sxx is not None and s._sxx.dtype != torch.float64]
+    if not wide:
+        return None
+    top = max(wide, key=lambda s: s._sxx.numel())
+    return torch.empty(top._sxx.numel(), dtype=torch.float64, device=top._sxx.device)
 
 
 def moments(sum_x: np.ndarray, sum_xx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -230,9 +296,9 @@ def collect_stats(
             transformable axes, whose positions differ between models).
         max_rows: at most this many sample rows per space and batch, shared equally by its
             reads; larger feature maps are subsampled with the same rows in every model.
-        max_memory: bound in bytes on the space statistics held at once (8·d² per space of
-            d = Σ_i d_i units); more spaces are measured over several passes, each space
-            exactly as in one pass.
+        max_memory: bound in bytes on the space statistics held at once (`statistics_bytes`:
+            8·d² or 4·d² per space of d = Σ_i d_i units); more spaces are measured over
+            several passes, each space exactly as in one pass.
 
     Returns:
         the space statistics, and per model {node: UnitStats}.
@@ -328,18 +394,19 @@ def _scratch(work: dict | None, shape: tuple[int, int], like: torch.Tensor) -> t
     return work[key][:size].view(shape)
 
 
-def _zeros(d: int, device: torch.device) -> torch.Tensor:
-    """A float64 [d, d] of zeros; on the CPU an anonymous mapping, whose pages take memory
-    only once written."""
+def _zeros(d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A [d, d] of zeros; on the CPU an anonymous mapping, whose pages take memory only once
+    written."""
     if device.type != "cpu" or d * d < 1 << 17:
-        return torch.zeros(d, d, dtype=torch.float64, device=device)
-    return torch.from_numpy(np.frombuffer(mmap.mmap(-1, 8 * d * d), dtype=np.float64)
-                            .reshape(d, d)).to(device=device)  # (the CPU: no copy)
+        return torch.zeros(d, d, dtype=dtype, device=device)
+    size = d * d * dtype.itemsize
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(d, d)  # (no copy)
 
 
 def statistics_bytes(width: int) -> int:
-    """Memory of one space's statistics: Σxxᵀ and Σx in float64 for d = Σ_i d_i units."""
-    return 8 * (width * width + width)
+    """Memory of one space's statistics while they are streamed: Σxxᵀ (`sums_dtype`) and Σx
+    for d = Σ_i d_i units."""
+    return sums_dtype(width).itemsize * width * width + 8 * width
 
 
 def _groups(keys: list[Any], widths: dict[Any, int], max_memory: int | None
@@ -352,7 +419,7 @@ def _groups(keys: list[Any], widths: dict[Any, int], max_memory: int | None
     too_big = [k for k in keys if sizes[k] > max_memory]
     if too_big:
         raise ConfigError(f"max_memory={max_memory:,} bytes is less than the statistics of "
-                          f"space {too_big[0]} alone ({sizes[too_big[0]]:,} bytes = 8·(d²+d) "
+                          f"space {too_big[0]} alone ({sizes[too_big[0]]:,} bytes: Σxxᵀ and Σx "
                           f"for its d = {widths[too_big[0]]} units over all models); raise "
                           f"max_memory")
     groups: list[list[Any]] = [[]]

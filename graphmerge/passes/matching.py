@@ -10,6 +10,7 @@ from graphmerge.graph.memory import give_back
 from graphmerge.match.heads import grouped, match_heads, renormalized
 from graphmerge.match.matchers import get_matcher, group_correlations
 from graphmerge.match.plans import SpacePlan
+from graphmerge.match.statistics import widening_buffer
 from graphmerge.match.selection import check_width_spaces, head_projections, target_width
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
@@ -25,7 +26,8 @@ def match_spaces(ctx: MergeContext) -> None:
     on the statistics' device, built once per space and read by the matcher there). Each
     space's correlation is written over its Σxxᵀ, which is used up, and is the zip's scratch
     (scores in its upper triangle, the correlations kept in its lower one): one d x d tensor
-    per space, freed once the space is matched."""
+    per space, freed once the space is matched (the spaces whose sums are float32 are widened
+    one after another in one float64 buffer)."""
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
     check_width_spaces(cfg.width, set(ctx.stats), set(head_projections(
@@ -35,19 +37,21 @@ def match_spaces(ctx: MergeContext) -> None:
     tables = [t.space_table for t in ctx.traced]
     heads = head_projections(tables[0], cfg.attention)
     projections = {by_dim[d][0] for by_dim in heads.values() for d in by_dim}
+    buffer = widening_buffer(st for sid, st in ctx.stats.items() if sid not in projections)
     for sid, st in ctx.stats.items():
         if sid in projections:
             continue
-        corr = st.correlation(consume=True)
+        corr = st.correlation(consume=True, into=buffer)
         match = matcher(corr, st.widths, target_width(cfg.width, sid, st.widths),
                         overwrite=True, **options)  # its upper triangle: the zip's scores
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, cfg.method, match.merge,
                                    match.unmerge, match.mean_correlation,
                                    group_correlations(corr.mT, match.groups),
                                    match.groups if cfg.method == "zip" else None)
-        del corr, match  # before the next space's correlation is built
+        del corr, match  # before the next space's correlation is built (in the buffer)
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)
+    del buffer
     give_back(ctx.models)  # the statistics, used up
     log.info("matched %d spaces with %s", len(ctx.plans), cfg.method)
 

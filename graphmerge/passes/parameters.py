@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from graphmerge.graph.tensors import canonical_names, named_tensors
+from graphmerge.graph.tensors import canonical_names, named_tensors, take
 from graphmerge.match.plans import SpaceTransforms
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
@@ -41,7 +41,7 @@ def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype,
         moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=dtype),
                                 t.to(dtype), dims=([1], [dim]))
         return moved.movedim(0, dim)
-    picked = t.index_select(dim, torch.from_numpy(cols).to(device=t.device)).to(dtype)
+    picked = take(t, dim, torch.from_numpy(cols)).to(dtype)
     weight = entries[2] if entries is not None else a[rows, cols]
     if not (weight == 1.0).all():  # x * 1 is x: a selection needs no product
         shape = [1] * t.dim()
@@ -57,7 +57,8 @@ def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype,
 
 @merge_pass(needs=("plans", "head_mode"), provides=("merged_state",))
 def merge_parameters(ctx: MergeContext) -> None:
-    """Every merged parameter and buffer of model 0's graph (computed in float64, cast back)."""
+    """Every merged parameter and buffer of model 0's graph (computed in float32, or float64
+    for a float64 model, and cast back: a merged unit averages a few members)."""
     tx = SpaceTransforms([t.space_table for t in ctx.traced], ctx.plans, ctx.n_models)
     tables = tx.tables
     roles = {(a.param, a.dim): a.role for s in tables[0] for a in s.params}
@@ -74,15 +75,16 @@ def merge_parameters(ctx: MergeContext) -> None:
         outs = [d for d in sorted(axes) if roles.get((name, d)) == "out"]
         avg_axis = next((d for d in outs if tx.merged(axes[d])), outs[0] if outs else None)
         total = None
+        work = torch.promote_types(ref.dtype, torch.float32)
         for i in range(ctx.n_models):
-            value = named[i][name].detach()  # float64 from its first transform on
+            value = named[i][name].detach()  # in `work` from its first transform on
             for dim, sid in sorted(axes.items()):
                 if tx.merged(sid):
-                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis), torch.float64,
+                    value = _apply(value, dim, tx.get(i, sid, dim == avg_axis), work,
                                    tx.entries(i, sid, dim == avg_axis))
                 elif dim == avg_axis:  # the identity / N, without a dense [d, d] (a vocabulary)
-                    value = value.double() / ctx.n_models
-            value = value.double()
+                    value = value.to(work) / ctx.n_models
+            value = value.to(work)
             total = value if total is None else total + value
         if avg_axis is None:
             total = total / ctx.n_models

@@ -219,8 +219,7 @@ def repair_module(inputs: NormInputs) -> int:
     points = repair_points(inputs.traced[0], set(plans))
     if points:
         repair_in_order(inputs.module, points, lambda p: p.measure, lambda p: targets(
-            [np.asarray(m) for m in plans[p.space].merge],
-            [own[p.node].moments() for own in inputs.unit_stats]),
+            plans[p.space], [own[p.node].moments() for own in inputs.unit_stats]),
             inputs.calibration, budget=inputs.budget, progress=inputs.progress)
     return len(points)
 

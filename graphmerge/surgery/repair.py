@@ -40,6 +40,7 @@ from graphmerge.graph.kinds import (
     tensor_args,
 )
 from graphmerge.graph.tensors import canonical_names, get_tensor, set_tensor
+from graphmerge.match.plans import SpacePlan
 from graphmerge.match.statistics import moments  # re-exported: streamed sums live in match
 
 __all__ = ["RepairPoint", "repair_points", "by_level", "targets", "repair", "moments"]
@@ -120,12 +121,11 @@ def _levels(graph: fx.Graph, points: list[RepairPoint]) -> list[RepairPoint]:
     return out
 
 
-def targets(merge: Sequence[np.ndarray],
+def targets(plan: SpacePlan,
             moments: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The merged units' target mean and std: Σ_i merge_i · (mean_i, std_i)."""
-    mean = sum(m @ mu for m, (mu, _) in zip(merge, moments))
-    std = sum(m @ sd for m, (_, sd) in zip(merge, moments))
-    return mean, std
+    """The merged units' target mean and std: Σ_i M_i · (mean_i, std_i)."""
+    return (plan.averaged([mu for mu, _ in moments]),
+            plan.averaged([sd for _, sd in moments]))
 
 
 def repair(module: fx.GraphModule, point: RepairPoint, measured: tuple[np.ndarray, np.ndarray],
