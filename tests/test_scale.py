@@ -169,3 +169,20 @@ def test_the_oracle_screen_in_float32_falls_back_to_float64_before_refusing(monk
     with pytest.raises(gm.SpaceCheckError, match="cumsum"):
         gm.merge([_Cumulative(), _Cumulative()], [(x,)], progress=False)
     assert calls  # the verdict is the float64 oracle's
+
+
+@pytest.mark.parametrize("widths", [[20, 15, 9], [23]])
+def test_sums_written_by_chunks_above_the_diagonal_are_the_whole_sums(monkeypatch, widths):
+    from graphmerge.match import statistics
+
+    monkeypatch.setattr(statistics, "CHUNK", 7)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(50, w, generator=gen, dtype=torch.float64) + 3 for w in widths]
+    st = SpaceStats(list(widths))
+    st.add([r[:25] for r in rows])
+    st.add([r[25:] for r in rows])
+    assert len(st._cuts()) > len(widths) + 1  # the models' own blocks are chunked
+    x = torch.cat(rows, 1)
+    sx, sxx = st.sums()
+    torch.testing.assert_close(sx, x.sum(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(sxx, x.T @ x, rtol=1e-12, atol=1e-9)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import mmap
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,10 @@ TIE_BREAK = 1e-6
 #: by the first batch's means, so float32 rounds the centred moments, not the raw ones.
 FLOAT32_UNITS = 4096
 
+#: a model's own block of Σxxᵀ is symmetric: from twice this many units on, it is written in
+#: chunks of about this many, only those on and above its diagonal (`SpaceStats._pieces`)
+CHUNK = 1024
+
 
 def sums_dtype(width: int) -> torch.dtype:
     """The dtype of Σxxᵀ for a space of `width` units over all models."""
@@ -55,7 +59,8 @@ class SpaceStats:
     """Streamed moments of one space's concatenated features, kept shifted by the first
     batch's means c: Σ(x - c) [d] in float64, Σ(x - c)(x - c)ᵀ [d, d] in `sums_dtype(d)`.
     `sums()` gives the moments of x itself, in float64. While streaming, only the blocks of
-    Σxxᵀ on and above the diagonal (model i against model j >= i) are written, and on the CPU
+    Σxxᵀ on and above the diagonal (`_pieces`: model i against model j > i, and the chunks of
+    each model's own block on and above its diagonal) are written, and on the CPU
     the blocks below take no memory until they are mirrored (`_mirror`, when the whole matrix
     is read)."""
 
@@ -71,35 +76,55 @@ class SpaceStats:
         """rows: per model, its [n, d_i] features of the same n samples. Each batch is centred
         on its own means m (no cancellation in its products), and Σ(x - c)(x - c)ᵀ gets its
         centred products plus n (m - c)(m - c)ᵀ. The products are taken in the features'
-        dtype (float32 or wider) block by block, and added to the blocks on and above the
-        diagonal (those below are their transposes, `_mirror`): by the product itself where
-        the sums have the features' dtype, else through `work` (scratch shared between calls
-        and spaces) or a fresh tensor."""
+        dtype (float32 or wider) block by block (`_pieces`: only those on and above the
+        diagonal; those below are their transposes, `_mirror`): added by the product itself
+        where the sums have the features' dtype, else through `work` (scratch shared between
+        calls and spaces) or a fresh tensor."""
         rows = [r.detach() if r.is_floating_point() and r.element_size() >= 4
                 else r.detach().float() for r in rows]
-        at = np.cumsum([0, *self.widths])
         n = rows[0].shape[0]
         means = [r.mean(0, keepdim=True) for r in rows]
         if self._sx is None:
-            d = int(at[-1])
+            d = sum(self.widths)
             self._shift = torch.cat(means, dim=1).reshape(-1).double()
             self._sx = torch.zeros(d, dtype=torch.float64, device=rows[0].device)
             self._sxx = _zeros(d, rows[0].device, sums_dtype(d))
         moved = torch.cat(means, dim=1).reshape(-1).double() - self._shift  # m - c
-        centred = [r - m for r, m in zip(rows, means)]
+        centred = torch.cat([r - m for r, m in zip(rows, means)], dim=1)
         step = moved.to(self._sxx.dtype)
-        for i, a in enumerate(centred):
-            for j in range(i, len(centred)):
-                block = self._sxx[at[i]:at[i + 1], at[j]:at[j + 1]]
-                if block.dtype == a.dtype:
-                    block.addmm_(a.T, centred[j])
-                else:
-                    product = _scratch(self.work, (a.shape[1], centred[j].shape[1]), a)
-                    block += torch.matmul(a.T, centred[j], out=product)
-                block.addr_(step[at[i]:at[i + 1]], step[at[j]:at[j + 1]], alpha=n)
-        self._mirrored = len(self.widths) == 1
+        for r, c in self._pieces():
+            block, left, right = self._sxx[r, c], centred[:, r], centred[:, c]
+            if block.dtype == left.dtype:
+                block.addmm_(left.T, right)
+            else:
+                product = _scratch(self.work, (left.shape[1], right.shape[1]), left)
+                block += torch.matmul(left.T, right, out=product)
+            block.addr_(step[r], step[c], alpha=n)
+        self._mirrored = len(self._cuts()) == 2
         self._sx += n * moved
         self.count += n
+
+    def _cuts(self) -> np.ndarray:
+        """The bounds of the blocks the sums are written in: each model's units, in chunks of
+        about `CHUNK` when it has at least twice as many."""
+        cuts = [0]
+        for w in self.widths:
+            k, base = max(1, w // CHUNK), cuts[-1]
+            cuts.extend(base + int(x) for x in np.linspace(0, w, k + 1).round()[1:])
+        return np.array(cuts)
+
+    def _pieces(self) -> Iterator[tuple[slice, slice]]:
+        """(rows, columns) of the blocks a batch is added to: each pair of models (i < j)
+        whole, and each model's own symmetric block by its chunks on and above the diagonal
+        (about half the products)."""
+        at, cuts = np.cumsum([0, *self.widths]), self._cuts()
+        for i in range(len(self.widths)):
+            own = [k for k in range(len(cuts) - 1) if at[i] <= cuts[k] < at[i + 1]]
+            for p in own:
+                for q in own[own.index(p):]:
+                    yield slice(cuts[p], cuts[p + 1]), slice(cuts[q], cuts[q + 1])
+            for j in range(i + 1, len(self.widths)):
+                yield slice(at[i], at[i + 1]), slice(at[j], at[j + 1])
 
     def sums(self, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σx [d], Σxxᵀ [d, d]) of the features themselves, float64, whole (mirrored). The
@@ -132,10 +157,10 @@ class SpaceStats:
             out = into.view(-1)[:d * d].view(d, d)
         else:
             out = torch.empty(d, d, dtype=torch.float64, device=self._sxx.device)
-        at = np.cumsum([0, *self.widths])
-        for i in range(len(self.widths)):
-            rows = slice(at[i], at[i + 1])
-            start = at[i] if not self._mirrored else 0
+        cuts = self._cuts()
+        for p in range(len(cuts) - 1):
+            rows = slice(cuts[p], cuts[p + 1])
+            start = cuts[p] if not self._mirrored else 0
             out[rows, start:].copy_(self._sxx[rows, start:])
         return out
 
@@ -144,9 +169,9 @@ class SpaceStats:
         sums it would have streamed: the same terms in the same order)."""
         if self._mirrored or self._sxx is None:
             return
-        at = np.cumsum([0, *self.widths])
-        for i in range(len(self.widths)):
-            for j in range(i + 1, len(self.widths)):
+        at = self._cuts()
+        for i in range(len(at) - 1):
+            for j in range(i + 1, len(at) - 1):
                 _transposed(self._sxx[at[i]:at[i + 1]], at[j], at[j + 1], at[i + 1] - at[i],
                             self._sxx[at[j]:at[j + 1], at[i]:at[i + 1]])
         self._mirrored = True
@@ -363,10 +388,8 @@ def _subsample(value: torch.Tensor, dim: int, max_rows: int,
 def _check_finite(stats: dict[Any, SpaceStats], reads: dict[Any, list[list[NodeAxis]]],
                   sums: list[dict[str, UnitStats]]) -> None:
     """NaN/inf in the features, found in their sums: named by model and node."""
-    for key, s in stats.items():
-        at = np.cumsum([0, *s.widths])  # each model's own block: a unit's NaN shows in its column
-        bad = ~torch.isfinite(s._sx) | torch.cat([
-            ~torch.isfinite(s._sxx[a:b, a:b]).all(0) for a, b in zip(at[:-1], at[1:])])
+    for key, s in stats.items():  # a unit's NaN/inf shows in its Σx² (O(d), no d² read)
+        bad = ~torch.isfinite(s._sx) | ~torch.isfinite(s._sxx.diagonal())
         if bool(bad.any()):
             model = int(np.searchsorted(np.cumsum(s.widths), int(bad.nonzero()[0, 0]),
                                         side="right"))
