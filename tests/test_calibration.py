@@ -76,6 +76,22 @@ def test_a_memory_bound_measures_spaces_in_several_passes_with_the_same_result()
         gm.merge(models, data, max_memory=100, progress=False)
 
 
+def test_under_a_memory_bound_a_pass_runs_when_its_spaces_are_read_and_used_ones_are_released(
+        monkeypatch):
+    from graphmerge.match import statistics
+
+    held, keep = [], statistics.StreamedStats._keep
+
+    def keeping(self, g, stats):
+        keep(self, g, stats)
+        held.append(sum(statistics.statistics_bytes(sum(s.widths))
+                        for s in self._held.values() if s._sxx is not None))
+    monkeypatch.setattr(statistics.StreamedStats, "_keep", keeping)
+    gm.merge(_models(), _batches(), max_memory=200_000, progress=False)
+    assert len(held) > 1  # several passes, each run as the matching reached it
+    assert max(held) <= 200_000  # one pass's statistics: those matched were released
+
+
 def test_devices_are_validated_and_the_callers_models_stay_put():
     models, data = _models(), _batches(2)
     before = [m.state_dict() for m in models]

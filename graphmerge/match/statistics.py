@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import mmap
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +28,8 @@ from graphmerge.graph.lockstep import run_lockstep
 from graphmerge.match.matchers import (_transposed, correlation_from_moments,
                                        correlation_in_place)
 
-__all__ = ["SpaceStats", "UnitStats", "moments", "widening_buffer", "feature_module", "collect_stats", "unit_sums",
-           "statistics_bytes"]
+__all__ = ["SpaceStats", "UnitStats", "moments", "StreamedStats", "feature_module",
+           "collect_stats", "unit_sums", "statistics_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +126,17 @@ class SpaceStats:
             for j in range(i + 1, len(self.widths)):
                 yield slice(at[i], at[i + 1]), slice(at[j], at[j + 1])
 
-    def sums(self, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sums(self, pool: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σx [d], Σxxᵀ [d, d]) of the features themselves, float64, whole (mirrored). The
         shifted sums are converted once, in place of themselves (Σxxᵀ += c sᵀ + s cᵀ + n c cᵀ
         for s = Σ(x - c): float64 holds the raw moments that float32 would not); float32 ones
-        into the first d² elements of `into` (a float64 buffer, reused from space to space:
-        its memory is not mapped afresh) when it has them, else into a new tensor."""
+        into a float64 buffer kept in `pool` (reused from space to space, and grown as needed:
+        its memory is not mapped afresh), else into a new tensor."""
         if self._sxx is None:
             d = sum(self.widths)
             return torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         if self._shift is not None:
-            self._sxx = self._widened(into)
+            self._sxx = self._widened(pool)
             self._mirror()
             c, s = self._shift, self._sx
             u = s + (self.count / 2) * c  # c uᵀ + u cᵀ = c sᵀ + s cᵀ + n c cᵀ
@@ -146,17 +146,15 @@ class SpaceStats:
         self._mirror()
         return self._sx, self._sxx
 
-    def _widened(self, into: torch.Tensor | None) -> torch.Tensor:
-        """Σxxᵀ in float64: itself when it is, else its written blocks copied into `into`
-        (or a new tensor); the blocks below are mirrored afterwards."""
+    def _widened(self, pool: dict | None) -> torch.Tensor:
+        """Σxxᵀ in float64: itself when it is, else its written blocks copied into the pool's
+        buffer (or a new tensor); the blocks below are mirrored afterwards."""
         if self._sxx.dtype == torch.float64:
             return self._sxx
         d = self._sxx.shape[0]
-        if into is not None and into.dtype == torch.float64 and into.numel() >= d * d \
-                and into.device == self._sxx.device:
-            out = into.view(-1)[:d * d].view(d, d)
-        else:
-            out = torch.empty(d, d, dtype=torch.float64, device=self._sxx.device)
+        out = _scratch(pool, (d, d), self._sxx.new_empty(0, dtype=torch.float64))
+        out = torch.empty(d, d, dtype=torch.float64, device=self._sxx.device) if out is None \
+            else out
         cuts = self._cuts()
         for p in range(len(cuts) - 1):
             rows = slice(cuts[p], cuts[p + 1])
@@ -192,33 +190,22 @@ class SpaceStats:
         all_reduce(self._sx, self._sxx, count)
         self.count = int(count.item())
 
-    def correlation(self, consume: bool = False, into: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+    def correlation(self, consume: bool = False, pool: dict | None = None) -> torch.Tensor:
         """[d, d] float64 correlation, on the device of the sums (one new d x d tensor, built
         by blocks of rows; with `consume`, written over Σxxᵀ instead, which these statistics
         then no longer hold: no second d x d tensor); a constant unit (relative to the scale
         of its model's units) correlates 1 with constant units of the same value and 0 with
         everything else (`correlation_from_moments`). Exact ties (units that are affine
         functions of each other on the data, e.g. in a rank-deficient layer) are broken toward
-        units of equal mean and spread, by at most `TIE_BREAK`. Exactly symmetric. `into`:
-        as in `sums`, where the float64 sums are written (and, with `consume`, the result)."""
-        sx, sxx = self.sums(into)
+        units of equal mean and spread, by at most `TIE_BREAK`. Exactly symmetric. `pool`: as
+        in `sums`, where float32 sums are widened (and, with `consume`, the result written)."""
+        sx, sxx = self.sums(pool)
         if not consume:
             return correlation_from_moments(sx, sxx, self.count, widths=self.widths,
                                             tie_break=TIE_BREAK)
         self._sxx = None
         return correlation_in_place(sx, sxx, self.count, widths=self.widths,
                                     tie_break=TIE_BREAK)
-
-
-def widening_buffer(stats: Iterable[SpaceStats]) -> torch.Tensor | None:
-    """One float64 buffer for the widest of `stats` whose sums are float32 (None: none are),
-    to widen them one after another (`SpaceStats.sums(into=...)`) in the same memory."""
-    wide = [s for s in stats if s._sxx is not None and s._sxx.dtype != torch.float64]
-    if not wide:
-        return None
-    top = max(wide, key=lambda s: s._sxx.numel())
-    return torch.empty(top._sxx.numel(), dtype=torch.float64, device=top._sxx.device)
 
 
 def moments(sum_x: np.ndarray, sum_xx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,7 +293,7 @@ def collect_stats(
     max_rows: int = 8192,
     max_memory: int | None = None,
     progress: bool = True,
-) -> tuple[dict[Any, SpaceStats], list[dict[str, UnitStats]]]:
+) -> tuple[StreamedStats, list[dict[str, UnitStats]]]:
     """Stream Σx and Σxxᵀ of every space's features over the calibration data, and per-unit
     sums at `units`, for every model at once: each model runs once per batch.
 
@@ -321,59 +308,161 @@ def collect_stats(
             transformable axes, whose positions differ between models).
         max_rows: at most this many sample rows per space and batch, shared equally by its
             reads; larger feature maps are subsampled with the same rows in every model.
-        max_memory: bound in bytes on the space statistics held at once (`statistics_bytes`:
-            8·d² or 4·d² per space of d = Σ_i d_i units); more spaces are measured over
-            several passes, each space exactly as in one pass.
+        max_memory: bound in bytes on the space statistics one pass measures
+            (`statistics_bytes`: 8·d² or 4·d² per space of d = Σ_i d_i units); more spaces
+            are measured over several passes, each space exactly as in one pass, a pass when
+            its spaces are first read (a reader that releases what it used holds one pass's).
 
     Returns:
-        the space statistics, and per model {node: UnitStats}.
+        the space statistics (`StreamedStats`: the first pass's measured here, the others'
+        when read), and per model {node: UnitStats}.
 
     Raises:
-        DataError: no batches, non-finite activations (naming model and node).
+        DataError: no batches, non-finite activations (naming model and node; for a later
+            pass's spaces, when they are read).
         ConfigError: one space alone needs more than max_memory.
     """
     groups = _groups(sorted(reads, key=str), widths or {}, max_memory)
     for m in modules:
         set_eval(m)
-    stats: dict[Any, SpaceStats] = {}
     sums: list[dict[str, UnitStats]] = [{name: UnitStats() for name in units or {}}
                                         for _ in modules]
-    work: dict = {}  # the products' scratch, shared by every space
-    for g, keys in enumerate(groups):
+    run = _Pass(modules, reads, calibration, pooled or {}, max_rows, progress, len(groups))
+    first = run(0, groups[0], units or {}, sums)
+    for u in (u for own in sums for u in own.values()):
+        u.all_reduce()
+    _check_finite(first, reads, sums)
+    stats = StreamedStats(groups, first, lambda g: _checked(run(g, groups[g]), reads))
+    log.debug("collected statistics of %d spaces; %d more pass(es) as they are read",
+              len(first), len(groups) - 1)
+    return stats, sums
+
+
+def _checked(stats: dict[Any, SpaceStats], reads: dict[Any, list[list[NodeAxis]]]
+             ) -> dict[Any, SpaceStats]:
+    _check_finite(stats, reads, [])
+    return stats
+
+
+@dataclass
+class _Pass:
+    """One pass of every model over the calibration data, streaming the features of a group
+    of spaces (and, in the first, the per-unit sums at `units`) into their statistics."""
+
+    modules: Sequence[fx.GraphModule]
+    reads: dict[Any, list[list[NodeAxis]]]
+    calibration: Iterable[tuple[Any, ...]]
+    pooled: dict[tuple[str, int], tuple[int, ...]]
+    max_rows: int
+    progress: bool
+    passes: int
+    work: dict = field(default_factory=dict)  # the products' scratch, shared by every space
+
+    def __call__(self, g: int, keys: list[Any], units: dict[str, int] | None = None,
+                 sums: list[dict[str, UnitStats]] | None = None) -> dict[Any, SpaceStats]:
+        stats: dict[Any, SpaceStats] = {}
         taps: dict[str, list[tuple[Any, int, NodeAxis]]] = {}  # node -> (space, read, axis)
         for key in keys:
-            for r, axis in enumerate(reads[key][0]):
+            for r, axis in enumerate(self.reads[key][0]):
                 taps.setdefault(axis.node.partition("#")[0], []).append((key, r, axis))
-        wanted = {**(units or {})} if g == 0 else {}
-        desc = "calibration statistics" + (f" ({g + 1}/{len(groups)})" if len(groups) > 1
+        wanted = units or {}
+        desc = "calibration statistics" + (f" ({g + 1}/{self.passes})" if self.passes > 1
                                            else "")
-        for b, inputs in with_progress(calibration, desc, progress):
+        for b, inputs in with_progress(self.calibration, desc, self.progress):
             def visit(n: fx.Node, values: list[Any]) -> bool:
                 for key, r, axis in taps.get(n.name, ()):
-                    piece = axis.node.partition("#")[2]
-                    per_model = [v[int(piece)] if piece else v for v in values]
-                    over = (pooled or {}).get((axis.node, axis.dim))
-                    if over:
-                        per_model = [v.mean(over, keepdim=True) for v in per_model]
-                    gen = torch.Generator().manual_seed(zlib.crc32(f"{key}/{r}/{b}".encode()))
-                    quota = max(1, max_rows // len(reads[key][0]))  # rows per read
-                    idx = _subsample(per_model[0], axis.dim, quota, gen)
-                    rows = [unit_rows(v, axis.dim, idx) for v in per_model]
-                    if key not in stats:
-                        stats[key] = SpaceStats([x.shape[1] for x in rows], work=work)
-                    stats[key].add(rows)
+                    self._add(stats, key, r, axis, b, values)
                 if n.name in wanted:
                     for own, v in zip(sums, values):
                         own[n.name].add(v, wanted[n.name])
                 return False
 
-            run_lockstep(modules, [inputs] * len(modules), visit,
+            run_lockstep(self.modules, [inputs] * len(self.modules), visit,
                          what=lambda i, b=b: f"model {i} on calibration batch {b}")
-    for s in [*stats.values(), *(u for own in sums for u in own.values())]:
-        s.all_reduce()
-    _check_finite(stats, reads, sums)
-    log.debug("collected statistics of %d spaces in %d pass(es)", len(stats), len(groups))
-    return stats, sums
+        for s in stats.values():
+            s.all_reduce()
+        return stats
+
+    def _add(self, stats: dict[Any, SpaceStats], key: Any, r: int, axis: NodeAxis, b: int,
+             values: list[Any]) -> None:
+        """Read `r` of space `key` on batch `b` (every model's value of its node)."""
+        piece = axis.node.partition("#")[2]
+        per_model = [v[int(piece)] if piece else v for v in values]
+        over = self.pooled.get((axis.node, axis.dim))
+        if over:
+            per_model = [v.mean(over, keepdim=True) for v in per_model]
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{key}/{r}/{b}".encode()))
+        quota = max(1, self.max_rows // len(self.reads[key][0]))  # rows per read
+        idx = _subsample(per_model[0], axis.dim, quota, gen)
+        rows = [unit_rows(v, axis.dim, idx) for v in per_model]
+        if key not in stats:
+            stats[key] = SpaceStats([x.shape[1] for x in rows], work=self.work)
+        stats[key].add(rows)
+
+
+class StreamedStats(MutableMapping):
+    """The statistics of every space, by space key, measured a group at a time (`max_memory`):
+    the first group's by `collect_stats` itself, each later group's by one pass over the
+    calibration data when the first of its spaces is read (iteration runs the groups in
+    order). `del stats[key]` releases a space's statistics once used, so a reader that
+    releases what it has used holds about one group's at a time. `counts`: every measured
+    space's sample count, kept after release."""
+
+    def __init__(self, groups: list[list[Any]], first: dict[Any, SpaceStats],
+                 collect: Callable[[int], dict[Any, SpaceStats]]):
+        self._groups, self._collect = groups, collect
+        self._of = {k: g for g, keys in enumerate(groups) for k in keys}
+        self._held: dict[Any, SpaceStats] = {}
+        self._measured: list[list[Any]] = [[] for _ in groups]  # in the order measured
+        self._ran: set[int] = set()
+        self.counts: dict[Any, int] = {}
+        self._keep(0, first)
+
+    def _keep(self, g: int, stats: dict[Any, SpaceStats]) -> None:
+        self._ran.add(g)
+        self._held.update(stats)
+        self._measured[g] = list(stats)
+        self.counts.update({k: s.count for k, s in stats.items()})
+
+    def _run(self, g: int) -> None:
+        if g not in self._ran:
+            self._keep(g, self._collect(g))
+
+    def __getitem__(self, key: Any) -> SpaceStats:
+        if key not in self._held:
+            if key not in self._of:
+                raise KeyError(key)
+            self._run(self._of[key])
+            if key not in self._held:
+                raise KeyError(key)  # released, or never reached by the data
+        return self._held[key]
+
+    def __setitem__(self, key: Any, value: SpaceStats) -> None:
+        self[key]  # noqa: B018 - measured first: only a measured space is replaced
+        self._held[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self._held[key]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[Any]:
+        for g in range(len(self._groups)):
+            self._run(g)
+            yield from (k for k in self._measured[g] if k in self._held)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @property
+    def planned(self) -> set[Any]:
+        """Every space key read (measured or not yet), without running a pass."""
+        return set(self._of)
 
 
 def _subsample(value: torch.Tensor, dim: int, max_rows: int,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
-from graphmerge.errors import MismatchError
+from graphmerge.errors import FewSamplesWarning, MismatchError
 from graphmerge.graph.memory import give_back
 from graphmerge.match.heads import grouped, match_heads, renormalized
 from graphmerge.match.matchers import get_matcher, group_correlations
 from graphmerge.match.plans import SpacePlan
-from graphmerge.match.statistics import widening_buffer
 from graphmerge.match.selection import check_width_spaces, head_projections, target_width
+from graphmerge.graph.spaces import SpaceTable
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 
@@ -27,21 +28,23 @@ def match_spaces(ctx: MergeContext) -> None:
     space's correlation is written over its Σxxᵀ, which is used up, and is the zip's scratch
     (scores in its upper triangle, the correlations kept in its lower one): one d x d tensor
     per space, freed once the space is matched (the spaces whose sums are float32 are widened
-    one after another in one float64 buffer)."""
+    one after another in one float64 buffer). Under `max_memory` the statistics come a pass at
+    a time (`StreamedStats`), each space's released once matched."""
     cfg = ctx.config
     matcher = get_matcher(cfg.method)
-    check_width_spaces(cfg.width, set(ctx.stats), set(head_projections(
+    check_width_spaces(cfg.width, ctx.stats.planned, set(head_projections(
         ctx.traced[0].space_table, cfg.attention)))
     options = cfg.matcher_options()
     ctx.plans = {}
     tables = [t.space_table for t in ctx.traced]
     heads = head_projections(tables[0], cfg.attention)
     projections = {by_dim[d][0] for by_dim in heads.values() for d in by_dim}
-    buffer = widening_buffer(st for sid, st in ctx.stats.items() if sid not in projections)
-    for sid, st in ctx.stats.items():
+    pool: dict = {}  # one float64 buffer, reused
+    for sid, st in ctx.stats.items():  # a later pass's spaces are measured as they come
         if sid in projections:
             continue
-        corr = st.correlation(consume=True, into=buffer)
+        corr = st.correlation(consume=True, pool=pool)
+        del ctx.stats[sid]
         match = matcher(corr, st.widths, target_width(cfg.width, sid, st.widths),
                         overwrite=True, **options)  # its upper triangle: the zip's scores
         ctx.plans[sid] = SpacePlan(sid, list(st.widths), match.width, cfg.method, match.merge,
@@ -51,7 +54,8 @@ def match_spaces(ctx: MergeContext) -> None:
         del corr, match  # before the next space's correlation is built (in the buffer)
     for h, by_dim in heads.items():
         _match_heads(ctx, tables, h, by_dim, matcher, options)
-    del buffer
+    del pool
+    warn_few_samples(ctx.stats.counts, tables[0])
     give_back(ctx.models)  # the statistics, used up
     log.info("matched %d spaces with %s", len(ctx.plans), cfg.method)
 
@@ -104,3 +108,18 @@ def _projection_plan(ctx: MergeContext, tables: list, k: int, d: int, hm: Any,
 
 def _widths(tables: list, sid: int) -> list[int]:
     return [t[sid].width for t in tables]
+
+
+def warn_few_samples(counts: dict[int, int], table: SpaceTable) -> None:
+    """FewSamplesWarning when a space's features had fewer samples than its units (in one
+    model): its correlations cannot tell all units apart, so its matching is a guess."""
+    short = [(c / max(table[k].width, 1), k, c) for k, c in counts.items()
+             if c < table[k].width]
+    if not short:
+        return
+    _, k, count = min(short)
+    warnings.warn(FewSamplesWarning(
+        f"the calibration data gave {len(short)} of {len(counts)} merged spaces fewer samples "
+        f"than units (worst: space {k}, {table[k].width} units seen in {count} samples, "
+        f"e.g. a layer on a 1×1 map sees one sample per input): their matching is "
+        f"underdetermined; pass more calibration inputs"), stacklevel=2)

@@ -3,13 +3,12 @@ calibration data that accumulates their feature moments (`graphmerge.match.stati
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from graphmerge.errors import DataError, FewSamplesWarning
+from graphmerge.errors import DataError
 from graphmerge.graph.axes import NodeAxis
 from graphmerge.graph.spaces import Space, SpaceTable
 from graphmerge.match.selection import head_projections, mergeable
@@ -66,22 +65,6 @@ def collect_statistics(ctx: MergeContext) -> None:
         [t.graph_module for t in ctx.traced], ctx.reads, ctx.calibration, units=units,
         pooled=pooled,
         widths=widths, max_memory=ctx.config.max_memory, progress=ctx.config.progress)
-    warn_few_samples(ctx.stats, tables[0])
-
-
-def warn_few_samples(stats: dict, table: SpaceTable) -> None:
-    """FewSamplesWarning when a space's features had fewer samples than its units (in one
-    model): its correlations cannot tell all units apart, so its matching is a guess."""
-    short = [(s.count / max(table[k].width, 1), k, s.count) for k, s in stats.items()
-             if s.count < table[k].width]
-    if not short:
-        return
-    _, k, count = min(short)
-    warnings.warn(FewSamplesWarning(
-        f"the calibration data gave {len(short)} of {len(stats)} merged spaces fewer samples "
-        f"than units (worst: space {k}, {table[k].width} units seen in {count} samples, "
-        f"e.g. a layer on a 1×1 map sees one sample per input): their matching is "
-        f"underdetermined; pass more calibration inputs"), stacklevel=2)
 
 
 def check_signal(calibration: Iterable[tuple[Any, ...]]) -> None:
