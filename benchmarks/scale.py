@@ -14,6 +14,8 @@ Rerun:  .venv/bin/python benchmarks/scale.py                   (CPU, about 10 mi
         .venv/bin/python benchmarks/scale.py --sizes 256x1024x4,512x2048x4 --tokens 16x64
         .venv/bin/python benchmarks/scale.py --sizes 1024x4096x4x8192   (the ~78M pair)
         PYTHONPATH=. python benchmarks/scale.py --device cuda --big   (adds the 1.2B pair)
+        .venv/bin/python benchmarks/scale.py --sizes 2048x8192x16 --tokens 4x128 --batch 1 \
+            --max-memory 4294967296 --out benchmarks/results/scale_1b2_cpu   (1.2B on CPU)
 Writes: benchmarks/results/scale.md and scale.png (or --out DIR)
 """
 
@@ -42,7 +44,7 @@ PASSES = ("trace_models", "check_spaces", "collect_statistics", "match_spaces",
 
 
 def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int],
-        max_memory: int | None, vocab: int = 32000) -> dict:
+        max_memory: int | None, vocab: int = 32000, batch: int = 16) -> dict:
     """Merge one pair in this process and measure it."""
     import graphmerge as gm
     from device_check import _sync, forward_floor, llama_pair
@@ -53,7 +55,7 @@ def one(hidden: int, ffn: int, layers: int, device: str, tokens: tuple[int, int]
     params = sum(p.numel() for p in models[0].parameters())
     n, seq = tokens
     ids = torch.randint(1, vocab, (n, seq), generator=torch.Generator().manual_seed(5))
-    calib = [(ids[i:i + 16].to(dev),) for i in range(0, n, 16)]
+    calib = [(ids[i:i + batch].to(dev),) for i in range(0, n, batch)]
     forward_floor(models, calib, dev)  # a first run: lazy initialisation, fresh memory
     floor = forward_floor(models, calib, dev)  # the floor: a warm run
     options = {"max_memory": max_memory} if max_memory else {}
@@ -73,8 +75,8 @@ def _run_child(size: tuple[int, int, int, int | None], args: argparse.Namespace)
     h, f, layers, vocab = size
     vocab = vocab or args.vocab
     cmd = [sys.executable, __file__, "--one", f"{h}x{f}x{layers}", "--device", args.device,
-           "--tokens", args.tokens, "--vocab", str(vocab)] + (["--max-memory", str(args.max_memory)]
-                                       if args.max_memory else [])
+           "--tokens", args.tokens, "--vocab", str(vocab), "--batch", str(args.batch)] + (
+        ["--max-memory", str(args.max_memory)] if args.max_memory else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -117,7 +119,8 @@ def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
             f"LLaMA-style pairs (transformers LlamaConfig, random init, untied, heads of 64 "
             f"dims, a key/value head per 256 dims), merged with the defaults on "
             f"`{args.device}`; calibration {args.tokens} "
-            f"(sequences × tokens) in batches of 16. Floor: both models' forward over the same "
+            f"(sequences × tokens) in batches of {args.batch}"
+            f"{f', max_memory {args.max_memory / 2**30:g} GiB' if args.max_memory else ''}. Floor: both models' forward over the same "
             f"batches, the second of two runs (warm). Peak: {peak}; models GiB: both models' "
             f"float32 parameters. {growth}.\n\n"
             f"Command: `{' '.join(['python', 'benchmarks/scale.py', *sys.argv[1:]])}`  \n"
@@ -159,6 +162,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", default="32x64", help="SEQUENCESxTOKENS of calibration")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (8192: ~84M at 1024)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per calibration batch")
     p.add_argument("--max-memory", type=int, default=None, help="merge's max_memory (bytes)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per pair")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -167,7 +171,7 @@ def main() -> None:
     tokens = tuple(int(v) for v in args.tokens.split("x"))
     if args.one:
         print(json.dumps(one(*_size(args.one)[:3], args.device, tokens, args.max_memory,
-                             args.vocab)))
+                             args.vocab, args.batch)))
         return
     sizes = [_size(s) for s in args.sizes.split(",")] if args.sizes else SIZES + (
         BIG if args.big else [])

@@ -274,9 +274,14 @@ def _reference_zip(c: np.ndarray, widths: list[int], r: int, alpha: float,
             lifted = True
             continue
         p, q = max(pairs, key=lambda pq: (score[pq], -pq[0], -pq[1]))
+        joined = [model[u] for u in groups[p] + groups[q]]
         for k in groups:
             if k not in (p, q):
-                score[key(p, k)] = alpha * min(score[key(p, k)], score[key(q, k)])
+                theirs = [model[u] for u in groups[k]]
+                apart = (len(set(joined)) == len(joined) and len(set(theirs)) == len(theirs)
+                         and not set(joined) & set(theirs))  # one unit per model, no model shared
+                score[key(p, k)] = (1.0 if apart else alpha) * min(score[key(p, k)],
+                                                                    score[key(q, k)])
                 if key(q, k) in forbidden:
                     forbidden.add(key(p, k))
         groups[p] += groups.pop(q)
@@ -305,6 +310,23 @@ def test_budget_rule_against_the_reference_loop():
         assert zip_groups(c, widths, r, alpha, beta) == expected, (t, widths, r)
         lifts += lifted
     assert lifts >= 50  # the sweep does reach the lifting
+
+
+def test_three_permuted_copies_of_correlated_units_zip_into_triples():
+    # units of one model correlate up to 0.9 with each other, each with its copies 1: the
+    # damped score of a pair against its third copy (alpha * 1) would lose to those 0.9
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200, 4)) @ rng.standard_normal((4, 12))
+    x += 0.2 * rng.standard_normal(x.shape)
+    perms = [np.arange(12), rng.permutation(12), rng.permutation(12)]
+    c = np.corrcoef(np.concatenate([x[:, p] for p in perms], axis=1).T)
+    assert np.sort(np.abs(c[:12, :12] - np.eye(12)).ravel())[-1] > 0.5
+    expected = sorted(sorted(k * 12 + int(np.flatnonzero(p == u)[0]) for k, p in enumerate(perms))
+                      for u in range(12))
+    for groups in (zip_groups_naive(c, [12] * 3, 12), zip_groups(c, [12] * 3, 12),
+                   zip_groups_candidates(c, [12] * 3, 12, k=36),
+                   _reference_zip(c, [12] * 3, 12, 0.5, 1.0)[0]):
+        assert groups == expected
 
 
 def test_budget_rule_with_many_models():
@@ -340,7 +362,7 @@ def test_negative_correlations_can_rise_after_fold():
         [-0.8, -0.1, 1.0, -0.7],
         [-0.6, -1.0, -0.7, 1.0],
     ])
-    widths = [1, 1, 1, 1]
+    widths = [2, 2]  # two models: every fold is damped
     for r in (1, 2, 3):
         assert zip_groups(c, widths, r, 0.5, 1.0) == zip_groups_naive(c, widths, r, 0.5, 1.0)
     # step 1 merges (1,2) at -0.1; then C[0,1] = .5*min(-.9,-.8) = -.45 beats C[0,3] = -.6

@@ -412,6 +412,20 @@ def _prepare_scores(
     return s, ws, r, alpha, beta
 
 
+def _damping(count: np.ndarray, p: int, alpha: float) -> np.ndarray | float:
+    """Per group j, the factor of a fold's ``min`` against j (group p just folded; ``count``
+    [groups, models]: units per model): ``alpha``, except 1 where p and j each hold at most
+    one unit per model and share no model. Such a pair is one unit matched across models (a
+    third copy of a unit two models share), not a group folding ever more of itself, which is
+    what ZipIt!'s damping is for; undamped, N permuted copies of a model zip back into it. Two
+    models never meet the exception: a folded group then covers both."""
+    mine = count[p] > 0
+    if count[p].max() > 1 or mine.all():
+        return alpha
+    apart = (count.max(axis=1) <= 1) & ~(count[:, mine] > 0).any(axis=1)
+    return np.where(apart, 1.0, alpha)
+
+
 def zip_groups_naive(
     C: np.ndarray, widths: Sequence[int], r: int, alpha: float = 0.5, beta: float = 1.0
 ) -> list[list[int]]:
@@ -433,6 +447,8 @@ def zip_groups_naive(
     members = [[i] for i in range(d)]
     upper = np.triu(np.ones((d, d), dtype=bool), k=1)
     forbidden = np.zeros((d, d), dtype=bool)  # K: pairs of groups that may not merge
+    count = np.zeros((d, len(ws)), dtype=np.int64)  # units per model of each group
+    count[np.arange(d), model] = 1
     lifted = False
 
     def budget_spent(m: int) -> None:
@@ -455,8 +471,9 @@ def zip_groups_naive(
         candidates = np.flatnonzero(allowed)  # row-major order
         best = candidates[np.argmax(S.ravel()[candidates])]  # first maximum wins ties
         p, q = divmod(int(best), d)
+        count[p] += count[q]
         with np.errstate(invalid="ignore"):  # alpha = 0 times the -inf diagonal; not read
-            merged = alpha * np.minimum(S[p], S[q])
+            merged = _damping(count, p, alpha) * np.minimum(S[p], S[q])
         S[p, :] = merged
         S[:, p] = merged
         S[p, p] = -np.inf
@@ -529,6 +546,8 @@ class _Zipper:
         self.S, self.d, self.r, self.alpha = S, d, r, alpha
         self.model = np.repeat(np.arange(len(ws)), ws)
         self.budget = zip_budgets(ws, r, beta)
+        self.count = np.zeros((d, len(ws)), dtype=np.int64)  # units per model of each group
+        self.count[np.arange(d), self.model] = 1
         self.carries: list[list[int]] = [[] for _ in range(d)]  # models whose flag it carries
         self.ban = np.zeros((len(ws), d))  # ban[m, j] = -inf iff group j carries model m's flag
         self.dead = np.zeros(d)  # -inf for a dead group
@@ -601,6 +620,7 @@ class _Zipper:
         self.n_groups -= 1
         self.members[p] += self.members[q]
         self.members[q] = []
+        self.count[p] += self.count[q]
         for m in carries[q]:
             if m not in carries[p]:
                 carries[p].append(m)
@@ -629,7 +649,7 @@ class _Zipper:
         return out
 
     def merge_scores(self, p: int, q: int) -> np.ndarray:
-        """Row and column p become the naive version's alpha * min(S[p], S[q]), -inf at dead
+        """Row and column p become the naive version's damped min(S[p], S[q]), -inf at dead
         groups and on the diagonal, kept in the upper triangle (row p right of the diagonal,
         column p above it at the live rows; the lower triangle is never written); row p's
         maximum is recomputed.  Returns that row."""
@@ -637,10 +657,8 @@ class _Zipper:
         merged = self.row(p)
         np.minimum(merged, self.row(q), out=merged)
         self.survived[q] = False  # dead: its scores are no longer read
-        if self.alpha == 0.0:
-            merged[:] = 0.0
-        else:
-            merged *= self.alpha
+        factor = _damping(self.count, p, self.alpha)
+        np.multiply(merged, factor, out=merged, where=np.isfinite(merged))  # (p, q: -inf)
         merged += self.dead
         merged[p] = -np.inf
         S[p, p + 1:] = merged[p + 1:]
@@ -709,16 +727,20 @@ def zip_match(
     4. Until ``r`` groups remain: take the allowed pair ``p < q`` of current groups with the
        largest ``C[p, q]`` (ties: smallest ``p``, then smallest ``q``) and fold ``q`` into
        ``p``: ``C[p, j] = C[j, p] = alpha * min(C[p, j], C[q, j])`` and ``K(p, j) = K(p, j) or
-       K(q, j)`` for every other group ``j``; ``q``'s row and column disappear.  A same-model
-       fold spends one unit of that model's budget.
+       K(q, j)`` for every other group ``j``; ``q``'s row and column disappear.  The factor is
+       1 instead of ``alpha`` where the new ``p`` and ``j`` each hold at most one unit per
+       model and share no model (a unit matched across three or more models; never with two
+       models: a folded group covers both).  A same-model fold spends one unit of that
+       model's budget.
     5. If no allowed pair remains while more than ``r`` groups do, the flags are lifted for the
        rest of the run (every pair allowed, budgets no longer counted); logged at debug level.
     6. ``U`` [d, r] is the 0/1 membership matrix (merged units ordered by their group's lowest
        index), ``M = U.T`` with rows divided by group sizes; split by model.  ``sum_i M_i U_i
        = I_r``.
 
-    This is ZipIt!'s and HET's rule: their score matrix holds ``-inf`` where ``K`` is set, and
-    the ``alpha * min`` update spreads it exactly as the ``or`` does.  So a group of model 0
+    This is ZipIt!'s and HET's rule (but for the undamped folds of three or more models, which
+    let N permuted copies of a model zip back into it): their score matrix holds ``-inf``
+    where ``K`` is set, and the ``alpha * min`` update spreads it exactly as the ``or`` does.  So a group of model 0
     that absorbed a unit of model 1 after model 1's budget ran out may not absorb another
     group of model 1 that was live then (with ``beta=0``: no merged unit holds two units of one
     model, unless the flags are lifted).
@@ -796,6 +818,8 @@ class _CandidateZipper:
         self.budget = zip_budgets(ws, r, beta)
         self.members: list[list[int]] = [[i] for i in range(d)]
         self.mult: list[np.ndarray] = [np.ones(1) for _ in range(d)]  # alpha^(folds), per member
+        self.count = np.zeros((d, len(ws)), dtype=np.int64)  # units per model of each group
+        self.count[np.arange(d), self.model] = 1
         self.carries: list[set[int]] = [set() for _ in range(d)]
         self.alive = np.ones(d, dtype=bool)
         self.nb: list[dict[int, float]] = [{} for _ in range(d)]  # candidate partner -> score
@@ -814,13 +838,20 @@ class _CandidateZipper:
         return np.nan_to_num(sub.astype(np.float64, copy=False), nan=0.0)
 
     def scores(self, g: int, others: list[int]) -> list[float]:
-        """C(g, h) for each h in others: min over members u, v of mult_u mult_v C0[u, v]."""
+        """C(g, h) for each h in others: min over members u, v of mult_u mult_v C0[u, v]; the
+        plain min where g and h are apart (`_damping`: every fold that made them was)."""
         cols = [v for h in others for v in self.members[h]]
-        sub = self.entries(self.members[g], cols) * self.mult[g][:, None]
+        plain = self.entries(self.members[g], cols)
         mult = np.concatenate([self.mult[h] for h in others])
         cut = np.cumsum([0] + [len(self.members[h]) for h in others])
-        worst = (sub * mult[None, :]).min(axis=0)
-        return [float(x) for x in np.minimum.reduceat(worst, cut[:-1])]
+        worst = np.minimum.reduceat((plain * self.mult[g][:, None] * mult[None, :]).min(axis=0),
+                                    cut[:-1])
+        count = self.count[others]
+        apart = ((count.max(axis=1) <= 1) & (self.count[g].max() <= 1)
+                 & ~((count > 0) & (self.count[g] > 0)).any(axis=1))
+        if apart.any():
+            worst = np.where(apart, np.minimum.reduceat(plain.min(axis=0), cut[:-1]), worst)
+        return [float(x) for x in worst]
 
     def link(self, g: int, h: int, s: float) -> None:
         p, q = min(g, h), max(g, h)
@@ -923,9 +954,11 @@ class _CandidateZipper:
         self.members[p] = self.members[p] + self.members[q]
         self.mult[p] = np.concatenate([self.mult[p], self.mult[q]]) * self.alpha
         self.members[q], self.mult[q] = [], np.ones(0)
+        self.count[p] += self.count[q]
         self.carries[p] |= self.carries[q]
         self.nb[p], self.nb[q] = {}, {}
-        new = [(self.alpha * min(old_p.get(j, known_p.get(j)), old_q.get(j, known_q.get(j))),
+        factor = np.broadcast_to(_damping(self.count, p, self.alpha), self.d)
+        new = [(factor[j] * min(old_p.get(j, known_p.get(j)), old_q.get(j, known_q.get(j))),
                 j) for j in near]
         for sc, j in heapq.nlargest(self.k, new, key=lambda x: (x[0], -x[1])):
             self.link(p, j, sc)  # the k best partners stay candidates
@@ -966,9 +999,11 @@ def zip_groups_candidates(
     The rule is :func:`zip_match`'s, except that only *candidate* pairs of groups are
     considered: at first each unit's ``k`` most correlated units (its row of ``C``, on
     ``C``'s device, by blocks of rows); a fold gives the merged group the ``k`` best of both
-    groups' candidates, scored exactly (``C(G, H) = min`` over members ``u, v`` of
-    ``alpha^(folds of u) alpha^(folds of v) C[u, v]``, which is what the repeated ``alpha *
-    min`` makes, read from ``C`` for the partners only one of them had).  When no candidate
+    groups' candidates, scored (``C(G, H) = min`` over members ``u, v`` of ``alpha^(folds of
+    u) alpha^(folds of v) C[u, v]``, which is what the repeated ``alpha * min`` makes, or the
+    plain min for groups apart in :func:`_damping`'s sense, read from ``C`` for the partners
+    only one of them had; groups of three or more models that were apart for some of their
+    folds only are scored as if every fold was damped).  When no candidate
     pair is left, every live group's candidates are scored again among all live groups
     (then the flags are lifted as in the exact rule).  Pairs are taken best first from a
     heap (ties: smallest ``p``, then ``q``), so where every pair the exact greedy takes is a

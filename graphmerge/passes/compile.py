@@ -7,9 +7,11 @@ The module is a deep copy, so it runs on its own: nothing refers back to the inp
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from graphmerge.errors import GraphmergeError, summarize
 from graphmerge.graph.capture import set_eval
@@ -17,19 +19,24 @@ from graphmerge.graph.literals import (find_literals, merged_widths, module_grou
                                        resize_literals)
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
-from graphmerge.graph.tensors import set_tensor, sync_module_attributes
+from graphmerge.graph.tensors import named_tensors, sync_module_attributes
 
 __all__ = ["compile_merged"]
 
 
 @merge_pass(needs=("merged_state",), provides=("module",))
 def compile_merged(ctx: MergeContext) -> None:
-    """Copy model 0's graph module, load the merged tensors, resize module attributes and
-    shape literals to the merged widths, check it runs and is finite."""
-    gm: fx.GraphModule = copy.deepcopy(ctx.traced[0].graph_module)
-    with torch.no_grad():
-        for name, value in ctx.merged_state.items():
-            set_tensor(gm, name, value.contiguous())
+    """Copy model 0's graph module with the merged tensors in place of its own (they are not
+    copied first: a model's worth of memory), resize module attributes and shape literals to
+    the merged widths, check it runs and is finite."""
+    source = ctx.traced[0].graph_module
+    named = named_tensors(source)
+    memo: dict[int, Any] = {}
+    for name, value in ctx.merged_state.items():
+        old = named[name]
+        memo[id(old)] = (nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
+                         if isinstance(old, nn.Parameter) else value.contiguous())
+    gm: fx.GraphModule = copy.deepcopy(source, memo)  # every name of a tensor: its merged one
     table = ctx.traced[0].space_table  # widths held as literals follow their spaces
     widths = merged_widths(table, {sid: plan.width for sid, plan in ctx.plans.items()})
     sync_module_attributes(gm, module_groups(ctx.traced[0], widths))
