@@ -1094,7 +1094,8 @@ def correlation_from_moments(
 
     Args:
         sum_x: ``sum_t x_t``, shape [d].
-        sum_xx: ``sum_t x_t x_t^T``, shape [d, d] (symmetrised here).
+        sum_xx: ``sum_t x_t x_t^T``, shape [d, d]; only its upper triangle is read (the
+            lower one may hold anything).
         n: number of samples summed, >= 1.
         eps: relative tolerance for constant units (below).
         widths: ``d_i`` per model when the units of several models are stacked: the scale of
@@ -1151,9 +1152,10 @@ def _correlation_tensor(sx: torch.Tensor, sxx: torch.Tensor, ws: list[int], n: i
     into one new [d, d] tensor by blocks of rows (O(block * d) temporaries, no other d x d
     copy).  ``tie_break > 0`` lowers each correlation by at most ``tie_break`` as units'
     means and spreads differ (``SpaceStats.correlation``).  ``in_place``: written over
-    ``sxx`` itself (no new [d, d] tensor): each block of rows is computed from column ``a`` on,
-    where ``sxx`` is still unread, and its left part mirrored from the rows above (the result
-    is exactly symmetric, so it is the same, bit for bit)."""
+    ``sxx`` itself (no new [d, d] tensor).  Either way only ``sxx``'s upper triangle is read
+    (its lower one may hold anything): each block of rows is computed from column ``a`` on,
+    and its left part mirrored from the rows above (the result is exactly symmetric, and the
+    same, bit for bit, in place or not)."""
     d = sx.numel()
     mean = sx / n
     second_diag = (sxx.diagonal() + sxx.diagonal()) / (2.0 * n)
@@ -1172,16 +1174,14 @@ def _correlation_tensor(sx: torch.Tensor, sxx: torch.Tensor, ws: list[int], n: i
     work = torch.empty((2, min(_TILE, d), d), dtype=torch.float64, device=sx.device)
     for a in range(0, d, _TILE):
         b = min(a + _TILE, d)
-        c0 = a if in_place else 0  # the tile's first column
-        tile, tmp, tmp2 = corr[a:b, c0:], work[0, :b - a, :d - c0], work[1, :b - a, :d - c0]
-        if in_place:  # sxx[i, j] + sxx[j, i] for j >= a, before the rows a:b are overwritten
-            _transposed(sxx[a:], a, b, d - a, tmp)
-            tile += tmp
-        else:
-            _transposed(sxx, a, b, d, tile)
-            tile += sxx[a:b]  # sxx[j, i] + sxx[i, j]: exactly symmetric
-        _finish_tile(tile, a, c0, n, live, units, tmp, tmp2)
-        if in_place and a:
+        tile, tmp, tmp2 = corr[a:b, a:], work[0, :b - a, :d - a], work[1, :b - a, :d - a]
+        if not in_place:
+            tile.copy_(sxx[a:b, a:])
+        own = tile[:, :b - a]  # the tile's diagonal block: its lower part from its upper one
+        own.copy_(torch.triu(own) + torch.triu(own, 1).mT)
+        tile += tile  # sxx[i, j] + sxx[j, i] of a symmetric sxx, read above the diagonal
+        _finish_tile(tile, a, a, n, live, units, tmp, tmp2)
+        if a:
             _transposed(corr, a, b, a, corr[a:b])  # the left part: rows above, transposed
     return corr
 
@@ -1231,7 +1231,8 @@ def _check_moments(
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], int, float]:
     """Validate the arguments of :func:`correlation_from_moments`; return the sums as float64
     tensors on the device of ``sum_xx`` (no copy where they are already), the widths, ``n`` as
-    an int and ``eps`` as a float.  The finiteness check sums columns (O(d) memory)."""
+    an int and ``eps`` as a float.  The finiteness check reads Σx and the diagonal of Σxxᵀ
+    (a unit's NaN or inf shows in its Σx²)."""
     sxx = torch.as_tensor(sum_xx).to(torch.float64)
     sx = torch.as_tensor(sum_x).to(sxx.device, torch.float64)
     if sx.dim() != 1 or tuple(sxx.shape) != (sx.numel(), sx.numel()):
@@ -1249,7 +1250,7 @@ def _check_moments(
         raise ConfigError(f"n must be the integer sample count, got {n!r}") from exc
     if n < 1:
         raise DataError(f"n={n}: no samples were accumulated; feed data before correlating")
-    if not bool(torch.isfinite(sx).all() and torch.isfinite(sxx.sum(dim=0)).all()):
+    if not bool(torch.isfinite(sx).all() and torch.isfinite(sxx.diagonal()).all()):
         raise DataError("sum_x / sum_xx contain NaN or inf; check the features fed in")
     eps = float(eps)
     if not (math.isfinite(eps) and 0.0 <= eps < 1.0):

@@ -113,10 +113,13 @@ class SpaceStats:
             cuts.extend(base + int(x) for x in np.linspace(0, w, k + 1).round()[1:])
         return np.array(cuts)
 
-    def _pieces(self) -> Iterator[tuple[slice, slice]]:
+    def _pieces(self, every: bool = False) -> Iterator[tuple[slice, slice]]:
         """(rows, columns) of the blocks a batch is added to: each pair of models (i < j)
         whole, and each model's own symmetric block by its chunks on and above the diagonal
-        (about half the products)."""
+        (about half the products); `every`: the whole matrix, one piece."""
+        if every:
+            yield slice(None), slice(None)
+            return
         at, cuts = np.cumsum([0, *self.widths]), self._cuts()
         for i in range(len(self.widths)):
             own = [k for k in range(len(cuts) - 1) if at[i] <= cuts[k] < at[i + 1]]
@@ -126,8 +129,10 @@ class SpaceStats:
             for j in range(i + 1, len(self.widths)):
                 yield slice(at[i], at[i + 1]), slice(at[j], at[j + 1])
 
-    def sums(self, pool: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σx [d], Σxxᵀ [d, d]) of the features themselves, float64, whole (mirrored). The
+    def sums(self, pool: dict | None = None, whole: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σx [d], Σxxᵀ [d, d]) of the features themselves, float64 (`whole`: mirrored; else
+        only the blocks on and above the diagonal hold them, what a correlation reads). The
         shifted sums are converted once, in place of themselves (Σxxᵀ += c sᵀ + s cᵀ + n c cᵀ
         for s = Σ(x - c): float64 holds the raw moments that float32 would not); float32 ones
         into a float64 buffer kept in `pool` (reused from space to space, and grown as needed:
@@ -137,18 +142,19 @@ class SpaceStats:
             return torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         if self._shift is not None:
             self._sxx = self._widened(pool)
-            self._mirror()
             c, s = self._shift, self._sx
             u = s + (self.count / 2) * c  # c uᵀ + u cᵀ = c sᵀ + s cᵀ + n c cᵀ
-            self._sxx.addr_(c, u).addr_(u, c)
+            for r, k in self._pieces(every=self._mirrored):
+                self._sxx[r, k].addr_(c[r], u[k]).addr_(u[r], c[k])
             self._sx = s + self.count * c
             self._shift = None
-        self._mirror()
+        if whole:
+            self._mirror()
         return self._sx, self._sxx
 
     def _widened(self, pool: dict | None) -> torch.Tensor:
         """Σxxᵀ in float64: itself when it is, else its written blocks copied into the pool's
-        buffer (or a new tensor); the blocks below are mirrored afterwards."""
+        buffer (or a new tensor); the blocks below are mirrored when the whole is read."""
         if self._sxx.dtype == torch.float64:
             return self._sxx
         d = self._sxx.shape[0]
@@ -199,7 +205,7 @@ class SpaceStats:
         functions of each other on the data, e.g. in a rank-deficient layer) are broken toward
         units of equal mean and spread, by at most `TIE_BREAK`. Exactly symmetric. `pool`: as
         in `sums`, where float32 sums are widened (and, with `consume`, the result written)."""
-        sx, sxx = self.sums(pool)
+        sx, sxx = self.sums(pool, whole=False)  # a correlation reads the upper triangle
         if not consume:
             return correlation_from_moments(sx, sxx, self.count, widths=self.widths,
                                             tie_break=TIE_BREAK)
