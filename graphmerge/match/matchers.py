@@ -546,6 +546,7 @@ class _Zipper:
         self.S, self.d, self.r, self.alpha = S, d, r, alpha
         self.model = np.repeat(np.arange(len(ws)), ws)
         self.budget = zip_budgets(ws, r, beta)
+        self.many = len(ws) > 2  # only then may a fold go undamped (`_damping`)
         self.count = np.zeros((d, len(ws)), dtype=np.int64)  # units per model of each group
         self.count[np.arange(d), self.model] = 1
         self.carries: list[list[int]] = [[] for _ in range(d)]  # models whose flag it carries
@@ -620,7 +621,8 @@ class _Zipper:
         self.n_groups -= 1
         self.members[p] += self.members[q]
         self.members[q] = []
-        self.count[p] += self.count[q]
+        if self.many:
+            self.count[p] += self.count[q]
         for m in carries[q]:
             if m not in carries[p]:
                 carries[p].append(m)
@@ -657,8 +659,13 @@ class _Zipper:
         merged = self.row(p)
         np.minimum(merged, self.row(q), out=merged)
         self.survived[q] = False  # dead: its scores are no longer read
-        factor = _damping(self.count, p, self.alpha)
-        np.multiply(merged, factor, out=merged, where=np.isfinite(merged))  # (p, q: -inf)
+        factor = _damping(self.count, p, self.alpha) if self.many else self.alpha
+        if np.ndim(factor):
+            np.multiply(merged, factor, out=merged, where=np.isfinite(merged))  # (p, q: -inf)
+        elif factor == 0.0:
+            merged[:] = 0.0
+        else:
+            merged *= factor
         merged += self.dead
         merged[p] = -np.inf
         S[p, p + 1:] = merged[p + 1:]
@@ -818,6 +825,7 @@ class _CandidateZipper:
         self.budget = zip_budgets(ws, r, beta)
         self.members: list[list[int]] = [[i] for i in range(d)]
         self.mult: list[np.ndarray] = [np.ones(1) for _ in range(d)]  # alpha^(folds), per member
+        self.many = len(ws) > 2  # only then may a fold go undamped (`_damping`)
         self.count = np.zeros((d, len(ws)), dtype=np.int64)  # units per model of each group
         self.count[np.arange(d), self.model] = 1
         self.carries: list[set[int]] = [set() for _ in range(d)]
@@ -846,9 +854,11 @@ class _CandidateZipper:
         cut = np.cumsum([0] + [len(self.members[h]) for h in others])
         worst = np.minimum.reduceat((plain * self.mult[g][:, None] * mult[None, :]).min(axis=0),
                                     cut[:-1])
+        mine = self.count[g] > 0
+        if not self.many or self.count[g].max() > 1 or mine.all():
+            return [float(x) for x in worst]
         count = self.count[others]
-        apart = ((count.max(axis=1) <= 1) & (self.count[g].max() <= 1)
-                 & ~((count > 0) & (self.count[g] > 0)).any(axis=1))
+        apart = (count.max(axis=1) <= 1) & ~(count[:, mine] > 0).any(axis=1)
         if apart.any():
             worst = np.where(apart, np.minimum.reduceat(plain.min(axis=0), cut[:-1]), worst)
         return [float(x) for x in worst]
@@ -957,9 +967,10 @@ class _CandidateZipper:
         self.count[p] += self.count[q]
         self.carries[p] |= self.carries[q]
         self.nb[p], self.nb[q] = {}, {}
-        factor = np.broadcast_to(_damping(self.count, p, self.alpha), self.d)
-        new = [(factor[j] * min(old_p.get(j, known_p.get(j)), old_q.get(j, known_q.get(j))),
-                j) for j in near]
+        damp = _damping(self.count, p, self.alpha) if self.many else self.alpha
+        per = damp.tolist() if np.ndim(damp) else None  # (plain floats: the heap compares them)
+        new = [((per[j] if per else damp) * min(old_p.get(j, known_p.get(j)),
+                                                 old_q.get(j, known_q.get(j))), j) for j in near]
         for sc, j in heapq.nlargest(self.k, new, key=lambda x: (x[0], -x[1])):
             self.link(p, j, sc)  # the k best partners stay candidates
         if self.model[p] == self.model[q] and not self.lifted:
