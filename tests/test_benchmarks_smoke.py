@@ -89,7 +89,7 @@ def test_scale_smoke():
     row = scale.one(64, 128, 1, "cpu", (16, 16), None)
     assert row["params"] > 0 and row["merge"] > 0 and row["coverage"] > 0.9
     assert set(scale.PASSES) <= set(row["passes"]) and row["peak_gib"] > 0
-    args = argparse.Namespace(device="cpu", tokens="16x16")
+    args = argparse.Namespace(device="cpu", tokens="16x16", batch=16, max_memory=None)
     table = scale.render([row, dict(row, params=2 * row["params"], merge=2 * row["merge"])],
                          args, 1.0)
     assert "| 64 / 128 / 1 / 32000 |" in table and "parameters^1.00" in table
