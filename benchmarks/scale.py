@@ -120,9 +120,9 @@ def render(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
             f"dims, a key/value head per 256 dims), merged with the defaults on "
             f"`{args.device}`; calibration {args.tokens} "
             f"(sequences × tokens) in batches of {args.batch}"
-            f"{f', max_memory {args.max_memory / 2**30:g} GiB' if args.max_memory else ''}. Floor: both models' forward over the same "
-            f"batches, the second of two runs (warm). Peak: {peak}; models GiB: both models' "
-            f"float32 parameters. {growth}.\n\n"
+            f"{f', max_memory {args.max_memory / 2**30:g} GiB' if args.max_memory else ''}. "
+            f"Floor: both models' forward over the same batches, the second of two runs "
+            f"(warm). Peak: {peak}; models GiB: both models' float32 parameters. {growth}.\n\n"
             f"Command: `{' '.join(['python', 'benchmarks/scale.py', *sys.argv[1:]])}`  \n"
             f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} "
             f"threads, wall time {wall / 60:.1f} min\n\n" + "\n".join(lines) + "\n")

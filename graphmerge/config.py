@@ -104,9 +104,11 @@ class MergeConfig:
         "caller's models are copied, never moved.")
     max_memory: Any = _option(
         None, "a bound in bytes on the feature statistics (8·d² per space of d units summed "
-        "over the models, 4·d² from 4096 units); spaces that do not fit together are measured in several passes "
-        "over the calibration data, with the same result. It also bounds the activations "
-        "REPAIR holds for its single pass (default 2 GiB; past it, one pass per level).")
+        "over the models, 4·d² from 4096 units); spaces that do not fit together are "
+        "measured in several passes over the calibration data, with the same result, each "
+        "when the matching reaches its spaces (one pass's statistics are held at a time). It "
+        "also bounds the activations REPAIR holds for its single pass (default 2 GiB; past "
+        "it, one pass per level).")
     attention: str = _option(
         "heads", '"heads" (default: attention heads are matched as wholes, each merged head\'s '
         'dims by its own transform) or "frozen" (heads and head dims keep the identity: head h '

@@ -747,10 +747,10 @@ def zip_match(
 
     This is ZipIt!'s and HET's rule (but for the undamped folds of three or more models, which
     let N permuted copies of a model zip back into it): their score matrix holds ``-inf``
-    where ``K`` is set, and the ``alpha * min`` update spreads it exactly as the ``or`` does.  So a group of model 0
-    that absorbed a unit of model 1 after model 1's budget ran out may not absorb another
-    group of model 1 that was live then (with ``beta=0``: no merged unit holds two units of one
-    model, unless the flags are lifted).
+    where ``K`` is set, and the ``alpha * min`` update spreads it exactly as the ``or`` does.
+    So a group of model 0 that absorbed a unit of model 1 after model 1's budget ran out may
+    not absorb another group of model 1 that was live then (with ``beta=0``: no merged unit
+    holds two units of one model, unless the flags are lifted).
 
     Args:
         corr: [d, d] correlation, units ordered model 0 first.

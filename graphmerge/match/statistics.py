@@ -133,8 +133,8 @@ class SpaceStats:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σx [d], Σxxᵀ [d, d]) of the features themselves, float64 (`whole`: mirrored; else
         only the blocks on and above the diagonal hold them, what a correlation reads). The
-        shifted sums are converted once, in place of themselves (Σxxᵀ += c sᵀ + s cᵀ + n c cᵀ
-        for s = Σ(x - c): float64 holds the raw moments that float32 would not); float32 ones
+        shifted sums are converted once, in place of themselves: Σxxᵀ += c sᵀ + s cᵀ + n c cᵀ
+        for s = Σ(x - c) (float64 holds the raw moments that float32 would not); float32 ones
         into a float64 buffer kept in `pool` (reused from space to space, and grown as needed:
         its memory is not mapped afresh), else into a new tensor."""
         if self._sxx is None:

@@ -52,7 +52,7 @@ def check_spaces(ctx: MergeContext) -> None:
             log.debug("the oracle on %d samples failed (%s: %s); checking the whole batch",
                       ORACLE_SAMPLES, type(exc).__name__, exc)
             _oracle(ctx, ctx.example_inputs)
-        give_back(ctx.models)  # the oracle's copy and its values, before the statistics are streamed
+        give_back(ctx.models)  # the oracle's copy and its values, before the statistics
     ctx.checked = ctx.config.check
 
 
@@ -73,8 +73,8 @@ def _oracle(ctx: MergeContext, inputs: tuple[Any, ...]) -> None:
 
 def _oracle64(ctx: MergeContext, inputs: tuple[Any, ...]) -> None:
     """The float64 trial on `inputs`. An fx graph is checked as traced, on a float64 copy
-    (permuted in place: the oracle owns it); an exported graph has the dtype baked into its ops and is
-    captured again from a float64 copy of the model."""
+    (permuted in place: the oracle owns it); an exported graph has the dtype baked into its
+    ops and is captured again from a float64 copy of the model."""
     if ctx.traced[0].frontend == "fx":
         copy64 = double_copy(ctx.traced[0].graph_module)
         inputs = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
