@@ -138,8 +138,9 @@ class SpaceStats:
         into a float64 buffer kept in `pool` (reused from space to space, and grown as needed:
         its memory is not mapped afresh), else into a new tensor."""
         if self._sxx is None:
-            d = sum(self.widths)
-            return torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+            d, on = sum(self.widths), self._sx.device if self._sx is not None else None
+            return (torch.zeros(d, dtype=torch.float64, device=on),
+                    torch.zeros(d, d, dtype=torch.float64, device=on))
         if self._shift is not None:
             self._sxx = self._widened(pool)
             c, s = self._shift, self._sx

@@ -41,7 +41,7 @@ def _apply(t: torch.Tensor, dim: int, a: np.ndarray, dtype: torch.dtype,
         moved = torch.tensordot(torch.from_numpy(a).to(device=t.device, dtype=dtype),
                                 t.to(dtype), dims=([1], [dim]))
         return moved.movedim(0, dim)
-    picked = take(t, dim, torch.from_numpy(cols)).to(dtype)
+    picked = take(t, dim, torch.from_numpy(cols).to(device=t.device)).to(dtype)
     weight = entries[2] if entries is not None else a[rows, cols]
     if not (weight == 1.0).all():  # x * 1 is x: a selection needs no product
         shape = [1] * t.dim()
