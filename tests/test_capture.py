@@ -229,8 +229,6 @@ DEEPER = {"resnet": {"depths": (2, 3, 2), "stem_stride": 2}, "vit": {"depth": 4}
           "mlp": {"hidden": (256, 256, 256)}, "senet": {"depths": (2, 3)}, "mha": {"depth": 4},
           "mobilenet": {"depths": (1, 3, 3)}, "densenet": {"block_layers": (5, 5)},
           "gpt": {"n_layer": 4}, "convnext": {"depths": (2, 3)}}
-# a dense block's units concatenate: a deeper one also widens its output (refused by name)
-DEPTH_REFUSED = {"densenet"}
 
 
 @pytest.mark.parametrize("name, frontend", [(n, f) for n in sorted(DEEPER) for f in ("fx", "export")
@@ -245,10 +243,6 @@ def test_zoo_architecture_across_depths(name, frontend):
     model, x = builtin(name, batch=4, **kwargs)
     model, x = _randomise_norms(model), (x,)
     reference = build(name, **DEEPER[name]).eval()
-    if name in DEPTH_REFUSED:
-        with pytest.raises(gm.MismatchError, match="a deeper dense block also widens"):
-            gm.deepen(gm.permute(model, x, seed=1), x, reference, frontend=frontend)
-        return
     before = _snapshot(model)
     deep = gm.deepen(gm.permute(model, x, seed=1, frontend=frontend), x, reference,
                      frontend=frontend)
@@ -259,3 +253,37 @@ def test_zoo_architecture_across_depths(name, frontend):
     _assert_unchanged(before, model)
     assert any(len(set(a.depths)) > 1 for a in result.alignments)
     assert output_error(model, result.module, calibration[0]) < TOL
+
+
+class _FeatureList(nn.Module):
+    """Each layer reads the concatenation of every earlier feature (a feature-list dense
+    block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4 + 3 * k, 3) for k in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(torch.relu(layer(torch.cat(features, -1))))
+        return torch.cat(features, -1)
+
+
+@pytest.mark.parametrize("given", ["module", "graph module"])
+def test_feature_list_concatenations_are_captured_as_a_chain(given):
+    """cat([a, b, c]) after cat([a, b]) is captured as cat([cat([a, b]), c]): the same values,
+    with each layer a unit whose input is the last one's output. A graph module the caller
+    passes is not modified."""
+    model, x = _FeatureList().eval(), torch.randn(5, 4)
+    source = torch.fx.symbolic_trace(model) if given == "graph module" else model
+    code = source.code if given == "graph module" else None
+    traced = gm.trace(source, x)
+    cats = [n for n in traced.graph.nodes if n.target is torch.cat]
+    assert [len(n.args[0]) for n in cats] == [1, 2, 2, 2]
+    assert all(n.args[0][0] is prev for prev, n in zip(cats, cats[1:]))
+    with torch.no_grad():
+        assert torch.equal(traced.graph_module(x), model(x))
+    if code is not None:
+        assert source.code == code
+        assert [len(n.args[0]) for n in source.graph.nodes if n.target is torch.cat] == [1, 2, 3, 4]

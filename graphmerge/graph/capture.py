@@ -1,8 +1,9 @@
 """Capture a model as a `torch.fx` graph and record the concrete shape of every node.
 
-`capture(model, example_inputs)` returns a `Traced` whose `.graph_module` is the fx graph and
-`.shapes` maps node name to its concrete shape. Analyses built on a capture live in the modules
-that make them, in types of their own.
+`capture(model, example_inputs)` returns a `Traced` whose `.graph_module` is the fx graph (after
+the rewrites of `graphmerge.graph.canonical`, which keep its function) and `.shapes` maps node
+name to its concrete shape. Analyses built on a capture live in the modules that make them, in
+types of their own.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from graphmerge.errors import (
     summarize,
 )
 from graphmerge.inputs import as_inputs
+from graphmerge.graph.canonical import chain_concatenations
 from graphmerge.graph.kinds import target_name
 from graphmerge.graph.tensors import named_tensors
 
@@ -308,6 +310,11 @@ def capture(
                     raise TracingError(
                         f"neither torch.fx nor torch.export could capture "
                         f"{type(model).__name__}. torch.fx: {why}. {e2} {_HOW_TO_FIX}") from e2
+        if chain_concatenations(gm.graph, rewrite=False):
+            if used == "graph":  # the caller's graph module is not modified
+                gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+            chain_concatenations(gm.graph)
+            gm.recompile()
         _check_arity(gm, inputs, type(model).__name__)
         values = run_nodes(gm, inputs)
     shapes = {name: _shape_of(v) for name, v in values.items()}

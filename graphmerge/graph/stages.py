@@ -13,7 +13,8 @@ A **plain unit** is linear/conv [→ norm, dropout] → activation with equal in
 shapes; consecutive plain units of one op sequence, each the only reader of the last, chain.
 
 A **concatenation unit** is x ← cat([x, f(x)]) (a dense layer); it widens the stream, so a
-deeper chain of them is wider as well, and is refused (`check_widening`).
+deeper chain of them is wider as well: an inserted one appends a piece of zeros to the stream
+(`graphmerge.surgery.deepen`).
 
 Shape reads and asserts are no structure (a deeper model reads shapes more often). Tensors
 that nothing but such tensors read belong to no unit but to the trunk: a stage may reshape its
@@ -47,7 +48,7 @@ from graphmerge.graph.kinds import (
 from graphmerge.graph.rules.registry import is_metadata
 
 __all__ = ["Unit", "Stage", "find_stages", "aligned_stages", "trunk", "corresponding_stages",
-           "check_trunks", "check_widening", "is_add", "is_affine", "branch_producer", "readers", "through_identity"]
+           "check_trunks", "is_add", "is_affine", "branch_producer", "readers", "through_identity"]
 
 
 def _ends_unit(n: fx.Node) -> bool:
@@ -69,13 +70,21 @@ def is_affine(n: fx.Node) -> bool:
 @dataclass
 class Unit:
     """One unit of depth: the stream value it reads, the value it writes, its nodes in graph
-    order (input excluded, output included, parameters not listed) and their op signature."""
+    order (input excluded, output included, parameters not listed) and their op signature.
+    A dense layer's output holds its whole input too: `new` names what it adds."""
 
     input: str
     output: str
     nodes: list[str]
-    kind: str                 # "residual" | "layer"
+    kind: str                 # "residual" | "layer" | "concat"
     signature: tuple = ()
+    new: str = ""
+
+    @property
+    def measured(self) -> str:
+        """The value that tells units apart (depth alignment compares them): what a dense
+        layer adds, else the output."""
+        return self.new or self.output
 
 
 @dataclass
@@ -318,7 +327,7 @@ def _concat_units(g: _Graph, shared: bool, taken: set[str]) -> list[list[Unit]]:
     """Chains of concatenation units x ← cat([x, f(x)]) (a dense layer): f ends in a layer with
     weights, keeps x's shape but along the concatenated axis (no pooling, no upsampling: a
     U-Net level is no unit) and nothing it computes from x is read outside. Every unit widens
-    the stream, so a deeper chain is wider too (see `check_widening`)."""
+    the stream, so a deeper chain is wider too."""
     chains: list[list[Unit]] = []
     for n in g.nodes:
         parts = n.args[0] if kind(n) == "cat" and n.args else None
@@ -339,27 +348,14 @@ def _concat_units(g: _Graph, shared: bool, taken: set[str]) -> list[list[Unit]]:
                for s in (g.shape(m) for m in g._stream(skip, g.window(skip, n)))):
             continue
         nodes = g.members(skip, n, shared)
-        unit = Unit(skip.name, n.name, [m.name for m in nodes], "concat", _signature(nodes))
+        unit = Unit(skip.name, n.name, [m.name for m in nodes], "concat", _signature(nodes),
+                    branch.name)
         chain = next((c for c in chains if c[-1].output == skip.name), None)
         if chain is not None:
             chain.append(unit)
         else:
             chains.append([unit])
     return chains
-
-
-def check_widening(ref_stages: Sequence[Stage], other_stages: Sequence[Stage]) -> None:
-    """Raises MismatchError when two models' corresponding stages of concatenation units
-    (dense blocks) differ in depth: a deeper one also widens its output."""
-    at = {s.anchor: s for s in other_stages}
-    for s in ref_stages:
-        other = at.get(s.anchor)
-        d = other.depth if other is not None else 0
-        if d != s.depth and s.units[0].kind == "concat":
-            raise MismatchError(
-                f"the {s.name} is a dense block (each unit concatenates its output onto its "
-                f"input) with {d} and {s.depth} units: a deeper dense block also widens its "
-                f"output; merging dense blocks of different depths is not supported yet")
 
 
 def _plain_units(g: _Graph, taken: set[str]) -> list[list[Unit]]:
@@ -407,7 +403,7 @@ def _group(chain: Sequence[Unit]) -> list[Unit]:
     p = _period(chain)
     return [Unit(chain[k].input, chain[k + p - 1].output,
                  [n for u in chain[k:k + p] for n in u.nodes], chain[k].kind,
-                 tuple(s for u in chain[k:k + p] for s in u.signature))
+                 tuple(s for u in chain[k:k + p] for s in u.signature), chain[k + p - 1].new)
             for k in range(0, len(chain), p)]
 
 
@@ -451,7 +447,6 @@ def corresponding_stages(ref: Traced, ref_stages: Sequence[Stage], other: Traced
             `other` that `ref` has no stage for.
     """
     check_trunks(ref, ref_stages, other, other_stages)
-    check_widening(ref_stages, other_stages)
     at = {s.anchor: s for s in other_stages}
     extra = set(at) - {s.anchor for s in ref_stages}
     if extra:

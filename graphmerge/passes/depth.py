@@ -26,7 +26,6 @@ from graphmerge.graph.stages import (
     Stage,
     aligned_stages,
     check_trunks,
-    check_widening,
     find_stages,
     trunk,
 )
@@ -75,7 +74,6 @@ def _align(ctx: MergeContext, measure: bool) -> None:
         for i in range(n):
             try:
                 check_trunks(traced[base], stages[base], traced[i], stages[i])
-                check_widening(stages[base], stages[i])
             except MismatchError as e:
                 raise MismatchError(f"model {i} cannot be aligned to model {base}: {e}") from e
 
@@ -106,12 +104,13 @@ def _align(ctx: MergeContext, measure: bool) -> None:
 
 def _measure_cka(ctx: MergeContext, traced: list[Traced], alignments: list[StageAlignment],
                  units: dict, todo: list[tuple[StageAlignment, int]]) -> None:
-    """One pass over the calibration data: the CKA of the outputs of every unit of the stages
-    to align (`todo`: alignment, model) against the reference's, and the positions chosen."""
+    """One pass over the calibration data: the CKA of the outputs (what a dense layer adds:
+    `Unit.measured`) of every unit of the stages to align (`todo`: alignment, model) against
+    the reference's, and the positions chosen."""
     wanted: dict[int, set[str]] = {}
     for a, i in todo:
         for j in (i, a.reference):
-            wanted.setdefault(j, set()).update(u.output for u in units[j, a.stage])
+            wanted.setdefault(j, set()).update(u.measured for u in units[j, a.stage])
     runners = {i: set_eval(feature_module(traced[i].graph_module, sorted(names)))
                for i, names in wanted.items()}
     acc = {(a.stage, i): CKAAccumulator(a.depths[a.reference], a.depths[i]) for a, i in todo}
@@ -121,8 +120,8 @@ def _measure_cka(ctx: MergeContext, traced: list[Traced], alignments: list[Stage
                 feats = {i: run(*inputs)[1] for i, run in runners.items()}
                 for (s, i), cka in acc.items():
                     r = alignments[s].reference
-                    cka.update([feats[r][u.output] for u in units[r, s]],
-                               [feats[i][u.output] for u in units[i, s]])
+                    cka.update([feats[r][u.measured] for u in units[r, s]],
+                               [feats[i][u.measured] for u in units[i, s]])
     for (s, i), cka in acc.items():
         cka.all_reduce()
         a = alignments[s]
@@ -167,6 +166,12 @@ def _deepest_graph(ctx: MergeContext, stages: list[list[Stage]], base: int, mode
         extra = depth[a][d] - depth[a][base]
         if not extra:
             continue
+        if by[d][a].units[0].kind == "concat":
+            raise MismatchError(
+                f"the {by[d][a].name} of model {d} is a dense block (each unit concatenates "
+                f"its output onto its input) deeper than model {base}'s, which has the most "
+                f"units: growing a dense block inside another model's graph is not supported; "
+                f"merge models one of which is the deepest in every stage")
         if a in by[base]:  # more of its own units: the widths are the base's
             trunk_map = {x.name: x.name for x in trunk(traced[base], stages[base])}
             insertions.append(Insertion(by[base][a].units[-1].output, traced[base],

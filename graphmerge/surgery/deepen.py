@@ -161,11 +161,12 @@ def _width(traced: Traced, node: str, dim: int) -> int | None:
 
 
 def _widths(ref: Traced, traced: Traced, mapping: dict[str, str], gm: nn.Module,
-            moved: set[str], inserted: Sequence[Unit]) -> dict[int, int]:
+            moved: set[str], inserted: Sequence[Unit]) -> tuple[dict[int, int], set[int]]:
     """The width of every reference space in the expanded model `gm`: the model's width where
     a node of the space has a counterpart or a tensor on it was moved over (`moved`), an
     inserted identity layer's input width on its output, the reference's elsewhere inside
-    inserted units."""
+    inserted units. Second: the base spaces the model has (the others are the inserted
+    units' own)."""
     base = {}
     for space in ref.space_table:
         if space.derived is not None:
@@ -181,13 +182,53 @@ def _widths(ref: Traced, traced: Traced, mapping: dict[str, str], gm: nn.Module,
             axis = next((a for a in space.params if a.param in moved), None)
             if axis is not None:
                 base[space.id] = get_tensor(gm, axis.param).shape[axis.dim]
-    table = ref.space_table
+    table, present = ref.space_table, set(base)
     for unit in inserted:  # an identity layer writes the width it reads
         if unit.kind == "layer":
             ins, outs = table.node_axes.get(unit.input, {}), table.node_axes.get(unit.output, {})
             for d in ins.keys() & outs.keys():
                 base[outs[d]] = base.get(ins[d], table[ins[d]].width)
-    return merged_widths(table, base)
+    return merged_widths(table, base), present
+
+
+def _layout(table, sid: int, widths: dict[int, int], present: set[int]
+            ) -> list[tuple[int, bool]]:
+    """Space `sid` as the pieces it concatenates, in order: (width, whether the model has it).
+    A dense layer inserted into a block appends a piece the model lacks to every later
+    concatenation of the stream."""
+    d = table[sid].derived
+    if d is None or d.kind != "cat":
+        return [(widths[sid], d is not None or sid in present)]
+    return [piece for p, w in zip(d.parts, d.sizes)
+            for piece in ([(w, True)] if p is None else _layout(table, p, widths, present))]
+
+
+def _pad_concatenations(gm: nn.Module, table, names: Iterable[str], widths: dict[int, int],
+                        present: set[int]) -> None:
+    """Give each moved tensor (named in `names`) zeros where an axis of it lies on a
+    concatenation that an inserted dense layer widened: the layer writes zeros there, and its
+    readers, zero-weighted, ignore them."""
+    for name in names:
+        t = get_tensor(gm, name)
+        for dim, sid in table.param_axes.get(name, {}).items():
+            pieces = _layout(table, sid, widths, present)
+            if all(has for _, has in pieces) or t.shape[dim] == sum(w for w, _ in pieces):
+                continue  # nothing inserted there, or a tied name already padded
+            if sum(w for w, has in pieces if has) != t.shape[dim]:
+                raise GraphmergeError(
+                    f"cannot lay the model's `{name}` (axis {dim}, width {t.shape[dim]}) out "
+                    f"on the deeper block's concatenation of widths {[w for w, _ in pieces]}")
+            chunks, at = [], 0
+            for w, has in pieces:
+                if has:
+                    chunks.append(t.detach().narrow(dim, at, w))
+                    at += w
+                else:
+                    shape = list(t.shape)
+                    shape[dim] = w
+                    chunks.append(torch.zeros(shape, dtype=t.dtype, device=t.device))
+            t = torch.cat(chunks, dim)
+            set_tensor(gm, name, t)
 
 
 # ---- identity units -------------------------------------------------------------------------
@@ -262,8 +303,16 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
             if family(k) == "linear" and "bias" in args:
                 _set(gm, args["bias"], 0.0)
         return
-    stream = {ref.node(unit.input)}
     table = ref.space_table
+    if unit.kind == "concat":  # x <- cat([x, f(x)]): f writes zeros (read by zero weights)
+        branch = ref.node(unit.output).args[0][1]
+        producer = branch_producer(branch, inside)
+        if producer is None:
+            raise GraphmergeError(f"cannot insert a dense layer {where}: its output "
+                                  f"`{branch.name}` has no layer to zero")
+        _zero_branch(gm, table, producer)
+        return
+    stream = {ref.node(unit.input)}
     for n in nodes:
         inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
         if is_affine(n) and len(inputs) == 1 and inputs[0] in stream:  # w = 1, b = 0
@@ -372,8 +421,9 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
                 # units share (a causal mask) stays shared with the inserted units
                 set_tensor(gm, ra.target, copy.deepcopy(get_tensor(source, sa.target), memo))
                 moved.add(ra.target)
-    widths = _widths(ref, traced, mapping, gm, moved, inserted)
+    widths, present = _widths(ref, traced, mapping, gm, moved, inserted)
     table = ref.space_table
+    _pad_concatenations(gm, table, sorted(moved), widths, present)
     for unit in inserted:
         for name in dict.fromkeys(t for n in unit.nodes for t in _node_tensors(ref.node(n))):
             dims = table.param_axes.get(name, {})
