@@ -19,6 +19,8 @@ has none. Also checks that a self-merge with a permuted copy (heads and each hea
 permuted) is exact under the defaults.
 
 Rerun:  .venv/bin/python benchmarks/vit_pair.py     (about 15 min cold, 2 min cached)
+        --dim 256 --seed-pairs 0,1: the same at another width (MLP 2 · dim; about 20 min per
+        model to train at dim 256 on one thread), written as vit_pair_dim256.*
 Writes: benchmarks/results/vit_pair.md, vit_pair.json, vit_pair.png
 """
 
@@ -85,17 +87,20 @@ def main(argv: list[str] | None = None) -> None:
                                         "(tests)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed-pairs", default="0,1;2,3;4,5")
+    p.add_argument("--dim", type=int, default=VIT["dim"],
+                   help="the stream's width (MLP 2 · dim, 4 heads); results of another width "
+                        "than 64 go to vit_pair_dim<D>.*")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out, stem = Path(args.out), _stem(args.dim)
     if args.render:
-        render(json.loads((out / "vit_pair.json").read_text()), out)
+        render(json.loads((out / f"{stem}.json").read_text()), out)
         return
     torch.set_num_threads(1)
     if not args.smoke:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     t_start = time.perf_counter()
     tasks, x_test, y_test, calibration, pairs = fashion_mnist_setup(args.seed_pairs)
-    vit = VIT
+    vit = {**VIT, "dim": args.dim, "mlp_dim": 2 * args.dim}
     if args.smoke:
         x_test, y_test = x_test[:500], y_test[:500]
         calibration, pairs = calibration[:2], pairs[:1]
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nseeds {seeds}\n{table(rows, ens, EXTRA)}", flush=True)
         runs.append(rows)
     command = rerun_command(__file__, argv)
-    record = {"command": command, "args": vars(args), "vit": vit, "train": TRAIN,
+    record = {"command": command, "args": vars(args), "stem": stem, "vit": vit, "train": TRAIN,
               "seed_pairs": pairs, "self_merge": check, "runs": runs, "rotations": rotations,
               "mean": mean_rows(runs),
               "wall_minutes": (time.perf_counter() - t_start) / 60,
@@ -141,8 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     for r, rows in zip(record["mean"], zip(*runs)):
         r["seconds"] = sum(x["seconds"] or 0 for x in rows) / len(rows) if r["norms"] else None
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "vit_pair.json", json.dumps(record, indent=1))
+    write_text_atomic(out / f"{stem}.json", json.dumps(record, indent=1))
     render(record, out)
+
+
+def _stem(dim: int) -> str:
+    return "vit_pair" if dim == VIT["dim"] else f"vit_pair_dim{dim}"
 
 
 EXTRA = [("merge s", "seconds", "{:.1f}")]
@@ -171,16 +180,19 @@ def _rotation_section(record: dict) -> list[str]:
 
 
 def render(record: dict, out: Path) -> None:
-    """vit_pair.md and .png from the measured record (vit_pair.json)."""
+    """vit_pair.md and .png (vit_pair_dim<D>.* at another width) from the measured record."""
     rows = record["mean"]
     ens = next(r["joint"] for r in rows if r["method"] == "ensemble")
+    ens_tasks = next(r["task_mean"] for r in rows if r["method"] == "ensemble")
     a, v = record["args"], record["vit"]
+    stem = record.get("stem", "vit_pair")
 
-    def joint(method, norms="repair"):
-        return next(r["joint"] for r in rows if r["method"] == method and r["norms"] == norms)
+    def row(method, norms="repair"):
+        return next(r for r in rows if r["method"] == method and r["norms"] == norms)
 
-    summary = [f"- {m} (repair): joint {joint(m):.1%} = {joint(m) / ens:.1%} of the ensemble's"
-               for m in VARIANTS]
+    summary = [f"- {m} (repair): joint {row(m)['joint']:.1%} = {row(m)['joint'] / ens:.1%} of "
+               f"the ensemble's; per-task mean {row(m)['task_mean']:.1%} = "
+               f"{row(m)['task_mean'] / ens_tasks:.1%} of the ensemble's" for m in VARIANTS]
     c = record["self_merge"]
     md = ["# Merge quality: Fashion-MNIST 5+5, ViT pair", "",
           f"ViT: patch {v['patch_size']} (16 tokens + [cls]), dim {v['dim']}, {v['heads']} heads, "
@@ -218,11 +230,11 @@ def render(record: dict, out: Path) -> None:
     for seeds, run in zip(record["seed_pairs"], record["runs"]):
         e = next(r["joint"] for r in run if r["method"] == "ensemble")
         md += [f"## Seeds {tuple(seeds)}", "", table(run, e, EXTRA), ""]
-    write_text_atomic(out / "vit_pair.md", "\n".join(md))
-    plot({"ViT pair": rows}, out / "vit_pair.png", NORMS, title="{}: embedding protocol, mean "
+    write_text_atomic(out / f"{stem}.md", "\n".join(md))
+    plot({"ViT pair": rows}, out / f"{stem}.png", NORMS, title="{}: embedding protocol, mean "
          "over seed pairs")
     print("\n".join(summary))
-    print(f"wrote {out / 'vit_pair.md'}; wall time {record['wall_minutes']:.1f} min; rerun: "
+    print(f"wrote {out / (stem + '.md')}; wall time {record['wall_minutes']:.1f} min; rerun: "
           f"{record['command']}")
 
 

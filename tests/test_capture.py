@@ -286,4 +286,5 @@ def test_feature_list_concatenations_are_captured_as_a_chain(given):
         assert torch.equal(traced.graph_module(x), model(x))
     if code is not None:
         assert source.code == code
-        assert [len(n.args[0]) for n in source.graph.nodes if n.target is torch.cat] == [1, 2, 3, 4]
+        lengths = [len(n.args[0]) for n in source.graph.nodes if n.target is torch.cat]
+        assert lengths == [1, 2, 3, 4]
