@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -1229,11 +1231,12 @@ def test_hostile_input(name, tmp_path):
     assert outcome.kind == expect, f"{category}/{name}: {outcome.kind} ({outcome.detail})"
 
 
-def test_a_size_that_differs_on_an_axis_in_no_space_is_refused_by_name():
+def test_a_size_that_differs_on_an_axis_in_no_space_is_refused_by_name(caplog):
     """nn.MultiheadAttention of two embed dims: under fx it is one opaque call whose in_proj
     axis 0 has no space, so the merge (which once died inside merge_parameters with a raw
     shape RuntimeError) is refused by name; exported, its head dims are seen (one transform
-    for q, k, v and every head, the heads in place) and the pair merges."""
+    for q, k, v and every head, the heads in place) and the pair merges. The default front
+    end ("auto") sees the opaque call whose widths differ and captures with export itself."""
 
     class Attend(nn.Module):
         def __init__(self, d: int) -> None:
@@ -1246,12 +1249,15 @@ def test_a_size_that_differs_on_an_axis_in_no_space_is_refused_by_name():
             return self.out(h + self.att(h, h, h, need_weights=False)[0]).mean(1)
 
     torch.manual_seed(0)
-    with pytest.raises(gm.MismatchError, match=r"`att\.in_proj_weight` has size 288 on axis 0"
-                       r".*MultiheadAttention call.*frontend=\"export\""):
-        gm.merge([Attend(64).eval(), Attend(96).eval()], [torch.randn(4, 5, 8)], progress=False)
     pair = [Attend(64).eval(), Attend(96).eval()]
     x = torch.randn(4, 5, 8)
-    result = gm.merge(pair, [x], frontend="export", progress=False)
-    assert any(s["widths"] == [16, 24] for s in result.spaces)  # the head dims
-    with torch.no_grad():
-        assert torch.isfinite(result.module(x)).all()
+    with pytest.raises(gm.MismatchError, match=r"`att\.in_proj_weight` has size 288 on axis 0"
+                       r".*MultiheadAttention call.*frontend=\"export\""):
+        gm.merge(pair, [x], frontend="fx", progress=False)
+    for frontend in ("export", "auto"):
+        with caplog.at_level(logging.INFO, logger="graphmerge.passes.trace"):
+            result = gm.merge(pair, [x], frontend=frontend, progress=False)
+        assert any(s["widths"] == [16, 24] for s in result.spaces)  # the head dims
+        with torch.no_grad():
+            assert torch.isfinite(result.module(x)).all()
+    assert "`att`: one opaque call under torch.fx" in caplog.text

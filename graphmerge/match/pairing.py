@@ -12,7 +12,7 @@ from graphmerge.graph.capture import Traced
 from graphmerge.graph.spaces import FrozenBy
 from graphmerge.graph.tensors import canonical_names, named_tensors
 
-__all__ = ["pair_models", "op_key"]
+__all__ = ["pair_models", "op_key", "opaque_differences"]
 
 
 def op_key(n: fx.Node, gm: fx.GraphModule) -> tuple[str, str]:
@@ -118,6 +118,24 @@ def _check_unaligned_sizes(ref: Traced, other: Traced, i: int) -> None:
                     f"no space holds that axis (no op rule placed it), so the two widths cannot "
                     f"be aligned; models must agree on it, or the op that reads `{name}` needs a "
                     f"rule{_opaque_hint(ref, name)}")
+
+
+def opaque_differences(traced: Sequence[Traced]) -> list[str]:
+    """The modules the graphs call as one opaque op (an fx leaf, such as
+    nn.MultiheadAttention) that own a tensor whose size differs between the models on an axis
+    no space holds: this capture cannot bring them to one width."""
+    ref = traced[0]
+    calls = {n.target for n in ref.graph.nodes if n.op == "call_module"}
+    found: dict[str, None] = {}
+    for t in traced[1:]:
+        mine = named_tensors(t.graph_module)
+        for name, a in named_tensors(ref.graph_module).items():
+            b, owner = mine.get(name), name.rpartition(".")[0]
+            axes = ref.space_table.param_axes.get(name, {})
+            if owner in calls and b is not None and a.dim() == b.dim() and any(
+                    x != y and d not in axes for d, (x, y) in enumerate(zip(a.shape, b.shape))):
+                found[owner] = None
+    return list(found)
 
 
 def _opaque_hint(ref: Traced, name: str) -> str:

@@ -82,5 +82,6 @@ def _oracle64(ctx: MergeContext, inputs: tuple[Any, ...]) -> None:
         run_oracle(None, inputs, trials=1, traced=replace(ctx.traced[0], graph_module=copy64),
                    own=True)
     else:
+        frontend = "export" if ctx.traced[0].frontend == "export" else ctx.config.frontend
         run_oracle(ctx.models[0], inputs, trials=1, leaf_modules=ctx.config.leaf_modules,
-                   frontend=ctx.config.frontend)
+                   frontend=frontend)
