@@ -420,6 +420,44 @@ def test_dense_blocks_of_different_depths_merge(frontend, style):
     assert torch.isfinite(y).all() and min(_rel(m(x), y) for m in (a, b)) > 1e-3
 
 
+class _DenseMLP(nn.Module):
+    """A dense MLP (feature lists concatenated on the last axis), each layer ending in GELU
+    (GELU(0) = 0: a zeroed layer before it writes zeros), optionally LayerNorm first."""
+
+    def __init__(self, layers: int, norm: bool, growth: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.layers = nn.ModuleList(nn.Sequential(
+            nn.LayerNorm(8 + growth * k) if norm else nn.Identity(),
+            nn.Linear(8 + growth * k, growth), nn.GELU()) for k in range(layers))
+        self.head = nn.Linear(8 + growth * layers, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.inp(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, -1)))
+        return self.head(torch.cat(features, -1))
+
+
+def test_dense_layers_ending_in_an_activation_that_keeps_zero_are_inserted_exactly():
+    """A dense layer whose branch ends in GELU is a unit (GELU(0) = 0), and an MLP dense
+    block deepens exactly; where a LayerNorm normalises the widened concatenation (its mean
+    and variance would change with the zeros) the deepening is refused in one line naming
+    it."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    a, b = _DenseMLP(2, norm=False).eval(), _DenseMLP(4, norm=False).eval()
+    deep = deepen(a, x, b)
+    assert output_error(a, deep, (x,)) < 1e-6
+    back = gm.merge([a, gm.permute(deep, x, seed=3)], [x[:32], x[32:]], x, progress=False)
+    assert output_error(a, back.module, (x,)) < 1e-5
+    a, b = _DenseMLP(2, norm=True).eval(), _DenseMLP(4, norm=True).eval()
+    with pytest.raises(gm.MismatchError, match=r"\(layer_norm\) normalises across the "
+                       r"concatenation `cat_\d+` that a dense layer inserted") as e:
+        gm.merge([a, b], [x[:32], x[32:]], x, progress=False)
+    assert "\n" not in str(e.value)
+
+
 def test_a_dense_block_deeper_in_a_model_that_is_not_the_deepest_is_refused_in_one_line():
     """Growing a dense block inside another model's graph (each model deeper in one block) is
     not supported: refused in one line naming the block, never merged silently."""

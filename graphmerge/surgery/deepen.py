@@ -203,6 +203,28 @@ def _layout(table, sid: int, widths: dict[int, int], present: set[int]
             for piece in ([(w, True)] if p is None else _layout(table, p, widths, present))]
 
 
+def _check_channelwise_readers(ref: Traced, inserted: Sequence[Unit], widths: dict[int, int],
+                               present: set[int]) -> None:
+    """Raises MismatchError where a norm that mixes units (a layer, group or RMS norm)
+    normalises a concatenation that an inserted dense layer widens with zeros: its statistics
+    would change. A batch norm, a linear or an activation reads each unit alone."""
+    if not any(u.kind == "concat" for u in inserted):
+        return
+    table = ref.space_table
+    for n in ref.graph.nodes:
+        if not is_norm(n) or kind(n) == "batch_norm":
+            continue
+        for a in n.all_input_nodes:
+            for dim, sid in table.node_axes.get(a.name, {}).items():
+                if not all(has for _, has in _layout(table, sid, widths, present)):
+                    raise MismatchError(
+                        f"`{n.name}` ({kind(n)}) normalises across the concatenation "
+                        f"`{a.name}` that a dense layer inserted to deepen the model widens "
+                        f"with zeros: its statistics would change, so dense blocks of "
+                        f"different depths merge only where each unit of the concatenation is "
+                        f"normalised alone (a batch norm)")
+
+
 def _pad_concatenations(gm: nn.Module, table, names: Iterable[str], widths: dict[int, int],
                         present: set[int]) -> None:
     """Give each moved tensor (named in `names`) zeros where an axis of it lies on a
@@ -423,6 +445,7 @@ def expand(model: nn.Module, traced: Traced, stages: Sequence[Stage], ref: Trace
                 moved.add(ra.target)
     widths, present = _widths(ref, traced, mapping, gm, moved, inserted)
     table = ref.space_table
+    _check_channelwise_readers(ref, inserted, widths, present)
     _pad_concatenations(gm, table, sorted(moved), widths, present)
     for unit in inserted:
         for name in dict.fromkeys(t for n in unit.nodes for t in _node_tensors(ref.node(n))):
