@@ -1,6 +1,7 @@
 """Axis rules of functional layer forms (issue 20): F.batch_norm inside norm+activation
 BatchNorm2d subclasses, F.instance_norm, PReLU (module and F.prelu), F.bilinear, functional
-activations, and torch._assert shape checks inside forward. Each model is checked on both
+activations, torch._assert shape checks inside forward, and resampling (nn.Upsample,
+F.interpolate). Each model is checked on both
 front ends: the permutation oracle passes, permuting changes weights (its spaces are free),
 and merging a model with a permuted copy of itself gives the model back."""
 
@@ -153,7 +154,24 @@ class AssertNet(nn.Module):
         return self.b(h)
 
 
+class ResampleNet(nn.Module):
+    """A decoder that resamples its feature maps (module and functional forms, nearest and
+    bilinear): interpolation acts on each channel's map alone, so the channels stay free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, 2, 1), nn.Conv2d(6, 5, 3, 1, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.c = nn.Conv2d(5, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b(self.up(F.relu(self.a(x)))))
+        h = F.interpolate(h, size=(5, 5), mode="bilinear", align_corners=False)
+        return self.c(h).mean((2, 3))
+
+
 MODELS = {
+    "resample": (ResampleNet, 2),
     "bn-act": (_bn_act_net, 3),
     "instance-norm": (InstanceNormNet, 3),
     "prelu": (PReLUNet, 3),

@@ -71,6 +71,11 @@ _SAME_AS: dict[str, tuple[object, ...]] = {
     **{name: (getattr(F, name),) for name in (
         "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
         "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")},
+    **{name: (F.interpolate,) for name in (
+        "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
+        "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d",
+        "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "_upsample_nearest_exact1d",
+        "_upsample_nearest_exact2d", "_upsample_nearest_exact3d")},
     # shapes
     "view": ("view",), "_unsafe_view": ("view",), "reshape": ("reshape",),
     "reshape_as": ("reshape_as",), "view_as": ("view_as",), "flatten": ("flatten",),

@@ -46,7 +46,12 @@ _POOL_FUNCTIONS = (
 )
 
 
-@register(*_POOL_MODULES, *_POOL_FUNCTIONS)
+# resampling interpolates each channel's map alone: like a pool, it keeps the channels
+_RESAMPLE = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate,
+             F.upsample, F.upsample_nearest, F.upsample_bilinear)
+
+
+@register(*_POOL_MODULES, *_POOL_FUNCTIONS, *_RESAMPLE)
 def _pool(op: Op) -> Iterator[Link]:
     """Batch and channel axes pass through; spatial axes are unmentioned, hence frozen."""
     x = op.arg(0, "input")
