@@ -211,3 +211,30 @@ def test_swin_self_merge_exports_to_onnx(tmp_path):
     assert report.dynamic_batch and report.batch_sizes == (2, 5)
     assert report.max_rel_diff < 1e-5
     assert not any("export_onnx" in str(w.message) for w in caught)
+
+
+def _llama_heads(heads: int, kv: int, seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=hf_models.VOCAB, hidden_size=64, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=8, max_position_embeddings=32,
+                         tie_word_embeddings=False, use_cache=False)
+    return hf_models._wrap(LlamaForCausalLM(config), "logits", ("input_ids",)).eval()
+
+
+def test_llama_of_different_key_value_head_counts():
+    """8 query heads over 2 or 4 key/value heads (groups of 4 and 2) merge, finite; over 4 or
+    8 (groups of 2 and 1: transformers skips the repeat for groups of 1, so the blocks' ops
+    differ) the merge is refused in one line that says the blocks are built differently."""
+    x = hf_models._token_inputs(False)
+    calibration = [tuple(_like(t, 16, 10 * k + j) for j, t in enumerate(x)) for k in range(2)]
+    result = gm.merge([_llama_heads(8, 2), _llama_heads(8, 4, seed=1)], calibration, x,
+                      progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(result.module(*calibration[1])).all()
+    with pytest.raises(gm.MismatchError, match="build this block differently") as e:
+        gm.merge([_llama_heads(8, 4), _llama_heads(8, 8, seed=1)], calibration, x,
+                 progress=False)
+    assert "\n" not in str(e.value)

@@ -143,9 +143,11 @@ def _node_map(ref: Traced, ref_stages: Sequence[Stage], traced: Traced, stages: 
                 raise MismatchError(
                     f"unit {p} of the reference's {ref_stages[i].name} and the model's unit at "
                     f"`{unit.input}` differ in their ops (op {k}: {ops[0]} where the reference "
-                    f"has {ops[1]}); they cannot correspond. (A model that caches values in "
-                    f"eval mode traces differently once it has run: run every model once, or "
-                    f"none, before merging.)")
+                    f"has {ops[1]}); they cannot correspond: the models build this block "
+                    f"differently (a configuration that changes its ops, such as a key/value "
+                    f"head count that skips a repeat; or a model that caches values in eval "
+                    f"mode and traces differently once it has run: run every model once, or "
+                    f"none, before merging)")
             else:
                 mapping.update(zip(ref_unit.nodes, unit.nodes))
     return mapping, inserted
