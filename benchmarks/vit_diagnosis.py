@@ -560,8 +560,12 @@ FINDINGS = """## Findings (the tables below; dim 64: seed pairs (0, 1), (2, 3), 
 
 Targets: dim-64 zip per-task mean ≥ 70% of the ensemble's — **not met** (default zip 42%,
 the best equal-size training-free variant 56%: permute after the stream rotation); dim 256 ≥
-90% — **not measured** (no time to train dim-256 pairs here). At dim 128 (one pair) default
-zip keeps 64%, zip on the rotated pair 70%.
+90% — **not met** on the one pair measured: default zip keeps 75.8% of the ensemble's
+per-task mean, zip with `rotate=True` 75.3%, the partial zip cut at 1/3 85.2% (more
+parameters); `vit_pair.py --dim 256 --seed-pairs 0,1` → `vit_pair_dim256.md`. At dim 128 (one
+pair) default zip keeps 64%, zip on the rotated pair 70% (`vit_pair_dim128.md`: 64.3% and
+67.4% with the engine's rotation). Width helps as ZipIt!'s redundancy argument says (seed
+pair (0, 1): 41% → 64% → 76% from dim 64 to 256) but does not close the gap.
 
 1. **The output is not the problem.** Averaging the parents' unit embeddings (one shared
    cosine head, no merge below it) keeps 100% of the ensemble: it takes the same argmax.
