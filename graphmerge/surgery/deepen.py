@@ -15,6 +15,10 @@ a copy of the reference's unit made an **identity unit**:
 - a plain unit (linear/conv → norm → activation) becomes W = I, an identity norm and its
   activation, exact when its input lies where the activation is the identity (ReLU after ReLU,
   ReLU6 after ReLU6, …: proven from the graph, `graphmerge.graph.kinds.value_range`).
+- a dense layer (x ← cat([x, f(x)])) writes zeros (f's producer zeroed): the stream gains a
+  piece of zeros at its place in every later concatenation, and every tensor moved from the
+  model that reads the stream gets zeros there (`_pad_concatenations`); a norm that mixes the
+  units of such a concatenation (layer, group, RMS) would see other statistics and is refused.
 
 Which axis of which tensor changes width comes from the space tables, never from sizes: an
 inserted unit's axes in a space the shallow model also has take the shallow width; shape
