@@ -257,34 +257,36 @@ def test_zoo_architecture_across_depths(name, frontend):
 
 class _FeatureList(nn.Module):
     """Each layer reads the concatenation of every earlier feature (a feature-list dense
-    block)."""
+    block), joined by `join` (torch.cat or one of its other spellings)."""
 
-    def __init__(self) -> None:
+    def __init__(self, join=torch.cat) -> None:
         super().__init__()
+        self.join = join
         self.layers = nn.ModuleList(nn.Linear(4 + 3 * k, 3) for k in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x]
         for layer in self.layers:
-            features.append(torch.relu(layer(torch.cat(features, -1))))
-        return torch.cat(features, -1)
+            features.append(torch.relu(layer(self.join(features, -1))))
+        return self.join(features, -1)
 
 
-@pytest.mark.parametrize("given", ["module", "graph module"])
-def test_feature_list_concatenations_are_captured_as_a_chain(given):
+@pytest.mark.parametrize("given, join", [("module", torch.cat), ("graph module", torch.cat),
+                                         ("module", torch.concat)])
+def test_feature_list_concatenations_are_captured_as_a_chain(given, join):
     """cat([a, b, c]) after cat([a, b]) is captured as cat([cat([a, b]), c]): the same values,
     with each layer a unit whose input is the last one's output. A graph module the caller
     passes is not modified."""
-    model, x = _FeatureList().eval(), torch.randn(5, 4)
+    model, x = _FeatureList(join).eval(), torch.randn(5, 4)
     source = torch.fx.symbolic_trace(model) if given == "graph module" else model
     code = source.code if given == "graph module" else None
     traced = gm.trace(source, x)
-    cats = [n for n in traced.graph.nodes if n.target is torch.cat]
+    cats = [n for n in traced.graph.nodes if n.target is join]
     assert [len(n.args[0]) for n in cats] == [1, 2, 2, 2]
     assert all(n.args[0][0] is prev for prev, n in zip(cats, cats[1:]))
     with torch.no_grad():
         assert torch.equal(traced.graph_module(x), model(x))
     if code is not None:
         assert source.code == code
-        lengths = [len(n.args[0]) for n in source.graph.nodes if n.target is torch.cat]
+        lengths = [len(n.args[0]) for n in source.graph.nodes if n.target is join]
         assert lengths == [1, 2, 3, 4]

@@ -149,6 +149,8 @@ _BUILTIN = (
     # only move values (a shifted window's roll, cutting padding off): a zero stays a zero
     OpKind("roll", "reshape", (), ("roll",), keeps_zero=True, keeps_range=True),
     OpKind("slice", "reshape", (), ("slice",), keeps_zero=True, keeps_range=True),
+    # joins its inputs along an axis (one kind for every spelling): zero only when all are
+    OpKind("cat", "reshape", (), ("cat", "concat", "concatenate")),
     OpKind("add", "arith", (), ("add", "iadd")),
     OpKind("mul", "arith", (), ("mul", "imul"), keeps_zero=True),  # zero when a factor is
     # a cast to another tensor's dtype keeps a zero; it is no "identity" (its own kind)
