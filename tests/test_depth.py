@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import graphmerge as gm
+from graphmerge.graph.capture import run_nodes
 from graphmerge.graph.oracle import output_error
 from graphmerge.graph.stages import find_stages
 from graphmerge.lab import zoo
@@ -456,6 +457,45 @@ def test_dense_layers_ending_in_an_activation_that_keeps_zero_are_inserted_exact
                        r"concatenation `cat_\d+` that a dense layer inserted") as e:
         gm.merge([a, b], [x[:32], x[32:]], x, progress=False)
     assert "\n" not in str(e.value)
+
+
+class _AlternatingDense(nn.Module):
+    """Dense layers alternating conv-BN-ReLU and conv-ReLU (post-activation): units of two."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.stem, c, body = nn.Conv2d(1, 8, 3, 1, 1), 8, []
+        for k in range(layers):
+            body.append(nn.Sequential(nn.Conv2d(c, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU())
+                        if k % 2 == 0 else nn.Sequential(nn.Conv2d(c, 4, 3, 1, 1), nn.ReLU()))
+            c += 4
+        self.layers, self.head = nn.ModuleList(body), nn.Linear(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_an_inserted_unit_of_two_dense_layers_writes_zeros_in_both():
+    """Dense layers of two kinds alternate, so a unit is two layers (their period); an
+    inserted unit zeroes both branches (its concatenations gain zeros only), exactly, and
+    calibration batches of 2 are enough to align and merge."""
+    torch.manual_seed(0)
+    x = X[:16, :, :12, :12]
+    a, b = _trained_like(_AlternatingDense(4)), _trained_like(_AlternatingDense(6))
+    assert [s.depth for s in find_stages(gm.trace(b, x))] == [3]
+    deep = deepen(a, x, b)
+    assert output_error(a, deep, (x,)) < 1e-6
+    traced = gm.trace(deep, x)
+    values = run_nodes(traced.graph_module, (x,))
+    new = [float(values[n.args[0][1].name].abs().max()) for n in traced.graph.nodes
+           if n.target is torch.cat]
+    assert [v == 0 for v in new] == [False, False, True, True, False, False]
+    calibration = [x[k:k + 2] for k in range(0, 16, 2)]
+    back = gm.merge([a, gm.permute(deep, x, seed=2)], calibration, x, progress=False)
+    assert output_error(a, back.module, (x,)) < 1e-5
 
 
 def test_a_dense_block_deeper_in_a_model_that_is_not_the_deepest_is_refused_in_one_line():

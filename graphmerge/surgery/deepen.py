@@ -332,13 +332,16 @@ def _make_identity(gm: fx.GraphModule, ref: Traced, unit: Unit, post: list[tuple
                 _set(gm, args["bias"], 0.0)
         return
     table = ref.space_table
-    if unit.kind == "concat":  # x <- cat([x, f(x)]): f writes zeros (read by zero weights)
-        branch = ref.node(unit.output).args[0][1]
-        producer = branch_producer(branch, inside)
-        if producer is None:
-            raise GraphmergeError(f"cannot insert a dense layer {where}: its output "
-                                  f"`{branch.name}` has no layer to zero")
-        _zero_branch(gm, table, producer)
+    if unit.kind == "concat":  # x <- cat([x, f(x)]) (one per layer of a unit of several):
+        stream = ref.node(unit.input)  # each f writes zeros, read by zero weights
+        for n in nodes:
+            if kind(n) == "cat" and n.args[0][0] is stream:
+                branch, stream = n.args[0][1], n
+                producer = branch_producer(branch, inside)
+                if producer is None:
+                    raise GraphmergeError(f"cannot insert a dense layer {where}: its output "
+                                          f"`{branch.name}` has no layer to zero")
+                _zero_branch(gm, table, producer)
         return
     stream = {ref.node(unit.input)}
     for n in nodes:
