@@ -1261,3 +1261,20 @@ def test_a_size_that_differs_on_an_axis_in_no_space_is_refused_by_name(caplog):
         with torch.no_grad():
             assert torch.isfinite(result.module(x)).all()
     assert "`att`: one opaque call under torch.fx" in caplog.text
+
+
+def test_auto_keeps_fx_where_export_leaves_the_difference_too(caplog):
+    """Two models whose conv kernels differ in size: no capture holds a kernel axis in a
+    space, so "auto" keeps fx's graphs (no export switch in the log) and the refusal names the
+    kernel axis."""
+
+    def net(k: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(4, 4, k, padding=k // 2), nn.Flatten(),
+                             nn.Linear(64, 3)).eval()
+
+    x = torch.randn(4, 2, 4, 4)
+    with caplog.at_level(logging.INFO, logger="graphmerge.passes.trace"), \
+            pytest.raises(gm.MismatchError, match=r"`2\.weight` has size 3 on axis 2"):
+        gm.merge([net(1), net(3)], [x], progress=False)
+    assert "captured with torch.export" not in caplog.text

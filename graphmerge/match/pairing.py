@@ -3,7 +3,7 @@ alignment every model must have model 0's topology (widths may differ)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch.fx as fx
 
@@ -12,7 +12,7 @@ from graphmerge.graph.capture import Traced
 from graphmerge.graph.spaces import FrozenBy
 from graphmerge.graph.tensors import canonical_names, named_tensors
 
-__all__ = ["pair_models", "op_key", "opaque_differences"]
+__all__ = ["pair_models", "op_key", "unaligned_owners"]
 
 
 def op_key(n: fx.Node, gm: fx.GraphModule) -> tuple[str, str]:
@@ -98,44 +98,47 @@ def _first_grouping_difference(ta, tb, i: int) -> str:
     return "the parameters' axes are grouped alike, the activations' are not"
 
 
-def _check_unaligned_sizes(ref: Traced, other: Traced, i: int) -> None:
-    """MismatchError when a tensor's size differs between the models on an axis that is in no
-    space: nothing could bring the two to one width (a raw shape error later)."""
+def _unaligned_sizes(ref: Traced, other: Traced) -> Iterator[tuple[str, int | None, list, list]]:
+    """(name, axis, size in `ref`, size in `other`) of each tensor whose size differs between
+    two models on an axis no space holds (axis None: another number of axes); a tied tensor
+    is checked under its first name, where its axes are."""
     mine = named_tensors(other.graph_module)
     canonical = canonical_names(ref.graph_module)
     for name, a in named_tensors(ref.graph_module).items():
         b = mine.get(name)
         if b is None or a.shape == b.shape or canonical.get(name, name) != name:
-            continue  # (a tied tensor is checked under its first name, where its axes are)
-        axes = ref.space_table.param_axes.get(name, {})
+            continue
         if a.dim() != b.dim():
-            raise MismatchError(f"`{name}` has shape {list(b.shape)} in model {i} and "
-                                f"{list(a.shape)} in model 0 (another number of axes)")
-        for d, (x, y) in enumerate(zip(a.shape, b.shape)):
-            if x != y and d not in axes:
-                raise MismatchError(
-                    f"`{name}` has size {y} on axis {d} in model {i} and {x} in model 0, and "
-                    f"no space holds that axis (no op rule placed it), so the two widths cannot "
-                    f"be aligned; models must agree on it, or the op that reads `{name}` needs a "
-                    f"rule{_opaque_hint(ref, name)}")
+            yield name, None, list(a.shape), list(b.shape)
+            continue
+        axes = ref.space_table.param_axes.get(name, {})
+        d = next((d for d, (x, y) in enumerate(zip(a.shape, b.shape))
+                  if x != y and d not in axes), None)
+        if d is not None:
+            yield name, d, list(a.shape), list(b.shape)
 
 
-def opaque_differences(traced: Sequence[Traced]) -> list[str]:
-    """The modules the graphs call as one opaque op (an fx leaf, such as
-    nn.MultiheadAttention) that own a tensor whose size differs between the models on an axis
-    no space holds: this capture cannot bring them to one width."""
-    ref = traced[0]
-    calls = {n.target for n in ref.graph.nodes if n.op == "call_module"}
-    found: dict[str, None] = {}
-    for t in traced[1:]:
-        mine = named_tensors(t.graph_module)
-        for name, a in named_tensors(ref.graph_module).items():
-            b, owner = mine.get(name), name.rpartition(".")[0]
-            axes = ref.space_table.param_axes.get(name, {})
-            if owner in calls and b is not None and a.dim() == b.dim() and any(
-                    x != y and d not in axes for d, (x, y) in enumerate(zip(a.shape, b.shape))):
-                found[owner] = None
-    return list(found)
+def _check_unaligned_sizes(ref: Traced, other: Traced, i: int) -> None:
+    """MismatchError when a tensor's size differs between the models on an axis that is in no
+    space: nothing could bring the two to one width (a raw shape error later)."""
+    for name, d, a, b in _unaligned_sizes(ref, other):
+        if d is None:
+            raise MismatchError(f"`{name}` has shape {b} in model {i} and {a} in model 0 "
+                                f"(another number of axes)")
+        raise MismatchError(
+            f"`{name}` has size {b[d]} on axis {d} in model {i} and {a[d]} in model 0, and no "
+            f"space holds that axis (no op rule placed it), so the two widths cannot be "
+            f"aligned; models must agree on it, or the op that reads `{name}` needs a "
+            f"rule{_opaque_hint(ref, name)}")
+
+
+def unaligned_owners(traced: Sequence[Traced]) -> list[str]:
+    """The owners (module paths; "" for the root) of the tensors whose size differs between
+    model 0 and another model on an axis no space holds: this capture cannot bring them to
+    one width."""
+    return list(dict.fromkeys(name.rpartition(".")[0] for t in traced[1:]
+                              for name, d, _, _ in _unaligned_sizes(traced[0], t)
+                              if d is not None))
 
 
 def _opaque_hint(ref: Traced, name: str) -> str:
@@ -146,5 +149,6 @@ def _opaque_hint(ref: Traced, name: str) -> str:
         if n.op == "call_module" and n.target == owner:
             kind = type(ref.graph_module.get_submodule(owner)).__name__
             return (f" (`{owner}` is one opaque {kind} call in this capture; "
-                    f"frontend=\"export\" records the ops inside it)")
+                    f"frontend=\"export\" records the ops inside it, where a rule may place "
+                    f"that axis)")
     return ""

@@ -6,7 +6,7 @@ import logging
 
 from graphmerge.errors import TracingError
 from graphmerge.graph.analyse import trace
-from graphmerge.match.pairing import opaque_differences
+from graphmerge.match.pairing import unaligned_owners
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 
@@ -30,13 +30,16 @@ def trace_models(ctx: MergeContext) -> None:
     if cfg.frontend != "auto" or len(ctx.traced) < 2 or \
             any(t.frontend != "fx" for t in ctx.traced):
         return
-    opaque = opaque_differences(ctx.traced)
+    calls = {n.target for n in ctx.traced[0].graph.nodes if n.op == "call_module"}
+    opaque = [o for o in unaligned_owners(ctx.traced) if o in calls]
     if not opaque:
         return
     try:
         exported = capture("export")
     except TracingError as e:  # keep fx's graphs: pairing names the opaque module
         log.info("torch.export could not capture the models either (%s)", e)
+        return
+    if unaligned_owners(exported):  # the ops inside leave it unaligned too (a kernel size)
         return
     log.info("%s: one opaque call under torch.fx, with widths that differ between the "
              "models; every model captured with torch.export instead", ", ".join(
