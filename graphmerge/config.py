@@ -50,7 +50,7 @@ class MergeConfig:
         >>> MergeConfig.from_dict({"metod": "zip"})
         Traceback (most recent call last):
         ...
-        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory, attention, min_coverage, rotate
+        graphmerge.errors.ConfigError: unknown merge option 'metod'; valid options: method, alpha, beta, width, heads, align, norms, check, frontend, leaf_modules, progress, partial, max_batches, max_samples, device, max_memory, attention, min_coverage, rotate, refit
     """
 
     method: str = _option(
@@ -127,6 +127,15 @@ class MergeConfig:
         "them; LayerNorm keeps the all-ones direction); the matcher then runs as usual. "
         "MergeResult.summary lists the spaces rotated and why the others were not. Default "
         "False.")
+    refit: bool = _option(
+        False, "True: after the norm correction, refit every linear layer of the merged "
+        "module, in graph order, by closed-form least squares on the calibration data (no "
+        "gradient steps): on the inputs the merged module gives it, it best reproduces the "
+        "merged image of the models' outputs of that layer, pulled toward the merged weight "
+        "by a small ridge. Exact for a self-merge; convolutions are not refitted. It holds "
+        "the activations of the merged module and every model over all calibration batches "
+        "at once (bounded by max_memory; past it the refit is skipped and "
+        "MergeResult.refit says so). Default False.")
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, sorted(MATCHERS))
@@ -135,7 +144,7 @@ class MergeConfig:
         _one_of("norms", self.norms, NORM_MODES)
         _one_of("attention", self.attention, ATTENTION_MODES)
         _one_of("frontend", self.frontend, FRONTENDS)
-        for key in ("check", "progress", "rotate"):
+        for key in ("check", "progress", "rotate", "refit"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
         options = {k: v for k, v in (("alpha", self.alpha), ("beta", self.beta))

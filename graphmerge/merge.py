@@ -24,6 +24,7 @@ from graphmerge.match.align import StageAlignment
 from graphmerge.match.coverage import Coverage
 from graphmerge.match.plans import SpacePlan
 from graphmerge.passes import PIPELINE, MergeContext, run_passes
+from graphmerge.surgery.refit import Refit
 
 __all__ = ["merge", "MergeResult", "SpaceSummary", "check_models"]
 
@@ -46,7 +47,9 @@ class MergeResult:
     `SpaceSummary` per merged space), `coverage`: how many of model 0's parameters the
     merge aligned, and why the others kept the identity (`graphmerge.match.coverage`), and,
     with rotate=True, `rotations`: per merged space whether it was rotated onto model 0's
-    basis, and else why not (`graphmerge.graph.rotatable.Rotatable`)."""
+    basis, and else why not (`graphmerge.graph.rotatable.Rotatable`), and, with refit=True,
+    `refit`: the linear layers refitted and their calibration errors before and after
+    (`graphmerge.surgery.refit.Refit`)."""
 
     module: fx.GraphModule
     match_graph: nx.Graph
@@ -59,6 +62,7 @@ class MergeResult:
     plans: dict[int, SpacePlan] = field(default_factory=dict)  # per space: merge matrices
     coverage: Coverage | None = None  # parameters aligned (None: not measured)
     rotations: dict[int, Rotatable] = field(default_factory=dict)  # rotate=True: per space
+    refit: Refit | None = None  # refit=True: the layers refitted and their errors
 
     @property
     def summary(self) -> str:
@@ -68,6 +72,8 @@ class MergeResult:
         if self.coverage is not None:
             rows.append(self.coverage.format())
         rows += rotation_rows(self.rotations)
+        if self.refit is not None and self.config.refit:
+            rows.append(self.refit.format())
         rows.append(f"{'space':>5}  {'widths':<16} {'merged':>6}  {'matcher':<8} mean corr")
         for s in self.spaces:
             rows.append(f"{s['space']:>5}  {str(s['widths']):<16} {s['width']:>6}  "
@@ -203,7 +209,7 @@ def merge(
     ctx.seconds["total"] = time.perf_counter() - t0
     return MergeResult(ctx.module, ctx.match_graph, spaces, ctx.head_mode, cfg.method,
                        ctx.seconds, ctx.alignments, cfg, ctx.plans, ctx.coverage,
-                       ctx.rotations or {})
+                       ctx.rotations or {}, ctx.refit)
 
 
 merge.__doc__ = merge.__doc__.replace("{options}", option_help(indent=12))

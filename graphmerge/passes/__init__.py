@@ -3,7 +3,7 @@ them in (`PIPELINE`):
 
 trace_models → check_spaces → align_depths → pair_models → fold_norms → collect_statistics
 → rotate_spaces → match_spaces → attach_heads → measure_coverage → merge_parameters → compile_merged → correct_norms
-→ split_partial → build_match_graph
+→ refit_linears → split_partial → build_match_graph
 """
 
 from graphmerge.passes.check import check_spaces
@@ -19,6 +19,7 @@ from graphmerge.passes.norms import correct_norms
 from graphmerge.passes.pair import pair_models
 from graphmerge.passes.parameters import merge_parameters
 from graphmerge.passes.partial import split_partial
+from graphmerge.passes.refit import refit_linears
 from graphmerge.passes.report import build_match_graph
 from graphmerge.passes.rotate import rotate_spaces
 from graphmerge.passes.statistics import collect_statistics
@@ -28,12 +29,12 @@ from graphmerge.surgery.norms import reset_batch_norms  # re-exported: the tests
 PIPELINE: tuple[Pass, ...] = (
     trace_models, check_spaces, align_depths, pair_models, fold_norms, collect_statistics,
     rotate_spaces, match_spaces, attach_heads, measure_coverage, merge_parameters, compile_merged, correct_norms,
-    split_partial, build_match_graph,
+    refit_linears, split_partial, build_match_graph,
 )
 
 __all__ = ["PIPELINE", "MergeContext", "SpacePlan", "Pass", "PassOrderError", "merge_pass",
            "run_passes", "trace_models", "check_spaces", "align_depths", "expand_uniformly",
            "pair_models", "fold_norms", "collect_statistics", "rotate_spaces", "match_spaces", "attach_heads",
            "measure_coverage", "merge_parameters", "compile_merged", "correct_norms",
-           "split_partial", "build_match_graph",
+           "refit_linears", "split_partial", "build_match_graph",
            "reset_batch_norms"]

@@ -19,6 +19,7 @@ from graphmerge.match.align import StageAlignment
 from graphmerge.match.coverage import Coverage
 from graphmerge.match.plans import SpacePlan  # re-exported: defined in the match layer
 from graphmerge.match.statistics import SpaceStats, UnitStats
+from graphmerge.surgery.refit import Refit
 
 __all__ = ["SpacePlan", "MergeContext"]
 
@@ -49,6 +50,7 @@ class MergeContext:
     merged_state: dict[str, torch.Tensor] | None = None     # merge_parameters
     module: fx.GraphModule | None = None                    # compile_merged
     norms_done: str | None = None                           # correct_norms
+    refit: Refit | None = None                              # refit_linears
     cut: str | None = None                                  # split_partial ('' if none)
     match_graph: nx.Graph | None = None                     # build_match_graph
 

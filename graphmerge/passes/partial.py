@@ -14,7 +14,7 @@ from graphmerge.surgery.partial import cut_node, split_at
 __all__ = ["split_partial"]
 
 
-@merge_pass(needs=("module", "norms_done", "plans", "head_mode"), provides=("cut",),
+@merge_pass(needs=("module", "norms_done", "refit", "plans", "head_mode"), provides=("cut",),
             writes=("module",))
 def split_partial(ctx: MergeContext) -> None:
     """Replace the merged module by the partial one when a cut is configured."""
