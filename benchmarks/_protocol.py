@@ -141,7 +141,9 @@ def params(module: nn.Module) -> int:
 
 VARIANTS = {"average": {"method": "average"}, "permute": {"method": "permute"},
             "zip": {"method": "zip"}, "zip, partial 1/3": {"method": "zip", "partial": 1 / 3},
-            "zip, partial 2/3": {"method": "zip", "partial": 2 / 3}}
+            "zip, partial 2/3": {"method": "zip", "partial": 2 / 3},
+            "permute, refit": {"method": "permute", "refit": True},
+            "zip, refit": {"method": "zip", "refit": True}}
 
 
 def score(models, tasks, calibration, protocol, x_test, y_test, variants=None, norms=NORMS,

@@ -11,7 +11,8 @@ log-softmaxes), argmax over all 5 classes.
 Merges: average, permute, zip and zip with a partial merge (cut after half the weighted layers),
 all with REPAIR (the default norms) and LMA depth alignment (the default: MiniLM-L3 is expanded to
 6 layers; BERT is post-norm, so the inserted layers' norms are fitted, see the warnings), and zip
-with SMA and uniform alignment. A merge that raises a GraphmergeError is recorded with its message.
+with SMA and uniform alignment; permute and zip with refit=True (every linear layer refitted by
+least squares on the calibration data). A merge that raises a GraphmergeError is recorded with its message.
 
 Linear probe: a logistic regression (LBFGS, standardised features, seeded) on the frozen
 mean-pooled features that feed the head(s), over all 5 classes, trained on the train split and
@@ -52,7 +53,9 @@ VARIANTS = {"average": {"method": "average"},
             "zip": {"method": "zip"},
             "zip, partial 0.5": {"method": "zip", "partial": 0.5},
             "zip, SMA": {"method": "zip", "align": "sma"},
-            "zip, uniform": {"method": "zip", "align": "uniform"}}
+            "zip, uniform": {"method": "zip", "align": "uniform"},
+            "permute, refit": {"method": "permute", "refit": True},
+            "zip, refit": {"method": "zip", "refit": True}}
 EXTRA = [("probe (5 classes)", "probe", "{:.1%}"), ("merge s", "seconds", "{:.0f}")]
 
 
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         models = [tiny_bert_classifier(3, layers=3, seed=seeds[0]),
                   tiny_bert_classifier(2, layers=2, seed=seeds[1])]
         calibration = calibration_batches(data, 4, 10, 0)
-        variants = {k: VARIANTS[k] for k in ("zip", "zip, partial 0.5")}
+        variants = {k: VARIANTS[k] for k in ("zip", "zip, partial 0.5", "zip, refit")}
         probe["steps"] = 20
     else:
         logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -11,8 +11,10 @@ Two protocols:
 * **task**: each model has its own 5-class linear head; merges keep both heads
   (heads="concat"), the ensemble concatenates log-softmaxes.
 
-Rows: each model alone, the ensemble, weight averaging, permutation, zip, and zip with a
-partial merge cut after 1/3 and 2/3 of the weighted layers; every merge with norms "repair"
+Rows: each model alone, the ensemble, weight averaging, permutation, zip, zip with a
+partial merge cut after 1/3 and 2/3 of the weighted layers, and permutation and zip with
+refit=True (the linear layers refitted by least squares on the calibration data: in these
+ResNets only the last one; convolutions are not refitted); every merge with norms "repair"
 (the default), "reset" and "none". Mean ± half-range over the seed pairs; parameters and
 FLOPs (one 28×28 image) beside each row.
 
