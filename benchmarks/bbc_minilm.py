@@ -12,7 +12,8 @@ Merges: average, permute, zip and zip with a partial merge (cut after half the w
 all with REPAIR (the default norms) and LMA depth alignment (the default: MiniLM-L3 is expanded to
 6 layers; BERT is post-norm, so the inserted layers' norms are fitted, see the warnings), and zip
 with SMA and uniform alignment; permute and zip with refit=True (every linear layer refitted by
-least squares on the calibration data). A merge that raises a GraphmergeError is recorded with its message.
+least squares on the calibration data). A merge that raises a GraphmergeError is recorded with
+its message.
 
 Linear probe: a logistic regression (LBFGS, standardised features, seeded) on the frozen
 mean-pooled features that feed the head(s), over all 5 classes, trained on the train split and

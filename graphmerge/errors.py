@@ -60,7 +60,9 @@ class InexactExpansionWarning(UserWarning):
 class FewSamplesWarning(UserWarning):
     """The calibration data gave some merged spaces fewer samples than units: their
     correlations have lower rank than their width, so the matching is underdetermined there
-    (a self-merge may not even find the identity); the message names the worst space."""
+    (a self-merge may not even find the identity); the message names the worst space. With
+    refit=True also: a refitted layer saw fewer than `SAMPLES_PER_INPUT` samples per input
+    (`graphmerge.surgery.refit`); the message names the worst layer."""
 
 
 class LowCoverageWarning(UserWarning):

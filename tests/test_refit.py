@@ -194,3 +194,32 @@ def test_any_permuted_mlp_merges_back_exactly(widths: list[int], seed: int,
     assert res.refit.layers == len(sizes) - 1
     with torch.no_grad():
         assert _rel(res.module(x), m(x)) < 1e-4
+
+
+def test_few_calibration_samples_per_input_are_warned() -> None:
+    a, b = _tiny(0), _tiny(1)
+    few = [_data(n=8)[0]]  # 8 sequences of 5 tokens: 40 samples for up to 25 inputs
+    with pytest.warns(gm.FewSamplesWarning, match=r"refit: \d+ of 10 layers saw fewer than 4 "
+                                                  r"calibration samples per input"):
+        res = gm.merge([a, b], few, refit=True, progress=False)
+    assert res.refit.few and all(s < 4 * i for _, i, s in res.refit.few)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_transformers_models_refit_and_merge_back(name: str) -> None:
+    """GPT-2's Conv1D layers (addmm, weight [in, out]) are refitted, its LM head tied to the
+    embedding is not; BERT's linears are; permuted self-merges stay exact."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import HF_MODELS
+
+    m, x = HF_MODELS[name](0)
+    cal = [HF_MODELS[name](0)[1] for _ in range(4)]
+    points = refit_points(trace(m, x, frontend="export"))
+    assert points and all("wte" not in p.weight and "lm_head" not in p.weight for p in points)
+    if name == "gpt2":
+        assert {p.out_axis for p in points} == {1}  # every Conv1D: weight [in, out]
+    twin = gm.permute(m, x, seed=1)
+    res = gm.merge([m, twin], cal, example_inputs=x, refit=True, progress=False)
+    assert res.refit.layers == len(points)
+    with torch.no_grad():
+        assert _rel(res.module(*x), m(*x)) < 1e-5

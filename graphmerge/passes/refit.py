@@ -4,11 +4,14 @@ models' outputs on the calibration data (`graphmerge.surgery.refit`)."""
 
 from __future__ import annotations
 
+import warnings
+
+from graphmerge.errors import FewSamplesWarning
 from graphmerge.match.plans import SpaceTransforms
 from graphmerge.passes.context import MergeContext
 from graphmerge.passes.manager import merge_pass
 from graphmerge.surgery.norms import ACTIVATION_BUDGET
-from graphmerge.surgery.refit import Refit, refit, refit_points
+from graphmerge.surgery.refit import SAMPLES_PER_INPUT, Refit, refit, refit_points
 
 __all__ = ["refit_linears"]
 
@@ -25,3 +28,10 @@ def refit_linears(ctx: MergeContext) -> None:
         lambda i, sid: tx.get(i, sid, True) if sid is not None and tx.merged(sid) else None,
         ctx.calibration, budget=ctx.config.max_memory or ACTIVATION_BUDGET,
         progress=ctx.config.progress)
+    if ctx.refit.few:
+        node, inputs, samples = min(ctx.refit.few, key=lambda f: f[2] / f[1])
+        warnings.warn(FewSamplesWarning(
+            f"refit: {len(ctx.refit.few)} of {ctx.refit.layers} layers saw fewer than "
+            f"{SAMPLES_PER_INPUT} calibration samples per input (worst: `{node}`, {inputs} "
+            f"inputs, {samples} samples): their fits follow the calibration data closely and "
+            f"may not carry over to other inputs; pass more calibration inputs"), stacklevel=2)
