@@ -93,3 +93,16 @@ def test_scale_smoke():
     table = scale.render([row, dict(row, params=2 * row["params"], merge=2 * row["merge"])],
                          args, 1.0)
     assert "| 64 / 128 / 1 / 32000 |" in table and "parameters^1.00" in table
+
+
+def test_refit_sweep_smoke(tmp_path):
+    import refit_sweep
+
+    refit_sweep.main(["--smoke", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "refit_sweep.json").read_text())
+    assert {(r["what"], r["value"]) for r in record["runs"]} == {
+        ("images per class", 2), ("images per class", 4), ("ridge", 1e-3), ("ridge", 1.0)}
+    assert all(r["error_after"] <= r["error_before"] for r in record["runs"])
+    import graphmerge.surgery.refit as refit_module
+    assert refit_module.RIDGE == 1e-3  # set back after each merge
+    assert "| 1 |" in (tmp_path / "refit_sweep.md").read_text()
