@@ -223,3 +223,36 @@ def test_transformers_models_refit_and_merge_back(name: str) -> None:
     assert res.refit.layers == len(points)
     with torch.no_grad():
         assert _rel(res.module(*x), m(*x)) < 1e-5
+
+
+def test_a_layer_whose_inputs_are_all_zero_keeps_its_merged_weight() -> None:
+    """A layer behind a dead ReLU sees only zeros: nothing to fit (no singular solve)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
+                      nn.Linear(5, 2)).eval()
+    with torch.no_grad():
+        m[2].weight.zero_()
+        m[2].bias.fill_(-1.0)  # the second ReLU's output is 0 everywhere
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    twin = gm.permute(m, x, seed=2)
+    res = gm.merge([m, twin], [x[:32], x[32:]], method="permute", refit=True, progress=False)
+    assert sorted(res.refit.errors) == ["_0", "_2"]  # the last linear, behind zeros, is not
+    with torch.no_grad():
+        assert _rel(res.module(x), m(x)) < 1e-5
+
+
+def test_a_weight_normed_model_merges_back() -> None:
+    """A parametrized weight (weight norm) is captured as the weight it computes: refitted in
+    the merged module like any other, and the caller's parametrization is untouched."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    m = nn.Sequential(weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 2)).eval()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    twin = gm.permute(m, x, seed=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = gm.merge([m, twin], [x[:32], x[32:]], refit=True, progress=False)
+    assert res.refit.layers == 2
+    with torch.no_grad():
+        assert _rel(res.module(x), m(x)) < 1e-5
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())

@@ -89,8 +89,10 @@ def _tensors(n: fx.Node) -> tuple[fx.Node | None, dict[str, str], int] | None:
 @dataclass
 class Refit:
     """What a refit did: the layers refitted, their mean relative error on the calibration
-    data before and after (‖xW + b - t‖² / ‖t‖², averaged over the layers), and why it was
-    skipped ('' if it ran)."""
+    data before and after (‖xW + b - t‖² / ‖t‖², averaged over the layers; per layer in
+    `errors`), the layers fitted on few samples (`few`), and why it was skipped ('' if it
+    ran). A layer whose inputs were all zero or not finite keeps its merged weight and is not
+    counted."""
 
     layers: int = 0
     error_before: float = float("nan")
@@ -253,19 +255,24 @@ def _fit(module: fx.GraphModule, p: RefitPoint, inputs: list[torch.Tensor],
         count += len(z)
     all_reduce(gram, cross, power, count)
     samples = int(count.item())
-    old = torch.cat([(weight.T if p.out_axis == 0 else weight).to(work), (bias.to(work) if bias is not None else
-                                         torch.zeros(r_out, dtype=work, device=dev))[None]])
+    rows = (weight.T if p.out_axis == 0 else weight).to(work)  # [in, out]
     if bias is None:  # no bias to fit: the constant input is left out
-        gram, cross, old = gram[:-1, :-1], cross[:-1], old[:-1]
-    lam = ridge * gram.diagonal()[:r_in].mean().clamp_min(torch.finfo(work).tiny)
+        gram, cross, old = gram[:-1, :-1], cross[:-1], rows
+    else:
+        old = torch.cat([rows, bias.to(work)[None]])
+    power_in = gram.diagonal()[:r_in].mean()
+    if not power_in > 0 or not torch.isfinite(gram).all() or not torch.isfinite(cross).all():
+        return None  # inputs all zero (nothing to fit) or not finite: the merge is kept
     eye = torch.eye(len(gram), dtype=work, device=dev)
-    new = torch.linalg.solve(gram + lam * eye, cross + lam * old)
+    new, info = torch.linalg.solve_ex(gram + ridge * power_in * eye, cross + ridge * power_in
+                                      * old)
+    if info.item() or not torch.isfinite(new).all():
+        return None
 
     def error(w: torch.Tensor) -> float:
         # ‖Zw - t‖² = wᵀGw - 2 wᵀC + ‖t‖², summed over the outputs
         left = (w * (gram @ w)).sum() - 2 * (w * cross).sum() + power
-        return max(0.0, float(left / power.clamp_min(torch.finfo(work).tiny)))  # ≥ 0 but for
-        # rounding
+        return max(0.0, float(left / power.clamp_min(torch.finfo(work).tiny)))  # rounding
 
     before, after = error(old), error(new)
     if not after <= before:  # the ridge makes this impossible but for rounding: keep the merge
