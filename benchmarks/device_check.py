@@ -4,7 +4,8 @@ device and compared with the same merge on the CPU, then a scale sweep of LLaMA-
 Part 1, per model (random init, seed 0; calibration 2 batches of 32 inputs):
 * self: the model and a `gm.permute` copy, merged with the defaults (zip, REPAIR);
 * hetero: the model and a `gm.widen(extra=0.5)` copy (elastic zip across widths; `n/a`
-  where widen refuses the model).
+  where widen refuses the model);
+* refit: the self merge with refit=True (linear layers refitted by least squares).
 Both run on the CPU and on `--device` (models, calibration and `device=` there); "vs CPU" is
 the relative difference of the two merged modules' outputs (pass: ≤ 1e-4), "vs model" the
 self-merge's difference from the model (an exact merge: ~1e-6).
@@ -128,16 +129,16 @@ def _models() -> dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...
     return out
 
 
-def _merge_both(models: list[nn.Module], calib: list[tuple], probe: tuple, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """The merge on the CPU and on `device`: (CPU output, device output, device merge s,
-    device floor s)."""
-    cpu = gm.merge(models, calib, calib[0], progress=False).module
+def _merge_both(models: list[nn.Module], calib: list[tuple], probe: tuple, device: torch.device,
+                **options: Any) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The merge (with `options`) on the CPU and on `device`: (CPU output, device output,
+    device merge s, device floor s)."""
+    cpu = gm.merge(models, calib, calib[0], progress=False, **options).module
     on = [m.to(device) for m in _copies(models)]
     data = [_to(b, device) for b in calib]
     floor = forward_floor(on, data, device)
     t0 = time.perf_counter()
-    merged = gm.merge(on, data, data[0], progress=False, device=device).module
+    merged = gm.merge(on, data, data[0], progress=False, device=device, **options).module
     _sync(device)
     seconds = time.perf_counter() - t0
     wrong = sorted({str(t.device) for t in merged.state_dict().values()} - {str(device)})
@@ -159,10 +160,10 @@ def family_rows(names: list[str], device: torch.device) -> list[str]:
         calib = [_like(example, 32, 1), _like(example, 32, 2)]
         probe = _like(example, 16, 3)
         params = sum(p.numel() for p in model.parameters())
-        for kind in ("self", "hetero"):
+        for kind in ("self", "hetero", "refit"):
             t_start = time.perf_counter()
             try:
-                other = (gm.permute(model, example, seed=3) if kind == "self" else
+                other = (gm.permute(model, example, seed=3) if kind != "hetero" else
                          gm.permute(gm.widen(model, example, extra=0.5, seed=2), example, seed=3))
             except gm.GraphmergeError as e:
                 rows.append(f"| {name} | {kind} | n/a | | | {params:,} | | | | "
@@ -171,12 +172,14 @@ def family_rows(names: list[str], device: torch.device) -> list[str]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                y_cpu, y_dev, seconds, floor = _merge_both([model, other], calib, probe, device)
+                y_cpu, y_dev, seconds, floor = _merge_both([model, other], calib, probe, device,
+                                                           refit=kind == "refit")
                 vs_cpu = _rel(y_cpu, y_dev)
-                vs_model = _rel(_forward(model, probe), y_dev) if kind == "self" else float("nan")
+                exact = kind != "hetero"  # a permuted copy: the merge gives the model back
+                vs_model = _rel(_forward(model, probe), y_dev) if exact else float("nan")
                 status = "ok" if vs_cpu <= 1e-4 else "DIFFERS"
                 rows.append(f"| {name} | {kind} | {status} | {vs_cpu:.1e} | "
-                            f"{'' if kind != 'self' else f'{vs_model:.1e}'} | {params:,} | "
+                            f"{'' if not exact else f'{vs_model:.1e}'} | {params:,} | "
                             f"{seconds:.2f} | {floor:.3f} | {_peak(device)} | |")
             except Exception as e:  # a row per failure, the sweep goes on
                 traceback.print_exc()

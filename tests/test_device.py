@@ -205,6 +205,7 @@ CASES = {
     "resnet/width": (_resnet, dict(width=2.0, norms="none")),
     "vit/heads": (_vit, dict(method="zip")),
     "vit/concat/partial": (_vit, dict(heads="concat", partial=0.5)),
+    "vit/refit": (_vit, dict(method="zip", refit=True)),
 }
 
 
