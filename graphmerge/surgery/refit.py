@@ -1,9 +1,9 @@
-"""Refit (merge option refit=True): every linear layer of the merged module is refitted, in
-graph order, by closed-form least squares on the calibration data, so that on the inputs the
-merged module now gives it, it best reproduces the merged image of what the input models'
-layers give: t = Σ_i y_i M_iᵀ (M_i: the merge matrix of model i on the layer's output space;
-1/N for a space that is not merged). No gradient steps: one pass of the merged module and the
-input models, node by node in step over all calibration batches at once.
+"""Refit (merge option refit=True): every linear layer and convolution of the merged module is
+refitted, in graph order, by closed-form least squares on the calibration data, so that on the
+inputs the merged module now gives it, it best reproduces the merged image of what the input
+models' layers give: t = Σ_i y_i M_iᵀ (M_i: the merge matrix of model i on the layer's output
+space; 1/N for a space that is not merged). No gradient steps: one pass of the merged module
+and the input models, node by node in step over all calibration batches at once.
 
 The solution is pulled toward the merged weight by a ridge of `RIDGE` times the mean input
 power, so a direction the calibration data does not excite keeps its merged value. Each layer
@@ -13,9 +13,15 @@ every target, and the ridge pulls toward it.
 
 Points are found in the graph: an affine map of one input by a weight the graph holds, as the
 ops of `AFFINE` place them (nn.Linear, F.linear and aten.linear: weight [out, in]; torch and
-aten addmm, as transformers' GPT-2 Conv1D: weight [in, out]), with a weight and bias read by
-no other node, and an output as wide in every model as its output space's transform says.
-Convolutions are not refitted.
+aten addmm, as transformers' GPT-2 Conv1D: weight [in, out]; convolutions, not transposed:
+weight [out, in / groups, *kernel]), with a weight and bias read by no other node, and an
+output as wide in every model as its output space's transform says. A convolution's samples
+are its input patches, one per output position, read by running the op itself with an
+identity kernel (its stride, padding, dilation and groups as they are); each group of a
+grouped convolution is its own regression. Where a layer's only reader is a batch norm in
+eval mode over its output units (conv → BN), the target is the merged image of the models'
+batch-norm outputs, mapped back through the merged batch norm's affine: the norm's statistics
+(REPAIR's) stay as they are and the pair gives the target.
 
 The idea of regressing a merged linear layer on calibration inputs is RegMean's (Jin et al.,
 "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023), which merges
@@ -36,7 +42,7 @@ from tqdm.auto import tqdm
 
 from graphmerge.calibration import all_reduce, distributed
 from graphmerge.graph.capture import Traced, set_eval
-from graphmerge.graph.kinds import kind, tensor_args
+from graphmerge.graph.kinds import kind, norm_eps, tensor_args
 from graphmerge.graph.lockstep import OverBudget, nbytes, run_lockstep
 from graphmerge.graph.tensors import canonical_names, get_tensor, set_tensor
 
@@ -54,13 +60,18 @@ SAMPLES_PER_INPUT = 4
 AFFINE: dict[str, tuple[int, int | None, int | None, int]] = {
     "linear": (0, None, None, 0),
     "addmm": (1, 2, 0, 1),  # addmm(bias, x, W) = bias + x @ W
+    "conv": (0, None, None, 0),  # conv(x, W [out, in / groups, *kernel], bias, …)
 }
+
+#: a convolution's patches are read in chunks of at most this many bytes (float64)
+PATCH_BYTES = 1 << 28
 
 
 @dataclass(frozen=True)
 class RefitPoint:
-    """One linear layer to refit: its node, its input node, its weight (and bias), the space
-    of its output units, and the weight's output axis (0: [out, in]; 1: [in, out])."""
+    """One layer to refit: its node, its input node, its weight (and bias), the space of its
+    output units, the weight's output axis (0: [out, in, …]; 1: [in, out]), and the batch norm
+    that alone reads it (None: none)."""
 
     node: str
     source: str
@@ -68,12 +79,21 @@ class RefitPoint:
     bias: str | None
     space: int | None
     out_axis: int = 0
+    norm: str | None = None
+
+
+def _transposed(n: fx.Node) -> bool:
+    """A transposed convolution (its weight is [in, out / groups, …]: not refitted)."""
+    if n.op == "call_module":
+        return isinstance(n.graph.owning_module.get_submodule(n.target),
+                          torch.nn.modules.conv._ConvTransposeNd)
+    return "transpose" in str(n.target) or (len(n.args) > 6 and n.args[6] is True)
 
 
 def _tensors(n: fx.Node) -> tuple[fx.Node | None, dict[str, str], int] | None:
     """An affine node's input, weight and bias names, and the weight's output axis."""
     layout = AFFINE.get(kind(n))
-    if layout is None:
+    if layout is None or kind(n) == "conv" and _transposed(n):
         return None
     x, w, b, out_axis = layout
     if w is None:
@@ -84,6 +104,17 @@ def _tensors(n: fx.Node) -> tuple[fx.Node | None, dict[str, str], int] | None:
                    and a.op == "get_attr"}
     source = n.args[x] if x < len(n.args) and isinstance(n.args[x], fx.Node) else None
     return source, tensors, out_axis
+
+
+def _sole_batch_norm(n: fx.Node) -> str | None:
+    """The eval-mode batch norm that alone reads `n` (over axis 1), if any."""
+    if len(n.users) != 1:
+        return None
+    (u,) = n.users
+    if kind(u) == "batch_norm" and u.args and u.args[0] is n and {
+            "running_mean", "running_var"} <= tensor_args(u).keys():
+        return u.name
+    return None
 
 
 @dataclass
@@ -107,14 +138,14 @@ class Refit:
         if self.skipped:
             return f"refit: skipped ({self.skipped})"
         if not self.layers:
-            return ("refit: no layer to refit (only linear layers whose weights no other layer "
-                    "reads are refitted)")
-        return (f"refit: {self.layers} linear layers by least squares on the calibration data; "
+            return ("refit: no layer to refit (only linear layers and convolutions whose "
+                    "weights no other layer reads are refitted)")
+        return (f"refit: {self.layers} layers by least squares on the calibration data; "
                 f"mean relative error {self.error_before:.3g} -> {self.error_after:.3g}")
 
 
 def refit_points(traced: Traced) -> list[RefitPoint]:
-    """The linear layers of `traced` that can be refitted, in graph order."""
+    """The layers of `traced` that can be refitted, in graph order."""
     table = traced.space_table
     canonical = canonical_names(traced.graph_module)
     shared = {c for n, c in canonical.items() if n != c}
@@ -135,7 +166,7 @@ def refit_points(traced: Traced) -> list[RefitPoint]:
             continue  # a tied tensor: another layer reads it too
         axes = table.param_axes.get(tensors["weight"], {})
         found.append(RefitPoint(n.name, source.name, tensors["weight"], tensors.get("bias"),
-                                axes.get(out_axis), out_axis))
+                                axes.get(out_axis), out_axis, _sole_batch_norm(n)))
     return found
 
 
@@ -169,6 +200,7 @@ def refit(module: fx.GraphModule, traced: Sequence[Traced], points: Sequence[Ref
         report.skipped = f"the calibration batches exceed max_memory ({budget} bytes)"
         return report
     alone = distributed()[1] == 1
+    roots = [t.graph_module for t in traced]
 
     def visit(n: fx.Node, values: list[Any]) -> bool:
         bar.update(1)
@@ -178,7 +210,7 @@ def refit(module: fx.GraphModule, traced: Sequence[Traced], points: Sequence[Ref
         if p is None:
             return False
         outs = [values[(i + 1) * n_batches:(i + 2) * n_batches] for i in range(n_models)]
-        fitted = _fit(module, p, seen[p.source], outs, out_transform, ridge)
+        fitted = _fit(module, roots, p, seen[p.source], outs, out_transform, ridge)
         if fitted is not None:
             report.errors[p.node] = fitted[:2]
             inputs, samples = fitted[2:]
@@ -190,8 +222,8 @@ def refit(module: fx.GraphModule, traced: Sequence[Traced], points: Sequence[Ref
         return fitted is not None  # the merged module reads the new weights
 
     runs = [set_eval(module)] * n_batches
-    for t in traced:
-        runs += [set_eval(t.graph_module)] * n_batches
+    for root in roots:
+        runs += [set_eval(root)] * n_batches
     nodes = sum(1 for n in module.graph.nodes if n.op != "output")
     try:
         with tqdm(total=nodes, desc="refit (all batches at once)", unit="node",
@@ -213,72 +245,182 @@ def refit(module: fx.GraphModule, traced: Sequence[Traced], points: Sequence[Ref
     return report
 
 
-def _fit(module: fx.GraphModule, p: RefitPoint, inputs: list[torch.Tensor],
-         outputs: list[list[torch.Tensor]],
+def _rows(weight: torch.Tensor, p: RefitPoint, groups: int) -> torch.Tensor:
+    """The weight as [groups, inputs per group, outputs per group] (float64)."""
+    w = weight.to(torch.float64)
+    if p.out_axis == 1:
+        return w[None]  # [in, out]
+    out = w.shape[0]
+    return w.reshape(groups, out // groups, -1).transpose(1, 2)
+
+
+def _unrows(rows: torch.Tensor, weight: torch.Tensor, p: RefitPoint) -> torch.Tensor:
+    """`_rows`'s inverse: a weight of `weight`'s shape and dtype."""
+    if p.out_axis == 1:
+        return rows[0].to(weight.dtype).contiguous()
+    return rows.transpose(1, 2).reshape(weight.shape).to(weight.dtype).contiguous()
+
+
+def _patches(module: fx.GraphModule, node: fx.Node, x: torch.Tensor, groups: int,
+             kernel: tuple[int, ...]) -> torch.Tensor | None:
+    """A convolution's input patches [B, C·K, *positions] (K = the kernel's size), from the op
+    itself run on `x` with an identity kernel: patch channel g·(C/g·K) + c·K + k is input
+    channel g·C/g + c at kernel offset k. None where the op cannot be run so."""
+    c = x.shape[1]
+    size = int(np.prod(kernel))
+    eye = torch.eye(c // groups * size, dtype=x.dtype, device=x.device)
+    ident = eye.reshape(c // groups * size, c // groups, *kernel).repeat(groups, *[1] * (
+        len(kernel) + 1))
+    if node.op == "call_module":
+        conv = module.get_submodule(node.target)
+        params = {"weight": ident}
+        if getattr(conv, "bias", None) is not None:
+            params["bias"] = torch.zeros(len(ident), dtype=x.dtype, device=x.device)
+        return torch.func.functional_call(conv, params, (x,))
+    weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
+
+    def value(a: Any) -> Any:
+        if a is node.args[0]:
+            return x
+        if a is weight:
+            return ident
+        if a is bias:
+            return None
+        if isinstance(a, fx.Node):
+            raise LookupError(a.name)
+        return a
+
+    try:
+        args = [value(a) for a in node.args]
+        kwargs = {k: value(v) for k, v in node.kwargs.items()}
+    except LookupError:
+        return None
+    return node.target(*args, **kwargs)
+
+
+def _design(module: fx.GraphModule, p: RefitPoint, x: torch.Tensor, groups: int,
+            weight: torch.Tensor) -> Iterable[torch.Tensor]:
+    """The point's samples as [n, groups, inputs per group] float64 chunks."""
+    if weight.dim() == 2:
+        r_in = weight.shape[1 - p.out_axis]
+        yield x.reshape(-1, 1, r_in).to(torch.float64)
+        return
+    node = next(n for n in module.graph.nodes if n.name == p.node)
+    per_sample = x[:1].numel() * int(np.prod(weight.shape[2:])) * 8
+    step = max(1, PATCH_BYTES // max(per_sample, 1))
+    for start in range(0, len(x), step):
+        patches = _patches(module, node, x[start:start + step], groups, tuple(weight.shape[2:]))
+        if patches is None:
+            raise LookupError(p.node)
+        yield patches.movedim(1, -1).reshape(-1, groups, patches.shape[1] // groups).to(
+            torch.float64)
+
+
+def _channels_last(y: torch.Tensor, conv: bool) -> torch.Tensor:
+    """Outputs as [n, units]: a convolution's channels are axis 1, a linear's the last."""
+    return (y.movedim(1, -1) if conv else y).reshape(-1, y.shape[1 if conv else -1])
+
+
+def _norm_affine(root: torch.nn.Module, graph: fx.Graph, name: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval batch norm as y ↦ a·y + c per unit (float64)."""
+    n = next(m for m in graph.nodes if m.name == name)
+    t = {role: get_tensor(root, v).detach().to(torch.float64)
+         for role, v in tensor_args(n).items()}
+    var, mean = t["running_var"], t["running_mean"]
+    a = torch.rsqrt(var + norm_eps(n, root)) * t.get("weight", torch.ones_like(var))
+    return a, t.get("bias", torch.zeros_like(mean)) - a * mean
+
+
+def _fit(module: fx.GraphModule, roots: Sequence[torch.nn.Module], p: RefitPoint,
+         inputs: list[torch.Tensor], outputs: list[list[torch.Tensor]],
          out_transform: Callable[[int, int | None], np.ndarray | None],
          ridge: float) -> tuple[float, float, int, int] | None:
     """Solve for the point's weight (and bias) and set them; its relative error before and
-    after, its number of inputs (with the bias's constant) and of samples; None where the
-    models' outputs do not fit the merged one's width."""
+    after, its number of inputs per regression (with the bias's constant) and of samples;
+    None where the models' outputs do not fit the merged one's width, or there is nothing to
+    fit."""
     weight = get_tensor(module, p.weight).detach()
     bias = get_tensor(module, p.bias).detach() if p.bias else None
-    if weight.dim() != 2:
+    conv = weight.dim() > 2
+    if not conv and weight.dim() != 2:
         return None
-    r_out, r_in = weight.shape if p.out_axis == 0 else weight.shape[::-1]
-    work = torch.float64
-    dev = weight.device
-    gram = torch.zeros(r_in + 1, r_in + 1, dtype=work, device=dev)
-    cross = torch.zeros(r_in + 1, r_out, dtype=work, device=dev)
-    power = torch.zeros((), dtype=work, device=dev)
-    count = torch.zeros((), dtype=work, device=dev)
+    r_out = weight.shape[p.out_axis]
+    groups = inputs[0].shape[1] // weight.shape[1] if conv else 1
+    if conv and (groups < 1 or inputs[0].shape[1] != groups * weight.shape[1]
+                 or r_out % groups):
+        return None
+    work, dev = torch.float64, weight.device
     transforms = []
     for i, outs in enumerate(outputs):
         m = out_transform(i, p.space)
-        width = outs[0].shape[-1]
+        width = outs[0].shape[1 if conv else -1]
         if (m is None and width != r_out) or (m is not None and m.shape != (r_out, width)):
             return None
-        transforms.append(None if m is None else torch.from_numpy(m).to(device=dev,
-                                                                         dtype=work))
+        transforms.append(None if m is None else torch.from_numpy(m).to(device=dev, dtype=work))
+    norms = None
+    if p.norm is not None and (conv or outputs[0][0].dim() == 2):  # the norm's units: axis 1
+        norms = [_norm_affine(r, r.graph, p.norm) for r in (*roots, module)]
+    rows = _rows(weight, p, groups)  # [groups, inputs, outputs] per group
+    size = rows.shape[1] + 1
+    gram = torch.zeros(groups, size, size, dtype=work, device=dev)
+    cross = torch.zeros(groups, size, r_out // groups, dtype=work, device=dev)
+    power = torch.zeros((), dtype=work, device=dev)
+    count = torch.zeros((), dtype=work, device=dev)
     for b, x in enumerate(inputs):
-        if x.shape[-1] != r_in:
-            return None
-        z = torch.cat([x.reshape(-1, r_in).to(work),
-                       torch.ones(x[..., :1].numel(), 1, dtype=work, device=dev)], 1)
         t = 0
-        for outs, m in zip(outputs, transforms):
-            y = outs[b].reshape(-1, outs[b].shape[-1]).to(work)
+        for i, (outs, m) in enumerate(zip(outputs, transforms)):
+            y = _channels_last(outs[b], conv).to(work)
+            if norms is not None:  # the model's batch norm output
+                y = y * norms[i][0] + norms[i][1]
             t = t + (y if m is None else y @ m.T)
-        t = t / len(outputs) if all(m is None for m in transforms) else t
-        gram += z.T @ z
-        cross += z.T @ t
+        if all(m is None for m in transforms):
+            t = t / len(outputs)
+        if norms is not None:  # back through the merged batch norm: its input's target
+            a, c = norms[-1]
+            if not bool((a.abs() > 0).all()):
+                return None
+            t = (t - c) / a
+        t = t.reshape(len(t), groups, -1)
+        first = 0
+        try:
+            for z in _design(module, p, x, groups, weight):
+                z = torch.cat([z, torch.ones(*z.shape[:2], 1, dtype=work, device=dev)], 2)
+                part = t[first:first + len(z)]
+                first += len(z)
+                gram += torch.einsum("ngi,ngj->gij", z, z)
+                cross += torch.einsum("ngi,ngo->gio", z, part)
+        except LookupError:  # a convolution whose arguments are computed: not refitted
+            return None
+        if first != len(t):
+            return None
         power += t.pow(2).sum()
-        count += len(z)
+        count += len(t)
     all_reduce(gram, cross, power, count)
     samples = int(count.item())
-    rows = (weight.T if p.out_axis == 0 else weight).to(work)  # [in, out]
     if bias is None:  # no bias to fit: the constant input is left out
-        gram, cross, old = gram[:-1, :-1], cross[:-1], rows
+        gram, cross, old = gram[:, :-1, :-1], cross[:, :-1], rows
     else:
-        old = torch.cat([rows, bias.to(work)[None]])
-    power_in = gram.diagonal()[:r_in].mean()
-    if not power_in > 0 or not torch.isfinite(gram).all() or not torch.isfinite(cross).all():
+        old = torch.cat([rows, bias.to(work).reshape(groups, 1, -1)], 1)
+    power_in = gram.diagonal(dim1=1, dim2=2)[:, :rows.shape[1]].mean(1)  # per group
+    if not bool((power_in > 0).all()) or not torch.isfinite(gram).all() or not torch.isfinite(
+            cross).all():
         return None  # inputs all zero (nothing to fit) or not finite: the merge is kept
-    eye = torch.eye(len(gram), dtype=work, device=dev)
-    new, info = torch.linalg.solve_ex(gram + ridge * power_in * eye, cross + ridge * power_in
-                                      * old)
-    if info.item() or not torch.isfinite(new).all():
+    lam = (ridge * power_in)[:, None, None]
+    eye = torch.eye(gram.shape[1], dtype=work, device=dev)
+    new, info = torch.linalg.solve_ex(gram + lam * eye, cross + lam * old)
+    if bool(info.any()) or not torch.isfinite(new).all():
         return None
 
     def error(w: torch.Tensor) -> float:
-        # ‖Zw - t‖² = wᵀGw - 2 wᵀC + ‖t‖², summed over the outputs
+        # ‖Zw - t‖² = wᵀGw - 2 wᵀC + ‖t‖², summed over the groups and outputs
         left = (w * (gram @ w)).sum() - 2 * (w * cross).sum() + power
         return max(0.0, float(left / power.clamp_min(torch.finfo(work).tiny)))  # rounding
 
     before, after = error(old), error(new)
     if not after <= before:  # the ridge makes this impossible but for rounding: keep the merge
-        return before, before, len(gram), samples
-    fitted = new[:r_in].T if p.out_axis == 0 else new[:r_in]
-    set_tensor(module, p.weight, fitted.to(weight.dtype).contiguous())
+        return before, before, gram.shape[1], samples
+    set_tensor(module, p.weight, _unrows(new[:, :rows.shape[1]], weight, p))
     if bias is not None:
-        set_tensor(module, p.bias, new[r_in].to(bias.dtype).contiguous())
-    return before, after, len(gram), samples
+        set_tensor(module, p.bias, new[:, -1].reshape(-1).to(bias.dtype).contiguous())
+    return before, after, gram.shape[1], samples
