@@ -128,11 +128,12 @@ class MergeConfig:
         "MergeResult.summary lists the spaces rotated and why the others were not. Default "
         "False.")
     refit: bool = _option(
-        False, "True: after the norm correction, refit every linear layer of the merged "
-        "module, in graph order, by closed-form least squares on the calibration data (no "
-        "gradient steps): on the inputs the merged module gives it, it best reproduces the "
-        "merged image of the models' outputs of that layer, pulled toward the merged weight "
-        "by a small ridge. Exact for a self-merge; convolutions are not refitted. It holds "
+        False, "True: after the norm correction, refit every linear layer and convolution of "
+        "the merged module, in graph order, by closed-form least squares on the calibration "
+        "data (no gradient steps): on the inputs the merged module gives it, it best "
+        "reproduces the merged image of the models' outputs of that layer (of their batch-norm "
+        "outputs where a batch norm alone reads it), pulled toward the merged weight by a "
+        "small ridge. Exact for a self-merge; tied weights are left alone. It holds "
         "the activations of the merged module and every model over all calibration batches "
         "at once (bounded by max_memory; past it the refit is skipped and "
         "MergeResult.refit says so). Default False.")
