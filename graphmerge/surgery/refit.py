@@ -347,9 +347,9 @@ def _fit(module: fx.GraphModule, roots: Sequence[torch.nn.Module], p: RefitPoint
         return None
     r_out = weight.shape[p.out_axis]
     groups = inputs[0].shape[1] // weight.shape[1] if conv else 1
-    if conv and (groups < 1 or inputs[0].shape[1] != groups * weight.shape[1]
-                 or r_out % groups):
-        return None
+    if conv and (inputs[0].dim() != weight.dim() or groups < 1 or r_out % groups
+                 or inputs[0].shape[1] != groups * weight.shape[1]):
+        return None  # an unbatched input, or channels that do not divide into the groups
     work, dev = torch.float64, weight.device
     transforms = []
     for i, outs in enumerate(outputs):
