@@ -332,6 +332,64 @@ def _norm_affine(root: torch.nn.Module, graph: fx.Graph, name: str
     return a, t.get("bias", torch.zeros_like(mean)) - a * mean
 
 
+def _target(outs: Sequence[torch.Tensor], transforms: Sequence[torch.Tensor | None],
+            norms: list[tuple[torch.Tensor, torch.Tensor]] | None, conv: bool
+            ) -> torch.Tensor | None:
+    """One batch's target [n, units]: Σ_i M_i y_i (the mean where no space is merged), of
+    the models' batch-norm outputs mapped back through the merged norm when `norms` (per
+    model, then the merged module's (a, c)) are given; None where the merged norm has a zero
+    scale."""
+    t = 0
+    for i, (y, m) in enumerate(zip(outs, transforms)):
+        y = _channels_last(y, conv).to(torch.float64)
+        if norms is not None:  # the model's batch norm output
+            y = y * norms[i][0] + norms[i][1]
+        t = t + (y if m is None else y @ m.T)
+    if all(m is None for m in transforms):
+        t = t / len(outs)
+    if norms is not None:  # back through the merged batch norm: its input's target
+        a, c = norms[-1]
+        if not bool((a.abs() > 0).all()):
+            return None
+        t = (t - c) / a
+    return t
+
+
+def _sums(module: fx.GraphModule, p: RefitPoint, inputs: list[torch.Tensor],
+          targets: Iterable[torch.Tensor | None], weight: torch.Tensor, groups: int
+          ) -> list[torch.Tensor] | None:
+    """Per group the moments of the samples (a constant input appended) with themselves and
+    with the targets, ‖t‖² and the sample count, all-reduced; None where a target or a
+    convolution's patches cannot be had."""
+    work, dev = torch.float64, weight.device
+    size = (weight.shape[1 - p.out_axis] if weight.dim() == 2 else
+            int(np.prod(weight.shape[1:]))) + 1
+    r_out = weight.shape[p.out_axis]
+    gram = torch.zeros(groups, size, size, dtype=work, device=dev)
+    cross = torch.zeros(groups, size, r_out // groups, dtype=work, device=dev)
+    power = torch.zeros((), dtype=work, device=dev)
+    count = torch.zeros((), dtype=work, device=dev)
+    for x, t in zip(inputs, targets):
+        if t is None:
+            return None
+        t = t.reshape(len(t), groups, -1)
+        first = 0
+        try:
+            for z in _design(module, p, x, groups, weight):
+                z = torch.cat([z, torch.ones(*z.shape[:2], 1, dtype=work, device=dev)], 2)
+                gram += torch.einsum("ngi,ngj->gij", z, z)
+                cross += torch.einsum("ngi,ngo->gio", z, t[first:first + len(z)])
+                first += len(z)
+        except LookupError:  # a convolution whose arguments are computed: not refitted
+            return None
+        if first != len(t):
+            return None
+        power += t.pow(2).sum()
+        count += len(t)
+    all_reduce(gram, cross, power, count)
+    return [gram, cross, power, count]
+
+
 def _fit(module: fx.GraphModule, roots: Sequence[torch.nn.Module], p: RefitPoint,
          inputs: list[torch.Tensor], outputs: list[list[torch.Tensor]],
          out_transform: Callable[[int, int | None], np.ndarray | None],
@@ -361,43 +419,14 @@ def _fit(module: fx.GraphModule, roots: Sequence[torch.nn.Module], p: RefitPoint
     norms = None
     if p.norm is not None and (conv or outputs[0][0].dim() == 2):  # the norm's units: axis 1
         norms = [_norm_affine(r, r.graph, p.norm) for r in (*roots, module)]
-    rows = _rows(weight, p, groups)  # [groups, inputs, outputs] per group
-    size = rows.shape[1] + 1
-    gram = torch.zeros(groups, size, size, dtype=work, device=dev)
-    cross = torch.zeros(groups, size, r_out // groups, dtype=work, device=dev)
-    power = torch.zeros((), dtype=work, device=dev)
-    count = torch.zeros((), dtype=work, device=dev)
-    for b, x in enumerate(inputs):
-        t = 0
-        for i, (outs, m) in enumerate(zip(outputs, transforms)):
-            y = _channels_last(outs[b], conv).to(work)
-            if norms is not None:  # the model's batch norm output
-                y = y * norms[i][0] + norms[i][1]
-            t = t + (y if m is None else y @ m.T)
-        if all(m is None for m in transforms):
-            t = t / len(outputs)
-        if norms is not None:  # back through the merged batch norm: its input's target
-            a, c = norms[-1]
-            if not bool((a.abs() > 0).all()):
-                return None
-            t = (t - c) / a
-        t = t.reshape(len(t), groups, -1)
-        first = 0
-        try:
-            for z in _design(module, p, x, groups, weight):
-                z = torch.cat([z, torch.ones(*z.shape[:2], 1, dtype=work, device=dev)], 2)
-                part = t[first:first + len(z)]
-                first += len(z)
-                gram += torch.einsum("ngi,ngj->gij", z, z)
-                cross += torch.einsum("ngi,ngo->gio", z, part)
-        except LookupError:  # a convolution whose arguments are computed: not refitted
-            return None
-        if first != len(t):
-            return None
-        power += t.pow(2).sum()
-        count += len(t)
-    all_reduce(gram, cross, power, count)
+    targets = (_target([outs[b] for outs in outputs], transforms, norms, conv)
+               for b in range(len(inputs)))
+    sums = _sums(module, p, inputs, targets, weight, groups)
+    if sums is None:
+        return None
+    gram, cross, power, count = sums
     samples = int(count.item())
+    rows = _rows(weight, p, groups)  # [groups, inputs, outputs] per group
     if bias is None:  # no bias to fit: the constant input is left out
         gram, cross, old = gram[:, :-1, :-1], cross[:, :-1], rows
     else:
