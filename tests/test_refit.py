@@ -200,7 +200,7 @@ def test_any_permuted_mlp_merges_back_exactly(widths: list[int], seed: int,
 def test_few_calibration_samples_per_input_are_warned() -> None:
     a, b = _tiny(0), _tiny(1)
     few = [_data(n=8)[0]]  # 8 sequences of 5 tokens: 40 samples for up to 25 inputs
-    with pytest.warns(gm.FewSamplesWarning, match=r"refit: \d+ of 10 layers saw fewer than 4 "
+    with pytest.warns(gm.FewSamplesWarning, match=r"refit: \d+ of 9 layers saw fewer than 4 "
                                                   r"calibration samples per input"):
         res = gm.merge([a, b], few, refit=True, progress=False)
     assert res.refit.few and all(s < 4 * i for _, i, s in res.refit.few)
@@ -221,7 +221,7 @@ def test_transformers_models_refit_and_merge_back(name: str) -> None:
         assert {p.out_axis for p in points} == {1}  # every Conv1D: weight [in, out]
     twin = gm.permute(m, x, seed=1)
     res = gm.merge([m, twin], cal, example_inputs=x, refit=True, progress=False)
-    assert res.refit.layers == len(points)
+    assert res.refit.layers > 0 and res.refit.layers + len(res.refit.kept) == len(points)
     with torch.no_grad():
         assert _rel(res.module(*x), m(*x)) < 1e-5
 
@@ -271,8 +271,10 @@ def test_every_zoo_family_merges_back_exactly_with_refit(name: str) -> None:
     batches = [registry.example_input(name, 12) for _ in range(2)]
     twin = gm.permute(model, batches[0], seed=3)
     res = gm.merge([model, twin], batches, refit=True, progress=False)
-    assert res.refit.layers == len(refit_points(trace(model, batches[0][:4])))
-    assert res.refit.layers > 0 and res.refit.error_before < 1e-8
+    # a layer with fewer samples than inputs (an MLP on 784 pixels) keeps its merged weight
+    points = refit_points(trace(model, batches[0][:4]))
+    assert res.refit.layers + len(res.refit.kept) == len(points) > 0
+    assert not res.refit.layers or res.refit.error_before < 1e-8
     probe = registry.example_input(name, 6)
     with torch.no_grad():
         assert _rel(res.module(probe), model(probe)) < 1e-4
@@ -318,3 +320,17 @@ def test_a_convolution_before_a_batch_norm_is_fitted_to_the_norms_output() -> No
         fitted = res.module(x)
     assert res.refit.layers == 3
     assert _rel(fitted, m(x)) < 5e-5 < _rel(plain, m(x))  # aimed at the convs alone: 5e-4
+
+
+def test_a_layer_with_fewer_samples_than_inputs_keeps_its_merged_weight() -> None:
+    """The head reads one pooled sample per sequence: 8 sequences for 13 inputs would only be
+    interpolated, so it is kept as merged, said in the summary and warned; the layers that
+    read every token are refitted."""
+    a, b = _tiny(0), _tiny(1)
+    few = [_data(n=8)[0]]  # 8 sequences of 5 tokens
+    with pytest.warns(gm.FewSamplesWarning, match=r"refit: 1 layers kept their merged weights"):
+        res = gm.merge([a, b], few, refit=True, progress=False)
+    plain = gm.merge([a, b], few, progress=False)
+    assert res.refit.kept == [("head", D + 1, 8)] and res.refit.layers == 9
+    assert torch.equal(res.module.head.weight, plain.module.head.weight)
+    assert "1 kept as merged (fewer calibration samples than inputs" in res.summary

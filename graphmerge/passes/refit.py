@@ -28,6 +28,13 @@ def refit_linears(ctx: MergeContext) -> None:
         lambda i, sid: tx.get(i, sid, True) if sid is not None and tx.merged(sid) else None,
         ctx.calibration, budget=ctx.config.max_memory or ACTIVATION_BUDGET,
         progress=ctx.config.progress)
+    if ctx.refit.kept:
+        node, inputs, samples = ctx.refit.kept[0]
+        warnings.warn(FewSamplesWarning(
+            f"refit: {len(ctx.refit.kept)} layers kept their merged weights: fewer calibration "
+            f"samples than inputs (e.g. `{node}`, {samples} samples for {inputs} inputs) would "
+            f"only interpolate the calibration data; pass more calibration inputs to refit "
+            f"them"), stacklevel=2)
     if ctx.refit.few:
         node, inputs, samples = min(ctx.refit.few, key=lambda f: f[2] / f[1])
         warnings.warn(FewSamplesWarning(
