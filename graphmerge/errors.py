@@ -61,8 +61,8 @@ class FewSamplesWarning(UserWarning):
     """The calibration data gave some merged spaces fewer samples than units: their
     correlations have lower rank than their width, so the matching is underdetermined there
     (a self-merge may not even find the identity); the message names the worst space. With
-    refit=True also: a refitted layer saw fewer than `SAMPLES_PER_INPUT` samples per input
-    (`graphmerge.surgery.refit`); the message names the worst layer."""
+    refit=True also: a layer saw fewer calibration samples than inputs and kept its merged
+    weight, or was refitted on fewer than 4 per input (`graphmerge.surgery.refit`)."""
 
 
 class LowCoverageWarning(UserWarning):

@@ -48,8 +48,8 @@ class MergeResult:
     merge aligned, and why the others kept the identity (`graphmerge.match.coverage`), and,
     with rotate=True, `rotations`: per merged space whether it was rotated onto model 0's
     basis, and else why not (`graphmerge.graph.rotatable.Rotatable`), and, with refit=True,
-    `refit`: the linear layers refitted and their calibration errors before and after
-    (`graphmerge.surgery.refit.Refit`)."""
+    `refit`: the layers refitted, their calibration errors before and after, and those kept
+    as merged (`graphmerge.surgery.refit.Refit`)."""
 
     module: fx.GraphModule
     match_graph: nx.Graph
@@ -62,7 +62,7 @@ class MergeResult:
     plans: dict[int, SpacePlan] = field(default_factory=dict)  # per space: merge matrices
     coverage: Coverage | None = None  # parameters aligned (None: not measured)
     rotations: dict[int, Rotatable] = field(default_factory=dict)  # rotate=True: per space
-    refit: Refit | None = None  # refit=True: the layers refitted and their errors
+    refit: Refit | None = None  # the layers refitted (refit=True) and their errors
 
     @property
     def summary(self) -> str:
