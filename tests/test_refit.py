@@ -334,3 +334,14 @@ def test_a_layer_with_fewer_samples_than_inputs_keeps_its_merged_weight() -> Non
     assert res.refit.kept == [("head", D + 1, 8)] and res.refit.layers == 9
     assert torch.equal(res.module.head.weight, plain.module.head.weight)
     assert "1 kept as merged (fewer calibration samples than inputs" in res.summary
+
+
+def test_a_refitted_merge_exports_to_onnx(tmp_path) -> None:
+    torch.manual_seed(0)
+    a, b = ConvBN().eval(), ConvBN().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(32, 3, 8, 8, generator=g) for _ in range(2)]
+    res = gm.merge([a, b], cal, refit=True, progress=False)
+    assert res.refit.layers == 3
+    report = gm.export_onnx(res.module, cal[0][:4], tmp_path / "merged.onnx")
+    assert report.max_rel_diff < 1e-4
