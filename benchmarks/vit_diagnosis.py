@@ -612,8 +612,8 @@ after the stream rotation) and 76% at dim 256. Dim 128 (one pair): zip 64.3%, zi
    uses only the 400 calibration images: per-task mean of the ensemble's, zip 42% → 85%,
    permute 46% → 85%, the rotated zip 54% → 86% (dim 64, three seed pairs); dim 128: 64% →
    91%; dim 256: 76% → 93%. The layers' calibration error falls from about 0.3 to 0.1 of
-   their targets' power. It needs calibration data: 20 images keep about 56%, 100 images
-   78%, 2000 images 87% (`refit_sweep.md`); the ridge is flat from 1e-5 to 1e-2.
+   their targets' power. It needs calibration data: 20 images keep 55%, 100 images 78%,
+   2000 images 87% (`refit_sweep.md`); the ridge is flat from 1e-5 to 1e-2.
 
 **The training-free fix measured here** (`rotate_onto`, a prototype in this script): fold
 each LayerNorm's affine into the linears that read it, rotate model B's stream onto A's by

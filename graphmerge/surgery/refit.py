@@ -52,7 +52,7 @@ __all__ = ["RIDGE", "SAMPLES_PER_INPUT", "MIN_SAMPLES_PER_INPUT", "AFFINE", "Ref
 #: the ridge toward the merged weight, as a fraction of the mean input power E[x_j²]
 RIDGE = 1e-3
 #: fewer calibration samples than this per input of a layer (bias included) are reported
-#: (`Refit.few`): on the ViT pair 2.6 per input kept 56% of the ensemble, 53 per input 85%
+#: (`Refit.few`): on the ViT pair 2.6 per input kept 55% of the ensemble, 53 per input 85%
 SAMPLES_PER_INPUT = 4
 #: fewer samples than inputs: the least squares would interpolate the calibration data, so the
 #: layer keeps its merged weight (`Refit.kept`). MiniLM's classifier on 80 pooled articles
