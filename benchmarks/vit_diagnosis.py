@@ -641,9 +641,10 @@ stays exact (5.5e-6). It alone does not meet the target (≥ 70% per-task mean).
 
 **In the engine: merge option `refit=True`** (finding 6; `graphmerge/surgery/refit.py`): the
 refit of every linear layer and convolution, after the norm correction. A self-merge stays
-exact (5e-6 on the logits). On the real MiniLM pair (`bbc_minilm.md`) it keeps zip's joint
-accuracy and raises its probe; with permute it costs joint accuracy (see there). It is off
-by default.""".splitlines()
+exact (5e-6 on the logits). On the real MiniLM pair (`bbc_minilm.md`, BBC News, joint
+accuracy over 5 classes) it lifts zip from 83.8% to 89.4% (probe 95.1% → 97.0%); permute moves
+from 90.3% to 88.9% (per-task mean 98.0% → 98.6%, probe 96.3% → 95.8%). It is off by
+default.""".splitlines()
 
 
 def render(record: dict, out: Path) -> None:
