@@ -213,7 +213,8 @@ def refit(module: fx.GraphModule, traced: Sequence[Traced], points: Sequence[Ref
     report = Refit()
     # under torch.distributed every rank sums its shard into each point's moments, so all
     # ranks run or skip together and none stops midway on its own budget
-    over = torch.tensor([float(held * (n_models + 1) > budget)])
+    where = next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+    over = torch.tensor([float(held * (n_models + 1) > budget)], device=where)  # NCCL: on GPU
     all_reduce(over)
     if over.item():
         report.skipped = f"the calibration batches exceed max_memory ({budget} bytes)"
