@@ -327,7 +327,7 @@ def _design(module: fx.GraphModule, p: RefitPoint, x: torch.Tensor, groups: int,
         r_in = weight.shape[1 - p.out_axis]
         yield x.reshape(-1, 1, r_in).to(torch.float64)
         return
-    node = next(n for n in module.graph.nodes if n.name == p.node)
+    node = _node(module, p.node)
     per_sample = x[:1].numel() * int(np.prod(weight.shape[2:])) * 8
     step = max(1, PATCH_BYTES // max(per_sample, 1))
     for start in range(0, len(x), step):
@@ -343,10 +343,13 @@ def _channels_last(y: torch.Tensor, conv: bool) -> torch.Tensor:
     return (y.movedim(1, -1) if conv else y).reshape(-1, y.shape[1 if conv else -1])
 
 
-def _norm_affine(root: torch.nn.Module, graph: fx.Graph, name: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval batch norm as y ↦ a·y + c per unit (float64)."""
-    n = next(m for m in graph.nodes if m.name == name)
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _norm_affine(root: fx.GraphModule, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval batch norm of `root` as y ↦ a·y + c per unit (float64)."""
+    n = _node(root, name)
     t = {role: get_tensor(root, v).detach().to(torch.float64)
          for role, v in tensor_args(n).items()}
     var, mean = t["running_var"], t["running_mean"]
@@ -412,7 +415,7 @@ def _sums(module: fx.GraphModule, p: RefitPoint, inputs: list[torch.Tensor],
     return [gram, cross, power, count]
 
 
-def _fit(module: fx.GraphModule, roots: Sequence[torch.nn.Module], p: RefitPoint,
+def _fit(module: fx.GraphModule, roots: Sequence[fx.GraphModule], p: RefitPoint,
          inputs: list[torch.Tensor], outputs: list[list[torch.Tensor]],
          out_transform: Callable[[int, int | None], np.ndarray | None],
          ridge: float) -> _Fitted | None:
@@ -439,7 +442,7 @@ def _fit(module: fx.GraphModule, roots: Sequence[torch.nn.Module], p: RefitPoint
         transforms.append(None if m is None else torch.from_numpy(m).to(device=dev, dtype=work))
     norms = None
     if p.norm is not None and (conv or outputs[0][0].dim() == 2):  # the norm's units: axis 1
-        norms = [_norm_affine(r, r.graph, p.norm) for r in (*roots, module)]
+        norms = [_norm_affine(r, p.norm) for r in (*roots, module)]
     targets = (_target([outs[b] for outs in outputs], transforms, norms, conv)
                for b in range(len(inputs)))
     sums = _sums(module, p, inputs, targets, weight, groups)
